@@ -1,0 +1,185 @@
+"""SeqArchConfig: one token mixer per layer, chosen by name, plus the usual transformers fields."""
+
+from transformers import PretrainedConfig
+
+MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention")
+RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer
+ATTENTION_MIXERS = ("attention", "sliding_attention")  # keys/values per token
+
+
+class SeqArchConfig(PretrainedConfig):
+    r"""
+    Configuration of a stack of pre-norm residual blocks, each a token mixer (chosen per layer by
+    `mixer_types`) followed by an optional SwiGLU MLP.
+
+    Args:
+        vocab_size: number of token ids.
+        hidden_size: width of the residual stream.
+        mixer_types: one of `MIXER_TYPES` per layer; `num_hidden_layers` is its length.
+        num_attention_heads / num_key_value_heads / head_dim: attention heads (grouped-query when
+            `num_key_value_heads` < `num_attention_heads`).
+        intermediate_size: MLP width; 0 means no MLP in the block.
+        sliding_window: span of `"sliding_attention"` layers (the query itself included).
+        bidirectional: encoder mode for the classification heads (non-causal attention,
+            bidirectional recurrences, forward+backward scans). Causal LMs refuse it.
+        mamba_*: Mamba-2 settings, named as in transformers' `Mamba2Config`.
+        linear_attention_*: linear attention settings.
+    """
+
+    model_type = "seqarch"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(
+        self,
+        vocab_size=256,
+        hidden_size=256,
+        mixer_types=None,
+        num_hidden_layers=None,
+        num_attention_heads=4,
+        num_key_value_heads=None,
+        head_dim=None,
+        intermediate_size=1024,
+        hidden_act="silu",
+        max_position_embeddings=8192,
+        rope_theta=10000.0,
+        attention_dropout=0.0,
+        sliding_window=128,
+        bidirectional=False,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+        classifier_dropout=0.0,
+        use_cache=True,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=True,
+        mamba_state_size=64,
+        mamba_head_dim=64,
+        mamba_expand=2,
+        mamba_conv_kernel=4,
+        mamba_chunk_size=64,
+        mamba_n_groups=1,
+        linear_attention_num_heads=None,
+        linear_attention_head_dim=None,
+        linear_attention_feature_map="elu",
+        linear_attention_use_decay=True,
+        linear_attention_chunk_size=64,
+        **kwargs,
+    ):
+        if mixer_types is None:
+            mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
+        mixer_types = list(mixer_types)
+        if num_hidden_layers is not None and num_hidden_layers != len(mixer_types):
+            raise ValueError(
+                f"num_hidden_layers={num_hidden_layers} does not match len(mixer_types)={len(mixer_types)}; "
+                "give mixer_types only (num_hidden_layers is derived from it)."
+            )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.mixer_types = mixer_types
+        self.num_hidden_layers = len(mixer_types)
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = rope_theta
+        self.attention_dropout = attention_dropout
+        self.sliding_window = sliding_window
+        self.bidirectional = bidirectional
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.classifier_dropout = classifier_dropout
+        self.use_cache = use_cache
+        self.mamba_state_size = mamba_state_size
+        self.mamba_head_dim = mamba_head_dim
+        self.mamba_expand = mamba_expand
+        self.mamba_conv_kernel = mamba_conv_kernel
+        self.mamba_chunk_size = mamba_chunk_size
+        self.mamba_n_groups = mamba_n_groups
+        self.linear_attention_num_heads = linear_attention_num_heads
+        self.linear_attention_head_dim = linear_attention_head_dim
+        self.linear_attention_feature_map = linear_attention_feature_map
+        self.linear_attention_use_decay = linear_attention_use_decay
+        self.linear_attention_chunk_size = linear_attention_chunk_size
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        # Set again after super(): some transformers releases reset these in the base __init__.
+        self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        self.validate_seqarch()
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_attention(self) -> bool:
+        return any(m in ATTENTION_MIXERS for m in self.mixer_types)
+
+    def validate_seqarch(self):
+        """Raise a ValueError that names the bad field and what is allowed."""
+        if not self.mixer_types:
+            raise ValueError("mixer_types must name at least one layer, e.g. ['attention', 'lstm'].")
+        unknown = [m for m in self.mixer_types if m not in MIXER_TYPES]
+        if unknown:
+            raise ValueError(f"Unknown mixer type(s) {unknown} in mixer_types; allowed: {list(MIXER_TYPES)}.")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size must be >= 0 (0 means no MLP), got {self.intermediate_size}.")
+        if self.has_attention:
+            if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"num_attention_heads={self.num_attention_heads} does not divide hidden_size={self.hidden_size}; "
+                    "pick a divisor or set head_dim explicitly."
+                )
+            if self.num_attention_heads % self.num_key_value_heads != 0:
+                raise ValueError(
+                    f"num_key_value_heads={self.num_key_value_heads} must divide "
+                    f"num_attention_heads={self.num_attention_heads} (grouped-query attention)."
+                )
+            if self.attention_head_dim % 2 != 0:
+                raise ValueError(f"The attention head dim must be even for rotary embeddings, got {self.attention_head_dim}.")
+        if "sliding_attention" in self.mixer_types and (
+            not isinstance(self.sliding_window, int) or self.sliding_window < 1
+        ):
+            raise ValueError(f"sliding_window must be an integer >= 1 for 'sliding_attention', got {self.sliding_window!r}.")
+        if self.bidirectional and any(m in ("lstm", "gru") for m in self.mixer_types) and self.hidden_size % 2:
+            raise ValueError(
+                f"A bidirectional LSTM/GRU splits hidden_size={self.hidden_size} between two directions: it must be even."
+            )
+        if "mamba2" in self.mixer_types:
+            inner = self.mamba_expand * self.hidden_size
+            if inner % self.mamba_head_dim != 0:
+                raise ValueError(
+                    f"mamba_expand * hidden_size = {inner} must be a multiple of mamba_head_dim={self.mamba_head_dim}."
+                )
+            if (inner // self.mamba_head_dim) % self.mamba_n_groups != 0:
+                raise ValueError(
+                    f"mamba_n_groups={self.mamba_n_groups} must divide the number of mamba heads "
+                    f"({inner // self.mamba_head_dim})."
+                )
+            if self.mamba_chunk_size < 1 or self.mamba_conv_kernel < 1 or self.mamba_state_size < 1:
+                raise ValueError("mamba_chunk_size, mamba_conv_kernel and mamba_state_size must be >= 1.")
+        if "linear_attention" in self.mixer_types:
+            heads = self.linear_attention_num_heads or self.num_attention_heads
+            head_dim = self.linear_attention_head_dim or self.hidden_size // heads
+            if self.linear_attention_head_dim is None and self.hidden_size % heads != 0:
+                raise ValueError(
+                    f"linear attention heads ({heads}) do not divide hidden_size={self.hidden_size}; "
+                    "set linear_attention_num_heads or linear_attention_head_dim."
+                )
+            if head_dim < 1 or self.linear_attention_chunk_size < 1:
+                raise ValueError("linear_attention head dim and chunk size must be >= 1.")
+            if self.linear_attention_feature_map not in ("elu", "relu", "identity"):
+                raise ValueError(
+                    f"linear_attention_feature_map={self.linear_attention_feature_map!r}; allowed: 'elu', 'relu', 'identity'."
+                )

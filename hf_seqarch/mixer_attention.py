@@ -1,0 +1,135 @@
+"""Attention mixers: multi-head (grouped-query) attention with rotary positions, full or sliding window.
+
+The kernel comes from transformers' attention registry (`attn_implementation`: eager, sdpa,
+flash_attention_2, flex_attention); the eager kernel below is the readable reference.
+"""
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """Rotary tables for the given positions: cos, sin each (B, T, head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference kernel. query (B, nh, T, hd), key/value (B, nkv, K, hd), additive mask (B|1, 1, T, K) or None."""
+    if module.num_key_value_groups > 1:
+        key = key.repeat_interleave(module.num_key_value_groups, dim=1)  # (B, nh, K, hd)
+        value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, K)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, nh, hd)
+    return output, probs
+
+
+# Kernels that apply the causal pattern themselves when they get no mask (they read `module.is_causal`).
+_KERNELS_WITH_IMPLICIT_CAUSAL = ("sdpa",)
+
+
+def build_attention_mask(context, query_length, kv_length, window, attn_implementation, dtype, device):
+    """The mask for `query_length` new queries against the last `kv_length` keys, or None when not needed.
+
+    Flash kernels take the 2-D padding mask (causality and window are their own arguments); the
+    others take an additive float mask (B|1, 1, T, K). Built once per forward and shared by layers.
+    """
+    memo_key = ("attention_mask", query_length, kv_length, window, attn_implementation, dtype)
+    if memo_key in context.memo:
+        return context.memo[memo_key]
+    padding = context.padding_mask
+    if attn_implementation.startswith("flash_attention"):
+        mask = None if padding is None else padding[:, -kv_length:]
+        context.memo[memo_key] = mask
+        return mask
+    fits_window = window is None or kv_length <= window
+    if context.causal:
+        implicit_ok = (context.past_length == 0 or query_length == 1) and fits_window
+    else:
+        implicit_ok = fits_window
+    if attn_implementation in _KERNELS_WITH_IMPLICIT_CAUSAL and padding is None and implicit_ok:
+        context.memo[memo_key] = None
+        return None
+
+    past = context.past_length
+    query_pos = torch.arange(past, past + query_length, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(past + query_length - kv_length, past + query_length, device=device)[None, :]  # (1, K)
+    allowed = torch.ones(query_length, kv_length, dtype=torch.bool, device=device)
+    if context.causal:
+        allowed &= key_pos <= query_pos
+        if window is not None:
+            allowed &= key_pos > query_pos - window
+    elif window is not None:
+        allowed &= (key_pos - query_pos).abs() < window
+    allowed = allowed[None, None]  # (1, 1, T, K)
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, -kv_length:]  # (B, 1, T, K)
+    if attn_implementation == "flex_attention":
+        allowed = allowed.expand(padding.shape[0] if padding is not None else context.position_ids.shape[0], -1, -1, -1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    context.memo[memo_key] = mask
+    return mask
+
+
+class AttentionMixer(nn.Module):
+    """Grouped-query attention with RoPE; `sliding_window` bounds both the mask and the cache."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.attention_head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = not config.bidirectional
+        self.sliding_window = config.sliding_window if config.mixer_types[layer_idx] == "sliding_attention" else None
+        width = config.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(width, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(width, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, width, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary(query, key, *context.position_embeddings)
+        if context.cache is not None:
+            key, value = context.cache.update_key_value(self.layer_idx, key, value, self.sliding_window)
+
+        implementation = self.config._attn_implementation or "eager"
+        mask = build_attention_mask(
+            context, length, key.shape[2], self.sliding_window, implementation, query.dtype, query.device
+        )
+        attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(output.reshape(batch, length, -1))  # (B, T, width)

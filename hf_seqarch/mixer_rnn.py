@@ -1,0 +1,72 @@
+"""LSTM and GRU mixers: torch's fused nn.LSTM / nn.GRU (cuDNN on GPU, oneDNN on CPU), one per layer.
+
+Padding never enters the state: with a mask, each row's real tokens are packed to the front in order,
+run as a packed sequence, and scattered back (pads output zeros), so left, right or holed padding all
+give, at the real positions, what each sequence gives alone.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+class RecurrentMixer(nn.Module):
+    """One nn.LSTM or nn.GRU layer; in encoder mode a bidirectional one with half the width per direction."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_lstm = config.mixer_types[layer_idx] == "lstm"
+        self.bidirectional = config.bidirectional
+        hidden = config.hidden_size // 2 if self.bidirectional else config.hidden_size
+        rnn_class = nn.LSTM if self.is_lstm else nn.GRU
+        self.rnn = rnn_class(config.hidden_size, hidden, batch_first=True, bidirectional=self.bidirectional)
+
+    def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        cache = context.cache
+        initial = self._unpack_state(cache.get_state(self.layer_idx)) if cache is not None else None
+        mask = context.token_mask
+        if mask is None:
+            output, final = self.rnn(hidden_states, initial)
+        else:
+            output, final = self._forward_masked(hidden_states, mask, initial)
+        if cache is not None:
+            cache.set_state(self.layer_idx, self._pack_state(final))
+        return output  # (B, T, width)
+
+    def _forward_masked(self, hidden_states, mask, initial):
+        batch, length, width = hidden_states.shape
+        lengths = mask.sum(dim=1)  # (B,)
+        # Stable sort puts each row's real tokens first, in their original order.
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # (B, T)
+        gather_index = order[..., None].expand(-1, -1, width)
+        packed_rows = hidden_states.gather(1, gather_index)  # (B, T, width), real tokens first
+        # pack_padded_sequence refuses empty rows: run one dummy step for them and restore their state below.
+        packed = pack_padded_sequence(packed_rows, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        packed_output, final = self.rnn(packed, initial)
+        output_rows, _ = pad_packed_sequence(packed_output, batch_first=True, total_length=length)
+        output = torch.zeros_like(output_rows).scatter(1, order[..., None].expand_as(output_rows), output_rows)
+        output = output * mask[..., None].to(output.dtype)
+
+        empty = lengths == 0
+        if bool(empty.any()):
+            final = tuple(final) if self.is_lstm else (final,)
+            start = tuple(initial) if self.is_lstm else (initial,)
+            if initial is None:
+                start = tuple(torch.zeros_like(f) for f in final)
+            final = tuple(torch.where(empty[None, :, None], s, f) for s, f in zip(start, final))
+            final = final if self.is_lstm else final[0]
+        return output, final
+
+    # nn.LSTM keeps states as (directions, B, hidden); the cache keeps everything batch first.
+    def _pack_state(self, final):
+        if self.is_lstm:
+            return {"h": final[0].transpose(0, 1), "c": final[1].transpose(0, 1)}
+        return {"h": final.transpose(0, 1)}
+
+    def _unpack_state(self, state):
+        if state is None:
+            return None
+        if self.is_lstm:
+            return state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous()
+        return state["h"].transpose(0, 1).contiguous()

@@ -1,0 +1,407 @@
+"""SeqArch models: a stack of pre-norm residual blocks, each a token mixer (chosen per layer) and an MLP.
+
+Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads.
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from transformers.utils import logging
+
+from .cache_seqarch import SeqArchCache
+from .configuration_seqarch import SeqArchConfig
+from .mixer_attention import AttentionMixer, rotary_cos_sin
+from .mixer_context import MixerContext
+from .mixer_rnn import RecurrentMixer
+
+try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x
+    from torch.nn import init
+
+logger = logging.get_logger(__name__)
+
+MIXER_CLASSES = {
+    "lstm": RecurrentMixer,
+    "gru": RecurrentMixer,
+    "attention": AttentionMixer,
+    "sliding_attention": AttentionMixer,
+}
+
+# transformers 5.24 renamed the output's `past_key_values` to `cache`; fill whichever this release has.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# A dict {target: source} in transformers 5, a list of targets in 4.x.
+TIED_LM_HEAD = (
+    {"lm_head.weight": "model.embed_tokens.weight"}
+    if int(__import__("transformers").__version__.split(".")[0]) >= 5
+    else ["lm_head.weight"]
+)
+
+
+class SeqArchMLP(nn.Module):
+    """SwiGLU feed-forward, as in Llama."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SeqArchBlock(GradientCheckpointingLayer):
+    """x + mixer(norm(x)), then x + mlp(norm(x)) unless intermediate_size == 0."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        mixer_type = config.mixer_types[layer_idx]
+        if mixer_type not in MIXER_CLASSES:
+            raise ValueError(f"Mixer {mixer_type!r} is not available in this build; available: {sorted(MIXER_CLASSES)}.")
+        self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = MIXER_CLASSES[mixer_type](config, layer_idx)
+        self.mlp_norm = self.mlp = None
+        if config.intermediate_size > 0:
+            self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = SeqArchMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), context)
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return hidden_states
+
+
+class SeqArchPreTrainedModel(PreTrainedModel):
+    config_class = SeqArchConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SeqArchBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Weights of the task heads, which a checkpoint of another head legitimately lacks.
+    _head_weight_prefixes = ("lm_head.", "score.", "classifier.")
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own SeqArchCache (see design notes: own the recurrent state)
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, (nn.LSTM, nn.GRU)):
+            bound = module.hidden_size**-0.5  # torch's own default for recurrent layers
+            for weight in module.parameters(recurse=False):
+                init.uniform_(weight, -bound, bound)
+        elif hasattr(module, "init_mixer_weights"):  # mixers with special parameters (decays, time steps)
+            module.init_mixer_weights(init)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers' from_pretrained, but refuses to leave weights of the model body random.
+
+        A missing task head (e.g. `score` when a causal-LM checkpoint is loaded for classification) is
+        the usual fine-tuning start and is only warned about, as in transformers.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        prefix = cls.base_model_prefix + "."
+        missing_body = [
+            k for k in info.get("missing_keys", []) if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes)
+        ]
+        if missing_body:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing_body)} weight(s) of this {cls.__name__}, e.g. {missing_body[:4]}; "
+                "they would stay random. Check that config.mixer_types matches the checkpoint."
+            )
+        return (model, info) if return_info else model
+
+
+class SeqArchModel(SeqArchPreTrainedModel):
+    """Embedding, the mixer blocks, a final RMSNorm. Returns hidden states and (use_cache) a SeqArchCache."""
+
+    def __init__(self, config: SeqArchConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(SeqArchBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not both.")
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.config.bidirectional:
+            if cache is not None:
+                raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it takes no cache.")
+            use_cache = False
+        if self.training and self.layers[0].gradient_checkpointing and use_cache:
+            logger.warning_once("Caching is incompatible with gradient checkpointing; setting use_cache=False.")
+            use_cache, cache = False, None
+        if cache is not None and not isinstance(cache, SeqArchCache):
+            raise TypeError(f"cache must be a SeqArchCache (as returned with use_cache=True), got {type(cache).__name__}.")
+        if use_cache and cache is None:
+            cache = SeqArchCache(self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        context = MixerContext(
+            padding_mask=self._padding_mask(attention_mask, batch, length, past_length),
+            position_ids=position_ids,
+            past_length=past_length,
+            cache=cache if use_cache else None,
+            causal=not self.config.bidirectional,
+        )
+        if self.config.has_attention:
+            context.position_embeddings = rotary_cos_sin(
+                position_ids, self.config.attention_head_dim, self.config.rope_theta, inputs_embeds.dtype
+            )
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(hidden_states, context)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if use_cache:
+            cache.advance(length)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache if use_cache else None}
+        )
+
+    def _check_token_ids(self, input_ids):
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+            )
+
+    def _padding_mask(self, attention_mask, batch, length, past_length):
+        """2-D mask -> (B, past + T) bool, or None when every position is real."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
+            length,
+            past_length + length,
+        ):
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, past + new tokens) = ({batch}, {past_length + length})"
+                + (f" or ({batch}, {length})" if past_length else "")
+                + f", with 1 at real tokens and 0 at padding; got shape {tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask.bool()
+        if bool(mask.all()):
+            return None
+        if mask.shape[1] == length and past_length:
+            if self.config.has_attention:
+                raise ValueError(
+                    "With a cache, attention layers need the mask of the past tokens too: pass attention_mask of "
+                    f"shape ({batch}, {past_length + length})."
+                )
+            past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
+            mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
+        return mask
+
+
+def _check_labels(labels, num_classes, name):
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
+                         f"[{int(valid.min())}, {int(valid.max())}].")
+
+
+class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = TIED_LM_HEAD
+
+    def __init__(self, config: SeqArchConfig):
+        if config.bidirectional:
+            raise ValueError(
+                "SeqArchForCausalLM needs a causal model, but config.bidirectional=True (an encoder that sees future "
+                "tokens). Use bidirectional=False, or a classification head for encoders."
+            )
+        super().__init__(config)
+        self.model = SeqArchModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        return_dict=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # (B, T or logits_to_keep, vocab)
+        loss = None
+        if labels is not None:
+            _check_labels(labels, self.config.vocab_size, "vocab_size")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+        )
+
+
+class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
+    """Pools one vector per sequence: the last real token (causal) or the masked mean (bidirectional)."""
+
+    def __init__(self, config: SeqArchConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SeqArchModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, T, width)
+        mask = self._real_token_mask(input_ids, attention_mask, hidden_states)  # (B, T) bool
+        if self.config.bidirectional:
+            weights = mask[..., None].to(hidden_states.dtype)
+            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, width)
+        else:
+            positions = torch.arange(mask.shape[1], device=mask.device)
+            last_real = (positions * mask).argmax(dim=-1)  # (B,), works for left and right padding
+            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last_real]
+        logits = self.score(pooled)  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def _real_token_mask(self, input_ids, attention_mask, hidden_states):
+        if attention_mask is not None:
+            return attention_mask.bool()
+        if input_ids is not None and self.config.pad_token_id is not None:
+            return input_ids != self.config.pad_token_id
+        return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+
+
+class SeqArchForTokenClassification(SeqArchPreTrainedModel):
+    def __init__(self, config: SeqArchConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SeqArchModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        inputs_embeds=None,
+        labels=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            _check_labels(labels, self.num_labels, "num_labels")
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)

@@ -1,0 +1,75 @@
+"""Bad input gets a ValueError that says what was wrong and what is allowed."""
+
+import pytest
+import torch
+
+from hf_seqarch import SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
+from tester import VOCAB, random_ids, tiny_config, tiny_model
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(mixer_types=["lstm", "transformer"]), "Unknown mixer type.*allowed"),
+        (dict(mixer_types=[]), "at least one layer"),
+        (dict(hidden_size=30, num_attention_heads=4), "does not divide hidden_size"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "must divide"),
+        (dict(mixer_types=["sliding_attention"], sliding_window=0), "sliding_window must be"),
+        (dict(mixer_types=["attention"], num_hidden_layers=3), "does not match"),
+        (dict(intermediate_size=-1), "intermediate_size"),
+    ],
+)
+def test_bad_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(overrides.pop("mixer_types", ["attention"]), **overrides)
+
+
+def test_causal_lm_refuses_bidirectional():
+    with pytest.raises(ValueError, match="bidirectional"):
+        SeqArchForCausalLM(tiny_config(["lstm"], bidirectional=True))
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -1])
+def test_token_ids_out_of_range(bad):
+    model = tiny_model(SeqArchModel, ["lstm"])
+    ids = random_ids(1, 4)
+    ids[0, 2] = bad
+    with pytest.raises(ValueError, match="Token ids must be in"):
+        model(input_ids=ids)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (1, 4), (1, 1, 4, 4), (4,)])
+def test_mask_of_wrong_shape(shape):
+    model = tiny_model(SeqArchModel, ["attention"])
+    with pytest.raises(ValueError, match="attention_mask must be 2-D"):
+        model(input_ids=random_ids(2, 4), attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+def test_labels_out_of_range():
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    ids = random_ids(1, 4)
+    with pytest.raises(ValueError, match="labels must be in"):
+        model(input_ids=ids, labels=torch.full_like(ids, VOCAB))
+
+
+def test_bidirectional_model_takes_no_cache():
+    from hf_seqarch import SeqArchCache
+
+    model = tiny_model(SeqArchModel, ["lstm"], bidirectional=True)
+    with pytest.raises(ValueError, match="no cache"):
+        model(input_ids=random_ids(1, 4), cache=SeqArchCache(model.config))
+
+
+def test_loading_weights_of_another_stack_raises(tmp_path):
+    tiny_model(SeqArchForCausalLM, ["attention", "attention"]).save_pretrained(tmp_path)
+    config = tiny_config(["attention", "lstm"])
+    with pytest.raises(Exception, match="lstm|mixer|lacks|size"):
+        SeqArchForCausalLM.from_pretrained(tmp_path, config=config)
+
+
+def test_loading_lm_checkpoint_into_classifier_keeps_body(tmp_path):
+    lm = tiny_model(SeqArchForCausalLM, ["gru", "attention"])
+    lm.save_pretrained(tmp_path)
+    classifier = SeqArchForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(classifier.model.state_dict()[name], tensor), name

@@ -1,0 +1,240 @@
+"""The shared tester: every property below runs over every mixer stack (and head where it applies)."""
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchModel
+from tester import HEADS, STACKS, VOCAB, main_output, random_ids, tiny_config, tiny_model
+
+stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
+head_params = pytest.mark.parametrize("head", list(HEADS), ids=list(HEADS))
+
+
+@stack_params
+@head_params
+def test_output_shapes(stack, head):
+    model = tiny_model(HEADS[head], STACKS[stack])
+    ids = random_ids(2, 7)
+    out = model(input_ids=ids, output_hidden_states=True)
+    expected = {
+        "base": (2, 7, 32),
+        "causal_lm": (2, 7, VOCAB),
+        "seq_cls": (2, 3),
+        "token_cls": (2, 7, 3),
+    }[head]
+    assert tuple(main_output(model, input_ids=ids).shape) == expected
+    assert len(out.hidden_states) == len(STACKS[stack]) + 1
+
+
+@stack_params
+@head_params
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_save_load_roundtrip_is_exact(stack, head, tied, tmp_path):
+    model = tiny_model(HEADS[head], STACKS[stack], tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    reloaded = HEADS[head].from_pretrained(tmp_path).eval()
+    ids = random_ids(2, 6)
+    torch.testing.assert_close(main_output(reloaded, input_ids=ids), main_output(model, input_ids=ids), rtol=0, atol=0)
+    for (name, p), (_, q) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(p, q), name
+    if head == "causal_lm":
+        assert (reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()) == tied
+
+
+def test_auto_classes_build_and_load_our_models(tmp_path):
+    config = tiny_config(["lstm", "attention"])
+    config.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is SeqArchConfig
+    for auto, head in (
+        (AutoModel, "base"),
+        (AutoModelForCausalLM, "causal_lm"),
+        (AutoModelForSequenceClassification, "seq_cls"),
+        (AutoModelForTokenClassification, "token_cls"),
+    ):
+        model = auto.from_config(config)
+        assert type(model) is HEADS[head]
+        model.save_pretrained(tmp_path / head)
+        assert type(auto.from_pretrained(tmp_path / head)) is HEADS[head]
+
+
+def test_public_config_contract():
+    config = SeqArchConfig(
+        vocab_size=256,
+        hidden_size=256,
+        mixer_types=["lstm", "attention", "gru", "sliding_attention"],
+        num_attention_heads=4,
+        intermediate_size=0,
+        sliding_window=128,
+    )
+    assert config.model_type == "seqarch" and config.num_hidden_layers == 4
+    model = SeqArchModel(config)
+    assert all(block.mlp is None for block in model.layers)
+
+
+@stack_params
+def test_causal_outputs_ignore_future_tokens(stack):
+    model = tiny_model(SeqArchModel, STACKS[stack])
+    ids = random_ids(2, 9)
+    changed = ids.clone()
+    changed[:, 5:] = random_ids(2, 4, seed=7)
+    a, b = main_output(model, input_ids=ids), main_output(model, input_ids=changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+@stack_params
+def test_bidirectional_outputs_see_future_tokens(stack):
+    model = tiny_model(SeqArchModel, STACKS[stack], bidirectional=True)
+    ids = random_ids(2, 9)
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] % (VOCAB - 1)) + 1
+    changed[:, -1] = torch.where(changed[:, -1] == ids[:, -1], 1, changed[:, -1])
+    a, b = main_output(model, input_ids=ids), main_output(model, input_ids=changed)
+    assert not torch.allclose(a[:, -2], b[:, -2])  # the token before the change sees it
+
+
+@stack_params
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_matches_each_sequence_alone(stack, bidirectional, side):
+    model = tiny_model(SeqArchModel, STACKS[stack], bidirectional=bidirectional)
+    lengths = [8, 5, 3]
+    sequences = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        where = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, where], mask[row, where] = seq, 1
+    batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    for row, seq in enumerate(sequences):
+        alone = model(input_ids=seq[None]).last_hidden_state[0]
+        real = mask[row].bool()
+        torch.testing.assert_close(batched[row, real], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stack", ["attention", "sliding", "gru+sliding+attention"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+def test_eager_and_sdpa_agree(stack, bidirectional):
+    ids = random_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    outputs = []
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = tiny_config(STACKS[stack], bidirectional=bidirectional)
+        model = SeqArchModel._from_config(config, attn_implementation=implementation).eval()
+        assert model.config._attn_implementation == implementation
+        outputs.append([model(input_ids=ids).last_hidden_state, model(input_ids=ids, attention_mask=mask).last_hidden_state])
+    for eager, sdpa in zip(*outputs):
+        torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+
+
+@stack_params
+@head_params
+def test_gradients_reach_every_parameter(stack, head):
+    model = tiny_model(HEADS[head], STACKS[stack], tie_word_embeddings=False).train()
+    ids = random_ids(2, 7)
+    output = main_output(model, input_ids=ids)
+    output.float().pow(2).mean().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@stack_params
+def test_gradient_checkpointing_gives_same_gradients(stack):
+    ids = random_ids(2, 7)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(SeqArchForCausalLM, STACKS[stack]).train()
+        if checkpointing:
+            # transformers 5.24 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            assert model.model.layers[0].gradient_checkpointing
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@stack_params
+def test_cached_decode_and_chunks_match_full_forward(stack):
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    ids = random_ids(2, 11)
+    full = model(input_ids=ids).logits
+    cache = SeqArchCache(model.config)
+    pieces = []
+    for start, stop in ((0, 4), (4, 5), (5, 9), (9, 10), (10, 11)):
+        out = model(input_ids=ids[:, start:stop], cache=cache, use_cache=True)
+        assert out[0] is not None and (out.cache if hasattr(out, "cache") else out.past_key_values) is cache
+        pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 11
+
+
+def test_loss_ignores_minus_100_and_honours_num_items_in_batch():
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    ids = random_ids(2, 8)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    logits = model(input_ids=ids).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum")
+    counted = (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, manual / counted)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss, manual / 40)
+
+
+@pytest.mark.parametrize(
+    "problem_type,labels",
+    [
+        ("single_label_classification", torch.tensor([0, 2])),
+        ("regression", torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, 0.0]])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+    ],
+)
+def test_sequence_classification_problem_types(problem_type, labels):
+    model = tiny_model(HEADS["seq_cls"], ["gru", "attention"], problem_type=problem_type)
+    out = model(input_ids=random_ids(2, 6), labels=labels)
+    logits = out.logits
+    expected = {
+        "single_label_classification": lambda: torch.nn.functional.cross_entropy(logits, labels),
+        "regression": lambda: torch.nn.functional.mse_loss(logits, labels),
+        "multi_label_classification": lambda: torch.nn.functional.binary_cross_entropy_with_logits(logits, labels),
+    }[problem_type]()
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal_last_token", "bidir_mean"])
+def test_sequence_classification_pooling(bidirectional):
+    model = tiny_model(HEADS["seq_cls"], ["lstm", "attention"], bidirectional=bidirectional)
+    ids = random_ids(2, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    if bidirectional:
+        pooled = torch.stack([hidden[0, 2:].mean(0), hidden[1, :4].mean(0)])
+    else:
+        pooled = torch.stack([hidden[0, 5], hidden[1, 3]])
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, model.score(pooled))
+
+
+def test_token_classification_loss_ignores_minus_100():
+    model = tiny_model(HEADS["token_cls"], ["gru"])
+    labels = torch.tensor([[0, 1, 2, -100, -100]])
+    out = model(input_ids=random_ids(1, 5), labels=labels)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[0, :3], labels[0, :3]))
+
+
+def test_grouped_query_attention_shapes():
+    model = tiny_model(SeqArchModel, ["attention"], num_attention_heads=4, num_key_value_heads=1)
+    mixer = model.layers[0].mixer
+    assert mixer.k_proj.out_features == mixer.head_dim and mixer.q_proj.out_features == 4 * mixer.head_dim
+    assert model(input_ids=random_ids(1, 5)).last_hidden_state.shape == (1, 5, 32)

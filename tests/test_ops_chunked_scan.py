@@ -1,0 +1,132 @@
+"""chunked_scan (Mamba-2 SSD chunked algorithm) against the plain sequential loop."""
+
+import pytest
+import torch
+
+from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference, scan_step
+
+
+def make_inputs(B=2, T=37, H=3, N=5, P=4, dtype=torch.float64, initial_state=True, seed=0, strong=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, N, generator=g, dtype=dtype) * 0.5
+    k = torch.randn(B, T, H, N, generator=g, dtype=dtype) * 0.5
+    v = torch.randn(B, T, H, P, generator=g, dtype=dtype)
+    log_decay = -torch.rand(B, T, H, generator=g, dtype=dtype)  # decay in (e^-1, 1]
+    if strong:  # some strongly decaying gates, -5 .. -20
+        hit = torch.rand(B, T, H, generator=g) < 0.1
+        log_decay = torch.where(hit, -5 - 15 * torch.rand(B, T, H, generator=g, dtype=dtype), log_decay)
+    s0 = torch.randn(B, H, P, N, generator=g, dtype=dtype) if initial_state else None
+    return q, k, v, log_decay, s0
+
+
+def outputs_and_grads(fn, q, k, v, log_decay, s0, **kw):
+    """Forward, then backward with random upstream gradients for y and the final state."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, log_decay)]
+    if s0 is not None:
+        leaves.append(s0.detach().clone().requires_grad_())
+    y, s = fn(*leaves[:4], initial_state=leaves[4] if s0 is not None else None, **kw)
+    g = torch.Generator().manual_seed(1)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)  # same values for any dtype
+    gs = torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.dtype)
+    grads = torch.autograd.grad((y, s), leaves, (gy, gs))
+    return [y.detach(), s.detach(), *grads]
+
+
+NAMES = ["y", "final_state", "dq", "dk", "dv", "dlog_decay", "dinitial_state"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk_size", [1, 16, 64])
+@pytest.mark.parametrize("T", [1, 7, 64, 100, 129])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference(dtype, tol, chunk_size, T, with_state):
+    inputs = make_inputs(T=T, dtype=dtype, initial_state=with_state)
+    got = outputs_and_grads(chunked_scan, *inputs, chunk_size=chunk_size)
+    want = outputs_and_grads(scan_reference, *inputs)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=name)
+
+
+def test_matches_reference_strong_decay():
+    inputs = make_inputs(T=200, strong=True)
+    got = outputs_and_grads(chunked_scan, *inputs, chunk_size=32)
+    want = outputs_and_grads(scan_reference, *inputs)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_prefill_in_two_parts_and_decode_steps():
+    q, k, v, a, s0 = make_inputs(T=90)
+    y, s = chunked_scan(q, k, v, a, chunk_size=16, initial_state=s0)
+
+    # two halves, the state carried (prefill from a state); the cut is not on a chunk boundary
+    y1, s1 = chunked_scan(q[:, :50], k[:, :50], v[:, :50], a[:, :50], chunk_size=16, initial_state=s0)
+    y2, s2 = chunked_scan(q[:, 50:], k[:, 50:], v[:, 50:], a[:, 50:], chunk_size=16, initial_state=s1)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y)
+    torch.testing.assert_close(s2, s)
+
+    # token-by-token decoding
+    state, ys = s0, []
+    for t in range(q.shape[1]):
+        y_t, state = scan_step(q[:, t], k[:, t], v[:, t], a[:, t], state)
+        ys.append(y_t)
+    torch.testing.assert_close(torch.stack(ys, 1), y)
+    torch.testing.assert_close(state, s)
+
+
+def test_pad_positions_leave_state_unchanged():
+    q, k, v, a, s0 = make_inputs(T=40)
+    pad = torch.zeros(40, dtype=torch.bool)
+    pad[5:9] = pad[30:] = True  # pads in the middle and at the end (as with left/right padding)
+    mask = pad[None, :, None]
+    v_p, k_p, a_p = v.masked_fill(mask[..., None], 0), k.masked_fill(mask[..., None], 0), a.masked_fill(mask, 0)
+    y_p, s_p = chunked_scan(q, k_p, v_p, a_p, chunk_size=16, initial_state=s0)
+
+    keep = ~pad
+    y, s = chunked_scan(q[:, keep], k[:, keep], v[:, keep], a[:, keep], chunk_size=16, initial_state=s0)
+    torch.testing.assert_close(s_p, s)  # the state passed through every pad unchanged
+    torch.testing.assert_close(y_p[:, keep], y)
+
+    # and position by position: the state after a pad equals the state before it
+    _, before = chunked_scan(q[:, :5], k_p[:, :5], v_p[:, :5], a_p[:, :5], chunk_size=16, initial_state=s0)
+    _, after = chunked_scan(q[:, :9], k_p[:, :9], v_p[:, :9], a_p[:, :9], chunk_size=16, initial_state=s0)
+    torch.testing.assert_close(after, before)
+
+
+def test_long_sequence_strong_decay_is_finite():
+    T = 16384
+    q, k, v, a, s0 = make_inputs(B=1, T=T, H=2, N=16, P=16, dtype=torch.float32, strong=True)
+    a[:, T // 2 : T // 2 + 1000] = -20.0  # a long run of very strong decay
+    got = outputs_and_grads(chunked_scan, q, k, v, a, s0, chunk_size=64)
+    for name, x in zip(NAMES, got):
+        assert torch.isfinite(x).all(), name
+    # and accurate: the float64 evaluation of the same inputs
+    want = outputs_and_grads(chunked_scan, *(x.double() for x in (q, k, v, a, s0)), chunk_size=64)
+    for name, x, ref in zip(NAMES, got, want):
+        torch.testing.assert_close(x.double(), ref, atol=1e-3, rtol=1e-3, msg=name)
+
+
+def test_bfloat16_in_bfloat16_out():
+    q, k, v, a, s0 = (x.bfloat16() for x in make_inputs(T=100, dtype=torch.float32))
+    y, s = chunked_scan(q, k, v, a, chunk_size=32)
+    assert y.dtype == torch.bfloat16 and s.dtype == torch.bfloat16
+    y32, s32 = chunked_scan(q.float(), k.float(), v.float(), a.float(), chunk_size=32)
+    torch.testing.assert_close(y.float(), y32, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(s.float(), s32, atol=2e-2, rtol=2e-2)
+
+    # a float32 initial state keeps the carried state in float32
+    _, s_f = chunked_scan(q, k, v, a, chunk_size=32, initial_state=s0.float())
+    assert s_f.dtype == torch.float32
+    y_t, s_t = scan_step(q[:, 0], k[:, 0], v[:, 0], a[:, 0], s0.float())
+    assert y_t.dtype == torch.bfloat16 and s_t.dtype == torch.float32
+
+
+def test_constant_and_zero_decay():
+    """Linear attention: per-head constant (or zero) log decay."""
+    q, k, v, _, s0 = make_inputs(T=70)
+    for a in (torch.zeros(2, 70, 3, dtype=torch.float64), torch.tensor([0.0, -0.1, -1.0]).double().expand(2, 70, 3)):
+        y, s = chunked_scan(q, k, v, a, chunk_size=16, initial_state=s0)
+        y_ref, s_ref = scan_reference(q, k, v, a, initial_state=s0)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(s, s_ref)

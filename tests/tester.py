@@ -1,0 +1,68 @@
+"""The shared tester's ingredients: tiny configs, the mixer stacks and the heads every test runs over."""
+
+import torch
+
+from hf_seqarch import (
+    SeqArchConfig,
+    SeqArchForCausalLM,
+    SeqArchForSequenceClassification,
+    SeqArchForTokenClassification,
+    SeqArchModel,
+)
+
+VOCAB = 32
+
+# Each single mixer, and hybrids. Issue-specific mixers join this list when they land.
+STACKS = {
+    "lstm": ["lstm"],
+    "gru": ["gru"],
+    "attention": ["attention"],
+    "sliding": ["sliding_attention"],
+    "lstm+attention": ["lstm", "attention"],
+    "gru+sliding+attention": ["gru", "sliding_attention", "attention"],
+}
+
+HEADS = {
+    "base": SeqArchModel,
+    "causal_lm": SeqArchForCausalLM,
+    "seq_cls": SeqArchForSequenceClassification,
+    "token_cls": SeqArchForTokenClassification,
+}
+
+
+def tiny_config(mixer_types, **overrides) -> SeqArchConfig:
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        mixer_types=list(mixer_types),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        sliding_window=3,
+        num_labels=3,
+        pad_token_id=0,
+        mamba_state_size=8,
+        mamba_head_dim=8,
+        mamba_chunk_size=4,
+        mamba_n_groups=1,
+        linear_attention_num_heads=4,
+        linear_attention_chunk_size=4,
+    )
+    settings.update(overrides)
+    return SeqArchConfig(**settings)
+
+
+def tiny_model(model_class, mixer_types, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return model_class(tiny_config(mixer_types, **overrides)).eval()
+
+
+def random_ids(batch, length, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=generator)
+
+
+def main_output(model, **inputs):
+    """The tensor each head is judged by: hidden states (base) or logits (heads)."""
+    output = model(**inputs)
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output.logits
