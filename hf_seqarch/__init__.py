@@ -20,6 +20,7 @@ from .modeling_seqarch import (
     SeqArchModel,
     SeqArchPreTrainedModel,
 )
+from .tools.streaming import StreamingSession
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,5 @@ __all__ = [
     "SeqArchForCausalLM",
     "SeqArchForSequenceClassification",
     "SeqArchForTokenClassification",
+    "StreamingSession",
 ]

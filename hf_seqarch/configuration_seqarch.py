@@ -129,7 +129,10 @@ class SeqArchConfig(PretrainedConfig):
             raise ValueError("mixer_types must name at least one layer, e.g. ['attention', 'lstm'].")
         unknown = [m for m in self.mixer_types if m not in MIXER_TYPES]
         if unknown:
-            raise ValueError(f"Unknown mixer type(s) {unknown} in mixer_types; allowed: {list(MIXER_TYPES)}.")
+            raise ValueError(
+                f"Unknown mixer type(s) {unknown} in mixer_types; allowed: {list(MIXER_TYPES)}. If this config "
+                "comes from a newer hf_seqarch release, upgrade it: pip install -U hf-seqarch."
+            )
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")

@@ -3,6 +3,9 @@
 Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads.
 """
 
+import os
+import tempfile
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -20,7 +23,16 @@ from .cache_seqarch import SeqArchCache
 from .configuration_seqarch import SeqArchConfig
 from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
+from .mixer_linear_attention import LinearAttentionMixer
+from .mixer_mamba2 import Mamba2Mixer
 from .mixer_rnn import RecurrentMixer
+from .model_card_seqarch import upload_saved_folder, write_model_card
+
+# Every module of the model is imported here, even those only a mixer uses: transformers 4.x, loading
+# remote code from a local folder, copies only the files that this one imports directly (it recurses
+# for Hub repos, as 5.x always does). tests/test_hub.py checks that none is missing.
+from .kernels_mamba2 import mamba2_backend  # noqa: F401
+from .ops_chunked_scan import chunked_scan  # noqa: F401
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -34,6 +46,8 @@ MIXER_CLASSES = {
     "gru": RecurrentMixer,
     "attention": AttentionMixer,
     "sliding_attention": AttentionMixer,
+    "mamba2": Mamba2Mixer,
+    "linear_attention": LinearAttentionMixer,
 }
 
 # transformers 5.24 renamed the output's `past_key_values` to `cache`; fill whichever this release has.
@@ -123,17 +137,74 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         the usual fine-tuning start and is only warned about, as in transformers.
         """
         return_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            explained = _explain_load_error(error, source)
+            if explained is None:
+                raise
+            raise explained from error
         prefix = cls.base_model_prefix + "."
-        missing_body = [
-            k for k in info.get("missing_keys", []) if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes)
-        ]
-        if missing_body:
+
+        def body(keys):
+            return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
+
+        missing_body, unexpected_body = body(info.get("missing_keys", [])), body(info.get("unexpected_keys", []))
+        if missing_body or unexpected_body:
             raise ValueError(
-                f"The checkpoint lacks {len(missing_body)} weight(s) of this {cls.__name__}, e.g. {missing_body[:4]}; "
-                "they would stay random. Check that config.mixer_types matches the checkpoint."
+                f"The checkpoint {source!r} does not fit this {cls.__name__} "
+                f"(mixer_types={list(model.config.mixer_types)}): "
+                + (f"it lacks {len(missing_body)} weight(s), e.g. {missing_body[:4]}, that would stay random; " if missing_body else "")
+                + (f"it has {len(unexpected_body)} weight(s) the model has no place for, e.g. {unexpected_body[:4]}; " if unexpected_body else "")
+                + "check that config.mixer_types matches the checkpoint."
             )
         return (model, info) if return_info else model
+
+    def save_pretrained(self, save_directory, *args, push_to_hub=False, **kwargs):
+        """As transformers' save_pretrained, and the folder is a self-contained Hub repository.
+
+        config.json's auto_map names AutoConfig and all four Auto model classes (transformers writes
+        only the saved class's), the code is copied flat beside the weights (register_for_auto_class at
+        the end of this file), and README.md is our model card unless the user wrote one there.
+        push_to_hub=True then uploads that folder, card included.
+        """
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_model_card(self, save_directory, repo_id=hub_kwargs.get("repo_id"))
+            if push_to_hub:
+                repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+                return upload_saved_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
+
+    def push_to_hub(self, repo_id, *, commit_message=None, private=None, token=None, create_pr=False, revision=None,
+                    max_shard_size="5GB", **kwargs):
+        """Upload exactly what save_pretrained writes (code, weights, generation config, model card).
+
+        transformers' own push_to_hub replaces the saved README.md by a generic card; this one keeps
+        ours, and keeps a card the user wrote on the Hub.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size, repo_id=repo_id)
+            return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message, private=private,
+                                       create_pr=create_pr, revision=revision)
+
+
+def _explain_load_error(error, source):
+    """A clearer exception for the load failures users meet, or None to re-raise the original."""
+    text = str(error)
+    if type(error).__name__ == "SafetensorError" or "deserializing header" in text:
+        return OSError(
+            f"Could not read the weights of {source!r}: a .safetensors file there is truncated or corrupted "
+            f"({text}). Save the model again, or download it again with from_pretrained(..., force_download=True)."
+        )
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return ValueError(
+            f"The weights of {source!r} have other shapes than this config gives: check that config.mixer_types "
+            f"and the sizes match the checkpoint. ({text})"
+        )
+    return None
 
 
 class SeqArchModel(SeqArchPreTrainedModel):
@@ -222,6 +293,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
         )
 
     def _check_token_ids(self, input_ids):
+        if torch.compiler.is_compiling():
+            return  # reading the ids' values would break torch.compile's graph; the embedding still bounds-checks
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(
                 f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in "
@@ -256,6 +329,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
 
 
 def _check_labels(labels, num_classes, name):
+    if torch.compiler.is_compiling():
+        return  # reading the labels' values would break torch.compile's graph
     valid = labels[labels != -100]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
         raise ValueError(f"labels must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
@@ -405,3 +480,18 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             _check_labels(labels, self.num_labels, "num_labels")
             loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+# Hub export: save_pretrained copies this file and every file it imports relatively (flat, beside the
+# weights), and config.json's auto_map tells the Auto classes which class to take from them when a
+# user without hf_seqarch loads the folder with trust_remote_code=True.
+SeqArchConfig.register_for_auto_class("AutoConfig")
+AUTO_MAP = {"AutoConfig": f"{SeqArchConfig.__module__.split('.')[-1]}.{SeqArchConfig.__name__}"}
+for _auto_class, _model_class in (
+    ("AutoModel", SeqArchModel),
+    ("AutoModelForCausalLM", SeqArchForCausalLM),
+    ("AutoModelForSequenceClassification", SeqArchForSequenceClassification),
+    ("AutoModelForTokenClassification", SeqArchForTokenClassification),
+):
+    _model_class.register_for_auto_class(_auto_class)
+    AUTO_MAP[_auto_class] = f"{__name__.split('.')[-1]}.{_model_class.__name__}"

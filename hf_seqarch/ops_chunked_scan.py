@@ -2,26 +2,127 @@
 
 The gated linear recurrence, per batch b and head h,
 
-    S_t = exp(log_decay_t) * S_{t-1} + v_t k_t^T        S: (P, N)
-    y_t = S_t q_t                                        y: (P,)
+    S_t = exp(a_t) * S_{t-1} + v_t k_t^T        S: (P, N),   a_t = log_decay_t <= 0
+    y_t = S_t q_t                                y: (P,)
 
-is evaluated with the "state space duality" chunked algorithm of Mamba-2 (Dao & Gu, 2024, Listing 1):
-inside a chunk of L steps it is a masked, decayed attention (quadratic in L); across chunks only the
-(P, N) states are carried, with a scan over chunks (linear in T / L). Every decay is an exp of a
-difference of cumulative sums of log_decay <= 0 taken inside one chunk, masked with -inf before the
-exp, so nothing can overflow however long the sequence or strong the gates.
+is evaluated with the state-space-duality chunked algorithm of Mamba-2 (Dao & Gu, 2024, Listing 1).
+With cs the cumulative sum of a inside a chunk of L steps:
+
+  1. intra-chunk:  y_i  = sum_{j<=i} exp(cs_i - cs_j) (q_i . k_j) v_j      masked attention, O(L^2)
+  2. chunk states: S^c  = sum_j exp(cs_L - cs_j) v_j k_j^T                 what a chunk adds to the state
+  3. recurrence:   S_in^{c+1} = exp(cs_L) S_in^c + S^c                      a scan over chunks, O(T / L)
+  4. output:       y_i += exp(cs_i) S_in q_i                                 the state entering the chunk
+
+Every decay is exp of a sum of log_decay over a segment inside one chunk (a difference of cumsums),
+so nothing overflows however long the sequence or strong the gates. Decays are floored at
+exp(-60) ~ 1e-26: float32 denormals (and exp(-inf), exp(+large)) take a very slow path on CPU,
+and no result can tell exp(-60) from anything smaller.
+
+The backward is written by hand (a torch.autograd.Function): it needs the same 8 batched matmuls as
+autograd would but far fewer elementwise passes, and gets the log_decay gradient from the identity
+d cs_i = q_i . dq_i - k_i . dk_i (+ the chunk's end-state term), as exp(cs) only ever scales q and k.
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
-Shapes: B batch, T time, H heads, N key/query size (Mamba-2: state size), P value size (head dim).
+Shapes: B batch, T time, H heads, N key/query size (Mamba-2: state size), P value size (head dim),
+C number of chunks, L chunk length.
 """
 
 import torch
 import torch.nn.functional as F
 
+LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
+
 
 def _compute_dtype(dtype):
     """float64 stays float64; everything else (bf16, fp16, fp32) is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _decay(log_decay, dtype):
+    return torch.exp(log_decay.clamp(min=LOG_DECAY_FLOOR)).to(dtype)
+
+
+def _bmm(x, y, add_to=None):
+    """x (..., m, k) @ y (..., k, n) as one bmm over the flattened leading dims; add_to: accumulate in place."""
+    x3, y3 = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
+    if add_to is None:
+        return torch.bmm(x3, y3).view(*x.shape[:-1], y.shape[-1])
+    add_to.view(-1, *add_to.shape[-2:]).baddbmm_(x3, y3)
+    return add_to
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The recurrence on chunked inputs: q, k (B, H, C, L, N), v (B, H, C, L, P), a (B, H, C, L),
+    state (B, H, P, N) -> y (B, H, C, L, P), final state (B, H, P, N)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, state):
+        # (B, H, C, L): log decay from the chunk's start to step i inclusive; in float64 so that
+        # differences of large cumsums (strong gates) keep float32 precision.
+        cs = a.to(torch.float64).cumsum(-1)
+
+        # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(cs_i - cs_j) for j <= i, else 0.
+        #    Above the diagonal cs_i - cs_j >= 0: clamp to 0 (exp would overflow), then zero it with tril.
+        segsum = (cs[..., :, None] - cs[..., None, :]).to(q.dtype)  # (B, H, C, L, L)
+        decay = segsum.clamp_(LOG_DECAY_FLOOR, 0.0).exp_().tril_()  # (B, H, C, L, L)
+        scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (B, H, C, L, L)
+        y = _bmm(scores, v)  # (B, H, C, L, P)
+
+        # 2. Each chunk's own contribution to the state at its end.
+        to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (B, H, C, L, 1): exp(cs_L - cs_j)
+        chunk_states = _bmm(v.transpose(-1, -2), k * to_end)  # (B, H, C, P, N)
+
+        # 3. Inter-chunk recurrence: a scan over chunks (unbind: cheap to index, cheap to stack).
+        chunk_decay = _decay(cs[..., -1], q.dtype)  # (B, H, C)
+        states_in = []  # the state entering each chunk
+        for contrib, d in zip(chunk_states.unbind(2), chunk_decay.unbind(2)):
+            states_in.append(state)
+            state = d[..., None, None] * state + contrib  # (B, H, P, N)
+        states_in = torch.stack(states_in, 2)  # (B, H, C, P, N)
+
+        # 4. State -> output: y_i += exp(cs_i) S_in q_i.
+        q_decayed = q * _decay(cs, q.dtype)[..., None]  # (B, H, C, L, N)
+        _bmm(q_decayed, states_in.transpose(-1, -2), add_to=y)  # (B, H, C, L, P)
+
+        ctx.save_for_backward(q, k, v, cs, decay, scores, states_in, state)
+        return y, state
+
+    @staticmethod
+    def backward(ctx, dy, dstate):
+        q, k, v, cs, decay, scores, states_in, final_state = ctx.saved_tensors
+        dy = dy.contiguous()  # (B, H, C, L, P)
+
+        # 4. y_i += exp(cs_i) S_in q_i
+        dy_decayed = dy * _decay(cs, q.dtype)[..., None]  # (B, H, C, L, P)
+        dstates_in = _bmm(dy_decayed.transpose(-1, -2), q)  # (B, H, C, P, N)
+        dq = _bmm(dy_decayed, states_in)  # (B, H, C, L, N)
+
+        # 3. The scan backwards: dstates_out[c] is the gradient of the state leaving chunk c.
+        chunk_decay = _decay(cs[..., -1], q.dtype)  # (B, H, C)
+        dstates_out = []
+        for dcontrib, d in zip(reversed(dstates_in.unbind(2)), reversed(chunk_decay.unbind(2))):
+            dstates_out.append(dstate)
+            dstate = d[..., None, None] * dstate + dcontrib  # (B, H, P, N); ends as d initial_state
+        dstates_out = torch.stack(dstates_out[::-1], 2)  # (B, H, C, P, N)
+
+        # 2. chunk_states = v^T (k * to_end)
+        to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (B, H, C, L, 1)
+        dv = _bmm(k * to_end, dstates_out.transpose(-1, -2))  # (B, H, C, L, P)
+        dk = _bmm(v, dstates_out).mul_(to_end)  # (B, H, C, L, N)
+
+        # 1. y = (q k^T * decay) v
+        _bmm(scores.transpose(-1, -2), dy, add_to=dv)
+        dqk = _bmm(dy, v.transpose(-1, -2)).mul_(decay)  # (B, H, C, L, L)
+        _bmm(dqk, k, add_to=dq)
+        _bmm(dqk.transpose(-1, -2), q, add_to=dk)
+
+        # log decay: cs enters only as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state
+        # leaving the chunk, hence d cs_i = q_i . dq_i - k_i . dk_i, plus <dS_out, S_out> at i = L.
+        states_out = torch.cat([states_in[:, :, 1:], final_state[:, :, None]], 2)  # (B, H, C, P, N)
+        dcs = (q * dq).sum(-1) - (k * dk).sum(-1)  # (B, H, C, L)
+        dcs[..., -1] += (dstates_out * states_out).sum((-1, -2))
+        da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
+        return dq, dk, dv, da, dstate
 
 
 def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
@@ -31,7 +132,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
 
     Args:
         q, k: (B, T, H, N).  v: (B, T, H, P).
-        log_decay: (B, T, H), values <= 0 (log of the decay in (0, 1]).
+        log_decay: (B, T, H), finite values <= 0 (log of the decay in (0, 1]).
         chunk_size: L, the length of a chunk; T need not be a multiple of it.
         initial_state: (B, H, P, N) or None (zeros).
 
@@ -40,54 +141,27 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
         final_state: (B, H, P, N) in initial_state's dtype if given, else q's dtype.
 
     A position with v = 0 (or k = 0) and log_decay = 0 leaves the state unchanged (padding).
-    bf16 / fp16 inputs are computed in float32.
+    bf16 / fp16 inputs are computed in float32, float64 in float64.
     """
     B, T, H, N = q.shape
     P = v.shape[-1]
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else out_dtype
+    state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    if T == 0:
+        return v.new_zeros(B, 0, H, P, dtype=out_dtype), state.to(state_dtype)
     L = chunk_size
     pad = -T % L  # pad the tail with q = k = v = 0, log_decay = 0: the state passes through
-    C = (T + pad) // L  # number of chunks
+    C = (T + pad) // L
 
     def to_chunks(x):  # (B, T, H, D) -> (B, H, C, L, D)
-        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
+        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
         return x.reshape(B, C, L, H, -1).permute(0, 3, 1, 2, 4).contiguous()
 
-    q, k, v = to_chunks(q), to_chunks(k), to_chunks(v)
     a = to_chunks(log_decay.unsqueeze(-1)).squeeze(-1)  # (B, H, C, L)
-    a_cum = a.cumsum(-1)  # (B, H, C, L): log decay from the chunk's start to step i (inclusive)
-
-    # 1. Intra-chunk (diagonal blocks): y_i = sum_{j<=i} exp(a_{j+1} + ... + a_i) (q_i . k_j) v_j
-    segsum = a_cum[..., :, None] - a_cum[..., None, :]  # (B, H, C, L, L)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    decay = torch.exp(segsum.masked_fill(~causal, float("-inf")))  # (B, H, C, L, L), 0 above diag
-    scores = (q @ k.transpose(-1, -2)) * decay  # (B, H, C, L, L)
-    y = scores @ v  # (B, H, C, L, P)
-
-    # 2. Each chunk's own contribution to the state at its end: sum_j exp(a_{j+1..L}) v_j k_j^T
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (B, H, C, L)
-    chunk_states = v.transpose(-1, -2) @ (k * decay_to_end[..., None])  # (B, H, C, P, N)
-
-    # 3. Inter-chunk recurrence: a scan over chunks, S_c = exp(sum of a over chunk c) S_{c-1} + states_c
-    chunk_decay = torch.exp(a_cum[..., -1])  # (B, H, C)
-    if initial_state is None:
-        state = q.new_zeros(B, H, P, N)
-    else:
-        state = initial_state.to(dtype)
-    states_in = []  # the state entering each chunk
-    for contrib, d in zip(chunk_states.unbind(2), chunk_decay.unbind(2)):  # unbind: cheap backward
-        states_in.append(state)
-        state = d[..., None, None] * state + contrib  # (B, H, P, N)
-    states_in = torch.stack(states_in, 2)  # (B, H, C, P, N)
-
-    # 4. State -> output: y_i += exp(a_1 + ... + a_i) S_in q_i
-    q_decayed = q * torch.exp(a_cum)[..., None]  # (B, H, C, L, N)
-    y = y + q_decayed @ states_in.transpose(-1, -2)  # (B, H, C, L, P)
-
+    y, state = _ChunkedScan.apply(to_chunks(q), to_chunks(k), to_chunks(v), a, state)
     y = y.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, P)[:, :T]  # (B, T, H, P)
     return y.to(out_dtype), state.to(state_dtype)
-
 
 
 def scan_step(q, k, v, log_decay, state):
@@ -117,9 +191,9 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
     state_dtype = initial_state.dtype if initial_state is not None else q.dtype
     state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     ys = []
-    # unbind (not q[:, t]) so that the backward is one stack, not T full-size zero tensors
+    # unbind (not q[:, t]): its backward is one stack, not T full-size zero tensors
     for q_t, k_t, v_t, a_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), log_decay.unbind(1)):
         y_t, state = scan_step(q_t, k_t, v_t, a_t, state)
         ys.append(y_t)
-    y = torch.stack(ys, 1) if ys else q.new_zeros(B, 0, H, P)  # (B, T, H, P)
+    y = torch.stack(ys, 1) if ys else v.new_zeros(B, 0, H, P)  # (B, T, H, P)
     return y.to(q.dtype), state.to(state_dtype)

@@ -20,6 +20,10 @@ STACKS = {
     "sliding": ["sliding_attention"],
     "lstm+attention": ["lstm", "attention"],
     "gru+sliding+attention": ["gru", "sliding_attention", "attention"],
+    "mamba2": ["mamba2"],
+    "linear_attention": ["linear_attention"],
+    "mamba2+attention": ["mamba2", "attention"],
+    "lstm+linear+sliding": ["lstm", "linear_attention", "sliding_attention"],
 }
 
 HEADS = {

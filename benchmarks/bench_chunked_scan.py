@@ -1,0 +1,146 @@
+"""Benchmark hf_seqarch.ops_chunked_scan: chunked_scan against the sequential scan_reference.
+
+    python benchmarks/bench_chunked_scan.py                  # CPU, default sizes (~1-3 minutes)
+    python benchmarks/bench_chunked_scan.py --device cuda
+
+1. forward+backward of chunked_scan vs scan_reference at T=2048 (B=2, H=8, P=N=64, chunk 64): times
+   and their ratio (target: chunked >= 20x faster).
+2. chunked_scan forward+backward at T = 1024 ... 16384: time, peak memory, and the growth per doubling
+   of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the
+   growth of ru_maxrss (peak resident set) during one forward+backward, each length in a fresh
+   subprocess so that earlier lengths do not hide it.
+
+Times are the median of --runs runs after a warm-up; the upstream gradients are random tensors (not
+y.sum(), whose stride-0 gradient sends CPU bmm down a slow path in any implementation).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference  # noqa: E402
+
+
+def make_inputs(args, T, device):
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    B, H, N, P = args.batch, args.heads, args.state, args.dim
+    q, k, v = randn(B, T, H, N, scale=N**-0.5), randn(B, T, H, N, scale=N**-0.5), randn(B, T, H, P)
+    log_decay = (-torch.rand(B, T, H, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_()
+    grads = (torch.randn(B, T, H, P, generator=g).to(device, dtype), torch.randn(B, H, P, N, generator=g).to(device, dtype))
+    return (q, k, v, log_decay), grads
+
+
+def fwd_bwd(fn, inputs, grads, **kw):
+    for x in inputs:
+        x.grad = None
+    y, state = fn(*inputs, **kw)
+    torch.autograd.backward((y, state), grads)
+
+
+def timeit(fn, inputs, grads, runs, device, **kw):
+    """Median seconds of forward+backward over `runs` runs, after one warm-up."""
+    fwd_bwd(fn, inputs, grads, **kw)
+    times = []
+    for _ in range(runs):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fwd_bwd(fn, inputs, grads, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_length(args, T):
+    """Peak memory (bytes) of one forward+backward, then the median time, of chunked_scan at length T."""
+    inputs, grads = make_inputs(args, T, args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fwd_bwd(chunked_scan, inputs, grads, chunk_size=args.chunk)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        fwd_bwd(chunked_scan, inputs, grads, chunk_size=args.chunk)
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    return peak, timeit(chunked_scan, inputs, grads, args.runs, args.device, chunk_size=args.chunk)
+
+
+def measure_in_subprocess(T):
+    """CPU: run measure_length in a fresh interpreter so that ru_maxrss starts low."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", str(T)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    peak, seconds = json.loads(out.strip().splitlines()[-1])
+    return peak, seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64, help="P, value size (Mamba-2 head dim)")
+    p.add_argument("--state", type=int, default=64, help="N, key/query size (Mamba-2 state size)")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--ref-length", type=int, default=2048)
+    p.add_argument("--ref-runs", type=int, default=3)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+
+    if args._child is not None:  # one length, in a fresh process (CPU memory)
+        print(json.dumps(measure_length(args, args._child)))
+        return
+
+    print(
+        f"device={args.device} ({torch.get_num_threads()} threads)  dtype={args.dtype}  B={args.batch} H={args.heads} "
+        f"P={args.dim} N={args.state} chunk={args.chunk}  torch {torch.__version__}"
+    )
+
+    # 1. chunked vs reference
+    T = args.ref_length
+    inputs, grads = make_inputs(args, T, args.device)
+    t_chunk = timeit(chunked_scan, inputs, grads, args.runs, args.device, chunk_size=args.chunk)
+    t_ref = timeit(scan_reference, inputs, grads, args.ref_runs, args.device)
+    print(f"\nforward+backward at T={T}:")
+    print(f"  chunked_scan   {t_chunk * 1e3:9.1f} ms")
+    print(f"  scan_reference {t_ref * 1e3:9.1f} ms")
+    print(f"  ratio          {t_ref / t_chunk:9.1f}x   (target >= 20x)")
+    del inputs, grads
+
+    # 2. scaling with T
+    mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "ru_maxrss growth, fresh process per T"
+    print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}):")
+    print(f"  {'T':>6} {'time ms':>9} {'x prev':>7} {'peak MiB':>9} {'x prev':>7}")
+    prev = None
+    for T in args.lengths:
+        peak, seconds = measure_length(args, T) if args.device == "cuda" else measure_in_subprocess(T)
+        t_growth = f"{seconds / prev[1]:6.2f}x" if prev else ""
+        m_growth = f"{peak / max(prev[0], 1):6.2f}x" if prev else ""
+        print(f"  {T:>6} {seconds * 1e3:9.1f} {t_growth:>7} {peak / 2**20:9.1f} {m_growth:>7}")
+        prev = (peak, seconds)
+    print("  (target: time x prev <= 2.2 per doubling of T)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Decode cost per generated token against context length, with the cache footprint, for each mixer; side by side
+with transformers' LlamaForCausalLM (attention) and Mamba2ForCausalLM (mamba2); then our streaming step path
+against generate() for small recurrent models.
+
+Part 1, generate(): for each mixer a SeqArchForCausalLM of 4 layers of it (vocab 256, hidden 256, MLP 1024, as
+anchors.md; the mamba2 stack has no MLP, like Mamba2ForCausalLM: 8 heads x 64, expand 2, state 64, chunk 64).
+For each context length a greedy generate() continues a random prompt of that length; a logits processor reads
+the clock at every step, and the cost per token is the median interval (one full step of generate's loop). The
+prompt is prefilled in chunks of 1024 where the model supports it (ours, Llama), in one piece for HF Mamba2.
+Footprint: bytes of all tensors in the returned cache. The whole sweep runs `repeats` times, models
+interleaved at each length; medians over repeats.
+
+Part 2, streaming: per-token time of StreamingSession.greedy (the single-token step path) against generate()
+for the same model, and a plain forward loop (model(...) per token under no_grad) to show where the time goes.
+
+Targets (issue 3): recurrent stacks' per-token time at 8192 within 1.15x of that at 128; ours / anchor <= 1.0
+(attention vs Llama, mamba2 vs Mamba2); generate() / streaming step >= 3 for a small recurrent model.
+
+    python benchmarks/bench_decode.py [--quick] [--contexts 128 1024] [--mixers lstm attention] [--threads 1]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, Mamba2Config
+from transformers import Mamba2ForCausalLM
+from transformers.utils import logging as hf_logging
+
+from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, StreamingSession
+from hf_seqarch.configuration_seqarch import RECURRENT_MIXERS
+from hf_seqarch.modeling_seqarch import MIXER_CLASSES
+
+VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
+MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, conv=4)
+PREFILL_CHUNK = 1024
+ANCHOR_OF = {"attention": "Llama", "mamba2": "HF Mamba2"}
+
+
+class StepClock(LogitsProcessor):
+    """generate() calls its logits processors once per step: the intervals between calls are the per-token cost."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def per_token(self) -> float:
+        return median_interval(self.stamps)
+
+
+def tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every tensor reachable from a cache object (ours, DynamicCache and its layers), each counted once."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return sum(tensor_bytes(v, seen) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+
+
+def ours(mixer, hidden=HIDDEN, layers=LAYERS, intermediate=INTERMEDIATE):
+    return SeqArchForCausalLM(SeqArchConfig(
+        vocab_size=VOCAB, hidden_size=hidden, mixer_types=[mixer] * layers, num_attention_heads=HEADS,
+        intermediate_size=0 if mixer == "mamba2" else intermediate, sliding_window=128,
+        mamba_head_dim=MAMBA["head_dim"], mamba_expand=MAMBA["expand"], mamba_state_size=MAMBA["state"],
+        mamba_chunk_size=MAMBA["chunk"], mamba_conv_kernel=MAMBA["conv"], mamba_n_groups=1,
+        tie_word_embeddings=True, attn_implementation="sdpa",
+    )).eval()
+
+
+def anchor(mixer):
+    if mixer == "attention":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+            num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE, tie_word_embeddings=True, rms_norm_eps=1e-5,
+            max_position_embeddings=16384, attn_implementation="sdpa",
+        )).eval()
+    return Mamba2ForCausalLM(Mamba2Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_heads=MAMBA["heads"],
+        head_dim=MAMBA["head_dim"], expand=MAMBA["expand"], state_size=MAMBA["state"], chunk_size=MAMBA["chunk"],
+        conv_kernel=MAMBA["conv"], n_groups=1, tie_word_embeddings=True,
+    )).eval()
+
+
+def generate_cost(model, context, new_tokens, seed=0):
+    """(seconds per generated token, cache bytes at the end) of a greedy generate() after a prompt of `context` tokens."""
+    ids = torch.randint(1, VOCAB, (1, context), generator=torch.Generator().manual_seed(seed))  # no pad id (0)
+    clock = StepClock()
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
+    if isinstance(model, SeqArchForCausalLM):  # chunked prefill needs a cache before the first forward
+        kwargs.update(cache=SeqArchCache(model.config), prefill_chunk_size=PREFILL_CHUNK)
+    elif isinstance(model, LlamaForCausalLM):
+        kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
+    output = model.generate(ids, **kwargs)
+    cache = output["cache"] if "cache" in output else output["past_key_values"]
+    return clock.per_token(), tensor_bytes(cache)
+
+
+def part_one(mixers, contexts, new_tokens, repeats):
+    models = {}
+    for mixer in mixers:
+        torch.manual_seed(0)
+        models[mixer] = ours(mixer)
+        if mixer in ANCHOR_OF:
+            models[ANCHOR_OF[mixer]] = anchor(mixer)
+    for name, model in models.items():
+        print(f"  {name:<18} {sum(p.numel() for p in model.parameters()):>10,} parameters")
+    for model in models.values():  # warm-up: first calls pay one-time setup (kernel selection, allocations)
+        generate_cost(model, 32, 4)
+    times = {(name, c): [] for name in models for c in contexts}
+    footprint = {}
+    for repeat in range(repeats):
+        for context in contexts:
+            for name, model in models.items():  # interleaved at each length: the same machine load for all
+                seconds, footprint[name, context] = generate_cost(model, context, new_tokens, seed=repeat)
+                times[name, context].append(seconds)
+            print(f"  repeat {repeat + 1}/{repeats}: context {context} done", flush=True)
+    ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
+
+    print(f"\ngenerate() ms per token (median) and cache footprint, by context length")
+    head = "".join(f"{c:>10}" for c in contexts)
+    print(f"{'model':<18}{head}  {'last/first':>10}   footprint bytes: " + " / ".join(str(c) for c in contexts))
+    for name in models:
+        row = "".join(f"{ms[name, c]:>10.2f}" for c in contexts)
+        growth = ms[name, contexts[-1]] / ms[name, contexts[0]]
+        print(f"{name:<18}{row}  {growth:>10.2f}   " + " / ".join(f"{footprint[name, c]:,}" for c in contexts))
+
+    print(f"\nratios")
+    for mixer in mixers:
+        if mixer in RECURRENT_MIXERS:
+            growth = ms[mixer, contexts[-1]] / ms[mixer, contexts[0]]
+            verdict = "meets" if growth <= 1.15 else "MISSES"
+            print(f"  {mixer}: ms/token at {contexts[-1]} / at {contexts[0]} = {growth:.3f} ({verdict} <= 1.15); "
+                  f"footprint constant: {len({footprint[mixer, c] for c in contexts}) == 1}")
+        if mixer in ANCHOR_OF:
+            ratios = [ms[mixer, c] / ms[ANCHOR_OF[mixer], c] for c in contexts]
+            verdict = "meets" if max(ratios) <= 1.0 else "MISSES"
+            print(f"  {mixer} / {ANCHOR_OF[mixer]}: " + ", ".join(f"{c}: {r:.3f}" for c, r in zip(contexts, ratios))
+                  + f" (worst {max(ratios):.3f}, {verdict} <= 1.0)")
+
+
+def median_interval(stamps) -> float:
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def forward_loop_cost(model, prompt, new_tokens):
+    """A hand-written greedy loop over model(...) with the cache: the model's own per-step cost, without generate()."""
+    with torch.no_grad():
+        cache = SeqArchCache(model.config)
+        logits = model(input_ids=prompt, cache=cache, use_cache=True).logits[:, -1]
+        stamps = [time.perf_counter()]
+        for _ in range(new_tokens):
+            token = logits.argmax(-1, keepdim=True)
+            logits = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1]
+            stamps.append(time.perf_counter())
+    return median_interval(stamps)
+
+
+def step_cost(model, prompt, new_tokens):
+    """StreamingSession.greedy one token per call, so that each step is timed (a few us more than one long call)."""
+    session = StreamingSession(model)
+    session.feed(prompt)
+    stamps = [time.perf_counter()]
+    for _ in range(new_tokens):
+        session.greedy(None, max_new_tokens=1)
+        stamps.append(time.perf_counter())
+    return median_interval(stamps)
+
+
+def part_two(sizes, new_tokens, repeats):
+    print(f"\nstreaming step path vs generate(), ms per token (median of {repeats}), prompt 64, {new_tokens} new tokens")
+    print(f"{'model':<26}{'generate':>10}{'forward loop':>14}{'step':>8}{'generate/step':>15}{'generate/loop':>15}")
+    prompt = torch.randint(1, VOCAB, (1, 64), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for mixer, hidden, layers in sizes:
+        torch.manual_seed(0)
+        model = ours(mixer, hidden=hidden, layers=layers, intermediate=4 * hidden)
+        costs = {"generate": [], "loop": [], "step": []}
+        generate_cost(model, 16, 4)  # warm-up
+        for _ in range(repeats):  # interleaved
+            costs["generate"].append(generate_cost(model, 64, new_tokens)[0])
+            costs["loop"].append(forward_loop_cost(model, prompt, new_tokens))
+            costs["step"].append(step_cost(model, prompt, new_tokens))
+        g, loop, s = (statistics.median(costs[k]) * 1e3 for k in ("generate", "loop", "step"))
+        name = f"{mixer} {layers}x{hidden}"
+        results[name] = g / s
+        print(f"{name:<26}{g:>10.3f}{loop:>14.3f}{s:>8.3f}{g / s:>15.2f}{g / loop:>15.2f}")
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, fewer tokens and repeats")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None)
+    parser.add_argument("--mixers", nargs="+", default=None, help="default: every registered mixer")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="one-token steps are too small to split across threads; 1 keeps all models comparable")
+    parser.add_argument("--skip-streaming", action="store_true")
+    args = parser.parse_args()
+    hf_logging.set_verbosity_error()  # HF Mamba2 warns at every call that its CUDA kernels are missing
+    torch.set_num_threads(args.threads)
+    contexts = args.contexts or ([128, 1024] if args.quick else [128, 1024, 4096, 8192])
+    new_tokens = args.new_tokens or (16 if args.quick else 32)
+    repeats = args.repeats or (1 if args.quick else 2)
+    order = ["lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention"]
+    mixers = args.mixers or [m for m in order if m in MIXER_CLASSES]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, contexts {contexts}, "
+          f"{new_tokens} new tokens, {repeats} repeat(s)")
+    part_one(mixers, contexts, new_tokens, repeats)
+    if not args.skip_streaming:
+        sizes = [("gru", 128, 2), ("lstm", 128, 2), ("gru", HIDDEN, LAYERS), ("lstm", HIDDEN, LAYERS)]
+        if "mamba2" in MIXER_CLASSES:
+            sizes.append(("mamba2", 128, 2))
+        ratios = part_two(sizes, 2 * new_tokens, 3 if args.quick else 5)
+        small = {k: v for k, v in ratios.items() if k.endswith("x128")}
+        verdict = "meets" if min(small.values()) >= 3 else "MISSES"
+        print(f"small recurrent models, generate/step: " + ", ".join(f"{k} {v:.2f}" for k, v in small.items())
+              + f" ({verdict} >= 3)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Fine-tune a saved checkpoint for sequence classification with the Trainer, and report accuracy.
+
+The task is built from the same offline text as examples/pretrain_lm.py: which section of the Python
+reference docs does a paragraph come from ("specialnames", "compound", "types", "string-methods")?
+Classes are balanced, so chance is 25%.
+
+    python examples/pretrain_lm.py --output_dir outputs/pretrain_lm
+    python examples/finetune_classifier.py --model_name_or_path outputs/pretrain_lm --output_dir outputs/classifier
+    # the same on two processes
+    accelerate launch --multi_gpu --num_processes 2 examples/finetune_classifier.py --model_name_or_path outputs/pretrain_lm
+
+The causal LM's body is kept and a new classification layer (`score`) is trained on top of it; the
+model reads each paragraph left to right and classifies from its last real token.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
+from hf_seqarch.tools.checkpoints import check_resume_checkpoint
+from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
+from hf_seqarch.tools.text_data import DEFAULT_SECTIONS, section_classification
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(
+        default="outputs/pretrain_lm", metadata={"help": "A checkpoint folder saved with its tokenizer (pretrain_lm.py)."}
+    )
+    sections: str = field(default=",".join(DEFAULT_SECTIONS), metadata={"help": "Comma-separated section names."})
+    max_length: int = field(default=256, metadata={"help": "Paragraphs are cut to this many tokens."})
+
+
+def accuracy(eval_prediction):
+    logits, labels = eval_prediction
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def main():
+    use_cpu_ddp_if_no_accelerator()  # so that `accelerate launch --multi_gpu` is one DDP job on CPU too
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments))
+    parser.set_defaults(
+        output_dir="outputs/classifier",
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        logging_steps=5,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph walk
+    )
+    script_args, training_args = parser.parse_args_into_dataclasses()
+    sections = script_args.sections.split(",")
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(
+            f"Could not load a tokenizer from {script_args.model_name_or_path!r} ({error}). Give a checkpoint saved "
+            "with its tokenizer, e.g. the output_dir of examples/pretrain_lm.py."
+        ) from None
+    train_examples, eval_examples = section_classification(tokenizer, sections, max_length=script_args.max_length)
+    set_seed(training_args.seed)  # the new classification layer starts the same for the same --seed
+    model = AutoModelForSequenceClassification.from_pretrained(
+        script_args.model_name_or_path,
+        num_labels=len(sections),
+        id2label=dict(enumerate(sections)),
+        label2id={name: i for i, name in enumerate(sections)},
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if training_args.resume_from_checkpoint:
+        check_resume_checkpoint(training_args.resume_from_checkpoint)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_examples,
+        eval_dataset=eval_examples,
+        data_collator=DataCollatorWithPadding(tokenizer),  # pads each batch to its longest paragraph
+        processing_class=tokenizer,
+        compute_metrics=accuracy,
+    )
+    before = trainer.evaluate()["eval_accuracy"]
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_state()
+    trainer.save_model()  # weights, config (with the label names) and tokenizer in output_dir
+
+    if trainer.is_world_process_zero():
+        print(f"\naccuracy on {len(eval_examples)} held-out paragraphs: {metrics['eval_accuracy']:.1%} "
+              f"(before fine-tuning {before:.1%}, chance {1 / len(sections):.1%})")
+        print(f"classifier, config and tokenizer: {training_args.output_dir} "
+              "(AutoModelForSequenceClassification.from_pretrained)")
+        print(f"metrics: {Path(training_args.output_dir) / 'eval_results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Mamba-2 mixer: in-projection, short causal depthwise conv, SSD scan, gated RMSNorm, out-projection.
+
+The SSD layer is the gated linear recurrence of `ops_chunked_scan` with, per head h,
+
+    dt = softplus(dt_raw + dt_bias),  A = -exp(A_log)
+    v = x * dt,  k = B,  q = C (B and C shared by the heads of a group),  log_decay = dt * A
+    y = scan(q, k, v, log_decay) + D * x
+
+Three paths that agree: the full-sequence forward and the chunked prefill from a cached state (both
+`chunked_scan`, or mamba_ssm's kernel on CUDA), and the single-step decode (`scan_step` and one conv
+step). Cached state per layer: {"conv": (B, conv_dim, K-1) last K-1 conv inputs, "ssm": (B, H, P, N)}.
+
+Padding never enters a state. Before the conv, each row's real tokens are moved to the front (in
+order) and the conv output is moved back, so the conv only ever sees real tokens and its cached state
+is the last K-1 *real* inputs, whatever the padding side. Pads get dt = 0, i.e. v = 0 and decay 1:
+the SSM state passes them unchanged.
+
+Shapes: B batch, T time, H heads, P head dim, G groups, N state size, K conv kernel.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
+from .ops_chunked_scan import scan_step
+from .ops_ssd import ssd_chunked
+
+
+def init_copy(init, parameter, value):
+    """`init.copy_` (transformers >= 5: skips weights loaded from a checkpoint), or a plain copy on 4.x."""
+    copy = getattr(init, "copy_", None)
+    if copy is not None:
+        return copy(parameter, value)
+    with torch.no_grad():
+        return parameter.copy_(value)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2's output norm: RMSNorm(y * silu(z)) per group of channels, computed in float32."""
+
+    def __init__(self, width: int, group_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.group_size = group_size
+        self.eps = eps
+
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        y = y.float() * F.silu(gate.float())
+        groups = y.unflatten(-1, (-1, self.group_size))  # (..., G, width / G)
+        y = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # (..., width)
+        return self.weight * y.to(dtype)
+
+    def init_mixer_weights(self, init):
+        init.ones_(self.weight)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block (without its residual and pre-norm, which the SeqArchBlock supplies)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.inner_size = config.mamba_expand * config.hidden_size
+        self.head_dim = config.mamba_head_dim  # P
+        self.num_heads = self.inner_size // self.head_dim  # H
+        self.state_size = config.mamba_state_size  # N
+        self.n_groups = config.mamba_n_groups  # G: the heads of a group share B and C
+        self.conv_kernel = config.mamba_conv_kernel  # K
+        self.chunk_size = config.mamba_chunk_size
+        self.conv_dim = self.inner_size + 2 * self.n_groups * self.state_size  # channels of xBC
+        # One projection gives every input of the block: gate z, conv input xBC = (x, B, C), time step dt.
+        self.in_proj = nn.Linear(config.hidden_size, self.inner_size + self.conv_dim + self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.inner_size, self.inner_size // self.n_groups, config.rms_norm_eps)
+        self.out_proj = nn.Linear(self.inner_size, config.hidden_size, bias=False)
+        self.init_mixer_weights(nn.init)  # usable on its own; the model re-initialises through transformers
+
+    def init_mixer_weights(self, init):
+        """mamba_ssm's initialisation: A in [1, 16], dt log-uniform in [1e-3, 1e-1] (stored as softplus^-1), D = 1."""
+        heads = self.num_heads
+        dt = torch.exp(torch.rand(heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        init_copy(init, self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        init_copy(init, self.A_log, torch.empty(heads).uniform_(1, 16).log())
+        init.ones_(self.D)
+        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        init.zeros_(self.conv1d.bias)
+
+    def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        z, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, H), > 0
+        mask = context.token_mask  # (B, T) or None
+        if mask is not None:
+            dt = dt * mask[..., None]  # pads: v = 0 and decay exp(0) = 1, the SSM state passes them unchanged
+
+        cache = context.cache
+        if context.causal:
+            state = cache.get_state(self.layer_idx) if cache is not None else None
+            y, state = self._scan(xBC, dt, mask, state, keep_state=cache is not None)
+            if cache is not None:
+                cache.set_state(self.layer_idx, state)
+        else:
+            # Encoder: the same conv and SSM also run over the reversed sequence; the two directions add.
+            y, _ = self._scan(xBC, dt, mask, None, keep_state=False)
+            flipped_mask = None if mask is None else mask.flip(1)
+            y_backward, _ = self._scan(xBC.flip(1), dt.flip(1), flipped_mask, None, keep_state=False)
+            y = y + y_backward.flip(1)
+        if mask is not None:
+            y = y * mask[..., None].to(y.dtype)  # pads output zeros, as the other mixers' pads do
+        return self.out_proj(self.norm(y, z))  # (B, T, width)
+
+    def _scan(self, xBC, dt, mask, state, keep_state):
+        """Conv and SSM in one direction. xBC (B, T, conv_dim), dt (B, T, H). Returns y (B, T, inner) and the new state.
+
+        keep_state: a cache wants the final state (and a one-token forward takes the decode path).
+        """
+        batch, length, _ = xBC.shape
+        decode = keep_state and length == 1
+        conv_state = None if state is None else state["conv"]
+        ssm_state = None if state is None else state["ssm"]
+        if decode:
+            xBC, conv_state = self._conv_step(xBC, conv_state, mask)
+        else:
+            xBC, conv_state = self._conv(xBC, conv_state, mask, keep_state)
+        x, B, C = xBC.split([self.inner_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
+        x = x.view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, P)
+        B = B.view(batch, length, self.n_groups, self.state_size)  # (B, T, G, N)
+        C = C.view(batch, length, self.n_groups, self.state_size)
+        A = -torch.exp(self.A_log.float())  # (H,), < 0
+        if keep_state and ssm_state is None:
+            ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
+
+        if decode:
+            y, ssm_state = self._ssm_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state)
+            y = y[:, None]  # (B, 1, H, P)
+        elif mamba2_backend(x.device) == "mamba_ssm":
+            y, ssm_state = ssd_kernel(x, dt, A, B, C, self.chunk_size, ssm_state)
+        else:
+            y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state)
+        y = y + self.D[:, None].to(y.dtype) * x  # (B, T, H, P): the skip connection
+        new_state = {"conv": conv_state, "ssm": ssm_state} if keep_state else None
+        return y.reshape(batch, length, self.inner_size), new_state
+
+    # -- SSM ----------------------------------------------------------------------------------------
+    def _heads(self, t):
+        """(B, ..., G, N) -> (B, ..., H, N): each group's B or C for each of its heads."""
+        return t.repeat_interleave(self.num_heads // self.n_groups, dim=-2) if self.n_groups != self.num_heads else t
+
+    def _ssm_step(self, x, dt, A, B, C, ssm_state):
+        """One token: x (B, H, P), dt (B, H), B/C (B, G, N)."""
+        return scan_step(self._heads(C), self._heads(B), x * dt[..., None], dt * A, ssm_state)
+
+    # -- causal depthwise conv ----------------------------------------------------------------------
+    def _conv(self, xBC, conv_state, mask, keep_state):
+        """Causal conv + SiLU over (B, T, conv_dim), from `conv_state` (B, conv_dim, K-1) or zeros.
+
+        Returns the output (B, T, conv_dim) and, with keep_state, the last K-1 real inputs.
+        """
+        batch, length, channels = xBC.shape
+        order = None
+        if mask is not None:
+            # Real tokens first, in order, so the conv never sees a pad (works for left, right and holes).
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[..., None].expand_as(xBC)  # (B, T, C)
+            xBC = xBC.gather(1, order)
+        inputs = xBC.transpose(1, 2)  # (B, C, T)
+        weight = self.conv1d.weight[:, 0]  # (C, K)
+
+        if conv_state is None and mask is None and conv1d_backend(xBC.device) == "causal_conv1d":
+            out = conv1d_kernel(inputs, weight, self.conv1d.bias)
+            window = F.pad(inputs, (self.conv_kernel - 1, 0)) if keep_state else None
+        else:
+            if conv_state is None:
+                window = F.pad(inputs, (self.conv_kernel - 1, 0))  # (B, C, K-1 + T)
+            else:
+                window = torch.cat([conv_state.to(inputs.dtype), inputs], dim=-1)
+            out = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=channels)
+            out = F.silu(out.transpose(1, 2).contiguous()).transpose(1, 2)
+
+        new_state = None
+        if keep_state:
+            real = mask.sum(1) if mask is not None else torch.full((batch,), length, device=xBC.device)
+            # The row's last K-1 inputs end where its real tokens end: window[:, :, real : real + K-1].
+            index = real[:, None] + torch.arange(self.conv_kernel - 1, device=xBC.device)  # (B, K-1)
+            new_state = window.gather(2, index[:, None, :].expand(-1, channels, -1))  # (B, C, K-1)
+        out = out.transpose(1, 2)  # (B, T, C)
+        if order is not None:
+            out = torch.empty_like(out).scatter(1, order, out)  # back to the original positions
+        return out, new_state
+
+    def _conv_step(self, xBC, conv_state, mask):
+        """One token: xBC (B, 1, C). A pad token leaves the conv state unchanged."""
+        batch, _, channels = xBC.shape
+        if conv_state is None:
+            conv_state = xBC.new_zeros(batch, channels, self.conv_kernel - 1)
+        window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, C, K)
+        out = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias  # (B, C)
+        new_state = window[..., 1:]
+        if mask is not None:
+            new_state = torch.where(mask[:, :, None], new_state, conv_state)
+        return F.silu(out)[:, None], new_state  # (B, 1, C)

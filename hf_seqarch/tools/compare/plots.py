@@ -1,0 +1,69 @@
+"""PNG plots of the results (matplotlib, the `plots` extra). Returns the file names written."""
+
+import os
+
+PLOTS_MISSING = "matplotlib is not installed: no plots (pip install 'hf-seqarch[plots]')"
+
+
+def write_plots(results: dict, output_dir: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    archs = {n: a for n, a in results["architectures"].items() if not a.get("error") or a.get("training_speed")}
+    device = results["environment"]["device_name"]
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(output_dir, name), dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    def lines(ax, key, x, y, scale=1.0):
+        for name, arch in archs.items():
+            rows = arch.get(key) or []
+            if rows:
+                ax.plot([r[x] for r in rows], [r[y] * scale for r in rows], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.grid(True, which="both", alpha=0.3)
+
+    for key, y, scale, label, name in (
+        ("training_speed", "tokens_per_second", 1.0, "training tokens/s", "throughput.png"),
+        ("training_speed", "peak_memory_bytes", 2**-20, "peak memory of a step (MiB)", "memory.png"),
+    ):
+        if any(a.get(key) for a in archs.values()):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            lines(ax, key, "seq_len", y, scale)
+            ax.set(xlabel="sequence length (tokens per step fixed)", ylabel=label, title=f"{label} vs length ({device})")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+            save(fig, name)
+
+    if any(a.get("decode") for a in archs.values()):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        lines(left, "decode", "context", "ms_per_token")
+        left.set(xlabel="context length", ylabel="ms per generated token", title="decode time per token")
+        lines(right, "decode", "context", "cache_bytes", 1 / 1024)
+        right.set(xlabel="context length", ylabel="cache KiB", title="cache size", yscale="log")
+        left.legend(fontsize=8)
+        save(fig, "decode.png")
+
+    scored = {n: a for n, a in archs.items() if a.get("mqar", {}).get("accuracy") or a.get("selective_copying")}
+    if scored:
+        lengths = sorted({int(k) for a in scored.values() for k in a.get("mqar", {}).get("accuracy", {})})
+        groups = [f"MQAR {n}" for n in lengths] + ["selective copying"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(scored)
+        for i, (name, arch) in enumerate(scored.items()):
+            values = [arch.get("mqar", {}).get("accuracy", {}).get(str(n), 0.0) for n in lengths]
+            values.append(arch.get("selective_copying", {}).get("accuracy", 0.0))
+            ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+        ax.set(ylabel="accuracy", ylim=(0, 1), title="recall after the same training budget")
+        ax.legend(fontsize=8)
+        save(fig, "recall.png")
+    return written

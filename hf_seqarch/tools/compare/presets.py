@@ -1,0 +1,94 @@
+"""Run presets of `hf-seqarch compare`: model size, lengths and the one training budget all architectures share.
+
+A preset fixes everything that could favour one architecture: every architecture gets the same depth,
+MLP ratio, vocabulary, data, optimiser, learning rate and number of steps. Only the width differs, and
+only to match the parameter budget (see architectures.py).
+"""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    # Model: the transformer at `target_width` sets the parameter budget the others are matched to.
+    target_width: int = 64
+    num_layers: int = 2
+    mlp_ratio: int = 2  # intermediate_size = mlp_ratio * width (SwiGLU)
+    num_heads: int = 4
+    width_step: int = 8  # candidate widths are multiples of this (divisible by the heads, even head dims)
+    vocab_size: int = 256  # bytes for the text; MQAR keys/values and copying tokens fit inside
+    sliding_window: int = 64
+    mamba: dict = field(default_factory=lambda: dict(mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=32))
+    linear_attention: dict = field(default_factory=lambda: dict(linear_attention_chunk_size=32))
+    # Speed and memory: a training step at a fixed number of tokens, batch = tokens // length.
+    train_lengths: tuple = (128, 512, 2048)
+    tokens_per_step: int = 4096
+    warmup: int = 1  # untimed runs first (allocator, oneDNN/cuDNN plans, lazy init)
+    repeats: int = 3  # the median of these is reported
+    # Decoding: one token at a time after a prompt of each context length (batch 1).
+    decode_contexts: tuple = (128, 512, 2048)
+    decode_repeats: int = 8
+    # Training budget through the Trainer: the same for every architecture and task.
+    train_steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    # MQAR (Zoology): (sequence length, key-value pairs); one model per architecture trained on the mix.
+    mqar: tuple = ((64, 4), (128, 8))
+    mqar_eval_examples: int = 256
+    # Selective copying (Mamba paper): total length, tokens to copy, alphabet (noise 0 and marker included).
+    copy_length: int = 128
+    copy_tokens: int = 8
+    copy_alphabet: int = 16
+    copy_eval_examples: int = 256
+    # Held-out text: bytes of pydoc_data.topics, windows of `text_length`.
+    text_length: int = 128
+    text_batch_size: int = 16
+    text_eval_windows: int = 64
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS = {
+    # For CI: every stage runs, on models and lengths so small that the whole run takes seconds.
+    "test": Preset(
+        name="test",
+        description="miniature end-to-end run for the test suite (numbers are meaningless)",
+        target_width=16, num_layers=2, num_heads=2, width_step=4, sliding_window=8,
+        mamba=dict(mamba_head_dim=8, mamba_state_size=8, mamba_chunk_size=8),
+        linear_attention=dict(linear_attention_chunk_size=8),
+        train_lengths=(16, 32), tokens_per_step=64, warmup=1, repeats=2,
+        decode_contexts=(8, 32), decode_repeats=2,
+        train_steps=3, batch_size=4, learning_rate=3e-3,
+        mqar=((16, 2), (32, 4)), mqar_eval_examples=8,
+        copy_length=24, copy_tokens=4, copy_alphabet=8, copy_eval_examples=8,
+        text_length=32, text_batch_size=4, text_eval_windows=4,
+    ),
+    # The default: a 2-core CPU finishes it in under 10 minutes.
+    "quick": Preset(name="quick", description="small models and short runs for a laptop CPU (<= 10 minutes on 2 cores)"),
+    # For a GPU: wider, deeper models, longer sequences, Zoology's three MQAR lengths, a longer budget.
+    "full": Preset(
+        name="full",
+        description="GPU-sized run: width 256, 4 layers, lengths up to 8K, 3000 training steps",
+        target_width=256, num_layers=4, num_heads=4, width_step=16, sliding_window=256,
+        mamba=dict(mamba_head_dim=64, mamba_state_size=64, mamba_chunk_size=64),
+        linear_attention=dict(linear_attention_chunk_size=64),
+        train_lengths=(512, 2048, 8192), tokens_per_step=32768, warmup=2, repeats=5,
+        decode_contexts=(512, 2048, 8192), decode_repeats=20,
+        train_steps=3000, batch_size=64, learning_rate=1e-3,
+        mqar=((64, 4), (128, 8), (256, 16)), mqar_eval_examples=1000,
+        copy_length=512, copy_tokens=16, copy_alphabet=16, copy_eval_examples=1000,
+        text_length=512, text_batch_size=32, text_eval_windows=256,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    return PRESETS[name]

@@ -1,0 +1,116 @@
+"""report.md: the verdicts first, then the tables they come from, the plots and the settings."""
+
+from .verdicts import THRESHOLDS
+
+
+def _mib(size):
+    return f"{size / 2**20:.2f}"
+
+
+def _kib(size):
+    return f"{size / 1024:.1f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+def render(results: dict, plots: list[str]) -> str:
+    env, preset, archs = results["environment"], results["preset"], results["architectures"]
+    out = [f"# hf-seqarch compare: preset `{preset['name']}` on {env['device_name']}", ""]
+    status = results["status"]
+    if status != "complete":
+        out += [f"**Status: {status}.** The tables hold what finished; missing cells are stages that did not run.", ""]
+    load = env.get("load_average_start"), env.get("load_average_end")
+    out += [
+        f"- Device: {env['device_name']} (`{env['device']}`), {env['torch_threads']} torch threads, "
+        f"{env['cpu_count']} CPUs; torch {env['torch']}, transformers {env['transformers']}, hf_seqarch {env['hf_seqarch']}.",
+        f"- Wall time: {results.get('wall_seconds', 0):.0f} s. Machine load (1-min load average) at start "
+        f"{_load(load[0])}, at end {_load(load[1])}: timings on a busy machine are slower and noisier.",
+        f"- Command: `{results['command']}`",
+        "",
+        "## Verdicts",
+        "",
+    ]
+    for v in results.get("verdicts", []):
+        out.append(f"- **{v['claim']}**: **{v['verdict']}**. {v['evidence']}.")
+    out += ["", f"Thresholds: {THRESHOLDS}.", ""]
+    if results.get("skipped"):
+        out += [f"Skipped: " + "; ".join(f"{n} ({why})" for n, why in results["skipped"].items()), ""]
+    failed = {n: a["error"] for n, a in archs.items() if a.get("error")}
+    if failed:
+        out += ["Failed: " + "; ".join(f"{n}: {err}" for n, err in failed.items()), ""]
+
+    out += ["## Architectures at matched size", "", results["parameter_matching"]["method"], ""]
+    out += _table(
+        ["architecture", "mixers", "width", "MLP width", "parameters", "non-embedding", "vs transformer"],
+        [[n, " / ".join(dict.fromkeys(a["mixer_types"])), a["hidden_size"], a["intermediate_size"],
+          f"{a['parameters']:,}", f"{a['non_embedding_parameters']:,}",
+          f"{a['non_embedding_parameters'] / results['parameter_matching']['target_non_embedding_parameters'] - 1:+.1%}"]
+         for n, a in archs.items()],
+    )
+
+    lengths = list(preset["train_lengths"])
+    out += ["", "## Training speed and memory against sequence length", "",
+            f"One training step (forward, backward, AdamW) of {preset['tokens_per_step']} tokens "
+            f"(batch = {preset['tokens_per_step']} / length), {preset['warmup']} warm-up step(s), median of "
+            f"{preset['repeats']}. Peak memory: {results['memory_method']}.", ""]
+    out += _table(["architecture"] + [f"tokens/s @{n}" for n in lengths] + [f"peak MiB @{n}" for n in lengths],
+                  [[n] + _cells(a.get("training_speed"), "seq_len", lengths, "tokens_per_second", lambda x: f"{x:,.0f}")
+                   + _cells(a.get("training_speed"), "seq_len", lengths, "peak_memory_bytes", _mib)
+                   for n, a in archs.items()])
+
+    contexts = list(preset["decode_contexts"])
+    out += ["", "## Decoding against context length", "",
+            f"Batch 1: a prompt of each length prefilled, then one token per forward from the cache; "
+            f"2 warm-up tokens, median of {preset['decode_repeats']}. Cache size: `SeqArchCache.get_memory_footprint()` "
+            "after the prompt.", ""]
+    out += _table(["architecture"] + [f"ms/token @{c}" for c in contexts] + [f"cache KiB @{c}" for c in contexts],
+                  [[n] + _cells(a.get("decode"), "context", contexts, "ms_per_token", lambda x: f"{x:.2f}")
+                   + _cells(a.get("decode"), "context", contexts, "cache_bytes", _kib)
+                   for n, a in archs.items()])
+
+    mqar = [length for length, _ in preset["mqar"]]
+    out += ["", "## Recall and language modelling after the same training budget", "",
+            f"Each task: a fresh model per architecture, {preset['train_steps']} Trainer steps, AdamW lr "
+            f"{preset['learning_rate']} (warm-up {preset['warmup_ratio']:.0%}, cosine), the same batches for all. "
+            f"MQAR (Zoology; vocabulary {preset['vocab_size']}, (length, pairs) = "
+            f"{', '.join(f'({n}, {k})' for n, k in preset['mqar'])}, batches of {preset['batch_size']} alternating "
+            f"lengths) scored on {preset['mqar_eval_examples']} held-out sequences per length. Selective copying: "
+            f"{preset['copy_tokens']} tokens in {preset['copy_length']} positions, alphabet {preset['copy_alphabet']}. "
+            f"Text: bits per byte on held-out pydoc text (the last 10%), windows of {preset['text_length']} bytes, "
+            f"batches of {preset['text_batch_size']}. Chance: MQAR {1 / (preset['vocab_size'] // 2):.1%}, copying "
+            f"{1 / (preset['copy_alphabet'] - 2):.1%}, text 8 bits per byte.", ""]
+    out += _table(["architecture"] + [f"MQAR @{n}" for n in mqar] + ["selective copying", "text bits/byte", "training s (MQAR / copy / text)"],
+                  [[n] + [_pct(a.get("mqar", {}).get("accuracy", {}).get(str(length))) for length in mqar]
+                   + [_pct(a.get("selective_copying", {}).get("accuracy")), _num(a.get("text", {}).get("bits_per_byte")),
+                      " / ".join(_num(a.get(t, {}).get("train", {}).get("wall_seconds"), "{:.0f}")
+                                 for t in ("mqar", "selective_copying", "text"))]
+                   for n, a in archs.items()])
+
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    out += ["", "## Checkpoints", "",
+            "`checkpoints/<architecture>/` holds each byte-level text model (save_pretrained). Load it with:", "",
+            "```python", "import hf_seqarch  # registers the seqarch model type", "from transformers import AutoModelForCausalLM",
+            f"model = AutoModelForCausalLM.from_pretrained(\"{results.get('output_dir', '.')}/checkpoints/transformer\")", "```",
+            "", "## Settings", "", "```", *(f"{k} = {v}" for k, v in preset.items()), "```", ""]
+    return "\n".join(out)
+
+
+def _cells(rows, key, columns, field, fmt):
+    by_key = {r[key]: r for r in rows or []}
+    return [fmt(by_key[c][field]) if c in by_key else "-" for c in columns]
+
+
+def _pct(value):
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _num(value, fmt="{:.3f}"):
+    return "-" if value is None else fmt.format(value)
+
+
+def _load(value):
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,81 @@
+"""The training budget, through transformers' Trainer, and the scores after it.
+
+Every architecture and task gets the same budget: `train_steps` optimiser steps of the same batches
+(made by tasks.py from the seed), AdamW at the same learning rate with warm-up and cosine decay,
+gradient clipping at 1, float32. Nothing is tuned per architecture.
+"""
+
+import math
+import tempfile
+import time
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from ...modeling_seqarch import SeqArchForCausalLM
+from .tasks import IGNORE, BatchDataset, unwrap_batch
+
+EVAL_BATCH = 32
+
+
+def train(config, make_batch, preset, device: torch.device, seed: int) -> tuple[SeqArchForCausalLM, dict]:
+    """A fresh model trained for `preset.train_steps` batches from `make_batch(i)`; returns it and a summary."""
+    torch.manual_seed(seed)
+    model = SeqArchForCausalLM(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=preset.train_steps,
+            per_device_train_batch_size=1,  # one item = one whole batch (see BatchDataset)
+            learning_rate=preset.learning_rate,
+            weight_decay=preset.weight_decay,
+            warmup_steps=max(1, round(preset.warmup_ratio * preset.train_steps)),
+            lr_scheduler_type="cosine",
+            max_grad_norm=1.0,
+            logging_steps=max(1, preset.train_steps // 10),
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,  # compare draws its own progress bar
+            use_cpu=device.type == "cpu",
+            seed=seed,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=device.type == "cuda",
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=BatchDataset(make_batch, preset.train_steps),
+                          data_collator=unwrap_batch)
+        for callback in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(callback)
+        start = time.perf_counter()
+        output = trainer.train()
+        wall = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    summary = dict(steps=trainer.state.global_step, wall_seconds=wall, mean_train_loss=output.training_loss,
+                   final_logged_loss=losses[-1] if losses else None)
+    return model.to(device).eval(), summary
+
+
+@torch.no_grad()
+def token_accuracy(model, inputs, labels, device) -> float:
+    """Share of scored positions (labels != -100) where the greedy prediction is the label."""
+    correct = total = 0
+    for start in range(0, len(inputs), EVAL_BATCH):
+        ids, target = inputs[start : start + EVAL_BATCH].to(device), labels[start : start + EVAL_BATCH].to(device)
+        predicted = model(input_ids=ids, use_cache=False).logits[:, :-1].argmax(-1)  # (B, T-1): predicts t+1
+        target = target[:, 1:]
+        scored = target != IGNORE
+        correct += int((predicted == target)[scored].sum())
+        total += int(scored.sum())
+    return correct / total
+
+
+@torch.no_grad()
+def bits_per_byte(model, inputs, device) -> float:
+    """Mean negative log2-likelihood of every held-out byte after the first of each window."""
+    nats = count = 0
+    for start in range(0, len(inputs), EVAL_BATCH):
+        ids = inputs[start : start + EVAL_BATCH].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return nats / (count * math.log(2))

@@ -1,0 +1,186 @@
+"""One verdict per classic claim, computed from the measured numbers.
+
+Each function reads results["architectures"] and returns {"claim", "verdict", "evidence"}. The
+thresholds below are the only judgement calls; they sit above the noise of timing on a shared
+machine and of accuracy on a few hundred held-out examples, and they are printed in the report.
+"""
+
+import math
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
+SPEED_MARGIN = 1.10  # a throughput ratio counts beyond 10% either way
+EXPONENT_MARGIN = 0.25  # cost exponents this far apart differ (1 = linear in length, 2 = quadratic)
+LINEAR_EXPONENT = 1.25  # at most this: linear within noise
+CONSTANT_GROWTH = 1.05  # cache bytes that grow by at most 5% over the context range are constant
+ACCURACY_MARGIN = 0.10  # accuracy gaps of 10 points or more count
+LEARNED = 0.50  # below this accuracy the budget did not teach attention the task: recall untestable
+
+CLAIMS = {
+    "parallel": "Attention trains in parallel while recurrences train step by step (faster training)",
+    "quadratic": "Attention costs O(n^2) in sequence length, a recurrence O(n)",
+    "streaming": "Recurrent models stream with constant memory while a KV cache grows",
+    "recall": "Attention reaches far-back tokens directly while recurrences forget",
+    "linear_time": "Linear-time models (Mamba-2, linear attention) aim at both: linear cost and recall",
+}
+
+THRESHOLDS = (
+    f"speed ratios count beyond {SPEED_MARGIN:.2f}x; cost exponents (log-log slope of time per sequence "
+    f"between the two longest lengths) differ when {EXPONENT_MARGIN} apart and are linear up to {LINEAR_EXPONENT}; "
+    f"a cache is constant when it grows by at most {CONSTANT_GROWTH - 1:.0%}; accuracy gaps count from "
+    f"{ACCURACY_MARGIN:.0%} and recall is testable once attention reaches {LEARNED:.0%}"
+)
+
+
+def _verdict(key, verdict, evidence):
+    return {"claim": CLAIMS[key], "key": key, "verdict": verdict, "evidence": evidence}
+
+
+def _recurrence(archs):
+    return next((name for name in ("lstm", "gru") if archs.get(name, {}).get("training_speed")), None)
+
+
+def cost_exponent(rows, field="median_step_seconds") -> float | None:
+    """Slope of log(cost per sequence) against log(length) between the two longest lengths."""
+    if not rows or len(rows) < 2:
+        return None
+    a, b = sorted(rows, key=lambda r: r["seq_len"])[-2:]
+    per_seq = lambda r: r[field] / r["batch_size"]  # noqa: E731
+    if per_seq(a) <= 0 or per_seq(b) <= 0:
+        return None
+    return math.log(per_seq(b) / per_seq(a)) / math.log(b["seq_len"] / a["seq_len"])
+
+
+def cache_growth(rows) -> tuple[float, float] | None:
+    """(cache bytes growth, context growth) from the shortest to the longest context."""
+    if not rows or len(rows) < 2:
+        return None
+    first, last = rows[0], rows[-1]
+    if first["cache_bytes"] <= 0:
+        return None
+    return last["cache_bytes"] / first["cache_bytes"], last["context"] / first["context"]
+
+
+def longest_mqar(arch) -> tuple[int, float] | None:
+    accuracy = arch.get("mqar", {}).get("accuracy")
+    if not accuracy:
+        return None
+    length = max(accuracy, key=int)
+    return int(length), accuracy[length]
+
+
+def parallel_training(archs):
+    rec = _recurrence(archs)
+    if rec is None or not archs.get("transformer", {}).get("training_speed"):
+        return _verdict("parallel", INCONCLUSIVE, "needs the transformer and an LSTM/GRU measured")
+    att = {r["seq_len"]: r["tokens_per_second"] for r in archs["transformer"]["training_speed"]}
+    rnn = {r["seq_len"]: r["tokens_per_second"] for r in archs[rec]["training_speed"]}
+    ratios = {n: att[n] / rnn[n] for n in sorted(att) if n in rnn}
+    evidence = f"transformer/{rec} training tokens/s: " + ", ".join(f"{r:.2f}x at {n}" for n, r in ratios.items())
+    if all(r >= SPEED_MARGIN for r in ratios.values()):
+        return _verdict("parallel", SUPPORTED, evidence)
+    if all(r <= 1 / SPEED_MARGIN for r in ratios.values()):
+        return _verdict("parallel", NOT_SUPPORTED, evidence + f" (the {rec} is faster at every length on this device)")
+    return _verdict("parallel", INCONCLUSIVE, evidence + " (mixed: which is faster depends on length)")
+
+
+def quadratic_cost(archs):
+    rec = _recurrence(archs)
+    if rec is None or not archs.get("transformer", {}).get("training_speed"):
+        return _verdict("quadratic", INCONCLUSIVE, "needs the transformer and an LSTM/GRU measured")
+    att, rnn = cost_exponent(archs["transformer"]["training_speed"]), cost_exponent(archs[rec]["training_speed"])
+    if att is None or rnn is None:
+        return _verdict("quadratic", INCONCLUSIVE, "needs at least two sequence lengths")
+    att_mem = cost_exponent(archs["transformer"]["training_speed"], "peak_memory_bytes")
+    rnn_mem = cost_exponent(archs[rec]["training_speed"], "peak_memory_bytes")
+    evidence = (f"time per sequence grows as n^{att:.2f} for the transformer and n^{rnn:.2f} for the {rec} "
+                f"(memory: n^{att_mem:.2f} and n^{rnn_mem:.2f})")
+    if att - rnn >= EXPONENT_MARGIN and rnn <= LINEAR_EXPONENT:
+        return _verdict("quadratic", SUPPORTED, evidence)
+    if att - rnn < EXPONENT_MARGIN / 2:
+        return _verdict("quadratic", NOT_SUPPORTED, evidence + " (no faster-than-linear growth at these lengths)")
+    return _verdict("quadratic", INCONCLUSIVE, evidence)
+
+
+def streaming_memory(archs):
+    rec = _recurrence(archs) or next((n for n in ("lstm", "gru") if archs.get(n, {}).get("decode")), None)
+    if rec is None or not archs.get(rec, {}).get("decode") or not archs.get("transformer", {}).get("decode"):
+        return _verdict("streaming", INCONCLUSIVE, "needs decoding measured for the transformer and an LSTM/GRU")
+    rnn, att = cache_growth(archs[rec]["decode"]), cache_growth(archs["transformer"]["decode"])
+    if rnn is None or att is None:
+        return _verdict("streaming", INCONCLUSIVE, "needs at least two context lengths")
+    rows_r, rows_a = archs[rec]["decode"], archs["transformer"]["decode"]
+    evidence = (f"over x{att[1]:.0f} context ({rows_a[0]['context']} -> {rows_a[-1]['context']} tokens): "
+                f"{rec} cache {_kib(rows_r[0]['cache_bytes'])} -> {_kib(rows_r[-1]['cache_bytes'])} (x{rnn[0]:.2f}), "
+                f"transformer KV cache {_kib(rows_a[0]['cache_bytes'])} -> {_kib(rows_a[-1]['cache_bytes'])} (x{att[0]:.2f}); "
+                f"decode ms/token {rec} {rows_r[0]['ms_per_token']:.2f} -> {rows_r[-1]['ms_per_token']:.2f}, "
+                f"transformer {rows_a[0]['ms_per_token']:.2f} -> {rows_a[-1]['ms_per_token']:.2f}")
+    if rnn[0] <= CONSTANT_GROWTH and att[0] >= 0.5 * att[1]:
+        return _verdict("streaming", SUPPORTED, evidence)
+    if rnn[0] > CONSTANT_GROWTH or att[0] <= CONSTANT_GROWTH:
+        return _verdict("streaming", NOT_SUPPORTED, evidence)
+    return _verdict("streaming", INCONCLUSIVE, evidence)
+
+
+def recall(archs):
+    rec = next((n for n in ("lstm", "gru") if longest_mqar(archs.get(n, {}))), None)
+    att = longest_mqar(archs.get("transformer", {}))
+    if rec is None or att is None:
+        return _verdict("recall", INCONCLUSIVE, "needs MQAR scored for the transformer and an LSTM/GRU")
+    rnn = longest_mqar(archs[rec])
+    evidence = f"MQAR accuracy: transformer {_accuracies(archs['transformer'])}, {rec} {_accuracies(archs[rec])}"
+    copy_att = archs["transformer"].get("selective_copying", {}).get("accuracy")
+    copy_rnn = archs[rec].get("selective_copying", {}).get("accuracy")
+    if copy_att is not None and copy_rnn is not None:
+        evidence += f"; selective copying: transformer {copy_att:.1%}, {rec} {copy_rnn:.1%}"
+    if att[1] < LEARNED:
+        return _verdict("recall", INCONCLUSIVE, evidence + f" (attention itself stays under {LEARNED:.0%} at "
+                                                           f"length {att[0]}: the budget is too small to test recall)")
+    if att[1] - rnn[1] >= ACCURACY_MARGIN:
+        return _verdict("recall", SUPPORTED, evidence)
+    if att[1] - rnn[1] < ACCURACY_MARGIN / 2:
+        return _verdict("recall", NOT_SUPPORTED, evidence)
+    return _verdict("recall", INCONCLUSIVE, evidence)
+
+
+def linear_time(archs):
+    candidates = [n for n in ("mamba2", "linear_attention") if n in archs and not archs[n].get("error")]
+    if not candidates:
+        return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was run")
+    att, rnn_name = longest_mqar(archs.get("transformer", {})), next(
+        (n for n in ("lstm", "gru") if longest_mqar(archs.get(n, {}))), None)
+    rnn_exp = cost_exponent(archs[rnn_name]["training_speed"]) if rnn_name and archs[rnn_name].get("training_speed") else None
+    linear_bound = max(rnn_exp or 1.0, 1.0) + EXPONENT_MARGIN
+    recall_bar = (att[1] + longest_mqar(archs[rnn_name])[1]) / 2 if att and rnn_name else None
+    parts, winners, testable = [], [], att is not None and att[1] >= LEARNED and recall_bar is not None
+    for name in candidates:
+        exponent, growth, mqar = (cost_exponent(archs[name].get("training_speed")),
+                                  cache_growth(archs[name].get("decode")), longest_mqar(archs[name]))
+        if exponent is None or growth is None or mqar is None:
+            parts.append(f"{name}: not fully measured")
+            continue
+        linear = exponent <= linear_bound and growth[0] <= CONSTANT_GROWTH
+        recalls = testable and mqar[1] >= recall_bar
+        parts.append(f"{name}: time n^{exponent:.2f}, state x{growth[0]:.2f} over x{growth[1]:.0f} context, "
+                     f"MQAR {mqar[1]:.1%} at {mqar[0]}")
+        if linear and recalls:
+            winners.append(name)
+    bar = (f"linear: exponent <= {linear_bound:.2f} and constant state; recall: MQAR >= {recall_bar:.1%} "
+           f"(midway between {rnn_name} and transformer)") if recall_bar is not None else "recall bar unavailable"
+    evidence = "; ".join(parts) + f" [{bar}]"
+    if winners:
+        return _verdict("linear_time", SUPPORTED, evidence + f" -> both reached by {', '.join(winners)}")
+    if not testable:
+        return _verdict("linear_time", INCONCLUSIVE, evidence + " (recall untestable at this budget)")
+    return _verdict("linear_time", NOT_SUPPORTED, evidence)
+
+
+def all_verdicts(archs) -> list[dict]:
+    return [check(archs) for check in (parallel_training, quadratic_cost, streaming_memory, recall, linear_time)]
+
+
+def _kib(size):
+    return f"{size / 1024:.1f} KiB"
+
+
+def _accuracies(arch):
+    return ", ".join(f"{float(acc):.1%} at {length}" for length, acc in sorted(arch["mqar"]["accuracy"].items(), key=lambda kv: int(kv[0])))

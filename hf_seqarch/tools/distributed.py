@@ -1,0 +1,21 @@
+"""Make `accelerate launch --multi_gpu --num_processes N script.py` run real DDP on a machine without GPUs.
+
+Why: on a CPU-only machine that command starts N processes, but TrainingArguments then sets each one up as
+a lone, non-distributed run (it looks for GPUs, finds none, and ignores the process group), so N copies
+train the same model independently and nothing says so. The Trainer's `--use_cpu` flag (or the environment
+variable ACCELERATE_USE_CPU=true) makes them one DDP job over gloo; this turns it on when it is needed.
+"""
+
+import os
+
+import torch
+
+
+def use_cpu_ddp_if_no_accelerator() -> bool:
+    """Call before TrainingArguments is built. True when it switched a multi-process CPU launch to gloo DDP."""
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    if launched_processes > 1 and not has_accelerator and "ACCELERATE_USE_CPU" not in os.environ:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return True
+    return False

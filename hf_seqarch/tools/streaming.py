@@ -1,0 +1,203 @@
+"""Streaming: feed an unbounded token stream through a SeqArch model chunk by chunk, one cache throughout.
+
+    session = StreamingSession(model)          # SeqArchForCausalLM -> logits, SeqArchModel -> hidden states
+    for chunk in chunks:                       # (B, T_i) token ids, any T_i >= 1
+        logits = session.feed(chunk)           # (B, T_i, vocab), as if the whole stream had been one forward
+    session.save("stream.safetensors")         # the state, to resume later or in another process
+    session = StreamingSession.load(model, "stream.safetensors")
+    new_tokens = session.greedy(prompt, max_new_tokens=32)   # fast single-token decode loop
+
+Memory: a recurrent stack (lstm, gru, mamba2, linear_attention) holds the same bytes after 64 or 64M
+tokens; sliding attention stops growing at the window; full attention grows by its keys and values
+per token. `get_memory_footprint()` reports it.
+
+`step` / `greedy` decode one token at a time without generate()'s per-step machinery (input
+preparation, logits processors, stopping criteria, output objects): under `torch.inference_mode`,
+straight through the blocks. That loop mirrors `SeqArchModel.forward` for one unpadded token; the
+tests hold the two to the same logits. This is tooling, not model code: it is not exported to the Hub.
+"""
+
+import json
+from contextlib import contextmanager
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..cache_seqarch import SeqArchCache
+from ..mixer_attention import rotary_cos_sin
+from ..mixer_context import MixerContext
+
+_FORMAT = "hf_seqarch.stream/1"
+
+
+@contextmanager
+def _single_token_kernels(device: torch.device):
+    """oneDNN's RNN kernel pays ~2 ms of setup per call on CPU, whatever the length: fine for a chunk of
+    hundreds of tokens, 5x the cost of the arithmetic for one token. Single steps take torch's own kernels."""
+    if device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+class StreamingSession:
+    """A SeqArch model and the one SeqArchCache it carries across the chunks of a stream.
+
+    Args:
+        model: a causal `SeqArchForCausalLM` (outputs are logits) or `SeqArchModel` (outputs are the
+            final hidden states). Put it in eval mode yourself, as for generate().
+        cache: a `SeqArchCache` to continue from (e.g. one returned by a forward or generate()), or None.
+    """
+
+    def __init__(self, model, cache: SeqArchCache | None = None):
+        self.base = getattr(model, "model", model)  # the SeqArchModel inside a head, or the model itself
+        self.lm_head = getattr(model, "lm_head", None)
+        if not hasattr(self.base, "layers") or not hasattr(self.base, "embed_tokens") or (
+            self.lm_head is None and hasattr(model, "model")
+        ):
+            raise ValueError(
+                f"StreamingSession needs a SeqArchForCausalLM or a SeqArchModel, got {type(model).__name__}."
+            )
+        self.model = model
+        self.config = model.config
+        if self.config.bidirectional:
+            raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it cannot stream.")
+        if cache is not None and not isinstance(cache, SeqArchCache):
+            raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
+        if cache is not None and len(cache) != self.config.num_hidden_layers:
+            raise ValueError(f"The cache has {len(cache)} layers, the model {self.config.num_hidden_layers}.")
+        self.cache = cache if cache is not None else SeqArchCache(self.config)
+        # Read once: a transformers config attribute costs microseconds, and _step runs per token.
+        self._rotary = (self.config.attention_head_dim, self.config.rope_theta) if self.config.has_attention else None
+        self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
+
+    # -- feeding a stream ---------------------------------------------------------------------------
+    @property
+    def seen_tokens(self) -> int:
+        return self.cache.seen_tokens
+
+    def get_memory_footprint(self) -> int:
+        """Bytes held by the stream's state (the cache)."""
+        return self.cache.get_memory_footprint()
+
+    def feed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the next chunk (B, T) of the stream. Returns logits (B, T, vocab) or hidden states (B, T, width)."""
+        input_ids = self._check_ids(input_ids, "input_ids")
+        with torch.inference_mode():
+            output = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
+        if self.lm_head is None:
+            return output.last_hidden_state
+        self._last_logits = output.logits[:, -1]
+        return output.logits
+
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """One token per row, (B,) or (B, 1). Returns the next-token logits (B, vocab) or hidden state (B, width)."""
+        if isinstance(token_ids, torch.Tensor) and token_ids.dim() == 1:
+            token_ids = token_ids[:, None]
+        token_ids = self._check_ids(token_ids, "token_ids")
+        if token_ids.shape[1] != 1:
+            raise ValueError(f"step takes one token per row, got shape {tuple(token_ids.shape)}; use feed for chunks.")
+        return self._step(token_ids)
+
+    def greedy(self, input_ids: torch.Tensor | None, max_new_tokens: int) -> torch.LongTensor:
+        """Feed `input_ids` (B, T) (None: continue from the last `step`/`greedy`), then pick the argmax token
+        `max_new_tokens` times. Returns the new tokens (B, max_new_tokens); the state has consumed all of them."""
+        if self.lm_head is None:
+            raise ValueError("greedy decoding needs logits: build the session from a SeqArchForCausalLM.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if input_ids is not None:
+            logits = self.feed(input_ids)[:, -1]
+        elif self._last_logits is not None:
+            logits = self._last_logits
+        else:
+            raise ValueError("Nothing to continue from: pass input_ids (the prompt) to the first greedy call.")
+        tokens = []
+        with torch.inference_mode(), _single_token_kernels(logits.device):
+            for _ in range(max_new_tokens):
+                token = logits.argmax(-1, keepdim=True)  # (B, 1): ids from the vocab, no range check needed
+                tokens.append(token)
+                logits = self._step(token)
+        return torch.cat(tokens, dim=1)
+
+    def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """SeqArchModel.forward for one unpadded token (B, 1), without its checks and output objects."""
+        base, cache = self.base, self.cache
+        with torch.inference_mode(), _single_token_kernels(token_ids.device):
+            hidden = base.embed_tokens(token_ids)  # (B, 1, width)
+            past = cache.seen_tokens
+            position_ids = torch.full((1, 1), past, device=hidden.device)
+            context = MixerContext(padding_mask=None, position_ids=position_ids, past_length=past, cache=cache, causal=True)
+            if self._rotary is not None:
+                context.position_embeddings = rotary_cos_sin(position_ids, *self._rotary, hidden.dtype)
+            for block in base.layers:
+                hidden = block(hidden, context)
+            hidden = base.norm(hidden)[:, 0]  # (B, width)
+            cache.advance(1)
+            if self.lm_head is None:
+                return hidden
+            self._last_logits = self.lm_head(hidden)  # (B, vocab)
+        return self._last_logits
+
+    def _check_ids(self, ids, name):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name} must be an integer tensor (batch, tokens) with at least one token, got {shape}.")
+        batch = self._state_batch_size()
+        if batch is not None and ids.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {ids.shape[0]}, but the stream's state holds {batch} rows.")
+        low, high = torch.aminmax(ids)
+        if int(low) < 0 or int(high) >= self.config.vocab_size:
+            raise ValueError(
+                f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{int(low)}, {int(high)}]."
+            )
+        return ids.to(self.base.embed_tokens.weight.device)
+
+    def _state_batch_size(self):
+        for state in self.cache.layers:
+            for tensor in (state or {}).values():
+                return tensor.shape[0]
+        return None
+
+    # -- save and restore ---------------------------------------------------------------------------
+    def save(self, path: str):
+        """Write the stream's state to a safetensors file (with the model's mixer_types, checked on load)."""
+        tensors = {name: t.detach().contiguous() for name, t in self.cache.state_dict().items()}
+        save_file(tensors, path, metadata=self._fingerprint())
+
+    @classmethod
+    def load(cls, model, path: str) -> "StreamingSession":
+        """A session of `model` that continues the stream saved at `path`."""
+        device = next(model.parameters()).device
+        with safe_open(path, framework="pt", device=str(device)) as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        session = cls(model)
+        expected = session._fingerprint()
+        if metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a saved stream state (format {metadata.get('format')!r}).")
+        for key in ("mixer_types", "hidden_size", "vocab_size"):
+            if metadata.get(key) != expected[key]:
+                raise ValueError(
+                    f"The stream state in {path} was saved from a model with {key}={metadata.get(key)}, "
+                    f"this model has {key}={expected[key]}."
+                )
+        session.cache = SeqArchCache.from_state_dict(tensors, num_layers=model.config.num_hidden_layers)
+        return session
+
+    def _fingerprint(self) -> dict[str, str]:
+        return {
+            "format": _FORMAT,
+            "mixer_types": json.dumps(list(self.config.mixer_types)),
+            "hidden_size": str(self.config.hidden_size),
+            "vocab_size": str(self.config.vocab_size),
+        }
+
+    def __repr__(self):
+        return (f"StreamingSession(mixer_types={list(self.config.mixer_types)}, seen_tokens={self.seen_tokens}, "
+                f"bytes={self.get_memory_footprint()})")

@@ -1,0 +1,225 @@
+"""The rest of the HuggingFace ecosystem, for every mixer stack: pipelines, PEFT LoRA, accelerate's
+device_map="auto", torch.compile."""
+
+import warnings
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    ByT5Tokenizer,
+    pipeline,
+)
+
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchForTokenClassification
+from tester import STACKS, random_ids, tiny_model
+
+stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
+RNN_MIXERS = ("lstm", "gru")
+TEXTS = ["hello world, this is longer", "hi"]  # different lengths: batches are padded
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ByT5Tokenizer()  # byte-level: no vocabulary file, nothing downloaded
+
+
+def text_model(model_class, stack, tokenizer):
+    return tiny_model(model_class, STACKS[stack], vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+
+
+# -- pipelines ---------------------------------------------------------------------------------------
+
+
+@stack_params
+def test_text_generation_pipeline(stack, tokenizer):
+    model = text_model(SeqArchForCausalLM, stack, tokenizer)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    got = generator(TEXTS[0], max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    ids = tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)[0]
+    assert list(got) == want.tolist()
+    text = generator(TEXTS[0], max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith(TEXTS[0])
+
+
+@stack_params
+def test_text_classification_pipeline(stack, tokenizer):
+    model = text_model(SeqArchForSequenceClassification, stack, tokenizer)
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer)
+    results = classifier(TEXTS, batch_size=2, top_k=None)  # one padded batch
+    for text, scores in zip(TEXTS, results):
+        with torch.no_grad():
+            alone = model(**tokenizer(text, return_tensors="pt")).logits.softmax(-1)[0]  # no padding
+        got = torch.tensor([s["score"] for s in sorted(scores, key=lambda s: model.config.label2id[s["label"]])])
+        torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+@stack_params
+def test_token_classification_pipeline(stack, tokenizer):
+    model = text_model(SeqArchForTokenClassification, stack, tokenizer)
+    tagger = pipeline("token-classification", model=model, tokenizer=tokenizer)
+    results = tagger(TEXTS, batch_size=2)
+    for text, entities in zip(TEXTS, results):
+        encoded = tokenizer(text, return_tensors="pt", return_special_tokens_mask=True)
+        special = encoded.pop("special_tokens_mask")[0].bool()
+        with torch.no_grad():
+            probs = model(**encoded).logits.softmax(-1)[0]  # (T, num_labels), no padding
+        assert [e["index"] for e in entities] == torch.nonzero(~special).flatten().tolist()
+        for entity in entities:
+            best = probs[entity["index"]].max(-1)
+            assert entity["entity"] == model.config.id2label[int(best.indices)]
+            assert abs(float(entity["score"]) - float(best.values)) < 1e-5
+
+
+# -- PEFT LoRA ---------------------------------------------------------------------------------------
+
+# nn.Linear projections LoRA adapts, per mixer. nn.LSTM/nn.GRU keep their weights inside one fused
+# module (not nn.Linear), so for them LoRA goes on the block's MLP projections, which every stack has.
+MIXER_PROJECTIONS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "sliding_attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "linear_attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mamba2": ("in_proj", "out_proj"),
+    "lstm": (),
+    "gru": (),
+}
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@stack_params
+def test_lora_trains_and_merges_back(stack, tmp_path):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    targets = sorted({p for m in STACKS[stack] for p in MIXER_PROJECTIONS[m]} | set(MLP_PROJECTIONS))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    for block, mixer in zip(lora.base_model.model.model.layers, STACKS[stack]):
+        for name in MIXER_PROJECTIONS[mixer]:
+            assert isinstance(getattr(block.mixer, name), LoraLayer), (mixer, name)
+        for name in MLP_PROJECTIONS:
+            assert isinstance(getattr(block.mlp, name), LoraLayer), name
+    with torch.no_grad():  # LoRA starts as the identity (B = 0)
+        torch.testing.assert_close(lora(input_ids=ids).logits, before, rtol=0, atol=0)
+
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in lora.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    lora.train()
+    lora(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    lora.eval()
+    with torch.no_grad():
+        adapted = lora(input_ids=ids).logits
+    assert not torch.allclose(adapted, before, atol=1e-4), "the LoRA step changed nothing"
+
+    merged = lora.merge_and_unload()
+    assert type(merged) is SeqArchForCausalLM
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+    with torch.no_grad():
+        # W x + B (A x) and (W + B A) x differ by float32 rounding only.
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = SeqArchForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# -- accelerate: device_map="auto" -------------------------------------------------------------------
+
+
+def assert_blocks_whole(device_map, num_layers):
+    for name in device_map:
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and len(parts) > 3:
+            raise AssertionError(f"block split across devices: {name} placed on its own ({device_map})")
+
+
+@stack_params
+def test_infer_auto_device_map_keeps_blocks_whole(stack):
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack] * 3, intermediate_size=96)
+    total = compute_module_sizes(model)[""]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "device 0 is not available": only the plan is made, nothing moves
+        device_map = infer_auto_device_map(
+            model, max_memory={0: total // 3, 1: total // 3, "cpu": total}, no_split_module_classes=model._no_split_modules
+        )
+    assert len(set(device_map.values())) >= 2, device_map
+    assert_blocks_whole(device_map, model.config.num_hidden_layers)
+
+
+@stack_params
+def test_from_pretrained_with_device_map_auto(stack, tmp_path):
+    from accelerate.utils import compute_module_sizes
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack] * 3, intermediate_size=96)
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+
+    placed = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map="auto")
+    with torch.no_grad():
+        torch.testing.assert_close(placed(input_ids=ids).logits, want, rtol=0, atol=0)
+
+    # Half the model in memory, the rest offloaded to disk: a split, whole blocks on each side.
+    budget = {"cpu": compute_module_sizes(model)[""] // 2, "disk": 10**9}
+    split = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory=budget, offload_folder=tmp_path / "offload"
+    )
+    assert {"cpu", "disk"} <= set(split.hf_device_map.values()), split.hf_device_map
+    assert_blocks_whole(split.hf_device_map, model.config.num_hidden_layers)
+    with torch.no_grad():
+        torch.testing.assert_close(split(input_ids=ids).logits, want, rtol=0, atol=0)
+        assert torch.equal(
+            split.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False), generated
+        )
+
+
+# -- torch.compile -----------------------------------------------------------------------------------
+
+
+@stack_params
+def test_torch_compile_forward(stack):
+    """Every stack compiles (backend aot_eager: Dynamo tracing and AOTAutograd without inductor's slow
+    C++ codegen). Without LSTM/GRU the whole forward is one graph (fullgraph=True); Dynamo does not
+    trace nn.LSTM/nn.GRU, so those stacks run with graph breaks around them."""
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    torch._dynamo.reset()
+    fullgraph = not any(m in RNN_MIXERS for m in STACKS[stack])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, want, rtol=1e-6, atol=1e-6)
+    # Training through the compiled forward gives the eager gradients.
+    model.zero_grad()
+    compiled(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(compiled_grads[name], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    """One real inductor compile (C++ codegen, ~30 s on 2 CPU cores): attention and Mamba-2 in one graph."""
+    mixers = [m for m in ("mamba2", "linear_attention", "attention") if any(m in s for s in STACKS.values())]
+    model = tiny_model(SeqArchForCausalLM, mixers)
+    ids = random_ids(2, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)

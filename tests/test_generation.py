@@ -1,0 +1,167 @@
+"""generate() and the cache, for every stack in STACKS (each mixer alone and the hybrids).
+
+Models are built with initializer_range=0.3 instead of 0.02: that spreads the logits, so greedy and beam
+picks are far from ties and the generated tokens vary, which makes token equality a real check.
+"""
+
+import pytest
+import torch
+
+from hf_seqarch import SeqArchCache, SeqArchForCausalLM, StreamingSession
+from hf_seqarch.configuration_seqarch import ATTENTION_MIXERS, RECURRENT_MIXERS
+from tester import STACKS, VOCAB, random_ids, tiny_model
+
+stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
+NEW = dict(max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+
+
+def causal_lm(stack):
+    return tiny_model(SeqArchForCausalLM, STACKS[stack], initializer_range=0.3)
+
+
+def output_cache(output):
+    """The cache of a model output or generate() result: `cache` on transformers >= 5.24, else `past_key_values`."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
+@stack_params
+def test_greedy_with_cache_equals_without(stack):
+    model = causal_lm(stack)
+    ids = random_ids(2, 5)
+    cached = model.generate(ids, do_sample=False, use_cache=True, return_dict_in_generate=True, **NEW)
+    uncached = model.generate(ids, do_sample=False, use_cache=False, **NEW)
+    torch.testing.assert_close(cached.sequences, uncached, rtol=0, atol=0)
+    cache = output_cache(cached)
+    assert isinstance(cache, SeqArchCache)
+    assert cache.get_seq_length() == 5 + NEW["max_new_tokens"] - 1  # the last token is returned, not yet fed
+
+
+@stack_params
+def test_seeded_sampling_runs_and_matches_without_cache(stack):
+    model = causal_lm(stack)
+    ids = random_ids(2, 4)
+    runs = []
+    for use_cache in (True, True, False):
+        torch.manual_seed(123)
+        runs.append(model.generate(ids, do_sample=True, top_k=0, temperature=1.5, use_cache=use_cache, **NEW))
+    assert runs[0].shape == (2, 4 + NEW["max_new_tokens"])
+    assert int(runs[0].min()) >= 0 and int(runs[0].max()) < VOCAB
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)  # the seed fixes the sample
+    torch.testing.assert_close(runs[0], runs[2], rtol=0, atol=0)
+
+
+@stack_params
+def test_beam_search_with_cache_equals_without(stack):
+    model = causal_lm(stack)
+    ids = random_ids(2, 4)
+    beams = dict(num_beams=3, num_return_sequences=3, do_sample=False, **NEW)
+    cached = model.generate(ids, use_cache=True, **beams)
+    uncached = model.generate(ids, use_cache=False, **beams)
+    assert cached.shape == (2 * 3, 4 + NEW["max_new_tokens"])
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+    torch.testing.assert_close(cached[:, :4], ids.repeat_interleave(3, dim=0), rtol=0, atol=0)
+
+
+@stack_params
+def test_chunks_of_varying_sizes_equal_one_forward(stack):
+    # Chunks shorter and longer than the sliding window (3) and the scan chunk size (4), single tokens between.
+    model = causal_lm(stack)
+    ids = random_ids(2, 30)
+    full = model(input_ids=ids).logits
+    cache, pieces, start = SeqArchCache(model.config), [], 0
+    for size in (1, 6, 2, 11, 1, 9):
+        pieces.append(model(input_ids=ids[:, start : start + size], cache=cache, use_cache=True).logits)
+        start += size
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 30
+
+
+@stack_params
+def test_left_padded_batch_generates_like_each_prompt_alone(stack):
+    model = causal_lm(stack)
+    prompts = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate((6, 3, 4))]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
+    batched = model.generate(ids, attention_mask=mask, do_sample=False, **NEW)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], do_sample=False, **NEW)
+        torch.testing.assert_close(batched[row, width:], alone[0, len(prompt) :], rtol=0, atol=0)
+
+
+def _footprints(model, lengths, chunk=1024):
+    """Footprint of the stream's state after each length in `lengths` (increasing), fed in chunks."""
+    session, ids, result = StreamingSession(model), random_ids(1, max(lengths)), {}
+    for length in lengths:
+        while session.seen_tokens < length:
+            session.feed(ids[:, session.seen_tokens : min(length, session.seen_tokens + chunk)])
+        result[length] = session.get_memory_footprint()
+    return result
+
+
+@stack_params
+def test_memory_footprint_follows_the_mixers(stack):
+    mixers = STACKS[stack]
+    model = causal_lm(stack)
+    if "attention" in mixers:  # full attention keeps the keys and values of every token
+        size = _footprints(model, [16, 32, 48])
+        assert size[32] - size[16] == size[48] - size[32] > 0
+        return
+    size = _footprints(model, [1, 64, 8192])  # window 3: the sliding layers fill up after 2 tokens
+    assert size[64] == size[8192] > 0
+    if all(m in RECURRENT_MIXERS for m in mixers):
+        assert size[1] == size[64]  # a recurrent state has its full size from the first token
+    else:
+        assert any(m in ATTENTION_MIXERS for m in mixers) and size[1] < size[64]
+
+
+@stack_params
+def test_reorder_cache_serves_beam_search(stack):
+    model = causal_lm(stack)
+    ids, next_ids = random_ids(3, 7), random_ids(3, 1, seed=4)
+    beam_idx = torch.tensor([2, 0, 0])
+    cache = output_cache(model(input_ids=ids, use_cache=True))
+    cache.reorder_cache(beam_idx)
+    stepped = model(input_ids=next_ids, cache=cache, use_cache=True).logits[:, -1]
+    expected = model(input_ids=torch.cat([ids[beam_idx], next_ids], dim=1)).logits[:, -1]
+    torch.testing.assert_close(stepped, expected, rtol=1e-5, atol=1e-5)
+
+
+@stack_params
+def test_cache_passed_as_past_key_values_works_as_cache(stack):
+    model = causal_lm(stack)
+    ids = random_ids(2, 9)
+    cache = SeqArchCache(model.config)
+    first = model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+    assert output_cache(first) is cache and cache.get_seq_length() == 5
+    second = model(input_ids=ids[:, 5:], cache=cache, use_cache=True)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), model(input_ids=ids).logits,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids[:, :1], cache=cache, past_key_values=SeqArchCache(model.config))
+    # generate() too: transformers 5.24 maps past_key_values= to cache=, earlier releases pass it through.
+    by_name = {}
+    for name in ("cache", "past_key_values"):
+        prefilled = SeqArchCache(model.config)
+        model(input_ids=ids[:, :-1], cache=prefilled, use_cache=True)
+        by_name[name] = model.generate(ids, do_sample=False, **{name: prefilled}, **NEW)
+        assert prefilled.get_seq_length() == 9 + NEW["max_new_tokens"] - 1
+    torch.testing.assert_close(by_name["cache"], by_name["past_key_values"], rtol=0, atol=0)
+    torch.testing.assert_close(by_name["cache"], model.generate(ids, do_sample=False, **NEW), rtol=0, atol=0)
+
+
+@stack_params
+def test_generate_continues_a_user_cache(stack):
+    model = causal_lm(stack)
+    cache = SeqArchCache(model.config)
+    first = model.generate(random_ids(1, 6, seed=5), do_sample=False, cache=cache, **NEW)
+    assert cache.get_seq_length() == first.shape[1] - 1
+    follow_up = torch.cat([first, random_ids(1, 3, seed=9)], dim=1)  # the conversation goes on
+    # An explicit mask: without one, generate() would take a generated pad_token_id (0) for padding.
+    mask = torch.ones_like(follow_up)
+    continued = model.generate(follow_up, attention_mask=mask, do_sample=False, cache=cache, **NEW)
+    from_scratch = model.generate(follow_up, attention_mask=mask, do_sample=False, **NEW)
+    torch.testing.assert_close(continued, from_scratch, rtol=0, atol=0)
+    assert cache.get_seq_length() == from_scratch.shape[1] - 1

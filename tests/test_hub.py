@@ -1,0 +1,393 @@
+"""Sharing on the Hub: save_pretrained writes a self-contained repository that loads, with the same
+outputs, in a Python process where hf_seqarch cannot be imported (trust_remote_code=True), from the
+folder and by repo id from an offline Hub cache."""
+
+import ast
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer, pipeline
+
+from hf_seqarch import SeqArchForCausalLM
+from hf_seqarch.model_card_seqarch import CARD_MARKER, layer_decoding_state
+from tester import HEADS, STACKS, main_output, random_ids, tiny_model
+
+pytestmark = pytest.mark.hub
+
+AUTO_CLASSES = {
+    "base": "AutoModel",
+    "causal_lm": "AutoModelForCausalLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+}
+ALL_MIXERS = list(dict.fromkeys(m for stack in STACKS.values() for m in stack))
+# Packages the travelling code may import at module level; transformers' own dependencies may be
+# imported inside functions (they are there wherever transformers is).
+MODULE_LEVEL_ALLOWED = {"torch", "transformers"} | set(sys.stdlib_module_names)
+FUNCTION_LEVEL_ALLOWED = MODULE_LEVEL_ALLOWED | {"huggingface_hub", "safetensors"}
+PROMPT = "the cat sat"
+
+
+def repo_name(stack, head):
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{stack}-{head}")
+
+
+def put_in_offline_hub_cache(folder, hub_cache, repo_id):
+    """The layout huggingface_hub reads offline: models--org--name/refs/main and snapshots/<sha>/."""
+    repo_dir = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    sha = hashlib.sha1(repo_id.encode()).hexdigest()  # any 40-hex commit id
+    shutil.copytree(folder, repo_dir / "snapshots" / sha)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(sha)  # no newline, as huggingface_hub writes it
+
+
+def byte_tokenizer():
+    return ByT5Tokenizer()  # byte-level: needs no vocabulary file, nothing downloaded
+
+
+def tokenizer_model():
+    tokenizer = byte_tokenizer()
+    model = tiny_model(
+        SeqArchForCausalLM, ALL_MIXERS, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return model, tokenizer
+
+
+# The process a user without hf_seqarch runs: it loads every job and writes what it computed.
+CHILD = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_seqarch"] = None  # as if it were not installed: every import of it raises ImportError
+    try:
+        import hf_seqarch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("hf_seqarch is importable in the user's process")
+    import torch, transformers
+    torch.set_num_threads(int(sys.argv[3]))
+    jobs, results = torch.load(sys.argv[1]), {}
+    for key, job in jobs.items():
+        auto = getattr(transformers, job["auto"])
+        model = auto.from_pretrained(job["source"], trust_remote_code=True).eval()
+        module = type(model).__module__
+        assert module.startswith("transformers_modules."), f"{job['source']}: class from {module}"
+        with torch.no_grad():
+            output = model(input_ids=job["ids"])
+        result = {"main": output.last_hidden_state if job["auto"] == "AutoModel" else output.logits}
+        if job["auto"] == "AutoModelForCausalLM":
+            result["generated"] = model.generate(
+                job["prompt"], attention_mask=torch.ones_like(job["prompt"]), max_new_tokens=6, do_sample=False
+            )
+        if job.get("tokenizer"):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(job["source"])
+            generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+            result["text"] = generator(job["text"], max_new_tokens=8, do_sample=False)[0]["generated_text"]
+            result["token_ids"] = tokenizer(job["text"]).input_ids
+        results[key] = result
+    torch.save(results, sys.argv[2])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def remote_results(tmp_path_factory):
+    """Save every stack x head, put each in an offline Hub cache too, and load all of them in one
+    process without hf_seqarch (one process: its imports cost seconds)."""
+    root = tmp_path_factory.mktemp("hub")
+    hub_cache = root / "hub_cache"
+    hub_cache.mkdir()
+    ids, prompt = random_ids(2, 6), random_ids(2, 4, seed=5)
+    jobs, expected = {}, {}
+    for stack, mixers in STACKS.items():
+        for head, model_class in HEADS.items():
+            model = tiny_model(model_class, mixers)
+            folder = root / "folders" / repo_name(stack, head)
+            model.save_pretrained(folder)
+            repo_id = f"seqarch-org/{repo_name(stack, head)}"
+            put_in_offline_hub_cache(folder, hub_cache, repo_id)
+            with torch.no_grad():
+                reference = {"main": main_output(model, input_ids=ids)}
+            if head == "causal_lm":
+                reference["generated"] = model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False
+                )
+            for source in ("folder", "hub"):
+                jobs[(stack, head, source)] = dict(
+                    source=str(folder) if source == "folder" else repo_id, auto=AUTO_CLASSES[head], ids=ids, prompt=prompt
+                )
+                expected[(stack, head, source)] = reference
+
+    # One repository with a tokenizer saved beside the model: a user loads both by repo id and generates text.
+    model, tokenizer = tokenizer_model()
+    folder = root / "folders" / "with-tokenizer"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    put_in_offline_hub_cache(folder, hub_cache, "seqarch-org/with-tokenizer")
+    text_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    jobs["tokenizer"] = dict(source="seqarch-org/with-tokenizer", auto="AutoModelForCausalLM", ids=text_ids,
+                             prompt=text_ids, tokenizer=True, text=PROMPT)
+    with torch.no_grad():
+        generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+        expected["tokenizer"] = {
+            "main": model(input_ids=text_ids).logits,
+            "generated": model.generate(text_ids, attention_mask=torch.ones_like(text_ids), max_new_tokens=6, do_sample=False),
+            "text": generator(PROMPT, max_new_tokens=8, do_sample=False)[0]["generated_text"],
+            "token_ids": tokenizer(PROMPT).input_ids,
+        }
+
+    torch.save(jobs, root / "jobs.pt")
+    user_dir = root / "user"  # cwd without the repository: nothing of hf_seqarch on the path
+    user_dir.mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON", "TRANSFORMERS"))},
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_MODULES_CACHE": str(root / "modules"),
+        "HF_HOME": str(root / "hf_home"),
+    }
+    child = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD, str(root / "jobs.pt"), str(root / "results.pt"), str(torch.get_num_threads())],
+        cwd=user_dir, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert child.returncode == 0, f"the user's process failed:\n{child.stderr[-6000:]}"
+    return expected, torch.load(root / "results.pt"), root
+
+
+@pytest.mark.parametrize("source", ["folder", "hub"])
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("stack", list(STACKS))
+def test_remote_code_gives_the_same_outputs(remote_results, stack, head, source):
+    expected, results, _ = remote_results
+    got, want = results[(stack, head, source)], expected[(stack, head, source)]
+    # Same code, same weights, same thread count: bit-identical.
+    torch.testing.assert_close(got["main"], want["main"], rtol=0, atol=0)
+    if head == "causal_lm":
+        assert torch.equal(got["generated"], want["generated"])
+
+
+def test_tokenizer_and_pipeline_from_offline_hub(remote_results):
+    expected, results, _ = remote_results
+    got, want = results["tokenizer"], expected["tokenizer"]
+    assert got["token_ids"] == want["token_ids"]
+    torch.testing.assert_close(got["main"], want["main"], rtol=0, atol=0)
+    assert torch.equal(got["generated"], want["generated"])
+    assert got["text"] == want["text"] and got["text"].startswith(PROMPT)
+
+
+def test_saved_folder_is_a_self_contained_repository(tmp_path):
+    model, tokenizer = tokenizer_model()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "tokenizer_config.json"} <= files
+
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", *AUTO_CLASSES.values()}
+    for reference in auto_map.values():
+        module, class_name = reference.split(".")
+        tree = ast.parse((tmp_path / f"{module}.py").read_text())
+        assert class_name in {node.name for node in tree.body if isinstance(node, ast.ClassDef)}, reference
+    # Flat: every relative import of every copied file is a copied sibling (a remote load fails otherwise).
+    python_files = sorted(f for f in files if f.endswith(".py"))
+    for name in python_files:
+        for node in ast.walk(ast.parse((tmp_path / name).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module and "." not in node.module, f"{name}: nested relative import"
+                assert f"{node.module}.py" in files, f"{name} imports .{node.module}, which was not copied"
+    # Every mixer's module travels (the registry in modeling_seqarch imports them all).
+    assert {"mixer_attention.py", "mixer_rnn.py", "cache_seqarch.py", "mixer_context.py"} <= set(python_files)
+    # transformers 4.x copies, for a local folder, only the files modeling_seqarch.py imports directly.
+    modeling = ast.parse((tmp_path / "modeling_seqarch.py").read_text())
+    direct = {f"{n.module}.py" for n in ast.walk(modeling) if isinstance(n, ast.ImportFrom) and n.level}
+    assert set(python_files) - {"modeling_seqarch.py"} <= direct, "import these in modeling_seqarch.py too"
+
+
+def _imports(nodes):
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            yield node.module.split(".")[0]
+
+
+def test_travelling_code_imports_only_torch_transformers_stdlib(tmp_path):
+    tiny_model(SeqArchForCausalLM, ALL_MIXERS).save_pretrained(tmp_path)
+    for path in sorted(tmp_path.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        # Module level, outside try blocks (optional kernels are imported inside try).
+        module_level = [n for n in tree.body if not isinstance(n, ast.Try)]
+        for stmt in list(module_level):
+            if isinstance(stmt, ast.If):  # `if TYPE_CHECKING:`-style blocks still run their else branch
+                module_level += stmt.body + stmt.orelse
+        bad = set(_imports(module_level)) - MODULE_LEVEL_ALLOWED
+        assert not bad, f"{path.name} imports {bad} at module level"
+        everywhere = set(_imports(ast.walk(tree)))
+        assert "hf_seqarch" not in everywhere, f"{path.name} imports hf_seqarch"
+        tried = {name for t in ast.walk(tree) if isinstance(t, ast.Try) for name in _imports(ast.walk(t))}
+        assert not (everywhere - tried) - FUNCTION_LEVEL_ALLOWED, f"{path.name}: {(everywhere - tried) - FUNCTION_LEVEL_ALLOWED}"
+
+
+# -- the model card ----------------------------------------------------------------------------------
+
+
+def test_model_card_states_mixers_parameters_memory_and_loading(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = tiny_model(SeqArchForCausalLM, ALL_MIXERS)
+    model.save_pretrained(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert "hf_seqarch" in card.data.tags
+    for index, mixer in enumerate(ALL_MIXERS):
+        assert f"| {index} | `{mixer}` |" in card.text
+    assert f"{model.num_parameters():,} parameters" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("<org>/<name>", trust_remote_code=True)' in card.text
+    assert "import hf_seqarch" in card.text
+    if any(m in ("attention",) for m in ALL_MIXERS):
+        assert "per generated token" in card.text
+    if any(m in ("lstm", "gru", "mamba2", "linear_attention") for m in ALL_MIXERS):
+        assert "constant" in card.text
+
+
+@pytest.mark.parametrize("mixer", ALL_MIXERS)
+def test_card_decoding_state_matches_the_real_cache(mixer):
+    """The card's numbers are what SeqArchCache holds: per token for attention, capped by the window for
+    sliding attention, constant for recurrent layers."""
+    model = tiny_model(SeqArchForCausalLM, [mixer])
+    per_token, cap, constant = layer_decoding_state(model.config, mixer)
+    cache, seen = None, 0
+    with torch.no_grad():
+        for length in (5, 1, 1):  # a prefill, then two decode steps
+            output = model(input_ids=random_ids(1, length, seed=seen), cache=cache, use_cache=True)
+            cache, seen = output.cache if hasattr(output, "cache") and output.cache is not None else output.past_key_values, seen + length
+            held = sum(t.numel() for t in cache.get_state(0).values())
+            assert held == per_token * (seen if cap is None else min(seen, cap)) + constant, (mixer, seen)
+
+
+def test_users_readme_is_kept_and_ours_is_refreshed(tmp_path):
+    (tmp_path / "README.md").write_text("# My own card\n")
+    tiny_model(SeqArchForCausalLM, ["lstm"]).save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# My own card\n"
+    (tmp_path / "README.md").unlink()
+    tiny_model(SeqArchForCausalLM, ["lstm"]).save_pretrained(tmp_path)
+    assert CARD_MARKER in (tmp_path / "README.md").read_text()
+    tiny_model(SeqArchForCausalLM, ["gru", "attention"]).save_pretrained(tmp_path)  # ours: rewritten
+    assert "`gru`" in (tmp_path / "README.md").read_text()
+
+
+class FakeHubApi:
+    """Stands in for huggingface_hub.HfApi: records what would be uploaded (no network in tests)."""
+
+    remote_readme = None
+    uploads = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_branch(self, repo_id, branch, exist_ok=False):
+        pass
+
+    def file_exists(self, repo_id, filename, revision=None):
+        return self.remote_readme is not None
+
+    def hf_hub_download(self, repo_id, filename, revision=None):
+        path = os.path.join(FakeHubApi.scratch, "remote_README.md")
+        with open(path, "w") as f:
+            f.write(self.remote_readme)
+        return path
+
+    def upload_folder(self, repo_id, folder_path, commit_message, create_pr, revision, ignore_patterns):
+        files = {name: open(os.path.join(folder_path, name), "rb").read() for name in os.listdir(folder_path)}
+        FakeHubApi.uploads.append(dict(repo_id=repo_id, files=files, ignore=ignore_patterns))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+    monkeypatch.setattr(FakeHubApi, "uploads", [])
+    monkeypatch.setattr(FakeHubApi, "remote_readme", None)
+    FakeHubApi.scratch = str(tmp_path)
+    return FakeHubApi
+
+
+def test_push_to_hub_uploads_the_saved_folder_with_our_card(fake_hub, tmp_path):
+    model = tiny_model(SeqArchForCausalLM, ALL_MIXERS)
+    model.push_to_hub("me/tiny-hybrid")
+    model.save_pretrained(tmp_path / "saved")
+    [upload] = fake_hub.uploads
+    assert upload["repo_id"] == "me/tiny-hybrid" and upload["ignore"] is None
+    assert set(upload["files"]) == set(os.listdir(tmp_path / "saved"))
+    card = upload["files"]["README.md"].decode()
+    assert CARD_MARKER in card and 'from_pretrained("me/tiny-hybrid", trust_remote_code=True)' in card
+
+    fake_hub.remote_readme = "# A card the user wrote on the Hub\n"
+    model.save_pretrained(tmp_path / "again", push_to_hub=True, repo_id="me/tiny-hybrid")
+    assert fake_hub.uploads[-1]["ignore"] == ["README.md"]  # the user's card on the Hub stays
+
+
+# -- loading something broken gets a clear error ------------------------------------------------------
+
+
+@pytest.fixture
+def saved_lm(tmp_path):
+    folder = tmp_path / "model"
+    tiny_model(SeqArchForCausalLM, ["lstm", "attention"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b[:5], lambda b: b[:8] + b"\x00garbage" + b[17:], lambda b: b""],
+    ids=["truncated", "truncated_header", "garbled_header", "empty"],
+)
+def test_broken_safetensors_file(saved_lm, damage):
+    path = saved_lm / "model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(OSError, match=f"{re.escape(str(saved_lm))}.*truncated or corrupted"):
+        SeqArchForCausalLM.from_pretrained(saved_lm)
+
+
+@pytest.mark.parametrize(
+    "mixer_types,message",
+    [
+        (["lstm"], "has 9 weight.*no place for"),  # a layer fewer than the checkpoint
+        (["lstm", "attention", "attention"], "lacks"),  # a layer more
+        (["attention", "lstm"], "lacks.*no place for"),  # swapped
+        (["gru", "attention"], "other shapes"),  # same names, other shapes
+    ],
+)
+def test_config_whose_mixers_do_not_match_the_weights(saved_lm, mixer_types, message):
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((saved_lm / "config.json").read_text())
+    config["mixer_types"], config["num_hidden_layers"] = mixer_types, len(mixer_types)
+    (saved_lm / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(saved_lm)
+
+
+def test_unknown_mixer_from_a_newer_release(saved_lm):
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((saved_lm / "config.json").read_text())
+    config["mixer_types"] = ["lstm", "hyena_from_the_future"]
+    (saved_lm / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"hyena_from_the_future.*allowed: \[.*'lstm'.*upgrade"):
+        AutoModelForCausalLM.from_pretrained(saved_lm)

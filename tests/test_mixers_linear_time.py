@@ -1,0 +1,313 @@
+"""mamba2 and linear_attention mixers: three paths, padding, a step-by-step reference, encoders, long inputs.
+
+The op itself (chunked_scan vs scan_reference) is tested in test_ops_chunked_scan.py; here every mixer
+is held to a plain loop over time written from its parameters (no chunks, no gathers, no kernels).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_seqarch import SeqArchCache, SeqArchForCausalLM, SeqArchModel
+from hf_seqarch.mixer_context import MixerContext
+from tester import random_ids, tiny_config, tiny_model
+
+# name -> (mixer type, config overrides); every variant runs every property below.
+VARIANTS = {
+    "mamba2": ("mamba2", {}),
+    "mamba2_groups2_kernel3": ("mamba2", dict(mamba_n_groups=2, mamba_conv_kernel=3)),
+    "linear_elu_decay": ("linear_attention", {}),
+    "linear_relu_nodecay": ("linear_attention", dict(linear_attention_feature_map="relu", linear_attention_use_decay=False)),
+}
+variant_params = pytest.mark.parametrize("variant", list(VARIANTS))
+
+
+def make_mixer(variant, bidirectional=False, seed=0):
+    """A float32 mixer from a one-layer tiny model, its parameters jittered so no init symmetry hides a bug."""
+    kind, overrides = VARIANTS[variant]
+    model = tiny_model(SeqArchModel, [kind], seed=seed, bidirectional=bidirectional, **overrides)
+    mixer = model.layers[0].mixer
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for parameter in mixer.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return mixer
+
+
+def random_hidden(batch, length, seed=0):
+    return torch.randn(batch, length, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def run(mixer, hidden, mask=None, cache=None, causal=True):
+    """One mixer forward. `mask` covers the cached past and the new tokens, as the model's padding mask does."""
+    past = cache.get_seq_length() if cache is not None else 0
+    length = hidden.shape[1]
+    context = MixerContext(
+        padding_mask=mask,
+        position_ids=torch.arange(past, past + length)[None],
+        past_length=past,
+        cache=cache,
+        causal=causal,
+    )
+    output = mixer(hidden, context)
+    if cache is not None:
+        cache.advance(length)
+    return output
+
+
+def assert_states_equal(a, b, **tolerance):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, **tolerance)
+
+
+# -- step-by-step references ------------------------------------------------------------------------
+def mamba2_core_reference(m, xBC, dt_raw):
+    """Conv and SSM one token at a time. xBC (B, T, conv_dim), dt_raw (B, T, H) -> y (B, T, inner)."""
+    batch, length, channels = xBC.shape
+    H, P, N, G = m.num_heads, m.head_dim, m.state_size, m.n_groups
+    window = torch.zeros(batch, channels, m.conv_kernel)
+    state = torch.zeros(batch, H, P, N)
+    A = -torch.exp(m.A_log)
+    ys = []
+    for t in range(length):
+        window = torch.cat([window[..., 1:], xBC[:, t, :, None]], dim=-1)  # the last K inputs
+        u = F.silu((window * m.conv1d.weight[:, 0]).sum(-1) + m.conv1d.bias)  # (B, C)
+        x, B, C = u.split([m.inner_size, G * N, G * N], dim=-1)
+        x = x.view(batch, H, P)
+        B = B.view(batch, G, 1, N).expand(batch, G, H // G, N).reshape(batch, H, N)  # head h uses group h // (H/G)
+        C = C.view(batch, G, 1, N).expand(batch, G, H // G, N).reshape(batch, H, N)
+        dt = F.softplus(dt_raw[:, t] + m.dt_bias)  # (B, H)
+        state = torch.exp(dt * A)[..., None, None] * state + (dt[..., None] * x)[..., None] * B[:, :, None, :]
+        y = (state * C[:, :, None, :]).sum(-1) + m.D[:, None] * x  # (B, H, P)
+        ys.append(y.reshape(batch, -1))
+    return torch.stack(ys, 1)
+
+
+def mamba2_reference(m, hidden, bidirectional=False):
+    z, xBC, dt_raw = m.in_proj(hidden).split([m.inner_size, m.conv_dim, m.num_heads], dim=-1)
+    y = mamba2_core_reference(m, xBC, dt_raw)
+    if bidirectional:
+        y = y + mamba2_core_reference(m, xBC.flip(1), dt_raw.flip(1)).flip(1)
+    gated = (y * F.silu(z)).unflatten(-1, (m.n_groups, -1))  # (B, T, G, inner / G)
+    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + m.norm.eps)
+    return m.out_proj(normed.flatten(-2) * m.norm.weight)
+
+
+def linear_attention_core_reference(q, k, v, gamma):
+    """S_t = gamma S_{t-1} + v_t k_t^T, y_t = S_t q_t, one token at a time. q/k/v (B, T, H, D), gamma (H,)."""
+    batch, length, heads, dim = q.shape
+    state = torch.zeros(batch, heads, dim, dim)
+    ys = []
+    for t in range(length):
+        state = gamma[:, None, None] * state + v[:, t, :, :, None] * k[:, t, :, None, :]
+        ys.append((state * q[:, t, :, None, :]).sum(-1))
+    return torch.stack(ys, 1)  # (B, T, H, D)
+
+
+def linear_attention_reference(m, hidden, bidirectional=False):
+    shape = (*hidden.shape[:2], m.num_heads, m.head_dim)
+    q = m.feature_map(m.q_proj(hidden).view(shape)) / m.head_dim**0.5
+    k = m.feature_map(m.k_proj(hidden).view(shape))
+    v = m.v_proj(hidden).view(shape)
+    gamma = torch.sigmoid(m.decay_logit) if m.decay_logit is not None else torch.ones(m.num_heads)
+    y = linear_attention_core_reference(q, k, v, gamma)
+    if bidirectional:
+        y = y + linear_attention_core_reference(q.flip(1), k.flip(1), v.flip(1), gamma).flip(1)
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + m.out_norm.eps) * m.out_norm.weight
+    return m.o_proj(y.flatten(-2))
+
+
+def reference(mixer, hidden, bidirectional=False):
+    fn = mamba2_reference if hasattr(mixer, "A_log") else linear_attention_reference
+    return fn(mixer, hidden, bidirectional)
+
+
+# -- tests ------------------------------------------------------------------------------------------
+@variant_params
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
+def test_mixer_matches_step_by_step_reference(variant, bidirectional):
+    mixer = make_mixer(variant, bidirectional)
+    hidden = random_hidden(2, 13)  # 13: three full chunks of 4 and a partial one
+    with torch.no_grad():
+        got = run(mixer, hidden, causal=not bidirectional)
+        want = reference(mixer, hidden, bidirectional)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@variant_params
+def test_bidirectional_sees_both_ends(variant):
+    mixer = make_mixer(variant, bidirectional=True)
+    hidden = random_hidden(1, 10)
+    changed_last, changed_first = hidden.clone(), hidden.clone()
+    changed_last[:, -1] += 1.0
+    changed_first[:, 0] += 1.0
+    with torch.no_grad():
+        base = run(mixer, hidden, causal=False)
+        assert not torch.allclose(base[:, 0], run(mixer, changed_last, causal=False)[:, 0])  # backward scan
+        assert not torch.allclose(base[:, -1], run(mixer, changed_first, causal=False)[:, -1])  # forward scan
+
+
+@variant_params
+def test_full_forward_prefill_chunks_and_decode_agree(variant):
+    mixer = make_mixer(variant)
+    hidden = random_hidden(2, 13)
+    with torch.no_grad():
+        full_cache = SeqArchCache(num_layers=1)
+        full = run(mixer, hidden, cache=full_cache)
+        torch.testing.assert_close(full, run(mixer, hidden), rtol=0, atol=0)  # a cache changes nothing
+
+        # Uneven chunks, each a prefill from the state the previous one left; length-1 pieces take the decode path.
+        chunk_cache = SeqArchCache(num_layers=1)
+        bounds = [0, 5, 6, 7, 11, 13]
+        chunks = [run(mixer, hidden[:, a:b], cache=chunk_cache) for a, b in zip(bounds, bounds[1:])]
+
+        step_cache = SeqArchCache(num_layers=1)
+        steps = [run(mixer, hidden[:, t : t + 1], cache=step_cache) for t in range(13)]
+
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    assert_states_equal(chunk_cache.get_state(0), full_cache.get_state(0), rtol=1e-5, atol=1e-5)
+    assert_states_equal(step_cache.get_state(0), full_cache.get_state(0), rtol=1e-5, atol=1e-5)
+
+
+@variant_params
+@pytest.mark.parametrize("layout", ["left", "right", "holes"])
+def test_padding_never_enters_the_state(variant, layout):
+    """A padded row leaves exactly the state of its real tokens alone, and continues from it exactly."""
+    mixer = make_mixer(variant)
+    long, short = random_hidden(1, 9, seed=1), random_hidden(1, 5, seed=2)
+    where = {
+        "left": [4, 5, 6, 7, 8],
+        "right": [0, 1, 2, 3, 4],
+        "holes": [0, 2, 3, 6, 8],
+    }[layout]
+    padded = torch.randn(1, 9, 32) * 10  # loud garbage at the pads
+    padded[0, where] = short[0]
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0] = True
+    mask[1, where] = True
+    continuation = random_hidden(2, 4, seed=3)
+
+    with torch.no_grad():
+        batch_cache, alone_cache = SeqArchCache(num_layers=1), SeqArchCache(num_layers=1)
+        batched = run(mixer, torch.cat([long, padded]), mask=mask, cache=batch_cache)
+        alone = run(mixer, short, cache=alone_cache)
+        batch_state = {name: t[1:] for name, t in batch_cache.get_state(0).items()}
+        assert_states_equal(batch_state, alone_cache.get_state(0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched[1, where], alone[0], rtol=1e-5, atol=1e-5)
+
+        # Continue both: a decode step, then a 3-token chunk with a pad in it (the mask includes the past).
+        full_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+        step = run(mixer, continuation[:, :1], mask=full_mask, cache=batch_cache)
+        step_alone = run(mixer, continuation[1:, :1], cache=alone_cache)
+        torch.testing.assert_close(step[1], step_alone[0], rtol=1e-5, atol=1e-5)
+        chunk_mask = torch.cat([full_mask, torch.tensor([[True, True, True], [True, False, True]])], 1)
+        chunk = run(mixer, continuation[:, 1:], mask=chunk_mask, cache=batch_cache)
+        chunk_alone = run(mixer, continuation[1:, [1, 3]], cache=alone_cache)
+    torch.testing.assert_close(chunk[1, [0, 2]], chunk_alone[0], rtol=1e-5, atol=1e-5)
+    batch_state = {name: t[1:] for name, t in batch_cache.get_state(0).items()}
+    assert_states_equal(batch_state, alone_cache.get_state(0), rtol=1e-5, atol=1e-6)
+
+
+def test_mamba2_conv_state_holds_the_last_real_inputs():
+    """After a right-padded chunk, the conv state is the last K-1 real conv inputs, not pads."""
+    mixer = make_mixer("mamba2")
+    hidden = random_hidden(1, 6)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    cache = SeqArchCache(num_layers=1)
+    with torch.no_grad():
+        run(mixer, hidden, mask=mask, cache=cache)
+        xBC = mixer.in_proj(hidden).split([mixer.inner_size, mixer.conv_dim, mixer.num_heads], -1)[1]
+    expected = xBC[0, 4 - (mixer.conv_kernel - 1) : 4].T  # (conv_dim, K-1)
+    torch.testing.assert_close(cache.get_state(0)["conv"][0], expected)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "linear_attention"])
+def test_generate_matches_full_forward_argmax(kind):
+    """generate() drives the decode path through the model; greedy tokens equal step-wise argmax of a full forward."""
+    model = tiny_model(SeqArchForCausalLM, [kind, kind])
+    prompt = random_ids(2, 6)
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=out[:, :-1]).logits
+    assert torch.equal(logits[:, prompt.shape[1] - 1 :].argmax(-1), out[:, prompt.shape[1] :])
+
+
+def test_long_sequence_with_strong_decay_stays_finite():
+    """T = 16,384 forward and backward of a tiny mamba2 model whose gates decay to ~exp(-1000) per step."""
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(
+        tiny_config(["mamba2"], intermediate_size=0, mamba_chunk_size=64, mamba_state_size=4, mamba_expand=1)
+    ).train()
+    mixer = model.model.layers[0].mixer
+    with torch.no_grad():
+        mixer.A_log.fill_(7.0)  # A = -exp(7) ~ -1100
+        mixer.dt_bias[::2] = 5.0  # half the heads: dt ~ 5, log decay ~ -5500 per step
+    ids = random_ids(1, 16384)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, parameter in model.named_parameters():
+        assert torch.isfinite(parameter.grad).all(), name
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(mixer_types=["mamba2"], mamba_head_dim=7), "multiple of mamba_head_dim"),
+        (dict(mixer_types=["mamba2"], mamba_n_groups=3), "mamba_n_groups"),
+        (dict(mixer_types=["mamba2"], mamba_chunk_size=0), "mamba_chunk_size"),
+        (dict(mixer_types=["linear_attention"], linear_attention_feature_map="softmax"), "feature_map"),
+        (dict(mixer_types=["linear_attention"], linear_attention_num_heads=5), "do not divide hidden_size"),
+    ],
+)
+def test_bad_linear_time_config(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(overrides.pop("mixer_types"), **overrides)
+
+
+# -- optional CUDA kernels --------------------------------------------------------------------------
+def test_backend_choice_is_queryable_and_torch_on_cpu():
+    from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend
+
+    assert mamba2_backend("cpu") == "torch" and conv1d_backend("cpu") == "torch"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "left_padded"])
+def test_mamba2_kernels_match_pytorch_path(monkeypatch, masked):
+    """mamba_ssm / causal_conv1d on CUDA against the PyTorch path: outputs, final states, gradients."""
+    pytest.importorskip("mamba_ssm")
+    from hf_seqarch import kernels_mamba2
+
+    assert kernels_mamba2.mamba2_backend("cuda") == "mamba_ssm"
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(
+        tiny_config(["mamba2", "mamba2"], hidden_size=64, mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=16)
+    ).cuda()
+    ids = random_ids(2, 100).cuda()
+    mask = torch.ones_like(ids)
+    if masked:
+        mask[1, :37] = 0
+
+    def forward_backward():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        (out.logits.float().pow(2).mean()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        return out.logits.detach(), cache, grads
+
+    kernel_logits, kernel_cache, kernel_grads = forward_backward()
+    monkeypatch.setattr(kernels_mamba2, "mamba_chunk_scan_combined", None)
+    monkeypatch.setattr(kernels_mamba2, "causal_conv1d_fn", None)
+    assert kernels_mamba2.mamba2_backend("cuda") == "torch"
+    torch_logits, torch_cache, torch_grads = forward_backward()
+
+    real = mask.bool()
+    torch.testing.assert_close(kernel_logits[real], torch_logits[real], rtol=1e-3, atol=1e-3)
+    for layer in range(2):
+        assert_states_equal(kernel_cache.get_state(layer), torch_cache.get_state(layer), rtol=1e-3, atol=1e-3)
+    for name in torch_grads:
+        torch.testing.assert_close(kernel_grads[name], torch_grads[name], rtol=1e-2, atol=1e-3, msg=name)

@@ -1,0 +1,133 @@
+"""StreamingSession: chunked feeding, the single-token decode path, save and restore, for every stack."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel, StreamingSession
+from tester import STACKS, VOCAB, random_ids, tiny_model
+
+stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
+
+
+def causal_lm(stack):
+    return tiny_model(SeqArchForCausalLM, STACKS[stack], initializer_range=0.3)
+
+
+@stack_params
+@pytest.mark.parametrize("head", [SeqArchForCausalLM, SeqArchModel], ids=["logits", "hidden"])
+def test_feeding_chunks_equals_one_forward(stack, head):
+    model = tiny_model(head, STACKS[stack], initializer_range=0.3)
+    ids = random_ids(2, 21)
+    full = model(input_ids=ids)
+    full = full.logits if head is SeqArchForCausalLM else full.last_hidden_state
+    session, outputs, start = StreamingSession(model), [], 0
+    for size in (5, 1, 8, 7):
+        outputs.append(session.feed(ids[:, start : start + size]))
+        start += size
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert session.seen_tokens == 21
+
+
+@stack_params
+def test_step_path_equals_forward_and_greedy_equals_generate(stack):
+    model = causal_lm(stack)
+    prompt = random_ids(2, 5)
+    expected = model.generate(prompt, do_sample=False, max_new_tokens=7, min_new_tokens=7, pad_token_id=0)
+    session = StreamingSession(model)
+    tokens = session.greedy(prompt, max_new_tokens=4)
+    tokens = torch.cat([tokens, session.greedy(None, max_new_tokens=3)], dim=1)  # continues where it stopped
+    torch.testing.assert_close(tokens, expected[:, 5:], rtol=0, atol=0)
+    assert session.seen_tokens == 5 + 7  # the state has consumed every token it returned
+    assert torch.backends.mkldnn.enabled  # the single-token kernels are switched back
+
+    # step() logits are the forward's logits at the same positions
+    session = StreamingSession(model)
+    session.feed(expected[:, :5])
+    stepped = torch.stack([session.step(expected[:, i]) for i in range(5, 9)], dim=1)
+    torch.testing.assert_close(stepped, model(input_ids=expected[:, :9]).logits[:, 5:9], rtol=1e-5, atol=1e-5)
+
+
+@stack_params
+def test_saved_state_resumes_in_a_fresh_session(stack, tmp_path):
+    model = causal_lm(stack)
+    ids = random_ids(2, 17)
+    uninterrupted = StreamingSession(model)
+    uninterrupted.feed(ids[:, :10])
+    expected = uninterrupted.feed(ids[:, 10:])
+
+    first = StreamingSession(model)
+    first.feed(ids[:, :10])
+    path = str(tmp_path / "stream.safetensors")
+    first.save(path)
+    first.feed(random_ids(2, 3, seed=8))  # what happens to the old session afterwards does not matter
+    resumed = StreamingSession.load(model, path)
+    assert resumed.seen_tokens == 10
+    torch.testing.assert_close(resumed.feed(ids[:, 10:]), expected, rtol=0, atol=0)
+
+
+def test_saved_state_resumes_in_another_process(tmp_path):
+    stack = "lstm+linear+sliding"
+    model = causal_lm(stack)
+    model.save_pretrained(tmp_path / "model")
+    ids = random_ids(1, 40)
+    session = StreamingSession(model)
+    session.feed(ids[:, :25])
+    session.save(str(tmp_path / "stream.safetensors"))
+    expected = session.feed(ids[:, 25:])
+    torch.save(ids[:, 25:], tmp_path / "rest.pt")
+
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from hf_seqarch import SeqArchForCausalLM, StreamingSession
+        model = SeqArchForCausalLM.from_pretrained({str(tmp_path / "model")!r}).eval()
+        session = StreamingSession.load(model, {str(tmp_path / "stream.safetensors")!r})
+        torch.save(session.feed(torch.load({str(tmp_path / "rest.pt")!r})), {str(tmp_path / "out.pt")!r})
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+
+
+def test_recurrent_footprint_is_constant_while_streaming():
+    model = causal_lm("lstm")
+    session = StreamingSession(model)
+    sizes = []
+    for chunk in range(6):
+        session.feed(random_ids(1, 50, seed=chunk))
+        sizes.append(session.get_memory_footprint())
+    hidden = model.config.hidden_size
+    assert sizes == [2 * hidden * 4] * 6  # h and c, float32, batch 1
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    model = causal_lm("lstm")
+    session = StreamingSession(model)
+    with pytest.raises(ValueError, match="integer tensor"):
+        session.feed(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="at least one token"):
+        session.feed(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="Token ids must be in"):
+        session.feed(torch.tensor([[1, VOCAB]]))
+    session.feed(random_ids(2, 3))
+    with pytest.raises(ValueError, match="batch size 3"):
+        session.feed(random_ids(3, 3))
+    with pytest.raises(ValueError, match="one token per row"):
+        session.step(random_ids(2, 2))
+    with pytest.raises(ValueError, match="prompt"):
+        StreamingSession(model).greedy(None, max_new_tokens=2)
+    with pytest.raises(ValueError, match="SeqArchForCausalLM or a SeqArchModel"):
+        StreamingSession(tiny_model(SeqArchForSequenceClassification, ["lstm"]))
+    with pytest.raises(ValueError, match="bidirectional"):
+        StreamingSession(tiny_model(SeqArchModel, ["lstm"], bidirectional=True))
+    path = str(tmp_path / "stream.safetensors")
+    session.save(path)
+    with pytest.raises(ValueError, match="mixer_types"):
+        StreamingSession.load(causal_lm("gru"), path)

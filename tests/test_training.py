@@ -1,0 +1,275 @@
+"""Training under the real Trainer: exact gradient accumulation, checkpointing, bf16, dtype on load,
+a run killed with SIGKILL and resumed, and checkpoints with missing or truncated files.
+
+All runs are tiny CPU runs on made-up token ids; SGD (the update is -lr * gradient) where weights are
+compared, so that equal weights mean equal gradients, and no gradient clipping, which would hide a
+wrongly scaled gradient.
+"""
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (
+    ByT5Tokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
+from hf_seqarch.modeling_seqarch import MIXER_CLASSES
+from hf_seqarch.tools.checkpoints import CheckpointError, check_resume_checkpoint
+from tester import VOCAB, tiny_config
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# transformers 5.x renamed gradient_checkpointing to activation_checkpointing (the old name is a deprecated alias).
+CHECKPOINTING = next(
+    name for name in ("activation_checkpointing", "gradient_checkpointing") if name in TrainingArguments.__dataclass_fields__
+)
+ALL_MIXERS = sorted(set(MIXER_CLASSES))
+# The stacks the issue names for gradient accumulation, as far as this build has them, and a hybrid.
+GA_STACKS = {name: [name] for name in ("attention", "lstm", "mamba2") if name in MIXER_CLASSES}
+GA_STACKS["hybrid"] = [m for m in ("lstm", "mamba2", "attention") if m in MIXER_CLASSES]
+
+
+def token_examples(count, seed=0, min_len=3, max_len=13):
+    """Variable-length sequences of ids in [3, VOCAB): ids 0-2 are the byte tokenizer's pad/eos/unk."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len, (count,), generator=generator)
+    return [{"input_ids": torch.randint(3, VOCAB, (int(n),), generator=generator).tolist()} for n in lengths]
+
+
+def lm_collator():
+    # Pads on the right with id 0 and sets labels = input_ids with -100 at the padding.
+    return DataCollatorForLanguageModeling(ByT5Tokenizer(), mlm=False)
+
+
+def training_args(output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_pin_memory=False,
+        seed=0,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def sgd_step(model, examples, output_dir, collator=None, **overrides):
+    """One optimizer step of plain SGD over `examples`; returns {name: weight change}."""
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = training_args(
+        output_dir, max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0,
+        weight_decay=0.0, **overrides,
+    )
+    Trainer(model=model, args=args, train_dataset=examples, data_collator=collator or lm_collator()).train()
+    return {name: p.detach() - before[name] for name, p in model.named_parameters()}
+
+
+def largest_difference(updates_a, updates_b):
+    """max |a - b| over all parameters, relative to the largest update."""
+    scale = max(u.abs().max() for u in updates_a.values())
+    return max((updates_a[n] - updates_b[n]).abs().max() for n in updates_a) / scale
+
+
+class MeanLossLM(SeqArchForCausalLM):
+    """A deliberately wrong model: it drops num_items_in_batch, so each micro-batch's loss is its own mean."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+# ---------------------------------------------------------------------------- gradient accumulation
+
+
+@pytest.mark.parametrize("stack", list(GA_STACKS), ids=list(GA_STACKS))
+def test_gradient_accumulation_is_exact(stack, tmp_path):
+    """One step of batch 8 == one step of batch 2 x 4 accumulation steps (variable lengths, padded)."""
+    examples = token_examples(8)
+    updates = {}
+    for batch, steps in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model = SeqArchForCausalLM(tiny_config(GA_STACKS[stack]))
+        updates[batch] = sgd_step(
+            model, examples, tmp_path / str(batch), per_device_train_batch_size=batch, gradient_accumulation_steps=steps
+        )
+    assert largest_difference(updates[8], updates[2]) < 1e-5
+
+
+def test_gradient_accumulation_for_sequence_classification(tmp_path):
+    examples = [dict(e, labels=i % 3) for i, e in enumerate(token_examples(8, seed=1))]
+    updates = {}
+    for batch, steps in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model = SeqArchForSequenceClassification(tiny_config(["lstm", "attention"]))
+        updates[batch] = sgd_step(
+            model, examples, tmp_path / str(batch), DataCollatorWithPadding(ByT5Tokenizer()),
+            per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
+        )
+    assert largest_difference(updates[8], updates[2]) < 1e-5
+
+
+def test_gradient_accumulation_check_catches_a_per_micro_batch_mean(tmp_path):
+    """The comparison above has teeth: a loss that ignores num_items_in_batch fails it by far."""
+    examples = token_examples(8)
+    updates = {}
+    for batch, steps in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model = MeanLossLM(tiny_config(["lstm"]))
+        updates[batch] = sgd_step(
+            model, examples, tmp_path / str(batch), per_device_train_batch_size=batch, gradient_accumulation_steps=steps
+        )
+    assert largest_difference(updates[8], updates[2]) > 0.5
+
+
+# ---------------------------------------------------------------------------- checkpointing, bf16, dtype
+
+
+@pytest.mark.parametrize("mixer", ALL_MIXERS)
+def test_trainer_gradient_checkpointing_gives_the_same_step(mixer, tmp_path):
+    examples = token_examples(4, seed=2)
+    updates = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = SeqArchForCausalLM(tiny_config([mixer, mixer]))
+        updates[checkpointing] = sgd_step(
+            model, examples, tmp_path / str(checkpointing), per_device_train_batch_size=4, **{CHECKPOINTING: checkpointing}
+        )
+        assert all(block.gradient_checkpointing == checkpointing for block in model.model.layers)
+    assert largest_difference(updates[False], updates[True]) < 1e-5
+
+
+@pytest.mark.parametrize("mixer", ALL_MIXERS)
+def test_bf16_autocast_training_has_finite_losses(mixer, tmp_path):
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(tiny_config([mixer, "attention"] if mixer != "attention" else [mixer]))
+    logits_dtypes = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
+    args = training_args(tmp_path, bf16=True, max_steps=4, per_device_train_batch_size=4, logging_steps=1,
+                         logging_strategy="steps", learning_rate=1e-2)
+    trainer = Trainer(model=model, args=args, train_dataset=token_examples(16, seed=3), data_collator=lm_collator())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    assert set(logits_dtypes) == {torch.bfloat16}  # autocast really ran the matmuls in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_from_pretrained_honours_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(tiny_config(ALL_MIXERS)).eval()
+    model.save_pretrained(tmp_path)
+    loaded = SeqArchForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    lstm = next(module for module in loaded.modules() if isinstance(module, torch.nn.LSTM))
+    assert all(w.dtype == torch.bfloat16 for w in lstm._flat_weights)  # the weights nn.LSTM really runs with
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    logits = loaded(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, model.to(torch.bfloat16)(input_ids=ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- kill, resume, broken checkpoints
+
+RESUME_STACK = [m for m in ("lstm", "mamba2", "attention") if m in MIXER_CLASSES]
+
+
+class KillAfterSave(TrainerCallback):
+    """SIGKILL this process once the checkpoint of `step` is completely written (on_save comes after it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resumable_run(output_dir, kill_after_save_at=None, resume_from=None):
+    """6 AdamW steps with warmup and a decaying rate, checkpoints every 3: optimizer and schedule state matter.
+
+    16 examples in batches of 4 make the run cross an epoch boundary, so resuming must also restore the data order.
+    """
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(tiny_config(RESUME_STACK))
+    args = training_args(
+        output_dir, max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=2,
+        save_strategy="steps", save_steps=3, logging_strategy="steps", logging_steps=1,
+    )
+    callbacks = [KillAfterSave(kill_after_save_at)] if kill_after_save_at else []
+    trainer = Trainer(model=model, args=args, train_dataset=token_examples(16, seed=4), data_collator=lm_collator(),
+                      callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    return output_dir, resumable_run(output_dir)
+
+
+def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(uninterrupted_run, tmp_path):
+    output_dir = tmp_path / "killed"
+    child = f"import sys; sys.path.insert(0, {TESTS!r}); import test_training; test_training.resumable_run({str(output_dir)!r}, 3)"
+    killed = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (output_dir / "checkpoint-3").is_dir() and not (output_dir / "checkpoint-6").exists()
+
+    checkpoint = check_resume_checkpoint(output_dir / "checkpoint-3")
+    resumed = resumable_run(output_dir, resume_from=str(checkpoint))
+    _, reference = uninterrupted_run
+    assert resumed.state.global_step == reference.state.global_step == 6
+    at_kill = SeqArchForCausalLM.from_pretrained(checkpoint).state_dict()
+    for name, weight in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(at_kill[name], weight) for name, weight in reference.model.state_dict().items())
+    # The resumed half logs the same losses as the uninterrupted run's second half.
+    losses = lambda trainer: {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}  # noqa: E731
+    assert {s: l for s, l in losses(reference).items() if s > 3} == {s: l for s, l in losses(resumed).items() if s > 3}
+
+
+def damage(path, how):
+    if how == "missing":
+        path.unlink()
+    else:  # truncated, as a run killed while writing it leaves it
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.json", "rng_state.pth"]
+)
+def test_resuming_from_a_damaged_checkpoint_is_a_clear_error(uninterrupted_run, name, how, tmp_path):
+    source, _ = uninterrupted_run
+    checkpoint = shutil.copytree(source / "checkpoint-3", tmp_path / "checkpoint-3")
+    check_resume_checkpoint(checkpoint)  # whole, it passes
+    damage(checkpoint / name, how)
+    if name == "rng_state.pth" and how == "missing":
+        check_resume_checkpoint(checkpoint)  # only randomness (dropout) depends on it; the Trainer warns itself
+        return
+    expected = "truncated or corrupted" if how == "truncated" else "no file holds"
+    with pytest.raises(CheckpointError) as error:
+        check_resume_checkpoint(checkpoint)
+    assert name in str(error.value) and expected in str(error.value)
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated"])
+def test_loading_a_model_with_damaged_weights_is_a_clear_error(uninterrupted_run, how, tmp_path):
+    source, _ = uninterrupted_run
+    folder = shutil.copytree(source / "checkpoint-3", tmp_path / "model")
+    damage(folder / "model.safetensors", how)
+    with pytest.raises(OSError, match="model.safetensors" if how == "missing" else "truncated or corrupted"):
+        SeqArchForCausalLM.from_pretrained(folder)
