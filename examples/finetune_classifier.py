@@ -110,6 +110,8 @@ def main():
         print(f"classifier, config and tokenizer: {training_args.output_dir} "
               "(AutoModelForSequenceClassification.from_pretrained)")
         print(f"metrics: {Path(training_args.output_dir) / 'eval_results.json'}")
+    trainer.accelerator.wait_for_everyone()  # then all processes leave the process group together
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -120,15 +120,21 @@ def main():
     trainer.save_model()  # weights, config and tokenizer in output_dir
 
     if trainer.is_world_process_zero():
+        # Sample from the saved folder: it proves the checkpoint loads, and works whatever wraps the trained
+        # model (an FSDP-sharded model could not generate on one process alone).
+        saved = AutoModelForCausalLM.from_pretrained(training_args.output_dir).to(training_args.device).eval()
         torch.manual_seed(training_args.seed)
         prompt = tokenizer(script_args.sample_prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        generated = trainer.model.eval().generate(
-            prompt.to(trainer.model.device), max_new_tokens=script_args.sample_tokens, do_sample=True, top_k=20
+        generated = saved.generate(
+            prompt.to(saved.device), max_new_tokens=script_args.sample_tokens, do_sample=True, top_k=20
         )
         print(f"\nsample: {tokenizer.decode(generated[0], skip_special_tokens=True)!r}\n")
         print(f"model, config and tokenizer: {training_args.output_dir} (AutoModelForCausalLM.from_pretrained)")
         print(f"loss curve: {Path(training_args.output_dir) / 'trainer_state.json'} (log_history)")
         print(f"metrics: {Path(training_args.output_dir) / 'all_results.json'}")
+    # The other processes wait while process 0 samples, then all leave the process group together (clean DDP exit).
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

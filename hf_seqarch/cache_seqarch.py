@@ -13,6 +13,9 @@ class SeqArchCache:
     """Cache returned by a forward with `use_cache=True`; pass it back as `cache=` (or `past_key_values=`)."""
 
     is_compileable = False
+    # A recurrent state cannot be rolled back to an earlier token. generate() (5.24, on mps) reads this before
+    # deciding whether it may run one step ahead and undo it.
+    is_croppable = False
 
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:

@@ -69,10 +69,10 @@ def _memory_summary(config) -> str:
         parts.append(f"keeps {constant:,} values of recurrent state whatever the length")
     if not growing:
         parts.append("so it does not grow with the length of the text")
-    return "While decoding, the cache of one sequence " + ", ".join(parts) + " (times 2 bytes in bf16, 4 in fp32)."
+    return "While decoding, the cache of one sequence " + ", ".join(parts) + " (a value is 2 bytes in bf16, 4 in fp32)."
 
 
-def model_card_text(model, repo_id: str | None = None) -> str:
+def model_card_text(model, repo_id: str | None = None, title: str | None = None) -> str:
     """The card's markdown (YAML metadata first), built with huggingface_hub's ModelCard."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -92,11 +92,11 @@ def model_card_text(model, repo_id: str | None = None) -> str:
     body = f"""
 {CARD_MARKER}
 
-# {repo.split("/")[-1]}
+# {repo_id.split("/")[-1] if repo_id else (title or head)}
 
-A `{head}` made with [hf_seqarch](https://pypi.org/project/hf-seqarch/): a stack of
-{len(mixers)} pre-norm residual blocks, each a token mixer and a {mlp}, width {config.hidden_size},
-vocabulary {config.vocab_size}. **{model.num_parameters():,} parameters.**
+A `{head}` made with [hf_seqarch](https://pypi.org/project/hf-seqarch/): {len(mixers)} pre-norm
+residual blocks, each a token mixer and a {mlp}; hidden size {config.hidden_size}, vocabulary
+{config.vocab_size}. **{model.num_parameters():,} parameters.**
 
 | layer | mixer | decoding state per sequence |
 |---|---|---|
@@ -109,9 +109,10 @@ vocabulary {config.vocab_size}. **{model.num_parameters():,} parameters.**
 Without hf_seqarch (only `torch` and `transformers`): the model's code is in this repository.
 
 ```python
-from transformers import {auto_class}
+from transformers import {auto_class}, AutoTokenizer
 
 model = {auto_class}.from_pretrained("{repo}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)  # if tokenizer files are here
 ```
 
 With hf_seqarch installed (`pip install hf-seqarch`), its own classes are used:
@@ -137,7 +138,7 @@ def write_model_card(model, folder: str, repo_id: str | None = None) -> bool:
     if os.path.exists(path) and not is_our_card(path):
         return False
     with open(path, "w", encoding="utf-8") as f:
-        f.write(model_card_text(model, repo_id))
+        f.write(model_card_text(model, repo_id, title=os.path.basename(os.path.normpath(folder))))
     return True
 
 

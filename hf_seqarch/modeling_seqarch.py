@@ -27,12 +27,14 @@ from .mixer_linear_attention import LinearAttentionMixer
 from .mixer_mamba2 import Mamba2Mixer
 from .mixer_rnn import RecurrentMixer
 from .model_card_seqarch import upload_saved_folder, write_model_card
+from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backward
 
 # Every module of the model is imported here, even those only a mixer uses: transformers 4.x, loading
 # remote code from a local folder, copies only the files that this one imports directly (it recurses
 # for Hub repos, as 5.x always does). tests/test_hub.py checks that none is missing.
 from .kernels_mamba2 import mamba2_backend  # noqa: F401
 from .ops_chunked_scan import chunked_scan  # noqa: F401
+from .ops_ssd import ssd_chunked  # noqa: F401
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -82,11 +84,11 @@ class SeqArchBlock(GradientCheckpointingLayer):
         mixer_type = config.mixer_types[layer_idx]
         if mixer_type not in MIXER_CLASSES:
             raise ValueError(f"Mixer {mixer_type!r} is not available in this build; available: {sorted(MIXER_CLASSES)}.")
-        self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = MIXER_CLASSES[mixer_type](config, layer_idx)
         self.mlp_norm = self.mlp = None
         if config.intermediate_size > 0:
-            self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = SeqArchMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
@@ -214,7 +216,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(SeqArchBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):

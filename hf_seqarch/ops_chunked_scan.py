@@ -13,9 +13,10 @@ With cs the cumulative sum of a inside a chunk of L steps:
   3. recurrence:   S_in^{c+1} = exp(cs_L) S_in^c + S^c                      a scan over chunks, O(T / L)
   4. output:       y_i += exp(cs_i) S_in q_i                                 the state entering the chunk
 
-Every decay is exp of a sum of log_decay over a segment inside one chunk (a difference of cumsums),
-so nothing overflows however long the sequence or strong the gates. Decays are floored at
-exp(-60) ~ 1e-26: float32 denormals (and exp(-inf), exp(+large)) take a very slow path on CPU,
+Every decay is exp of a sum of log_decay over a segment inside one chunk (a difference of cumsums,
+taken in float64), so nothing overflows or loses precision however long the sequence or strong the
+gates. Decays are floored at exp(-60) ~ 1e-26 and the causal mask is applied with tril rather than
+exp(-inf): float32 denormals, exp(-inf) and exp(+large) all take a very slow path on CPU (10-80x),
 and no result can tell exp(-60) from anything smaller.
 
 The backward is written by hand (a torch.autograd.Function): it needs the same 8 batched matmuls as
@@ -62,9 +63,9 @@ class _ChunkedScan(torch.autograd.Function):
         cs = a.to(torch.float64).cumsum(-1)
 
         # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(cs_i - cs_j) for j <= i, else 0.
-        #    Above the diagonal cs_i - cs_j >= 0: clamp to 0 (exp would overflow), then zero it with tril.
-        segsum = (cs[..., :, None] - cs[..., None, :]).to(q.dtype)  # (B, H, C, L, L)
-        decay = segsum.clamp_(LOG_DECAY_FLOOR, 0.0).exp_().tril_()  # (B, H, C, L, L)
+        #    Masked by zeroing above the diagonal before the exp (where it could overflow) and after it.
+        segsum = (cs[..., :, None] - cs[..., None, :]).to(q.dtype).tril_()  # (B, H, C, L, L)
+        decay = segsum.clamp_(min=LOG_DECAY_FLOOR).exp_().tril_()  # (B, H, C, L, L)
         scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (B, H, C, L, L)
         y = _bmm(scores, v)  # (B, H, C, L, P)
 
@@ -132,7 +133,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
 
     Args:
         q, k: (B, T, H, N).  v: (B, T, H, P).
-        log_decay: (B, T, H), finite values <= 0 (log of the decay in (0, 1]).
+        log_decay: (B, T, H), finite, normally <= 0 (log of the decay in (0, 1]).
         chunk_size: L, the length of a chunk; T need not be a multiple of it.
         initial_state: (B, H, P, N) or None (zeros).
 

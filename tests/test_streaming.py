@@ -53,6 +53,19 @@ def test_step_path_equals_forward_and_greedy_equals_generate(stack):
 
 
 @stack_params
+def test_generate_continues_a_streamed_cache(stack):
+    # The session's state (made under inference_mode) is an ordinary SeqArchCache for generate().
+    model = causal_lm(stack)
+    ids = random_ids(1, 12)
+    session = StreamingSession(model)
+    session.feed(ids[:, :7])
+    session.feed(ids[:, 7:11])
+    new = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
+    continued = model.generate(ids, cache=session.cache, **new)
+    torch.testing.assert_close(continued, model.generate(ids, **new), rtol=0, atol=0)
+
+
+@stack_params
 def test_saved_state_resumes_in_a_fresh_session(stack, tmp_path):
     model = causal_lm(stack)
     ids = random_ids(2, 17)

@@ -28,7 +28,6 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARAL
 
 def run(command, timeout=240):
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-    open(f"/tmp/w6/stderr_{os.getpid()}_{abs(hash(str(command)))}.log", "w").write(result.stderr) if result.returncode else None  # DEBUG
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 

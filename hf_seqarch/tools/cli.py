@@ -10,6 +10,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="outputs/demo")
     demo.add_argument("--mixers", default="lstm,attention,sliding_attention,gru")
     demo.add_argument("--steps", type=int, default=30)
+    compare = sub.add_parser("compare", help="the architectures side by side on this machine: speed, memory, "
+                             "decoding, recall, text; writes report.md, results.json, plots, checkpoints")
+    compare.add_argument("--preset", default="quick", help="quick (default, <= 10 min on a 2-core CPU), full (GPU) or test")
+    compare.add_argument("--output-dir", default="outputs/compare")
+    compare.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    compare.add_argument("--architectures", default=None,
+                         help="comma-separated subset of lstm,transformer,sliding_window,mamba2,linear_attention,hybrid,gru "
+                              "(default: all but gru)")
     return parser
 
 
@@ -20,6 +28,10 @@ def main(argv=None):
         from .demo import run_demo
 
         run_demo(args.output_dir, args.mixers.split(","), args.steps)
+    elif args.command == "compare":
+        from .compare.run import main_compare
+
+        return main_compare(args)
     else:
         parser.print_help()
 

@@ -13,8 +13,8 @@ per token. `get_memory_footprint()` reports it.
 
 `step` / `greedy` decode one token at a time without generate()'s per-step machinery (input
 preparation, logits processors, stopping criteria, output objects): under `torch.inference_mode`,
-straight through the blocks. That loop mirrors `SeqArchModel.forward` for one unpadded token; the
-tests hold the two to the same logits. This is tooling, not model code: it is not exported to the Hub.
+straight through the blocks, with torch's own LSTM kernel rather than oneDNN's on CPU. That loop mirrors
+`SeqArchModel.forward` for one unpadded token; the tests hold the two to the same logits. This is tooling, not model code: it is not exported to the Hub.
 """
 
 import json
@@ -32,10 +32,12 @@ _FORMAT = "hf_seqarch.stream/1"
 
 
 @contextmanager
-def _single_token_kernels(device: torch.device):
-    """oneDNN's RNN kernel pays ~2 ms of setup per call on CPU, whatever the length: fine for a chunk of
-    hundreds of tokens, 5x the cost of the arithmetic for one token. Single steps take torch's own kernels."""
-    if device.type != "cpu" or not torch.backends.mkldnn.enabled:
+def _without_onednn(enabled: bool):
+    """Single-token steps of nn.LSTM skip oneDNN. Its RNN primitive pays a fixed setup per call, whatever the
+    length: right for a chunk of hundreds of tokens, but for one token of a 256-wide LSTM on the 2-core CPU of
+    anchors.md it measured ~2 ms against ~0.4 ms for torch's own kernel. The switch is process-wide: another
+    thread's forward inside this window also skips oneDNN, which changes only its speed."""
+    if not enabled or not torch.backends.mkldnn.enabled:
         yield
         return
     torch.backends.mkldnn.enabled = False
@@ -74,6 +76,8 @@ class StreamingSession:
         self.cache = cache if cache is not None else SeqArchCache(self.config)
         # Read once: a transformers config attribute costs microseconds, and _step runs per token.
         self._rotary = (self.config.attention_head_dim, self.config.rope_theta) if self.config.has_attention else None
+        # Only nn.LSTM takes oneDNN for recurrent layers, and only on CPU.
+        self._skip_onednn = "lstm" in self.config.mixer_types and self.base.embed_tokens.weight.device.type == "cpu"
         self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
 
     # -- feeding a stream ---------------------------------------------------------------------------
@@ -118,7 +122,7 @@ class StreamingSession:
         else:
             raise ValueError("Nothing to continue from: pass input_ids (the prompt) to the first greedy call.")
         tokens = []
-        with torch.inference_mode(), _single_token_kernels(logits.device):
+        with torch.inference_mode(), _without_onednn(self._skip_onednn):
             for _ in range(max_new_tokens):
                 token = logits.argmax(-1, keepdim=True)  # (B, 1): ids from the vocab, no range check needed
                 tokens.append(token)
@@ -128,7 +132,7 @@ class StreamingSession:
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """SeqArchModel.forward for one unpadded token (B, 1), without its checks and output objects."""
         base, cache = self.base, self.cache
-        with torch.inference_mode(), _single_token_kernels(token_ids.device):
+        with torch.inference_mode(), _without_onednn(self._skip_onednn):
             hidden = base.embed_tokens(token_ids)  # (B, 1, width)
             past = cache.seen_tokens
             position_ids = torch.full((1, 1), past, device=hidden.device)

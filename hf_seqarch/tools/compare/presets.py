@@ -18,7 +18,7 @@ class Preset:
     mlp_ratio: int = 2  # intermediate_size = mlp_ratio * width (SwiGLU)
     num_heads: int = 4
     width_step: int = 8  # candidate widths are multiples of this (divisible by the heads, even head dims)
-    vocab_size: int = 256  # bytes for the text; MQAR keys/values and copying tokens fit inside
+    vocab_size: int = 256  # bytes for the text; the MQAR and copying tokens are ids inside it
     sliding_window: int = 64
     mamba: dict = field(default_factory=lambda: dict(mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=32))
     linear_attention: dict = field(default_factory=lambda: dict(linear_attention_chunk_size=32))
@@ -30,23 +30,28 @@ class Preset:
     # Decoding: one token at a time after a prompt of each context length (batch 1).
     decode_contexts: tuple = (128, 512, 2048)
     decode_repeats: int = 8
-    # Training budget through the Trainer: the same for every architecture and task.
-    train_steps: int = 300
-    batch_size: int = 32
+    # Training through the Trainer: per task, the same steps, batches and optimiser for every architecture.
     learning_rate: float = 3e-3
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
-    # MQAR (Zoology): (sequence length, key-value pairs); one model per architecture trained on the mix.
+    # MQAR (Zoology): (sequence length, key-value pairs); one model per architecture trained on the mix,
+    # batches alternating between the lengths. Keys and values come from the first `mqar_vocab` ids.
     mqar: tuple = ((64, 4), (128, 8))
+    mqar_vocab: int = 64
+    mqar_steps: int = 600
+    mqar_batch_size: int = 32
     mqar_eval_examples: int = 256
     # Selective copying (Mamba paper): total length, tokens to copy, alphabet (noise 0 and marker included).
     copy_length: int = 128
     copy_tokens: int = 8
     copy_alphabet: int = 16
+    copy_steps: int = 200
+    copy_batch_size: int = 32
     copy_eval_examples: int = 256
     # Held-out text: bytes of pydoc_data.topics, windows of `text_length`.
     text_length: int = 128
+    text_steps: int = 200
     text_batch_size: int = 16
     text_eval_windows: int = 64
 
@@ -64,26 +69,26 @@ PRESETS = {
         linear_attention=dict(linear_attention_chunk_size=8),
         train_lengths=(16, 32), tokens_per_step=64, warmup=1, repeats=2,
         decode_contexts=(8, 32), decode_repeats=2,
-        train_steps=3, batch_size=4, learning_rate=3e-3,
-        mqar=((16, 2), (32, 4)), mqar_eval_examples=8,
-        copy_length=24, copy_tokens=4, copy_alphabet=8, copy_eval_examples=8,
-        text_length=32, text_batch_size=4, text_eval_windows=4,
+        mqar=((16, 2), (32, 4)), mqar_vocab=32, mqar_steps=3, mqar_batch_size=4, mqar_eval_examples=8,
+        copy_length=24, copy_tokens=4, copy_alphabet=8, copy_steps=3, copy_batch_size=4, copy_eval_examples=8,
+        text_length=32, text_steps=3, text_batch_size=4, text_eval_windows=4,
     ),
     # The default: a 2-core CPU finishes it in under 10 minutes.
     "quick": Preset(name="quick", description="small models and short runs for a laptop CPU (<= 10 minutes on 2 cores)"),
     # For a GPU: wider, deeper models, longer sequences, Zoology's three MQAR lengths, a longer budget.
     "full": Preset(
         name="full",
-        description="GPU-sized run: width 256, 4 layers, lengths up to 8K, 3000 training steps",
+        description="GPU-sized run: width 256, 4 layers, lengths up to 8K, thousands of training steps per task",
         target_width=256, num_layers=4, num_heads=4, width_step=16, sliding_window=256,
         mamba=dict(mamba_head_dim=64, mamba_state_size=64, mamba_chunk_size=64),
         linear_attention=dict(linear_attention_chunk_size=64),
         train_lengths=(512, 2048, 8192), tokens_per_step=32768, warmup=2, repeats=5,
         decode_contexts=(512, 2048, 8192), decode_repeats=20,
-        train_steps=3000, batch_size=64, learning_rate=1e-3,
-        mqar=((64, 4), (128, 8), (256, 16)), mqar_eval_examples=1000,
-        copy_length=512, copy_tokens=16, copy_alphabet=16, copy_eval_examples=1000,
-        text_length=512, text_batch_size=32, text_eval_windows=256,
+        learning_rate=1e-3,
+        mqar=((64, 4), (128, 8), (256, 16)), mqar_vocab=256, mqar_steps=3000, mqar_batch_size=64,
+        mqar_eval_examples=1000,
+        copy_length=512, copy_tokens=16, copy_alphabet=16, copy_steps=2000, copy_batch_size=64, copy_eval_examples=1000,
+        text_length=512, text_steps=2000, text_batch_size=32, text_eval_windows=256,
     ),
 }
 

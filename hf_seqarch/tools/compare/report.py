@@ -73,15 +73,20 @@ def render(results: dict, plots: list[str]) -> str:
 
     mqar = [length for length, _ in preset["mqar"]]
     out += ["", "## Recall and language modelling after the same training budget", "",
-            f"Each task: a fresh model per architecture, {preset['train_steps']} Trainer steps, AdamW lr "
-            f"{preset['learning_rate']} (warm-up {preset['warmup_ratio']:.0%}, cosine), the same batches for all. "
-            f"MQAR (Zoology; vocabulary {preset['vocab_size']}, (length, pairs) = "
-            f"{', '.join(f'({n}, {k})' for n, k in preset['mqar'])}, batches of {preset['batch_size']} alternating "
-            f"lengths) scored on {preset['mqar_eval_examples']} held-out sequences per length. Selective copying: "
-            f"{preset['copy_tokens']} tokens in {preset['copy_length']} positions, alphabet {preset['copy_alphabet']}. "
-            f"Text: bits per byte on held-out pydoc text (the last 10%), windows of {preset['text_length']} bytes, "
-            f"batches of {preset['text_batch_size']}. Chance: MQAR {1 / (preset['vocab_size'] // 2):.1%}, copying "
-            f"{1 / (preset['copy_alphabet'] - 2):.1%}, text 8 bits per byte.", ""]
+            "Each task trains a fresh model per architecture through the Trainer: the same steps, batches, seed and "
+            f"optimiser for all (AdamW, lr {preset['learning_rate']}, warm-up {preset['warmup_ratio']:.0%}, cosine decay).",
+            "",
+            f"- MQAR (Zoology): keys from [1, {preset['mqar_vocab'] // 2}), values from [{preset['mqar_vocab'] // 2}, "
+            f"{preset['mqar_vocab']}), queries at power-law gaps, (length, pairs) = "
+            f"{', '.join(f'({n}, {k})' for n, k in preset['mqar'])}; {preset['mqar_steps']} steps of "
+            f"{preset['mqar_batch_size']} sequences, lengths alternating; scored on {preset['mqar_eval_examples']} "
+            f"held-out sequences per length. Chance: {1 / (preset['mqar_vocab'] // 2):.1%}.",
+            f"- Selective copying: {preset['copy_tokens']} tokens scattered in {preset['copy_length']} positions, "
+            f"alphabet {preset['copy_alphabet']}; {preset['copy_steps']} steps of {preset['copy_batch_size']}. "
+            f"Chance: {1 / (preset['copy_alphabet'] - 2):.1%}.",
+            f"- Text: bits per byte on held-out pydoc text (the last 10% of `pydoc_data.topics`), windows of "
+            f"{preset['text_length']} bytes; {preset['text_steps']} steps of {preset['text_batch_size']}. "
+            "A uniform guess: 8 bits per byte.", ""]
     out += _table(["architecture"] + [f"MQAR @{n}" for n in mqar] + ["selective copying", "text bits/byte", "training s (MQAR / copy / text)"],
                   [[n] + [_pct(a.get("mqar", {}).get("accuracy", {}).get(str(length))) for length in mqar]
                    + [_pct(a.get("selective_copying", {}).get("accuracy")), _num(a.get("text", {}).get("bits_per_byte")),

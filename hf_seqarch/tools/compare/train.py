@@ -1,8 +1,8 @@
 """The training budget, through transformers' Trainer, and the scores after it.
 
-Every architecture and task gets the same budget: `train_steps` optimiser steps of the same batches
-(made by tasks.py from the seed), AdamW at the same learning rate with warm-up and cosine decay,
-gradient clipping at 1, float32. Nothing is tuned per architecture.
+Within a task every architecture gets the same budget: the same number of optimiser steps on the same
+batches (made by tasks.py from the seed), AdamW at the same learning rate with warm-up and cosine
+decay, gradient clipping at 1, float32, the same initialisation seed. Nothing is tuned per architecture.
 """
 
 import math
@@ -19,21 +19,22 @@ from .tasks import IGNORE, BatchDataset, unwrap_batch
 EVAL_BATCH = 32
 
 
-def train(config, make_batch, preset, device: torch.device, seed: int) -> tuple[SeqArchForCausalLM, dict]:
-    """A fresh model trained for `preset.train_steps` batches from `make_batch(i)`; returns it and a summary."""
+def train(config, make_batch, steps: int, preset, device: torch.device) -> tuple[SeqArchForCausalLM, dict]:
+    """A fresh model trained on batches `make_batch(0 .. steps-1)`; returns it (in eval mode) and a summary."""
+    seed = preset.seed
     torch.manual_seed(seed)
     model = SeqArchForCausalLM(config)
     with tempfile.TemporaryDirectory() as scratch:
         args = TrainingArguments(
             output_dir=scratch,
-            max_steps=preset.train_steps,
+            max_steps=steps,
             per_device_train_batch_size=1,  # one item = one whole batch (see BatchDataset)
             learning_rate=preset.learning_rate,
             weight_decay=preset.weight_decay,
-            warmup_steps=max(1, round(preset.warmup_ratio * preset.train_steps)),
+            warmup_steps=max(1, round(preset.warmup_ratio * steps)),
             lr_scheduler_type="cosine",
             max_grad_norm=1.0,
-            logging_steps=max(1, preset.train_steps // 10),
+            logging_steps=max(1, steps // 10),
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,  # compare draws its own progress bar
@@ -42,7 +43,7 @@ def train(config, make_batch, preset, device: torch.device, seed: int) -> tuple[
             dataloader_num_workers=0,
             dataloader_pin_memory=device.type == "cuda",
         )
-        trainer = Trainer(model=model, args=args, train_dataset=BatchDataset(make_batch, preset.train_steps),
+        trainer = Trainer(model=model, args=args, train_dataset=BatchDataset(make_batch, steps),
                           data_collator=unwrap_batch)
         for callback in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(callback)

@@ -1,0 +1,63 @@
+"""RMSNorm whose CPU training path has a hand-written backward.
+
+Why: on CPU, torch's `rms_norm` has a fused forward but no fused backward, so autograd replays the
+composite (pow, mean, rsqrt, mul, mul) and its backward makes a dozen passes over the activations.
+Before an LSTM this is worse still: the gradient nn.LSTM hands back for a batch-first input is laid
+out time-major, and every one of those elementwise ops then walks it with strides. With five norms
+in a 4-layer LSTM stack that was ~15% of a training step (benchmarks/bench_train_step.py).
+
+The backward below makes the gradient contiguous once, then needs one product, two matrix-vector
+products and three elementwise passes. The reference is torch's own `nn.RMSNorm`, which this class
+subclasses (same parameters, same state dict) and falls back to wherever the fast path does not
+apply: inference, GPUs (fused CUDA kernels both ways), and dtypes other than float32.
+"""
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x * r * weight with r = rsqrt(mean(x^2, -1) + eps); float32 inputs and weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        width = x.shape[-1]
+        r = torch.rsqrt(torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1) / width + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return torch.mul(x, r).mul_(weight)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        x, weight, r = ctx.saved_tensors
+        width = x.shape[-1]
+        grad_output = grad_output.contiguous()  # one copy instead of strided walks in every pass below
+        x_rows, r_rows = x.reshape(-1, width), r.reshape(-1)  # (N, H), (N,)
+        grad_x_rows = (grad_output.reshape(-1, width) * x_rows)  # (N, H): dy * x
+        # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
+        grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
+        # d/dx of x * r: dy * weight * r - x * r^3 / H * sum_h(dy * weight * x)
+        coefficient = (grad_x_rows @ weight) * r_rows.pow(3) / width  # (N,)
+        grad_input = torch.mul(grad_output, weight).mul_(r)
+        grad_input.view(-1, width).addcmul_(x_rows, coefficient[:, None], value=-1)
+        return grad_input, grad_weight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same weights and outputs) with a faster backward for float32 training on CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = (
+            x.device.type == "cpu"
+            and self.weight is not None
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and tuple(self.normalized_shape) == (x.shape[-1],)
+            and torch.is_grad_enabled()
+            and (x.requires_grad or self.weight.requires_grad)
+        )
+        if not fast:
+            return super().forward(x)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return RMSNormFunction.apply(x, self.weight, eps)

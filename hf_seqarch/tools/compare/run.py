@@ -1,0 +1,258 @@
+"""`hf-seqarch compare`: every architecture through the same measurements, written as they finish.
+
+Phases run one after another over all architectures (speed, decoding, MQAR, selective copying, text),
+so each phase's timings are taken close together in time. results.json is rewritten after every
+stage and report.md after every phase: an interrupted run leaves what it finished readable.
+"""
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from ... import __version__
+from .architectures import matched_configs, resolve_architectures
+from .measure import decode_costs, memory_method, training_step_costs
+from .plots import PLOTS_MISSING, write_plots
+from .presets import get_preset
+from .report import render
+from .tasks import ByteText, check_copying, check_mqar, copying_batch, generator, mqar_batch
+from .train import bits_per_byte, token_accuracy, train
+from .verdicts import all_verdicts
+
+PHASES = ("training_speed", "decode", "mqar", "selective_copying", "text")
+
+
+# -- input checks: each fails fast, before any model is built ---------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"Unknown device {name!r} ({err}); use 'cpu' or 'cuda' (or 'cuda:N').") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"Device {name!r} is not supported by compare; use 'cpu' or 'cuda'.")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch.cuda.is_available() is False, "
+                         f"torch {torch.__version__}). Use --device cpu.")
+    index = 0 if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def prepare_output_dir(path: str) -> str:
+    path = os.path.abspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"Cannot write to output directory {path!r}: {err.strerror or err}.") from None
+    return path
+
+
+def environment(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model() or platform.processor() or platform.machine()
+    return dict(device=str(device), device_name=name, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__, hf_seqarch=__version__,
+                python=platform.python_version(), platform=platform.platform(),
+                cuda=torch.version.cuda if device.type == "cuda" else None, load_average_start=_load_average())
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _load_average():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+# -- the phases: (architecture config, preset, device, context) -> results entry ---------------------------
+def phase_training_speed(config, preset, device, ctx):
+    return [training_step_costs(config, device, n, preset.tokens_per_step, preset.warmup, preset.repeats, preset.seed)
+            for n in preset.train_lengths]
+
+
+def phase_decode(config, preset, device, ctx):
+    return decode_costs(config, device, preset.decode_contexts, preset.decode_repeats, seed=preset.seed)
+
+
+def phase_mqar(config, preset, device, ctx):
+    def batch(i):  # lengths alternate batch by batch; every batch has one length, so nothing is padded
+        length, pairs = preset.mqar[i % len(preset.mqar)]
+        return mqar_batch(preset.mqar_batch_size, length, pairs, preset.mqar_vocab, generator(preset.seed, 1, i))
+
+    model, summary = train(config, batch, preset.mqar_steps, preset, device)
+    accuracy = {}
+    for length, pairs in preset.mqar:
+        held_out = mqar_batch(preset.mqar_eval_examples, length, pairs, preset.mqar_vocab, generator(preset.seed, 101, length))
+        accuracy[str(length)] = token_accuracy(model, *held_out, device)
+    return dict(train=summary, accuracy=accuracy)
+
+
+def phase_selective_copying(config, preset, device, ctx):
+    def batch(i):
+        return copying_batch(preset.copy_batch_size, preset.copy_length, preset.copy_tokens, preset.copy_alphabet,
+                             generator(preset.seed, 2, i))
+
+    model, summary = train(config, batch, preset.copy_steps, preset, device)
+    held_out = copying_batch(preset.copy_eval_examples, preset.copy_length, preset.copy_tokens, preset.copy_alphabet,
+                             generator(preset.seed, 102))
+    return dict(train=summary, accuracy=token_accuracy(model, *held_out, device))
+
+
+def phase_text(config, preset, device, ctx):
+    text = ctx["text"]
+
+    def batch(i):
+        return text.train_batch(preset.text_batch_size, preset.text_length, generator(preset.seed, 3, i))
+
+    model, summary = train(config, batch, preset.text_steps, preset, device)
+    held_out, _ = text.eval_windows(preset.text_length, preset.text_eval_windows)
+    folder = os.path.join(ctx["output_dir"], "checkpoints", ctx["name"])
+    model.save_pretrained(folder)
+    return dict(train=summary, bits_per_byte=bits_per_byte(model, held_out, device), held_out_bytes=held_out.numel(),
+                checkpoint=os.path.relpath(folder, ctx["output_dir"]))
+
+
+PHASE_FUNCTIONS = {name: globals()[f"phase_{name}"] for name in PHASES}
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", device: str = "cpu",
+                architectures: str | None = None, command: str | None = None) -> dict:
+    """Run the comparison and write report.md, results.json, plots and checkpoints into `output_dir`."""
+    preset = get_preset(preset)
+    if preset.mqar_vocab > preset.vocab_size:
+        raise ValueError(f"Preset {preset.name!r}: mqar_vocab {preset.mqar_vocab} exceeds vocab_size {preset.vocab_size}.")
+    for length, pairs in preset.mqar:
+        check_mqar(length, pairs, preset.mqar_vocab)
+    check_copying(preset.copy_length, preset.copy_tokens, preset.copy_alphabet, preset.vocab_size)
+    device = resolve_device(device)
+    names, skipped = resolve_architectures(architectures, preset.num_layers)
+    if not names:
+        raise ValueError(f"None of the architectures can run in this build: {skipped}.")
+    output_dir = prepare_output_dir(output_dir)
+    target, sizes = matched_configs(names, preset)
+
+    results = dict(
+        format_version=1, status="running", command=command or f"hf-seqarch compare --preset {preset.name}",
+        output_dir=output_dir, started_at=datetime.datetime.now().isoformat(timespec="seconds"),
+        preset=preset.as_dict(), environment=environment(device), memory_method=memory_method(device),
+        parameter_matching=dict(
+            method=("Same width, depth, heads and vocabulary for every architecture; each one's MLP width is set so its "
+                    "non-embedding parameters match the transformer's (MLP ratio "
+                    f"{preset.mlp_ratio}) within 2%. Mixers are never altered: a mixer with more parameters than "
+                    "attention gets a narrower MLP."),
+            target_non_embedding_parameters=target),
+        skipped=skipped,
+        architectures={n: {k: v for k, v in s.items() if k != "config"} for n, s in sizes.items()},
+    )
+    stages = [(phase, name) for phase in PHASES for name in names]
+    ctx = dict(output_dir=output_dir, text=ByteText())
+    start = time.perf_counter()
+    bar = tqdm(total=len(stages), desc="compare", unit="stage", file=sys.stderr, dynamic_ncols=True)
+    # The Trainer's notices and save_pretrained's own bar would break the progress bar; restored at the end.
+    verbosity, inner_bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        for index, (phase, name) in enumerate(stages):
+            arch = results["architectures"][name]
+            bar.set_postfix_str(f"{phase}: {name}")
+            if not arch.get("error"):
+                began = time.perf_counter()
+                try:
+                    arch[phase] = PHASE_FUNCTIONS[phase](sizes[name]["config"], preset, device, dict(ctx, name=name))
+                except Exception as err:  # one broken architecture must not cost the others their results
+                    arch["error"] = f"{phase}: {type(err).__name__}: {err}"
+                arch.setdefault("stage_seconds", {})[phase] = time.perf_counter() - began
+            results["wall_seconds"] = time.perf_counter() - start
+            _write_json(results, output_dir)
+            bar.update()
+            if index + 1 == len(stages) or stages[index + 1][0] != phase:
+                _write_report(results, output_dir, plots=[])
+        results["status"] = "complete"
+    except KeyboardInterrupt:
+        results["status"] = "interrupted"
+        raise
+    except BaseException:
+        results["status"] = "failed"
+        raise
+    finally:
+        bar.close()
+        transformers.logging.set_verbosity(verbosity)
+        if inner_bars:
+            transformers.logging.enable_progress_bar()
+        results["wall_seconds"] = time.perf_counter() - start
+        results["environment"]["load_average_end"] = _load_average()
+        results["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
+        plots = write_plots(results, output_dir)
+        results["plots"] = plots or PLOTS_MISSING
+        _write_report(results, output_dir, plots)
+    return results
+
+
+def _write_report(results, output_dir, plots):
+    """Verdicts from what is measured so far, then report.md and results.json."""
+    results["verdicts"] = all_verdicts(results["architectures"])
+    _write_json(results, output_dir)
+    _atomic_write(os.path.join(output_dir, "report.md"), render(results, plots))
+
+
+def _write_json(results, output_dir):
+    _atomic_write(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2, default=str))
+
+
+def _atomic_write(path, text):
+    # A reader (or an interrupt) never sees a half-written file: write aside, then rename over.
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main_compare(args) -> int:
+    """Entry point for the CLI: returns the process exit code."""
+    command = f"hf-seqarch compare --preset {args.preset} --output-dir {args.output_dir} --device {args.device}"
+    if args.architectures:
+        command += f" --architectures {args.architectures}"
+    try:
+        results = run_compare(args.preset, args.output_dir, args.device, args.architectures, command=command)
+    except ValueError as err:
+        print(f"hf-seqarch compare: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nInterrupted: what finished is in {os.path.abspath(args.output_dir)} (results.json, report.md).",
+              file=sys.stderr)
+        return 130
+    failed = [n for n, a in results["architectures"].items() if a.get("error")]
+    print(f"Wrote {results['output_dir']}/report.md, results.json, {len(results['plots']) if isinstance(results['plots'], list) else 0} "
+          f"plot(s) and checkpoints/ ({results['wall_seconds']:.0f} s).")
+    for verdict in results["verdicts"]:
+        print(f"- {verdict['claim']}: {verdict['verdict']}")
+    if failed:
+        print(f"Failed architectures: {failed} (see report.md)", file=sys.stderr)
+        return 1
+    return 0

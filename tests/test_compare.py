@@ -1,0 +1,197 @@
+"""`hf-seqarch compare`: the miniature preset end to end, the task data, the memory tracker, the verdicts, bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+import hf_seqarch  # noqa: F401  (registers the seqarch model type)
+from hf_seqarch.tools import cli
+from hf_seqarch.tools.compare import run as compare_run
+from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_TOLERANCE, missing_mixers
+from hf_seqarch.tools.compare.measure import TensorMemoryTracker
+from hf_seqarch.tools.compare.presets import PRESETS
+from hf_seqarch.tools.compare.tasks import IGNORE, copying_batch, generator, mqar_batch
+from hf_seqarch.tools.compare.verdicts import CLAIMS, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, all_verdicts
+
+PRESET = PRESETS["test"]
+RUNNABLE = [n for n in DEFAULT_ARCHITECTURES if not missing_mixers(n, PRESET.num_layers)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(out)]) == 0
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+# -- end to end --------------------------------------------------------------------------------------------
+def test_writes_report_results_plots_and_checkpoints(run):
+    out, results = run
+    assert results["status"] == "complete"
+    assert set(results["architectures"]) == set(RUNNABLE)
+    for name in ("report.md", "results.json", *results["plots"]):
+        assert (out / name).is_file(), name
+    pytest.importorskip("matplotlib")
+    assert set(results["plots"]) == {"throughput.png", "memory.png", "decode.png", "recall.png"}
+
+
+def test_results_hold_every_figure(run):
+    _, results = run
+    assert results["environment"]["device"] == "cpu" and results["environment"]["torch"] == torch.__version__
+    assert results["preset"]["name"] == "test"
+    target = results["parameter_matching"]["target_non_embedding_parameters"]
+    for name, arch in results["architectures"].items():
+        assert "error" not in arch, arch.get("error")
+        assert abs(arch["non_embedding_parameters"] / target - 1) <= MATCH_TOLERANCE, name
+        assert [r["seq_len"] for r in arch["training_speed"]] == list(PRESET.train_lengths)
+        for row in arch["training_speed"]:
+            assert row["tokens_per_second"] > 0 and row["peak_memory_bytes"] > 0
+            assert len(row["step_seconds"]) == PRESET.repeats
+        assert [r["context"] for r in arch["decode"]] == list(PRESET.decode_contexts)
+        assert set(arch["mqar"]["accuracy"]) == {str(length) for length, _ in PRESET.mqar}
+        assert all(0 <= acc <= 1 for acc in arch["mqar"]["accuracy"].values())
+        assert arch["mqar"]["train"]["steps"] == PRESET.train_steps
+        assert 0 <= arch["selective_copying"]["accuracy"] <= 1
+        assert 0 < arch["text"]["bits_per_byte"] < 12  # near 8 (uniform over 256) after 3 steps
+    decode = {n: [r["cache_bytes"] for r in a["decode"]] for n, a in results["architectures"].items()}
+    growth = PRESET.decode_contexts[-1] / PRESET.decode_contexts[0]
+    assert decode["lstm"][0] == decode["lstm"][-1] > 0  # a recurrent state does not grow
+    assert decode["transformer"][-1] == growth * decode["transformer"][0]  # a KV cache grows with the context
+
+
+def test_report_has_one_computed_verdict_per_claim(run):
+    out, results = run
+    report = (out / "report.md").read_text()
+    assert [v["claim"] for v in results["verdicts"]] == list(CLAIMS.values())
+    for verdict in results["verdicts"]:
+        assert verdict["verdict"] in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
+        assert f"- **{verdict['claim']}**: **{verdict['verdict']}**" in report
+    assert "## Architectures at matched size" in report and "non-embedding" in report
+
+
+def test_checkpoints_load_with_auto_classes(run):
+    out, results = run
+    for name, arch in results["architectures"].items():
+        folder = out / arch["text"]["checkpoint"]
+        model = AutoModel.from_pretrained(folder)
+        assert model.config.mixer_types == arch["mixer_types"]
+    lm = AutoModelForCausalLM.from_pretrained(out / results["architectures"]["transformer"]["text"]["checkpoint"])
+    assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, PRESET.vocab_size)
+
+
+def test_interrupted_run_leaves_finished_results(tmp_path, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, "decode", interrupt)
+    code = cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm,transformer"])
+    assert code == 130
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    assert all(len(a["training_speed"]) == len(PRESET.train_lengths) for a in results["architectures"].values())
+    assert "decode" not in results["architectures"]["lstm"]
+    assert "Status: interrupted" in (tmp_path / "report.md").read_text()
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--preset", "huge"], "Unknown preset 'huge'"),
+        (["--architectures", "lstm,rwkv"], r"Unknown architecture\(s\) \['rwkv'\]"),
+        (["--architectures", ","], "--architectures is empty"),
+        (["--device", "tpu"], "Unknown device 'tpu'|not supported by compare"),
+        (["--device", "cuda:99"], "no CUDA GPU|only .* CUDA device"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), *extra]) == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(blocker / "out")]) == 2
+    assert "Cannot write to output directory" in capsys.readouterr().err
+
+
+# -- the pieces --------------------------------------------------------------------------------------------
+def test_mqar_follows_zoology():
+    vocab, length, pairs = 64, 48, 6
+    inputs, labels = mqar_batch(50, length, pairs, vocab, generator(0, 7))
+    assert inputs.shape == labels.shape == (50, length)
+    for row, target in zip(inputs.tolist(), labels.tolist()):
+        keys, values = row[0 : 2 * pairs : 2], row[1 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and all(1 <= k < vocab // 2 for k in keys)
+        assert all(vocab // 2 <= v < vocab for v in values)
+        scored = [t for t, label in enumerate(target) if label != IGNORE]
+        assert len(scored) == pairs and min(scored) > 2 * pairs
+        pairing = dict(zip(keys, values))
+        for t in scored:  # the token before each answer is the query: a key, whose value is the label
+            assert pairing[row[t - 1]] == target[t]
+    # Power-law gaps: near queries are far more common than far ones.
+    first = (labels[:, 2 * pairs :] != IGNORE).float().sum(0)
+    assert first[: length // 4].sum() > first[length // 4 :].sum()
+
+
+def test_selective_copying_labels_are_the_scattered_tokens_in_order():
+    inputs, labels = copying_batch(20, 30, 5, 10, generator(0, 8))
+    for row, target in zip(inputs.tolist(), labels.tolist()):
+        region = row[: 30 - 5 - 1]
+        assert [t for t in region if t != 0] == [t for t in target if t != IGNORE]
+        assert row[30 - 5 - 1 :] == [9] * 6
+
+
+def test_memory_tracker_counts_live_tensor_bytes():
+    tracker = TensorMemoryTracker()
+    with tracker:
+        a = torch.ones(1 << 18)  # 1 MiB of float32
+        b = a * 2  # 2 MiB live
+        del a
+        c = b + 1  # 2 MiB again: a was freed first
+        del b, c
+    assert tracker.peak == 2 << 20
+    assert tracker.live == 0
+
+
+def _speed(times):
+    return [dict(seq_len=n, batch_size=1024 // n, median_step_seconds=t, tokens_per_second=1024 / t,
+                 peak_memory_bytes=1000) for n, t in times.items()]
+
+
+def _decode(sizes):
+    return [dict(context=c, cache_bytes=b, ms_per_token=1.0) for c, b in sizes.items()]
+
+
+def test_verdicts_follow_the_numbers():
+    archs = {
+        # time per step at fixed tokens: attention's grows with n (quadratic per sequence), the LSTM's does not
+        "transformer": dict(training_speed=_speed({128: 1.0, 512: 1.5, 1024: 2.5}), decode=_decode({128: 100, 1024: 800}),
+                            mqar=dict(accuracy={"64": 1.0, "128": 0.95}), selective_copying=dict(accuracy=0.5)),
+        "lstm": dict(training_speed=_speed({128: 2.0, 512: 2.0, 1024: 2.0}), decode=_decode({128: 10, 1024: 10}),
+                     mqar=dict(accuracy={"64": 0.5, "128": 0.2}), selective_copying=dict(accuracy=0.9)),
+        "mamba2": dict(training_speed=_speed({128: 2.0, 512: 2.1, 1024: 2.1}), decode=_decode({128: 20, 1024: 20}),
+                       mqar=dict(accuracy={"64": 0.9, "128": 0.8})),
+    }
+    verdicts = {v["key"]: v["verdict"] for v in all_verdicts(archs)}
+    assert verdicts == dict(parallel=INCONCLUSIVE, quadratic=SUPPORTED, streaming=SUPPORTED, recall=SUPPORTED,
+                            linear_time=SUPPORTED)
+
+    archs["lstm"]["mqar"]["accuracy"]["128"] = 0.94  # the LSTM recalls as well: the claim fails
+    archs["transformer"]["training_speed"] = _speed({128: 1.0, 512: 1.0, 1024: 1.0})  # attention faster, linear
+    verdicts = {v["key"]: v for v in all_verdicts(archs)}
+    assert verdicts["recall"]["verdict"] == NOT_SUPPORTED and "94.0% at 128" in verdicts["recall"]["evidence"]
+    assert verdicts["parallel"]["verdict"] == SUPPORTED and verdicts["quadratic"]["verdict"] == NOT_SUPPORTED
+
+    archs["transformer"]["mqar"]["accuracy"]["128"] = 0.3  # attention did not learn: recall untestable
+    assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["recall"] == INCONCLUSIVE
+    assert {v["key"]: v["verdict"] for v in all_verdicts({})} == dict.fromkeys(
+        ("parallel", "quadratic", "streaming", "recall", "linear_time"), INCONCLUSIVE)

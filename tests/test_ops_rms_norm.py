@@ -1,0 +1,51 @@
+"""The RMSNorm fast backward against torch's nn.RMSNorm (its reference): outputs and gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+from hf_seqarch.ops_rms_norm import RMSNorm, RMSNormFunction
+
+
+def outputs_and_grads(norm, x, grad_output):
+    x = x.detach().clone().requires_grad_()
+    norm.zero_grad(set_to_none=True)
+    y = norm(x)
+    y.backward(grad_output)
+    return y.detach(), x.grad, norm.weight.grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_grad", "transposed_input", "2d"])
+def test_matches_torch_rms_norm(layout):
+    torch.manual_seed(0)
+    width = 48
+    fast, reference = RMSNorm(width, eps=1e-5), nn.RMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        reference.weight.copy_(fast.weight)
+    x, grad_output = torch.randn(3, 7, width), torch.randn(3, 7, width)
+    if layout == "transposed_grad":  # what nn.LSTM hands back for a batch-first input
+        grad_output = torch.randn(7, 3, width).transpose(0, 1)
+    elif layout == "transposed_input":
+        x = torch.randn(7, 3, width).transpose(0, 1)
+    elif layout == "2d":
+        x, grad_output = x[0], grad_output[0]
+    for got, want in zip(outputs_and_grads(fast, x, grad_output), outputs_and_grads(reference, x, grad_output)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x, weight))
+
+
+def test_frozen_weight_and_inference_fall_back_cleanly():
+    norm = RMSNorm(8, eps=1e-5)
+    norm.weight.requires_grad_(False)
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is None
+    with torch.no_grad():  # torch's fused forward
+        torch.testing.assert_close(norm(x), nn.functional.rms_norm(x, (8,), norm.weight, 1e-5))
