@@ -7,11 +7,15 @@
    and their ratio (target: chunked >= 20x faster).
 2. chunked_scan forward+backward at T = 1024 ... 16384: time, peak memory, and the growth per doubling
    of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the
-   growth of ru_maxrss (peak resident set) during one forward+backward, each length in a fresh
-   subprocess so that earlier lengths do not hide it.
+   growth of the peak resident set during one forward+backward, each length in a fresh subprocess so
+   that earlier lengths do not hide it. The peak is Linux's VmHWM, reset first through
+   /proc/self/clear_refs: ru_maxrss alone would not do, as a process keeps its parent's ru_maxrss
+   across fork+exec (the subprocess would start at this process's peak and show no growth).
 
 Times are the median of --runs runs after a warm-up; the upstream gradients are random tensors (not
-y.sum(), whose stride-0 gradient sends CPU bmm down a slow path in any implementation).
+y.sum(), whose stride-0 gradient sends CPU bmm down a slow path in any implementation). On a shared,
+busy machine wall times of multi-threaded runs are meaningless (OpenMP threads wait on descheduled
+peers); use `--threads 1 --clock cpu` (process CPU time of a single-threaded run) there.
 """
 
 import argparse
@@ -50,19 +54,40 @@ def fwd_bwd(fn, inputs, grads, **kw):
     torch.autograd.backward((y, state), grads)
 
 
-def timeit(fn, inputs, grads, runs, device, **kw):
+def timeit(fn, inputs, grads, args, runs, **kw):
     """Median seconds of forward+backward over `runs` runs, after one warm-up."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     fwd_bwd(fn, inputs, grads, **kw)
     times = []
     for _ in range(runs):
-        if device == "cuda":
+        if args.device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         fwd_bwd(fn, inputs, grads, **kw)
-        if device == "cuda":
+        if args.device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times)
+
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def cpu_peak_memory(fn):
+    """Growth of the peak resident set (bytes) while fn() runs."""
+    try:  # Linux: reset the high-water mark, then VmHWM - VmRSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_kib("VmRSS")
+        fn()
+        return (_proc_status_kib("VmHWM") - base) * 1024
+    except OSError:  # elsewhere: ru_maxrss growth, best effort (KiB on Linux, bytes on macOS)
+        unit = 1 if sys.platform == "darwin" else 1024
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * unit
 
 
 def measure_length(args, T):
@@ -76,14 +101,12 @@ def measure_length(args, T):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        fwd_bwd(chunked_scan, inputs, grads, chunk_size=args.chunk)
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    return peak, timeit(chunked_scan, inputs, grads, args.runs, args.device, chunk_size=args.chunk)
+        peak = cpu_peak_memory(lambda: fwd_bwd(chunked_scan, inputs, grads, chunk_size=args.chunk))
+    return peak, timeit(chunked_scan, inputs, grads, args, args.runs, chunk_size=args.chunk)
 
 
 def measure_in_subprocess(T):
-    """CPU: run measure_length in a fresh interpreter so that ru_maxrss starts low."""
+    """CPU: run measure_length in a fresh interpreter, so that no earlier allocation is reused or counted."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", str(T)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peak, seconds = json.loads(out.strip().splitlines()[-1])
@@ -103,25 +126,31 @@ def main():
     p.add_argument("--ref-length", type=int, default=2048)
     p.add_argument("--ref-runs", type=int, default=3)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (CPU only)")
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
+    if args.device == "cuda" and args.clock == "cpu":
+        p.error("--clock cpu is for --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args._child is not None:  # one length, in a fresh process (CPU memory)
         print(json.dumps(measure_length(args, args._child)))
         return
 
     print(
-        f"device={args.device} ({torch.get_num_threads()} threads)  dtype={args.dtype}  B={args.batch} H={args.heads} "
+        f"device={args.device} ({torch.get_num_threads()} threads, {args.clock} clock)  dtype={args.dtype}  B={args.batch} H={args.heads} "
         f"P={args.dim} N={args.state} chunk={args.chunk}  torch {torch.__version__}"
     )
 
     # 1. chunked vs reference
     T = args.ref_length
     inputs, grads = make_inputs(args, T, args.device)
-    t_chunk = timeit(chunked_scan, inputs, grads, args.runs, args.device, chunk_size=args.chunk)
-    t_ref = timeit(scan_reference, inputs, grads, args.ref_runs, args.device)
+    t_chunk = timeit(chunked_scan, inputs, grads, args, args.runs, chunk_size=args.chunk)
+    t_ref = timeit(scan_reference, inputs, grads, args, args.ref_runs)
     print(f"\nforward+backward at T={T}:")
     print(f"  chunked_scan   {t_chunk * 1e3:9.1f} ms")
     print(f"  scan_reference {t_ref * 1e3:9.1f} ms")

@@ -75,7 +75,7 @@ def tensor_bytes(obj, seen=None) -> int:
 def ours(mixer, hidden=HIDDEN, layers=LAYERS, intermediate=INTERMEDIATE):
     return SeqArchForCausalLM(SeqArchConfig(
         vocab_size=VOCAB, hidden_size=hidden, mixer_types=[mixer] * layers, num_attention_heads=HEADS,
-        intermediate_size=0 if mixer == "mamba2" else intermediate, sliding_window=128,
+        intermediate_size=0 if mixer == "mamba2" else intermediate, sliding_window=128, max_position_embeddings=16384,
         mamba_head_dim=MAMBA["head_dim"], mamba_expand=MAMBA["expand"], mamba_state_size=MAMBA["state"],
         mamba_chunk_size=MAMBA["chunk"], mamba_conv_kernel=MAMBA["conv"], mamba_n_groups=1,
         tie_word_embeddings=True, attn_implementation="sdpa",
@@ -221,7 +221,7 @@ def main():
     hf_logging.set_verbosity_error()  # HF Mamba2 warns at every call that its CUDA kernels are missing
     torch.set_num_threads(args.threads)
     contexts = args.contexts or ([128, 1024] if args.quick else [128, 1024, 4096, 8192])
-    new_tokens = args.new_tokens or (16 if args.quick else 32)
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 2)
     order = ["lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention"]
     mixers = args.mixers or [m for m in order if m in MIXER_CLASSES]
@@ -234,7 +234,7 @@ def main():
         recurrent = [m for m in ("gru", "lstm", "mamba2", "linear_attention") if m in MIXER_CLASSES]
         sizes = [(m, 64, 2) for m in recurrent] + [(m, 128, 2) for m in recurrent]
         sizes += [("gru", HIDDEN, LAYERS), ("lstm", HIDDEN, LAYERS)]
-        ratios = part_two(sizes, 2 * new_tokens, 3 if args.quick else 5)
+        ratios = part_two(sizes, max(64, new_tokens), 3 if args.quick else 5)
         for width in (64, 128):
             small = {k: v for k, v in ratios.items() if k.endswith(f"2x{width}")}
             verdict = "meets" if min(small.values()) >= 3 else "MISSES"

@@ -42,7 +42,7 @@ USER_SCRIPT = textwrap.dedent(
 
 
 def train(model, tokenizer, steps, block_size=64, batch_size=8):
-    train_blocks, _ = lm_blocks(tokenizer, block_size, max_chars=200_000)
+    train_blocks, _ = lm_blocks(tokenizer, block_size, max_chars=50_000)
     ids = torch.tensor([b["input_ids"] for b in train_blocks])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)

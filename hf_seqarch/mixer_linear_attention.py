@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops_chunked_scan import chunked_scan, scan_step
+from .ops_rms_norm import RMSNorm
 
 FEATURE_MAPS = {
     "elu": lambda x: F.elu(x) + 1,  # positive, smooth, as in Katharopoulos et al. (2020)
@@ -41,7 +42,7 @@ class LinearAttentionMixer(nn.Module):
         self.v_proj = nn.Linear(width, inner, bias=False)
         # gamma_h = sigmoid(decay_logit_h): a per-head forgetting rate, learned.
         self.decay_logit = nn.Parameter(torch.empty(self.num_heads)) if config.linear_attention_use_decay else None
-        self.out_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head
+        self.out_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)  # per head (nn.RMSNorm, faster CPU backward)
         self.o_proj = nn.Linear(inner, width, bias=False)
         self.init_mixer_weights(nn.init)  # usable on its own; the model re-initialises through transformers
 

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
+from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
+from .ops_rms_norm import RMSNormFunction
 from .ops_ssd import ssd_chunked
 
 
@@ -36,6 +38,14 @@ def init_copy(init, parameter, value):
         return copy(parameter, value)
     with torch.no_grad():
         return parameter.copy_(value)
+
+
+def use_fast_rms_norm(x, weight):
+    """The conditions of ops_rms_norm's fast path: float32 training on CPU."""
+    return (
+        x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+    )
 
 
 class GatedRMSNorm(nn.Module):
@@ -50,6 +60,8 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = y.dtype
         y = y.float() * F.silu(gate.float())
+        if self.group_size == y.shape[-1] and use_fast_rms_norm(y, self.weight):
+            return RMSNormFunction.apply(y, self.weight, self.eps)  # one group: the shared fast CPU backward
         groups = y.unflatten(-1, (-1, self.group_size))  # (..., G, width / G)
         y = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # (..., width)
         return self.weight * y.to(dtype)
@@ -143,7 +155,7 @@ class Mamba2Mixer(nn.Module):
             y, ssm_state = ssd_kernel(x, dt, A, B, C, self.chunk_size, ssm_state)
         else:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state)
-        y = y + self.D[:, None].to(y.dtype) * x  # (B, T, H, P): the skip connection
+        y = torch.addcmul(y, self.D[:, None].to(y.dtype), x)  # (B, T, H, P): y + D x, the skip connection
         new_state = {"conv": conv_state, "ssm": ssm_state} if keep_state else None
         return y.reshape(batch, length, self.inner_size), new_state
 
@@ -168,27 +180,23 @@ class Mamba2Mixer(nn.Module):
             # Real tokens first, in order, so the conv never sees a pad (works for left, right and holes).
             order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[..., None].expand_as(xBC)  # (B, T, C)
             xBC = xBC.gather(1, order)
-        inputs = xBC.transpose(1, 2)  # (B, C, T)
-        weight = self.conv1d.weight[:, 0]  # (C, K)
+        weight, bias, kernel = self.conv1d.weight[:, 0], self.conv1d.bias, self.conv_kernel  # weight (C, K)
 
-        if conv_state is None and mask is None and conv1d_backend(xBC.device) == "causal_conv1d":
-            out = conv1d_kernel(inputs, weight, self.conv1d.bias)
-            window = F.pad(inputs, (self.conv_kernel - 1, 0)) if keep_state else None
+        past = None if conv_state is None else conv_state.transpose(1, 2).to(xBC.dtype)  # (B, K-1, C)
+        if past is None and mask is None and conv1d_backend(xBC.device) == "causal_conv1d":
+            out = conv1d_kernel(xBC.transpose(1, 2), weight, bias).transpose(1, 2)  # (B, T, C)
         else:
-            if conv_state is None:
-                window = F.pad(inputs, (self.conv_kernel - 1, 0))  # (B, C, K-1 + T)
-            else:
-                window = torch.cat([conv_state.to(inputs.dtype), inputs], dim=-1)
-            out = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=channels)
-            out = F.silu(out.transpose(1, 2).contiguous()).transpose(1, 2)
+            out = F.silu(causal_conv(xBC, weight, bias, past))  # (B, T, C)
 
         new_state = None
         if keep_state:
+            if past is None:
+                past = xBC.new_zeros(batch, kernel - 1, channels)
+            window = torch.cat([past, xBC], dim=1)  # (B, K-1 + T, C): the inputs the conv has seen
             real = mask.sum(1) if mask is not None else torch.full((batch,), length, device=xBC.device)
-            # The row's last K-1 inputs end where its real tokens end: window[:, :, real : real + K-1].
-            index = real[:, None] + torch.arange(self.conv_kernel - 1, device=xBC.device)  # (B, K-1)
-            new_state = window.gather(2, index[:, None, :].expand(-1, channels, -1))  # (B, C, K-1)
-        out = out.transpose(1, 2)  # (B, T, C)
+            # The row's last K-1 inputs end where its real tokens end: window[:, real : real + K-1].
+            index = real[:, None] + torch.arange(kernel - 1, device=xBC.device)  # (B, K-1)
+            new_state = window.gather(1, index[..., None].expand(-1, -1, channels)).transpose(1, 2).contiguous()
         if order is not None:
             out = torch.empty_like(out).scatter(1, order, out)  # back to the original positions
         return out, new_state

@@ -1,56 +1,78 @@
 """Short causal depthwise convolution over (B, T, C), time-major, with a hand-written backward.
 
 Mamba-2's conv (kernel K = 4 over ~1000 channels) is all memory traffic and no arithmetic. torch's
-`F.conv1d` wants (B, C, T), so a time-major model pays two transposes, and its depthwise backward on
-CPU is slow; K multiply-adds over shifted views of the (B, T, C) input, forward and backward, are ~25%
-faster end to end. `causal_conv_reference` (F.conv1d) is the ground truth the tests hold it to.
+`F.conv1d` wants (B, C, T) and a left-padded copy of the input, so a time-major model pays two
+transposes and a copy, and its depthwise backward is slow on CPU. Here each tap is one multiply-add
+of a shifted view of the input, forward and backward, with no padded copy: ~25% faster end to end on
+CPU. `causal_conv_reference` (F.conv1d on the padded input) is the ground truth the tests hold it to.
 
-    out[b, t, c] = bias[c] + sum_k weight[c, k] * window[b, t + k, c]        k = 0 .. K-1
+    out[b, t, c] = bias[c] + sum_k weight[c, k] * u[b, t + k - (K-1), c]       k = 0 .. K-1
 
-where `window` (B, K-1 + T, C) is the K-1 previous inputs (the cached conv state, or zeros) followed by
-the T new ones, so out[t] sees inputs t-K+1 .. t.
+where u is the input x (B, T, C) preceded by `past` (B, K-1, C): the cached conv state, or zeros.
 """
 
 import torch
 import torch.nn.functional as F
 
 
+def _taps(kernel, length):
+    """For each tap k: its shift s = K-1-k, and how many outputs take that tap from x (the rest from past)."""
+    return [(k, kernel - 1 - k, max(length - (kernel - 1 - k), 0)) for k in range(kernel)]
+
+
 class _CausalDepthwiseConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, window, weight, bias):
-        kernel = weight.shape[1]
-        length = window.shape[1] - kernel + 1
-        taps = weight.t().contiguous()  # (K, C): one row of channel weights per tap
-        out = torch.addcmul(bias, window[:, :length], taps[0])  # (B, T, C)
-        for k in range(1, kernel):
-            out.addcmul_(window[:, k : k + length], taps[k])
-        ctx.save_for_backward(window, taps)
+    def forward(ctx, x, weight, bias, past):
+        kernel, length = weight.shape[1], x.shape[1]
+        taps = weight.t().contiguous()  # (K, C): the channel weights of each tap
+        out = torch.addcmul(bias, x, taps[-1])  # (B, T, C): the last tap, unshifted
+        for k, shift, n in _taps(kernel, length)[:-1]:
+            out[:, shift:].addcmul_(x[:, :n], taps[k])  # outputs t >= shift see x[t - shift]
+            if past is not None:  # outputs t < shift see past[K-1 + t - shift]
+                head = min(shift, length)
+                out[:, :head].addcmul_(past[:, k : k + head], taps[k])
+        ctx.save_for_backward(x, taps, past)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        window, taps = ctx.saved_tensors
-        kernel, length = taps.shape[0], grad.shape[1]
+        x, taps, past = ctx.saved_tensors
+        kernel, length = taps.shape[0], x.shape[1]
         grad = grad.contiguous()
-        grad_window = grad_weight = grad_bias = None
+        grad_x = grad_weight = grad_bias = grad_past = None
         if ctx.needs_input_grad[0]:
-            grad_window = grad.new_zeros(window.shape)  # (B, K-1 + T, C)
-            for k in range(kernel):
-                grad_window[:, k : k + length].addcmul_(grad, taps[k])
+            grad_x = grad * taps[-1]
+            for k, shift, n in _taps(kernel, length)[:-1]:
+                grad_x[:, :n].addcmul_(grad[:, shift:], taps[k])
         if ctx.needs_input_grad[1]:
-            # per channel, a dot product over batch and time of the gradient with each shifted input
-            grad_weight = torch.stack([(grad * window[:, k : k + length]).sum((0, 1)) for k in range(kernel)], 1)
+            # per channel, a dot product over batch and time of the gradient with each tap's input
+            columns = []
+            for k, shift, n in _taps(kernel, length):
+                column = (grad[:, shift:] * x[:, :n]).sum((0, 1))
+                if past is not None and shift:
+                    head = min(shift, length)
+                    column = column + (grad[:, :head] * past[:, k : k + head]).sum((0, 1))
+                columns.append(column)
+            grad_weight = torch.stack(columns, 1)  # (C, K)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.sum((0, 1))
-        return grad_window, grad_weight, grad_bias
+        if past is not None and ctx.needs_input_grad[3]:
+            grad_past = torch.zeros_like(past)
+            for k, shift, n in _taps(kernel, length)[:-1]:
+                head = min(shift, length)
+                grad_past[:, k : k + head].addcmul_(grad[:, :head], taps[k])
+        return grad_x, grad_weight, grad_bias, grad_past
 
 
-def causal_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """window (B, K-1 + T, C), weight (C, K), bias (C,) -> (B, T, C)."""
-    return _CausalDepthwiseConv.apply(window, weight, bias)
+def causal_conv(x, weight, bias, past=None):
+    """x (B, T, C), weight (C, K), bias (C,), past (B, K-1, C) or None (zeros) -> (B, T, C)."""
+    return _CausalDepthwiseConv.apply(x, weight, bias, past)
 
 
-def causal_conv_reference(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The same with torch's F.conv1d (channels first, no padding: the window already holds the past)."""
-    out = F.conv1d(window.transpose(1, 2), weight[:, None, :], bias, groups=weight.shape[0])  # (B, C, T)
-    return out.transpose(1, 2)
+def causal_conv_reference(x, weight, bias, past=None):
+    """The same with torch's F.conv1d, channels first, on the input with its past prepended."""
+    kernel = weight.shape[1]
+    if past is None:
+        past = x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
+    window = torch.cat([past, x], dim=1).transpose(1, 2)  # (B, C, K-1 + T)
+    return F.conv1d(window, weight[:, None, :], bias, groups=weight.shape[0]).transpose(1, 2)

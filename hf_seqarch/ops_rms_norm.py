@@ -32,6 +32,7 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
         width = x.shape[-1]
+        copied = not grad_output.is_contiguous()
         grad_output = grad_output.contiguous()  # one copy instead of strided walks in every pass below
         x_rows, r_rows = x.reshape(-1, width), r.reshape(-1)  # (N, H), (N,)
         grad_x_rows = (grad_output.reshape(-1, width) * x_rows)  # (N, H): dy * x
@@ -39,7 +40,8 @@ class RMSNormFunction(torch.autograd.Function):
         grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
         # d/dx of x * r: dy * weight * r - x * r^3 / H * sum_h(dy * weight * x)
         coefficient = (grad_x_rows @ weight) * r_rows.pow(3) / width  # (N,)
-        grad_input = torch.mul(grad_output, weight).mul_(r)
+        # Overwrite our own copy rather than allocate: fresh pages cost page faults on every step.
+        grad_input = (grad_output.mul_(weight) if copied else torch.mul(grad_output, weight)).mul_(r)
         grad_input.view(-1, width).addcmul_(x_rows, coefficient[:, None], value=-1)
         return grad_input, grad_weight, None
 

@@ -244,3 +244,23 @@ def test_torch_compile_inductor():
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits
         torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the example -------------------------------------------------------------------------------------
+
+
+def test_share_on_hub_example_runs(tmp_path):
+    """examples/share_on_hub.py end to end, briefly: it exits non-zero if the user's reload differs."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "share_on_hub.py")
+    run = subprocess.run(
+        [sys.executable, script, "--output_dir", str(tmp_path / "out"), "--steps", "2"],
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "same output" in run.stdout and "transformers_modules." in run.stdout
+    assert {"README.md", "tokenizer_config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))

@@ -18,6 +18,7 @@ from transformers import ByT5Tokenizer, pipeline
 
 from hf_seqarch import SeqArchForCausalLM
 from hf_seqarch.model_card_seqarch import CARD_MARKER, layer_decoding_state
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import HEADS, STACKS, main_output, random_ids, tiny_model
 
 pytestmark = pytest.mark.hub
@@ -254,7 +255,7 @@ def test_model_card_states_mixers_parameters_memory_and_loading(tmp_path):
     assert f"{model.num_parameters():,} parameters" in card.text
     assert 'AutoModelForCausalLM.from_pretrained("<org>/<name>", trust_remote_code=True)' in card.text
     assert "import hf_seqarch" in card.text
-    if any(m in ("attention",) for m in ALL_MIXERS):
+    if "attention" in ALL_MIXERS:
         assert "per generated token" in card.text
     if any(m in ("lstm", "gru", "mamba2", "linear_attention") for m in ALL_MIXERS):
         assert "constant" in card.text
@@ -270,7 +271,7 @@ def test_card_decoding_state_matches_the_real_cache(mixer):
     with torch.no_grad():
         for length in (5, 1, 1):  # a prefill, then two decode steps
             output = model(input_ids=random_ids(1, length, seed=seen), cache=cache, use_cache=True)
-            cache, seen = output.cache if hasattr(output, "cache") and output.cache is not None else output.past_key_values, seen + length
+            cache, seen = getattr(output, CACHE_FIELD), seen + length
             held = sum(t.numel() for t in cache.get_state(0).values())
             assert held == per_token * (seen if cap is None else min(seen, cap)) + constant, (mixer, seen)
 

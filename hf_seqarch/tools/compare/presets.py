@@ -39,7 +39,7 @@ class Preset:
     # batches alternating between the lengths. Keys and values come from the first `mqar_vocab` ids.
     mqar: tuple = ((64, 4), (128, 8))
     mqar_vocab: int = 64
-    mqar_steps: int = 600
+    mqar_steps: int = 400
     mqar_batch_size: int = 32
     mqar_eval_examples: int = 256
     # Selective copying (Mamba paper): total length, tokens to copy, alphabet (noise 0 and marker included).

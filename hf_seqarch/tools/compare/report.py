@@ -96,6 +96,8 @@ def render(results: dict, plots: list[str]) -> str:
 
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    elif results.get("plots_note"):
+        out += ["", "## Plots", "", results["plots_note"]]
     out += ["", "## Checkpoints", "",
             "`checkpoints/<architecture>/` holds each byte-level text model (save_pretrained). Load it with:", "",
             "```python", "import hf_seqarch  # registers the seqarch model type", "from transformers import AutoModelForCausalLM",

@@ -209,7 +209,9 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         results["environment"]["load_average_end"] = _load_average()
         results["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
         plots = write_plots(results, output_dir)
-        results["plots"] = plots or PLOTS_MISSING
+        results["plots"] = plots
+        if not plots:
+            results["plots_note"] = PLOTS_MISSING
         _write_report(results, output_dir, plots)
     return results
 
@@ -248,8 +250,8 @@ def main_compare(args) -> int:
               file=sys.stderr)
         return 130
     failed = [n for n, a in results["architectures"].items() if a.get("error")]
-    print(f"Wrote {results['output_dir']}/report.md, results.json, {len(results['plots']) if isinstance(results['plots'], list) else 0} "
-          f"plot(s) and checkpoints/ ({results['wall_seconds']:.0f} s).")
+    print(f"Wrote {results['output_dir']}/report.md, results.json, {len(results['plots'])} plot(s) and checkpoints/ "
+          f"({results['wall_seconds']:.0f} s).")
     for verdict in results["verdicts"]:
         print(f"- {verdict['claim']}: {verdict['verdict']}")
     if failed:

@@ -93,7 +93,7 @@ def quadratic_cost(archs):
     att_mem = cost_exponent(archs["transformer"]["training_speed"], "peak_memory_bytes")
     rnn_mem = cost_exponent(archs[rec]["training_speed"], "peak_memory_bytes")
     evidence = (f"time per sequence grows as n^{att:.2f} for the transformer and n^{rnn:.2f} for the {rec} "
-                f"(memory: n^{att_mem:.2f} and n^{rnn_mem:.2f})")
+                f"(peak memory per sequence: n^{_exp(att_mem)} and n^{_exp(rnn_mem)})")
     if att - rnn >= EXPONENT_MARGIN and rnn <= LINEAR_EXPONENT:
         return _verdict("quadratic", SUPPORTED, evidence)
     if att - rnn < EXPONENT_MARGIN / 2:
@@ -176,6 +176,10 @@ def linear_time(archs):
 
 def all_verdicts(archs) -> list[dict]:
     return [check(archs) for check in (parallel_training, quadratic_cost, streaming_memory, recall, linear_time)]
+
+
+def _exp(value):
+    return "?" if value is None else f"{value:.2f}"
 
 
 def _kib(size):

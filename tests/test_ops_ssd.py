@@ -1,0 +1,75 @@
+"""mamba2's fast ops against their plain references: grouped SSD (ops_ssd) and the causal conv (ops_causal_conv)."""
+
+import pytest
+import torch
+
+from hf_seqarch.ops_causal_conv import causal_conv, causal_conv_reference
+from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference
+
+
+def ssd_inputs(T, heads, groups, dtype, with_state, strong=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, P, N = 2, 3, 5
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    x, B, C = randn(b, T, heads, P), randn(b, T, groups, N), randn(b, T, groups, N)
+    dt = torch.rand(b, T, heads, generator=g, dtype=torch.float64).to(dtype)
+    dt[0, T // 2 :: 3] = 0  # pads: dt = 0 leaves the state unchanged
+    A = -torch.rand(heads, generator=g, dtype=torch.float64).to(dtype) * (400 if strong else 1)
+    state = randn(b, heads, P, N) if with_state else None
+    return x, dt, A, B, C, state
+
+
+def outputs_and_grads(fn, inputs, **kwargs):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    y, state = fn(*leaves[:5], initial_state=leaves[5], **kwargs)
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (y, state)]
+    used = [t for t in leaves if t is not None]
+    return [y.detach(), state.detach(), *torch.autograd.grad((y, state), used, upstream)]
+
+
+NAMES = ["y", "final_state", "dx", "ddt", "dA", "dB", "dC", "dinitial_state"]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("T", [1, 4, 11, 16])
+@pytest.mark.parametrize("heads,groups", [(4, 1), (4, 2), (4, 4)])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
+def test_ssd_chunked_matches_sequential_reference(dtype, tol, T, heads, groups, with_state):
+    inputs = ssd_inputs(T, heads, groups, dtype, with_state)
+    got = outputs_and_grads(ssd_chunked, inputs, chunk_size=4)  # 11: two full chunks and a partial one
+    want = outputs_and_grads(ssd_reference, inputs)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+def test_ssd_chunked_is_finite_with_strong_decay():
+    """dt * A down to about -400 per step: segment sums stay inside a chunk, nothing overflows."""
+    inputs = ssd_inputs(64, 4, 1, torch.float32, with_state=True, strong=True)
+    got = outputs_and_grads(ssd_chunked, inputs, chunk_size=16)
+    want = outputs_and_grads(ssd_reference, inputs)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 9])  # shorter and longer than the kernel's K-1 = 3 taps of past
+@pytest.mark.parametrize("with_past", [False, True], ids=["zero_past", "past"])
+def test_causal_conv_matches_conv1d(T, with_past):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, T, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    past = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True) if with_past else None
+    leaves = [t for t in (x, weight, bias, past) if t is not None]
+    upstream = torch.randn(2, T, 6, generator=g, dtype=torch.float64)
+    got = causal_conv(x, weight, bias, past)
+    want = causal_conv_reference(x, weight, bias, past)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(want, leaves, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(causal_conv, (x, weight, bias, past))
