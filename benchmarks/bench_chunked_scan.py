@@ -43,7 +43,8 @@ def make_inputs(args, T, device):
     B, H, N, P = args.batch, args.heads, args.state, args.dim
     q, k, v = randn(B, T, H, N, scale=N**-0.5), randn(B, T, H, N, scale=N**-0.5), randn(B, T, H, P)
     log_decay = (-torch.rand(B, T, H, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_()
-    grads = (torch.randn(B, T, H, P, generator=g).to(device, dtype), torch.randn(B, H, P, N, generator=g).to(device, dtype))
+    dy, dstate = torch.randn(B, T, H, P, generator=g), torch.randn(B, H, P, N, generator=g)
+    grads = (dy.to(device, dtype), dstate.to(device, dtype))  # random upstream gradients
     return (q, k, v, log_decay), grads
 
 
@@ -142,8 +143,8 @@ def main():
         return
 
     print(
-        f"device={args.device} ({torch.get_num_threads()} threads, {args.clock} clock)  dtype={args.dtype}  B={args.batch} H={args.heads} "
-        f"P={args.dim} N={args.state} chunk={args.chunk}  torch {torch.__version__}"
+        f"device={args.device} ({torch.get_num_threads()} threads, {args.clock} clock)  dtype={args.dtype}  "
+        f"B={args.batch} H={args.heads} P={args.dim} N={args.state} chunk={args.chunk}  torch {torch.__version__}"
     )
 
     # 1. chunked vs reference
@@ -158,7 +159,7 @@ def main():
     del inputs, grads
 
     # 2. scaling with T
-    mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "ru_maxrss growth, fresh process per T"
+    mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "peak RSS growth, fresh process per T"
     print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}):")
     print(f"  {'T':>6} {'time ms':>9} {'x prev':>7} {'peak MiB':>9} {'x prev':>7}")
     prev = None

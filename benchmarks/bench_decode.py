@@ -10,8 +10,8 @@ clock is this process's CPU time (--clock cpu, the default): the machine may be 
 the slices other processes take from a preempted step; with one thread CPU time is the work done. The prompt is
 prefilled in chunks of 1024 where the model supports it (ours, Llama), in one piece for HF Mamba2 (its generate()
 refuses chunked prefill).
-Footprint: bytes of all tensors in the returned cache. The whole sweep runs `repeats` times, models
-interleaved at each length; medians over repeats.
+Footprint: bytes of the tensors in the returned cache (ours: get_memory_footprint()). The whole sweep runs
+`repeats` times, models interleaved at each length; medians over repeats.
 
 Part 2, streaming: per-token time of StreamingSession.greedy (the single-token step path) against generate()
 for the same model, and a plain forward loop (model(...) per token under no_grad) to show where the time goes.
@@ -58,7 +58,7 @@ class StepClock(LogitsProcessor):
 
 
 def tensor_bytes(obj, seen=None) -> int:
-    """Bytes of every tensor reachable from a cache object (ours, DynamicCache and its layers), each counted once."""
+    """Bytes of every tensor reachable from a transformers cache object (DynamicCache and its layers), each once."""
     seen = set() if seen is None else seen
     if id(obj) in seen:
         return 0
@@ -108,7 +108,9 @@ def generate_cost(model, context, new_tokens, seed=0):
         kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
     output = model.generate(ids, **kwargs)
     cache = output["cache"] if "cache" in output else output["past_key_values"]
-    return step_clock.per_token(), tensor_bytes(cache)
+    # Ours: the documented count (its full-attention layers also keep up to 25% + 256 positions of spare room).
+    footprint = cache.get_memory_footprint() if isinstance(cache, SeqArchCache) else tensor_bytes(cache)
+    return step_clock.per_token(), footprint
 
 
 def part_one(mixers, contexts, new_tokens, repeats):

@@ -37,6 +37,10 @@ ARCHITECTURES = {
     "transformer": (["attention"], (2, 10, 10), {}),
     "sliding-transformer": (["sliding_attention"], (2, 10, 10), {}),
     "lstm-attention": (["attention", "lstm"], (2, 9, 9), {}),  # 5 attention + 4 LSTM layers, alternating
+    # mamba2 (expand 2, state 64, head dim 64) is ~6h^2 + 2*64h per layer before the MLP: 9 layers ~ 10 attention.
+    "mamba2": (["mamba2"], (2, 9, 9), {}),
+    "linear-attention": (["linear_attention"], (2, 10, 10), {}),  # q, k, v, o: the attention layer's 4h^2
+    "mamba2-attention": (["mamba2", "attention", "mamba2"], (2, 9, 9), {}),  # 6 mamba2 + 3 attention layers
 }
 
 

@@ -29,6 +29,8 @@ FEATURE_MAPS = {
 
 
 class LinearAttentionMixer(nn.Module):
+    """q/k/v projections, feature map, (decayed) linear-attention scan, per-head RMSNorm, output projection."""
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -7,8 +7,8 @@ The SSD layer is the gated linear recurrence of `ops_chunked_scan` with, per hea
     y = scan(q, k, v, log_decay) + D * x
 
 Three paths that agree: the full-sequence forward and the chunked prefill from a cached state (both
-`chunked_scan`, or mamba_ssm's kernel on CUDA), and the single-step decode (`scan_step` and one conv
-step). Cached state per layer: {"conv": (B, conv_dim, K-1) last K-1 conv inputs, "ssm": (B, H, P, N)}.
+`ops_ssd.ssd_chunked`, the chunked algorithm with B and C kept per group; or mamba_ssm's kernel on
+CUDA), and the single-step decode (`scan_step` and one conv step). Cached state per layer: {"conv": (B, conv_dim, K-1) last K-1 conv inputs, "ssm": (B, H, P, N)}.
 
 Padding never enters a state. Before the conv, each row's real tokens are moved to the front (in
 order) and the conv output is moved back, so the conv only ever sees real tokens and its cached state
@@ -58,7 +58,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = y.dtype
+        dtype = gate.dtype  # the model's dtype (y may come out of the scan in float32)
         y = y.float() * F.silu(gate.float())
         if self.group_size == y.shape[-1] and use_fast_rms_norm(y, self.weight):
             return RMSNormFunction.apply(y, self.weight, self.eps)  # one group: the shared fast CPU backward

@@ -13,11 +13,11 @@ With cs the cumulative sum of a inside a chunk of L steps:
   3. recurrence:   S_in^{c+1} = exp(cs_L) S_in^c + S^c                      a scan over chunks, O(T / L)
   4. output:       y_i += exp(cs_i) S_in q_i                                 the state entering the chunk
 
-Every decay is exp of a sum of log_decay over a segment inside one chunk (a difference of cumsums,
-taken in float64), so nothing overflows or loses precision however long the sequence or strong the
-gates. Decays are floored at exp(-60) ~ 1e-26 and the causal mask is applied with tril rather than
-exp(-inf): float32 denormals, exp(-inf) and exp(+large) all take a very slow path on CPU (10-80x),
-and no result can tell exp(-60) from anything smaller.
+Every decay is exp of a sum of log_decay over a segment inside one chunk (a masked cumsum, or a
+difference of float64 cumsums), so nothing overflows or loses precision however long the sequence
+or strong the gates. Decays are floored at exp(-60) ~ 1e-26 and the causal mask is applied with
+tril rather than exp(-inf): float32 denormals, exp(-inf) and exp(+large) all take a very slow path
+on CPU (10-80x), and no result can tell exp(-60) from anything smaller.
 
 The backward is written by hand (a torch.autograd.Function): it needs the same 8 batched matmuls as
 autograd would but far fewer elementwise passes, and gets the log_decay gradient from the identity
@@ -58,13 +58,14 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, a, state):
+        L = a.shape[-1]
         # (B, H, C, L): log decay from the chunk's start to step i inclusive; in float64 so that
         # differences of large cumsums (strong gates) keep float32 precision.
         cs = a.to(torch.float64).cumsum(-1)
 
-        # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(cs_i - cs_j) for j <= i, else 0.
-        #    Masked by zeroing above the diagonal before the exp (where it could overflow) and after it.
-        segsum = (cs[..., :, None] - cs[..., None, :]).to(q.dtype).tril_()  # (B, H, C, L, L)
+        # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(a_{j+1} + ... + a_i) for j <= i, else 0.
+        #    The segment sums are exact (a masked cumsum, not cs_i - cs_j) and 0 on and above the diagonal.
+        segsum = a[..., :, None].expand(*a.shape, L).tril(-1).cumsum_(-2)  # (B, H, C, L, L)
         decay = segsum.clamp_(min=LOG_DECAY_FLOOR).exp_().tril_()  # (B, H, C, L, L)
         scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (B, H, C, L, L)
         y = _bmm(scores, v)  # (B, H, C, L, P)

@@ -72,7 +72,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64, initial_state=None):
     states_in = []  # the state entering each chunk
     for contribution, d in zip(chunk_states.unbind(2), chunk_decay.unbind(-1)):  # unbind: one cheap backward
         states_in.append(state)
-        state = d[..., None] * state + contribution  # (b, G, R*P, N)
+        state = torch.addcmul(contribution, d[..., None], state)  # (b, G, R*P, N): d * state + contribution
     states_in = torch.stack(states_in, 2)  # (b, G, nc, R*P, N)
 
     # 4. State to output, y_i += exp(a_1 + ... + a_i) C_i . S_in, a group's heads as columns.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_seqarch  # noqa: F401  (registers the seqarch Auto classes)
@@ -82,6 +83,6 @@ def test_pretrain_then_finetune_a_classifier(single_process_run, tmp_path):
         assert 0.0 <= json.load(f)["eval_accuracy"] <= 1.0
     classifier = AutoModelForSequenceClassification.from_pretrained(output_dir)
     assert classifier.config.id2label[1] == "compound"
-    for name, weight in lm.model.state_dict().items():  # fine-tuning changed the body it started from
-        if name.endswith("embed_tokens.weight"):
-            assert not (classifier.model.state_dict()[name] == weight).all()
+    # It started from the pretrained body and trained it.
+    assert classifier.model.embed_tokens.weight.shape == lm.model.embed_tokens.weight.shape
+    assert not torch.equal(classifier.model.embed_tokens.weight, lm.model.embed_tokens.weight)

@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--architectures", default=None,
                          help="comma-separated subset of lstm,transformer,sliding_window,mamba2,linear_attention,hybrid,gru "
                               "(default: all but gru)")
+    compare.add_argument("--threads", type=int, default=None,
+                         help="CPU threads for torch (default: torch's choice); 1 avoids OpenMP stalls on a busy machine")
     return parser
 
 

@@ -30,6 +30,9 @@ class Preset:
     # Decoding: one token at a time after a prompt of each context length (batch 1).
     decode_contexts: tuple = (128, 512, 2048)
     decode_repeats: int = 8
+    # Batch-1 decoding is a latency: on CPU it is timed on this many threads (None: torch's default). One thread
+    # avoids timing how soon the OS schedules a second thread for kernels too small to split.
+    cpu_decode_threads: int | None = 1
     # Training through the Trainer: per task, the same steps, batches and optimiser for every architecture.
     learning_rate: float = 3e-3
     warmup_ratio: float = 0.1

@@ -64,8 +64,9 @@ def render(results: dict, plots: list[str]) -> str:
     contexts = list(preset["decode_contexts"])
     out += ["", "## Decoding against context length", "",
             f"Batch 1: a prompt of each length prefilled, then one token per forward from the cache; "
-            f"2 warm-up tokens, median of {preset['decode_repeats']}. Cache size: `SeqArchCache.get_memory_footprint()` "
-            "after the prompt.", ""]
+            f"2 warm-up tokens, median of {preset['decode_repeats']}"
+            + (f", on {preset['cpu_decode_threads']} CPU thread(s)" if env["device"] == "cpu" and preset.get("cpu_decode_threads") else "")
+            + ". Cache size: `SeqArchCache.get_memory_footprint()` after the prompt.", ""]
     out += _table(["architecture"] + [f"ms/token @{c}" for c in contexts] + [f"cache KiB @{c}" for c in contexts],
                   [[n] + _cells(a.get("decode"), "context", contexts, "ms_per_token", lambda x: f"{x:.2f}")
                    + _cells(a.get("decode"), "context", contexts, "cache_bytes", _kib)

@@ -95,7 +95,13 @@ def phase_training_speed(config, preset, device, ctx):
 
 
 def phase_decode(config, preset, device, ctx):
-    return decode_costs(config, device, preset.decode_contexts, preset.decode_repeats, seed=preset.seed)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and preset.cpu_decode_threads:
+        torch.set_num_threads(preset.cpu_decode_threads)
+    try:
+        return decode_costs(config, device, preset.decode_contexts, preset.decode_repeats, seed=preset.seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def phase_mqar(config, preset, device, ctx):
@@ -103,7 +109,7 @@ def phase_mqar(config, preset, device, ctx):
         length, pairs = preset.mqar[i % len(preset.mqar)]
         return mqar_batch(preset.mqar_batch_size, length, pairs, preset.mqar_vocab, generator(preset.seed, 1, i))
 
-    model, summary = train(config, batch, preset.mqar_steps, preset, device)
+    model, summary = train(config, batch, preset.mqar_steps, preset, device, ctx.get("progress"))
     accuracy = {}
     for length, pairs in preset.mqar:
         held_out = mqar_batch(preset.mqar_eval_examples, length, pairs, preset.mqar_vocab, generator(preset.seed, 101, length))
@@ -116,7 +122,7 @@ def phase_selective_copying(config, preset, device, ctx):
         return copying_batch(preset.copy_batch_size, preset.copy_length, preset.copy_tokens, preset.copy_alphabet,
                              generator(preset.seed, 2, i))
 
-    model, summary = train(config, batch, preset.copy_steps, preset, device)
+    model, summary = train(config, batch, preset.copy_steps, preset, device, ctx.get("progress"))
     held_out = copying_batch(preset.copy_eval_examples, preset.copy_length, preset.copy_tokens, preset.copy_alphabet,
                              generator(preset.seed, 102))
     return dict(train=summary, accuracy=token_accuracy(model, *held_out, device))
@@ -128,7 +134,7 @@ def phase_text(config, preset, device, ctx):
     def batch(i):
         return text.train_batch(preset.text_batch_size, preset.text_length, generator(preset.seed, 3, i))
 
-    model, summary = train(config, batch, preset.text_steps, preset, device)
+    model, summary = train(config, batch, preset.text_steps, preset, device, ctx.get("progress"))
     held_out, _ = text.eval_windows(preset.text_length, preset.text_eval_windows)
     folder = os.path.join(ctx["output_dir"], "checkpoints", ctx["name"])
     model.save_pretrained(folder)
@@ -141,9 +147,11 @@ PHASE_FUNCTIONS = {name: globals()[f"phase_{name}"] for name in PHASES}
 
 # -- the run ---------------------------------------------------------------------------------------------------
 def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", device: str = "cpu",
-                architectures: str | None = None, command: str | None = None) -> dict:
+                architectures: str | None = None, threads: int | None = None, command: str | None = None) -> dict:
     """Run the comparison and write report.md, results.json, plots and checkpoints into `output_dir`."""
     preset = get_preset(preset)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}.")
     if preset.mqar_vocab > preset.vocab_size:
         raise ValueError(f"Preset {preset.name!r}: mqar_vocab {preset.mqar_vocab} exceeds vocab_size {preset.vocab_size}.")
     for length, pairs in preset.mqar:
@@ -155,6 +163,9 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         raise ValueError(f"None of the architectures can run in this build: {skipped}.")
     output_dir = prepare_output_dir(output_dir)
     target, sizes = matched_configs(names, preset)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # before environment() records it; restored at the end
 
     results = dict(
         format_version=1, status="running", command=command or f"hf-seqarch compare --preset {preset.name}",
@@ -181,6 +192,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         for index, (phase, name) in enumerate(stages):
             arch = results["architectures"][name]
             bar.set_postfix_str(f"{phase}: {name}")
+            ctx["progress"] = lambda step, total, label=f"{phase}: {name}": bar.set_postfix_str(f"{label} step {step}/{total}")
             if not arch.get("error"):
                 began = time.perf_counter()
                 try:
@@ -203,6 +215,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     finally:
         bar.close()
         transformers.logging.set_verbosity(verbosity)
+        torch.set_num_threads(previous_threads)
         if inner_bars:
             transformers.logging.enable_progress_bar()
         results["wall_seconds"] = time.perf_counter() - start
@@ -240,8 +253,10 @@ def main_compare(args) -> int:
     command = f"hf-seqarch compare --preset {args.preset} --output-dir {args.output_dir} --device {args.device}"
     if args.architectures:
         command += f" --architectures {args.architectures}"
+    if args.threads:
+        command += f" --threads {args.threads}"
     try:
-        results = run_compare(args.preset, args.output_dir, args.device, args.architectures, command=command)
+        results = run_compare(args.preset, args.output_dir, args.device, args.architectures, args.threads, command=command)
     except ValueError as err:
         print(f"hf-seqarch compare: error: {err}", file=sys.stderr)
         return 2

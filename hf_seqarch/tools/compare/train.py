@@ -10,7 +10,7 @@ import tempfile
 import time
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ...modeling_seqarch import SeqArchForCausalLM
@@ -19,7 +19,18 @@ from .tasks import IGNORE, BatchDataset, unwrap_batch
 EVAL_BATCH = 32
 
 
-def train(config, make_batch, steps: int, preset, device: torch.device) -> tuple[SeqArchForCausalLM, dict]:
+class StepReporter(TrainerCallback):
+    """Hands (step, total) to `report` about twenty times per run, for the caller's progress bar."""
+
+    def __init__(self, report, total):
+        self.report, self.every = report, max(1, total // 20)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.report(state.global_step, state.max_steps)
+
+
+def train(config, make_batch, steps: int, preset, device: torch.device, progress=None) -> tuple[SeqArchForCausalLM, dict]:
     """A fresh model trained on batches `make_batch(0 .. steps-1)`; returns it (in eval mode) and a summary."""
     seed = preset.seed
     torch.manual_seed(seed)
@@ -47,6 +58,8 @@ def train(config, make_batch, steps: int, preset, device: torch.device) -> tuple
                           data_collator=unwrap_batch)
         for callback in (PrinterCallback, ProgressCallback):
             trainer.remove_callback(callback)
+        if progress is not None:
+            trainer.add_callback(StepReporter(progress, steps))
         start = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - start

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU checks: every `cuda`-marked test, then the benchmarks that take --device cuda. Installs nothing
+# (mamba_ssm / causal_conv1d are used if already installed, and the output says whether they were).
+# Sized to finish in under 8 minutes on one H100 (~3 expected): each step has a time limit, together 7.5 minutes,
+# so a hang fails loudly instead of eating the GPU's time.
+#
+#     bash benchmarks/gpu_check.sh            # from the repository root, in the environment to check
+#     PYTHON=/path/to/python bash benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+export HF_HUB_OFFLINE=1  # nothing from the network: no Hub kernels, no downloads
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check.sh: FAILED before starting: no CUDA GPU visible to torch (torch.cuda.is_available() is False)." >&2
+    echo "  torch: $("$PYTHON" -c 'import torch; print(torch.__version__, "CUDA build:", torch.version.cuda)' 2>&1)" >&2
+    exit 2
+fi
+
+"$PYTHON" - <<'EOF'
+import importlib.util, torch
+from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend
+print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__} (CUDA {torch.version.cuda})")
+for package in ("mamba_ssm", "causal_conv1d", "flash_attn"):
+    print(f"  {package:<14} {'installed' if importlib.util.find_spec(package) else 'not installed'}")
+print(f"  mamba2 scan backend on cuda: {mamba2_backend('cuda')}, conv backend: {conv1d_backend('cuda')}")
+EOF
+
+step() {  # step <seconds> <title> <command...>
+    local limit=$1 title=$2
+    shift 2
+    echo
+    echo "=== $title (limit ${limit}s)"
+    local start=$SECONDS status=0
+    timeout "$limit" "$@" || status=$?
+    if [ "$status" -ne 0 ]; then
+        [ "$status" -eq 124 ] && echo "gpu_check.sh: '$title' ran past ${limit}s" >&2
+        echo "gpu_check.sh: FAILED at '$title' (exit $status)" >&2
+        exit "$status"
+    fi
+    echo "--- $title: $((SECONDS - start))s"
+}
+
+# -rs lists the skipped tests with their reasons (e.g. a kernel package that is not installed).
+step 120 "cuda-marked tests" "$PYTHON" -m pytest -q -rs -m cuda tests/
+step 180 "bench_linear_time: mamba2 vs transformers Mamba2, growth per doubling" \
+    "$PYTHON" benchmarks/bench_linear_time.py --device cuda --max-eager-gb 16
+step 90 "bench_chunked_scan: chunked vs sequential reference, growth per doubling" \
+    "$PYTHON" benchmarks/bench_chunked_scan.py --device cuda
+step 60 "bench_train_step: attention and lstm vs their anchors" \
+    "$PYTHON" benchmarks/bench_train_step.py --device cuda --quick
+echo
+echo "gpu_check.sh: all GPU checks passed in ${SECONDS}s"
