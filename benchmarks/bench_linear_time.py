@@ -16,6 +16,11 @@
     python benchmarks/bench_linear_time.py --quick             # short lengths, fewer repeats (~3 minutes)
     python benchmarks/bench_linear_time.py --device cuda
     python benchmarks/bench_linear_time.py --threads 1 --clock cpu   # on a CPU shared with other jobs
+    python benchmarks/bench_linear_time.py --skip throughput --keep-freed-memory   # growth without page faults
+
+On CPU, glibc returns every freed block over 32 MiB to the OS, so a step whose tensors cross that size
+(mamba2 at T=16384, batch 1) pays page faults on every step: kernel time that the cpu clock counts.
+--keep-freed-memory sets GLIBC_TUNABLES in the scaling children so that malloc keeps such blocks.
 """
 
 import argparse
@@ -176,10 +181,16 @@ def measure(args, name, length, device, clock):
     return seconds, peak
 
 
-def measure_in_subprocess(name, length):
+# glibc hands every freed block over 32 MiB back to the OS, so a tensor that large is page-faulted in
+# again at every step (kernel time that grows with T). These thresholds make malloc keep freed memory.
+KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+
+
+def measure_in_subprocess(args, name, length):
     """CPU memory: a fresh interpreter per (mixer, length), so earlier peaks do not hide this one."""
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", name, str(length)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ, GLIBC_TUNABLES=KEEP_FREED_MEMORY) if args.keep_freed_memory else None
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{name} at T={length} failed:\n{result.stderr[-2000:]}")
     return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -187,6 +198,8 @@ def measure_in_subprocess(name, length):
 
 def scaling(args, device, clock):
     note = "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM growth, fresh process"
+    if device.type == "cpu":
+        note += ", malloc keeps freed memory" if args.keep_freed_memory else ", default malloc"
     print(f"\n2. one training step at batch 1 vs T (peak memory: {note}); 'x' = growth per doubling")
     print(f"{'mixer':>17} {'T':>6} {'time ms':>9} {'x':>6} {'peak MiB':>9} {'x':>6}")
     worst = {}
@@ -201,7 +214,7 @@ def scaling(args, device, clock):
             if device.type == "cuda":
                 seconds, peak = measure(args, name, length, device, clock)
             else:
-                seconds, peak = measure_in_subprocess(name, length)
+                seconds, peak = measure_in_subprocess(args, name, length)
             time_x = seconds / previous[0] if previous else None
             memory_x = peak / max(previous[1], 1) if previous else None
             if time_x is not None:
@@ -221,7 +234,7 @@ def scaling(args, device, clock):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="throughput at T=1024 only, scaling from 256 to 2048, 1 warm-up and 3 repeats")
+                        help="throughput at T=1024 only, scaling from 256 to 2048, 1 warm-up, 3 (throughput) or 2 repeats")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=8192, help="batch x length per throughput step")
     parser.add_argument("--throughput-lengths", type=int, nargs="+", default=None)
@@ -232,6 +245,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="throughput repeats (median)")
     parser.add_argument("--scaling-repeats", type=int, default=None)
     parser.add_argument("--max-eager-gb", type=float, default=6.0, help="skip eager attention above this much scores")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU scaling: run each child with GLIBC_TUNABLES set so that malloc keeps freed blocks "
+                             "over 32 MiB instead of returning them to the OS (otherwise re-faulting them in at every "
+                             "step adds kernel time that grows with T, for every mixer)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this process's CPU time, steadier than wall time on a machine shared with other "
@@ -251,7 +268,7 @@ def main():
     args.scaling_lengths = args.scaling_lengths or ([256, 512, 1024, 2048] if quick else [1024, 2048, 4096, 8192, 16384])
     args.warmup = args.warmup or (1 if quick else 2)
     args.repeats = args.repeats or (3 if quick else 5)
-    args.scaling_repeats = args.scaling_repeats or (2 if quick else 3)
+    args.scaling_repeats = args.scaling_repeats or (2 if quick else 5)
     logging.set_verbosity_error()  # the anchor warns at every call that it runs without mamba_ssm
 
     if args._child is not None:  # one (mixer, length) in a fresh process: CPU peak memory

@@ -53,7 +53,7 @@ def main():
     parser = HfArgumentParser((ScriptArguments, TrainingArguments))
     parser.set_defaults(
         output_dir="outputs/classifier",
-        num_train_epochs=3,
+        num_train_epochs=8,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=32,
         learning_rate=1e-3,

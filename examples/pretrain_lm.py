@@ -10,7 +10,8 @@ tokenizer is byte-level (ByT5Tokenizer needs no files), so this runs on a fresh 
 
 --preset is a folder name in configs/ or a path to any folder with a config.json. Every TrainingArguments
 flag works too: --max_steps, --per_device_train_batch_size, --gradient_accumulation_steps, --bf16,
---gradient_checkpointing, --resume_from_checkpoint outputs/pretrain_lm/checkpoint-200, ...
+--gradient_checkpointing (--activation_checkpointing from transformers 5.24), --resume_from_checkpoint
+outputs/pretrain_lm/checkpoint-200, ...
 """
 
 from dataclasses import dataclass, field

@@ -26,7 +26,8 @@ class RecurrentMixer(nn.Module):
         cache = context.cache
         initial = self._unpack_state(cache.get_state(self.layer_idx)) if cache is not None else None
         mask = context.token_mask
-        if hidden_states.shape[1] == 1 and not self.bidirectional:
+        # Weights on the meta device are offloaded by accelerate: only the module's own call loads them.
+        if hidden_states.shape[1] == 1 and not self.bidirectional and not self.rnn.weight_ih_l0.is_meta:
             output, final = self._decode_step(hidden_states, mask, initial)
         elif mask is None:
             output, final = self.rnn(hidden_states, initial)

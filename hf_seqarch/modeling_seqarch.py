@@ -439,6 +439,11 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
+                # transformers' MSE / BCE losses return this micro-batch's mean and ignore num_items_in_batch, while
+                # the Trainer (seeing **kwargs) no longer divides by the accumulation steps: make it sum / num_items.
+                loss = loss * labels.numel() / num_items
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
     def _real_token_mask(self, input_ids, attention_mask, hidden_states):

@@ -28,10 +28,24 @@ Shapes: B batch, T time, H heads, N key/query size (Mamba-2: state size), P valu
 C number of chunks, L chunk length.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
+
+
+def autocast_off(fn):
+    """Run `fn` with autocast disabled: it picks its compute dtype itself (float32), which autocast would override."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _compute_dtype(dtype):
@@ -127,6 +141,7 @@ class _ChunkedScan(torch.autograd.Function):
         return dq, dk, dv, da, dstate
 
 
+@autocast_off
 def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     """Chunked (state-space-duality) evaluation of the gated linear recurrence
          S_t = exp(log_decay_t) * S_{t-1} + v_t k_t^T        S: (B, H, P, N)

@@ -23,7 +23,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         width = x.shape[-1]
-        r = torch.rsqrt(torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1) / width + eps)  # (..., 1)
+        with torch.autocast(x.device.type, enabled=False):  # float32 statistics even inside autocast
+            r = torch.rsqrt(torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1) / width + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, r)
         return torch.mul(x, r).mul_(weight)
 
@@ -32,8 +33,9 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
         width = x.shape[-1]
-        copied = not grad_output.is_contiguous()
-        grad_output = grad_output.contiguous()  # one copy instead of strided walks in every pass below
+        # Under autocast the gradient can arrive in bf16/fp16 while x is float32: compute in x's dtype.
+        copied = not grad_output.is_contiguous() or grad_output.dtype != x.dtype
+        grad_output = grad_output.to(x.dtype).contiguous()  # one copy instead of strided walks in every pass below
         x_rows, r_rows = x.reshape(-1, width), r.reshape(-1)  # (N, H), (N,)
         grad_x_rows = (grad_output.reshape(-1, width) * x_rows)  # (N, H): dy * x
         # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
@@ -57,6 +59,7 @@ class RMSNorm(nn.RMSNorm):
             and self.weight.dtype == torch.float32
             and tuple(self.normalized_shape) == (x.shape[-1],)
             and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")  # autocast would run the forward's products in bf16
             and (x.requires_grad or self.weight.requires_grad)
         )
         if not fast:

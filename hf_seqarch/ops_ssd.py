@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .ops_chunked_scan import scan_reference
+from .ops_chunked_scan import autocast_off, scan_reference
 
 
+@autocast_off
 def ssd_chunked(x, dt, A, B, C, chunk_size=64, initial_state=None):
     """y_t = C_t . S_t with S_t = exp(dt_t A) S_{t-1} + (dt_t x_t) B_t^T, per head, in chunks.
 

@@ -54,7 +54,7 @@ def test_results_hold_every_figure(run):
         assert [r["context"] for r in arch["decode"]] == list(PRESET.decode_contexts)
         assert set(arch["mqar"]["accuracy"]) == {str(length) for length, _ in PRESET.mqar}
         assert all(0 <= acc <= 1 for acc in arch["mqar"]["accuracy"].values())
-        assert arch["mqar"]["train"]["steps"] == PRESET.train_steps
+        assert arch["mqar"]["train"]["steps"] == PRESET.mqar_steps
         assert 0 <= arch["selective_copying"]["accuracy"] <= 1
         assert 0 < arch["text"]["bits_per_byte"] < 12  # near 8 (uniform over 256) after 3 steps
     decode = {n: [r["cache_bytes"] for r in a["decode"]] for n, a in results["architectures"].items()}

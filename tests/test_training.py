@@ -110,9 +110,17 @@ def test_gradient_accumulation_is_exact(stack, tmp_path):
     assert accumulation_difference(build, token_examples(8), tmp_path) < 1e-5
 
 
-def test_gradient_accumulation_is_exact_for_sequence_classification(tmp_path):
-    examples = [dict(e, labels=i % 3) for i, e in enumerate(token_examples(8, seed=1))]
-    build = lambda: SeqArchForSequenceClassification(tiny_config(["lstm", "attention"]))  # noqa: E731
+CLASSIFICATION_LABELS = {  # labels of example i, for 3 outputs
+    "single_label_classification": lambda i: i % 3,
+    "multi_label_classification": lambda i: [float(i % 2), 1.0, float(i % 3 == 0)],
+    "regression": lambda i: [float(i % 3), 0.5, -1.0],
+}
+
+
+@pytest.mark.parametrize("problem_type", list(CLASSIFICATION_LABELS))
+def test_gradient_accumulation_is_exact_for_sequence_classification(problem_type, tmp_path):
+    examples = [dict(e, labels=CLASSIFICATION_LABELS[problem_type](i)) for i, e in enumerate(token_examples(8, seed=1))]
+    build = lambda: SeqArchForSequenceClassification(tiny_config(["lstm", "attention"], problem_type=problem_type))  # noqa: E731
     assert accumulation_difference(build, examples, tmp_path, DataCollatorWithPadding(ByT5Tokenizer())) < 1e-5
 
 
@@ -212,7 +220,10 @@ def uninterrupted_run(tmp_path_factory):
 
 def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(uninterrupted_run, tmp_path):
     output_dir = tmp_path / "killed"
-    child = f"import sys; sys.path.insert(0, {TESTS!r}); import test_training; test_training.resumable_run({str(output_dir)!r}, 3)"
+    # Same thread count as this process: float sums may split differently with another, and the weights are
+    # compared bit for bit.
+    child = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); sys.path.insert(0, {TESTS!r}); "
+             f"import test_training; test_training.resumable_run({str(output_dir)!r}, 3)")
     killed = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (output_dir / "checkpoint-3").is_dir() and not (output_dir / "checkpoint-6").exists()

@@ -86,3 +86,13 @@ def test_pretrain_then_finetune_a_classifier(single_process_run, tmp_path):
     # It started from the pretrained body and trained it.
     assert classifier.model.embed_tokens.weight.shape == lm.model.embed_tokens.weight.shape
     assert not torch.equal(classifier.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("name,kind", [("single_gpu", "NO"), ("multi_gpu_ddp", "MULTI_GPU"), ("fsdp", "FSDP")])
+def test_accelerate_configs_load_and_show_their_command(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = os.path.join(ROOT, "configs", "accelerate", f"{name}.yaml")
+    assert load_config_from_file(path).distributed_type == kind
+    with open(path) as f:
+        assert f"accelerate launch --config_file configs/accelerate/{name}.yaml" in f.read()

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated subset of lstm,transformer,sliding_window,mamba2,linear_attention,hybrid,gru "
                               "(default: all but gru)")
     compare.add_argument("--threads", type=int, default=None,
-                         help="CPU threads for torch (default: torch's choice); 1 avoids OpenMP stalls on a busy machine")
+                         help="torch CPU threads (default: the preset's: 1 for quick and test, torch's default for full)")
     return parser
 
 

@@ -62,6 +62,11 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
             values = [arch.get("mqar", {}).get("accuracy", {}).get(str(n), 0.0) for n in lengths]
             values.append(arch.get("selective_copying", {}).get("accuracy", 0.0))
             ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
+        preset = results["preset"]
+        chance = [1 / (preset["mqar_vocab"] // 2)] * len(lengths) + [1 / (preset["copy_alphabet"] - 2)]
+        for g, level in enumerate(chance):  # guessing a value / a token uniformly
+            ax.hlines(level, g - width / 2, g + 0.8 - width / 2, colors="gray", linestyles="dotted",
+                      label="chance" if g == 0 else None)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
         ax.set(ylabel="accuracy", ylim=(0, 1), title="recall after the same training budget")
         ax.legend(fontsize=8)

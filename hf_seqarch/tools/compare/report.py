@@ -26,8 +26,9 @@ def render(results: dict, plots: list[str]) -> str:
     out += [
         f"- Device: {env['device_name']} (`{env['device']}`), {env['torch_threads']} torch threads, "
         f"{env['cpu_count']} CPUs; torch {env['torch']}, transformers {env['transformers']}, hf_seqarch {env['hf_seqarch']}.",
-        f"- Wall time: {results.get('wall_seconds', 0):.0f} s. Machine load (1-min load average) at start "
-        f"{_load(load[0])}, at end {_load(load[1])}: timings on a busy machine are slower and noisier.",
+        f"- Wall time: {results.get('wall_seconds', 0):.0f} s ({_num(results.get('cpu_seconds'), '{:.0f}')} s of CPU time "
+        f"in this process). Machine load (1-min load average) at start {_load(load[0])}, at end {_load(load[1])}, "
+        f"on {env['cpu_count']} CPUs: on a busy machine timings are slower and noisier.",
         f"- Command: `{results['command']}`",
         "",
         "## Verdicts",
@@ -64,9 +65,8 @@ def render(results: dict, plots: list[str]) -> str:
     contexts = list(preset["decode_contexts"])
     out += ["", "## Decoding against context length", "",
             f"Batch 1: a prompt of each length prefilled, then one token per forward from the cache; "
-            f"2 warm-up tokens, median of {preset['decode_repeats']}"
-            + (f", on {preset['cpu_decode_threads']} CPU thread(s)" if env["device"] == "cpu" and preset.get("cpu_decode_threads") else "")
-            + ". Cache size: `SeqArchCache.get_memory_footprint()` after the prompt.", ""]
+            f"2 warm-up tokens, median of {preset['decode_repeats']}. Cache size: `SeqArchCache.get_memory_footprint()` "
+            "after the prompt.", ""]
     out += _table(["architecture"] + [f"ms/token @{c}" for c in contexts] + [f"cache KiB @{c}" for c in contexts],
                   [[n] + _cells(a.get("decode"), "context", contexts, "ms_per_token", lambda x: f"{x:.2f}")
                    + _cells(a.get("decode"), "context", contexts, "cache_bytes", _kib)

@@ -95,13 +95,7 @@ def phase_training_speed(config, preset, device, ctx):
 
 
 def phase_decode(config, preset, device, ctx):
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and preset.cpu_decode_threads:
-        torch.set_num_threads(preset.cpu_decode_threads)
-    try:
-        return decode_costs(config, device, preset.decode_contexts, preset.decode_repeats, seed=preset.seed)
-    finally:
-        torch.set_num_threads(threads)
+    return decode_costs(config, device, preset.decode_contexts, preset.decode_repeats, seed=preset.seed)
 
 
 def phase_mqar(config, preset, device, ctx):
@@ -164,6 +158,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     output_dir = prepare_output_dir(output_dir)
     target, sizes = matched_configs(names, preset)
     previous_threads = torch.get_num_threads()
+    threads = threads or (preset.cpu_threads if device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)  # before environment() records it; restored at the end
 
@@ -182,7 +177,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     )
     stages = [(phase, name) for phase in PHASES for name in names]
     ctx = dict(output_dir=output_dir, text=ByteText())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=len(stages), desc="compare", unit="stage", file=sys.stderr, dynamic_ncols=True)
     # The Trainer's notices and save_pretrained's own bar would break the progress bar; restored at the end.
     verbosity, inner_bars = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled()
@@ -219,6 +214,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         if inner_bars:
             transformers.logging.enable_progress_bar()
         results["wall_seconds"] = time.perf_counter() - start
+        results["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time, all threads
         results["environment"]["load_average_end"] = _load_average()
         results["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
         plots = write_plots(results, output_dir)

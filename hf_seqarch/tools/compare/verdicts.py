@@ -143,32 +143,33 @@ def recall(archs):
 
 
 def linear_time(archs):
-    candidates = [n for n in ("mamba2", "linear_attention") if n in archs and not archs[n].get("error")]
+    candidates = [n for n in ("mamba2", "linear_attention") if archs.get(n, {}).get("training_speed")]
     if not candidates:
-        return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was run")
-    att, rnn_name = longest_mqar(archs.get("transformer", {})), next(
-        (n for n in ("lstm", "gru") if longest_mqar(archs.get(n, {}))), None)
-    rnn_exp = cost_exponent(archs[rnn_name]["training_speed"]) if rnn_name and archs[rnn_name].get("training_speed") else None
-    linear_bound = max(rnn_exp or 1.0, 1.0) + EXPONENT_MARGIN
-    recall_bar = (att[1] + longest_mqar(archs[rnn_name])[1]) / 2 if att and rnn_name else None
-    parts, winners, testable = [], [], att is not None and att[1] >= LEARNED and recall_bar is not None
+        return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was measured")
+    rec = _recurrence(archs)
+    # Linear: time grows no faster than the recurrence's (or linearly), within the margin; the state stays constant.
+    linear_bound = max(cost_exponent(archs[rec]["training_speed"]) or 1.0, 1.0) + EXPONENT_MARGIN if rec else LINEAR_EXPONENT
+    # Recall: MQAR at the longest length closer to attention's than to the recurrence's.
+    att, rnn = longest_mqar(archs.get("transformer", {})), longest_mqar(archs.get(rec or "", {}))
+    recall_bar = (att[1] + rnn[1]) / 2 if att and rnn else None
+    testable = recall_bar is not None and att[1] >= LEARNED
+    parts, winners = [], []
     for name in candidates:
-        exponent, growth, mqar = (cost_exponent(archs[name].get("training_speed")),
-                                  cache_growth(archs[name].get("decode")), longest_mqar(archs[name]))
+        exponent, growth = cost_exponent(archs[name]["training_speed"]), cache_growth(archs[name].get("decode"))
+        mqar = longest_mqar(archs[name])
         if exponent is None or growth is None or mqar is None:
             parts.append(f"{name}: not fully measured")
             continue
-        linear = exponent <= linear_bound and growth[0] <= CONSTANT_GROWTH
-        recalls = testable and mqar[1] >= recall_bar
         parts.append(f"{name}: time n^{exponent:.2f}, state x{growth[0]:.2f} over x{growth[1]:.0f} context, "
                      f"MQAR {mqar[1]:.1%} at {mqar[0]}")
-        if linear and recalls:
+        if exponent <= linear_bound and growth[0] <= CONSTANT_GROWTH and testable and mqar[1] >= recall_bar:
             winners.append(name)
-    bar = (f"linear: exponent <= {linear_bound:.2f} and constant state; recall: MQAR >= {recall_bar:.1%} "
-           f"(midway between {rnn_name} and transformer)") if recall_bar is not None else "recall bar unavailable"
+    bar = f"linear: time exponent <= {linear_bound:.2f} and constant state"
+    if recall_bar is not None:
+        bar += f"; recall: MQAR >= {recall_bar:.1%}, midway between {rec} and transformer"
     evidence = "; ".join(parts) + f" [{bar}]"
     if winners:
-        return _verdict("linear_time", SUPPORTED, evidence + f" -> both reached by {', '.join(winners)}")
+        return _verdict("linear_time", SUPPORTED, evidence + f"; both reached by {', '.join(winners)}")
     if not testable:
         return _verdict("linear_time", INCONCLUSIVE, evidence + " (recall untestable at this budget)")
     return _verdict("linear_time", NOT_SUPPORTED, evidence)
