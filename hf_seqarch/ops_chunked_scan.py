@@ -67,38 +67,40 @@ def _bmm(x, y, add_to=None):
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """The recurrence on chunked inputs: q, k (B, H, C, L, N), v (B, H, C, L, P), a (B, H, C, L),
-    state (B, H, P, N) -> y (B, H, C, L, P), final state (B, H, P, N)."""
+    """The recurrence on chunked inputs, chunk-major so that the scan over chunks walks contiguous slices:
+    q, k (C, B, H, L, N), v (C, B, H, L, P), a (C, B, H, L), state (B, H, P, N)
+    -> y (C, B, H, L, P), final state (B, H, P, N)."""
 
     @staticmethod
     def forward(ctx, q, k, v, a, state):
         L = a.shape[-1]
-        # (B, H, C, L): log decay from the chunk's start to step i inclusive; in float64 so that
+        # (C, B, H, L): log decay from the chunk's start to step i inclusive; in float64 so that
         # differences of large cumsums (strong gates) keep float32 precision.
         cs = a.to(torch.float64).cumsum(-1)
 
         # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(a_{j+1} + ... + a_i) for j <= i, else 0.
-        #    The segment sums are exact (a masked cumsum, not cs_i - cs_j) and 0 on and above the diagonal.
-        segsum = a[..., :, None].expand(*a.shape, L).tril(-1).cumsum_(-2)  # (B, H, C, L, L)
-        decay = segsum.clamp_(min=LOG_DECAY_FLOOR).exp_().tril_()  # (B, H, C, L, L)
-        scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (B, H, C, L, L)
-        y = _bmm(scores, v)  # (B, H, C, L, P)
+        #    Exact segment sums: cumsum over i of a_i masked to j < i (0 on and above the diagonal).
+        strictly_lower = torch.ones(L, L, dtype=a.dtype, device=a.device).tril_(-1)
+        segsum = (a[..., :, None] * strictly_lower).cumsum_(-2)  # (C, B, H, L, L)
+        decay = segsum.clamp_(min=LOG_DECAY_FLOOR).exp_().tril_()  # (C, B, H, L, L)
+        scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (C, B, H, L, L)
+        y = _bmm(scores, v)  # (C, B, H, L, P)
 
         # 2. Each chunk's own contribution to the state at its end.
-        to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (B, H, C, L, 1): exp(cs_L - cs_j)
-        chunk_states = _bmm(v.transpose(-1, -2), k * to_end)  # (B, H, C, P, N)
+        to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
+        chunk_states = _bmm(v.transpose(-1, -2), k * to_end)  # (C, B, H, P, N)
 
-        # 3. Inter-chunk recurrence: a scan over chunks (unbind: cheap to index, cheap to stack).
-        chunk_decay = _decay(cs[..., -1], q.dtype)  # (B, H, C)
+        # 3. Inter-chunk recurrence: a scan over chunks.
+        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
         states_in = []  # the state entering each chunk
-        for contrib, d in zip(chunk_states.unbind(2), chunk_decay.unbind(2)):
+        for contrib, d in zip(chunk_states, chunk_decay):
             states_in.append(state)
-            state = d[..., None, None] * state + contrib  # (B, H, P, N)
-        states_in = torch.stack(states_in, 2)  # (B, H, C, P, N)
+            state = torch.addcmul(contrib, d, state)  # (B, H, P, N): d * state + contrib
+        states_in = torch.stack(states_in)  # (C, B, H, P, N)
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
-        q_decayed = q * _decay(cs, q.dtype)[..., None]  # (B, H, C, L, N)
-        _bmm(q_decayed, states_in.transpose(-1, -2), add_to=y)  # (B, H, C, L, P)
+        q_decayed = q * _decay(cs, q.dtype)[..., None]  # (C, B, H, L, N)
+        _bmm(q_decayed, states_in.transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
         ctx.save_for_backward(q, k, v, cs, decay, scores, states_in, state)
         return y, state
@@ -106,36 +108,36 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dstate):
         q, k, v, cs, decay, scores, states_in, final_state = ctx.saved_tensors
-        dy = dy.contiguous()  # (B, H, C, L, P)
+        dy = dy.contiguous()  # (C, B, H, L, P)
 
         # 4. y_i += exp(cs_i) S_in q_i
-        dy_decayed = dy * _decay(cs, q.dtype)[..., None]  # (B, H, C, L, P)
-        dstates_in = _bmm(dy_decayed.transpose(-1, -2), q)  # (B, H, C, P, N)
-        dq = _bmm(dy_decayed, states_in)  # (B, H, C, L, N)
+        dy_decayed = dy * _decay(cs, q.dtype)[..., None]  # (C, B, H, L, P)
+        dstates_in = _bmm(dy_decayed.transpose(-1, -2), q)  # (C, B, H, P, N)
+        dq = _bmm(dy_decayed, states_in)  # (C, B, H, L, N)
 
         # 3. The scan backwards: dstates_out[c] is the gradient of the state leaving chunk c.
-        chunk_decay = _decay(cs[..., -1], q.dtype)  # (B, H, C)
+        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
         dstates_out = []
-        for dcontrib, d in zip(reversed(dstates_in.unbind(2)), reversed(chunk_decay.unbind(2))):
+        for dcontrib, d in zip(dstates_in.flip(0), chunk_decay.flip(0)):
             dstates_out.append(dstate)
-            dstate = d[..., None, None] * dstate + dcontrib  # (B, H, P, N); ends as d initial_state
-        dstates_out = torch.stack(dstates_out[::-1], 2)  # (B, H, C, P, N)
+            dstate = torch.addcmul(dcontrib, d, dstate)  # (B, H, P, N); ends as d initial_state
+        dstates_out = torch.stack(dstates_out[::-1])  # (C, B, H, P, N)
 
         # 2. chunk_states = v^T (k * to_end)
-        to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (B, H, C, L, 1)
-        dv = _bmm(k * to_end, dstates_out.transpose(-1, -2))  # (B, H, C, L, P)
-        dk = _bmm(v, dstates_out).mul_(to_end)  # (B, H, C, L, N)
+        to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1)
+        dv = _bmm(k * to_end, dstates_out.transpose(-1, -2))  # (C, B, H, L, P)
+        dk = _bmm(v, dstates_out).mul_(to_end)  # (C, B, H, L, N)
 
         # 1. y = (q k^T * decay) v
         _bmm(scores.transpose(-1, -2), dy, add_to=dv)
-        dqk = _bmm(dy, v.transpose(-1, -2)).mul_(decay)  # (B, H, C, L, L)
+        dqk = _bmm(dy, v.transpose(-1, -2)).mul_(decay)  # (C, B, H, L, L)
         _bmm(dqk, k, add_to=dq)
         _bmm(dqk.transpose(-1, -2), q, add_to=dk)
 
         # log decay: cs enters only as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state
         # leaving the chunk, hence d cs_i = q_i . dq_i - k_i . dk_i, plus <dS_out, S_out> at i = L.
-        states_out = torch.cat([states_in[:, :, 1:], final_state[:, :, None]], 2)  # (B, H, C, P, N)
-        dcs = (q * dq).sum(-1) - (k * dk).sum(-1)  # (B, H, C, L)
+        states_out = torch.cat([states_in[1:], final_state[None]])  # (C, B, H, P, N)
+        dcs = (q * dq).sum(-1) - (k * dk).sum(-1)  # (C, B, H, L)
         dcs[..., -1] += (dstates_out * states_out).sum((-1, -2))
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
         return dq, dk, dv, da, dstate
@@ -171,13 +173,13 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     pad = -T % L  # pad the tail with q = k = v = 0, log_decay = 0: the state passes through
     C = (T + pad) // L
 
-    def to_chunks(x):  # (B, T, H, D) -> (B, H, C, L, D)
+    def to_chunks(x):  # (B, T, H, D) -> (C, B, H, L, D)
         x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
-        return x.reshape(B, C, L, H, -1).permute(0, 3, 1, 2, 4).contiguous()
+        return x.reshape(B, C, L, H, -1).permute(1, 0, 3, 2, 4).contiguous()
 
-    a = to_chunks(log_decay.unsqueeze(-1)).squeeze(-1)  # (B, H, C, L)
+    a = to_chunks(log_decay.unsqueeze(-1)).squeeze(-1)  # (C, B, H, L)
     y, state = _ChunkedScan.apply(to_chunks(q), to_chunks(k), to_chunks(v), a, state)
-    y = y.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, P)[:, :T]  # (B, T, H, P)
+    y = y.permute(1, 0, 3, 2, 4).reshape(B, C * L, H, P)[:, :T]  # (C, B, H, L, P) -> (B, T, H, P)
     return y.to(out_dtype), state.to(state_dtype)
 
 

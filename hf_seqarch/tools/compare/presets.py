@@ -23,12 +23,12 @@ class Preset:
     mamba: dict = field(default_factory=lambda: dict(mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=32))
     linear_attention: dict = field(default_factory=lambda: dict(linear_attention_chunk_size=32))
     # Speed and memory: a training step at a fixed number of tokens, batch = tokens // length.
-    train_lengths: tuple = (128, 512, 2048)
+    train_lengths: tuple = (256, 1024, 4096)
     tokens_per_step: int = 4096
     warmup: int = 1  # untimed runs first (allocator, oneDNN/cuDNN plans, lazy init)
-    repeats: int = 5  # the median of these is reported
+    repeats: int = 3  # the median of these is reported
     # Decoding: one token at a time after a prompt of each context length (batch 1).
-    decode_contexts: tuple = (128, 512, 2048)
+    decode_contexts: tuple = (256, 1024, 4096)
     decode_repeats: int = 16
     # Training through the Trainer: per task, the same steps, batches and optimiser for every architecture.
     learning_rate: float = 3e-3

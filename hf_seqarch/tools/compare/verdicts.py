@@ -27,7 +27,8 @@ THRESHOLDS = (
     f"speed ratios count beyond {SPEED_MARGIN:.2f}x; cost exponents (log-log slope of time per sequence "
     f"between the two longest lengths) differ when {EXPONENT_MARGIN} apart and are linear up to {LINEAR_EXPONENT}; "
     f"a cache is constant when it grows by at most {CONSTANT_GROWTH - 1:.0%}; accuracy gaps count from "
-    f"{ACCURACY_MARGIN:.0%} and recall is testable once attention reaches {LEARNED:.0%}"
+    f"{ACCURACY_MARGIN:.0%}, and a recall task (MQAR at its longest length, selective copying) counts once "
+    f"attention reaches {LEARNED:.0%} on it"
 )
 
 
@@ -60,12 +61,22 @@ def cache_growth(rows) -> tuple[float, float] | None:
     return last["cache_bytes"] / first["cache_bytes"], last["context"] / first["context"]
 
 
-def longest_mqar(arch) -> tuple[int, float] | None:
-    accuracy = arch.get("mqar", {}).get("accuracy")
-    if not accuracy:
-        return None
-    length = max(accuracy, key=int)
-    return int(length), accuracy[length]
+def recall_scores(arch) -> dict[str, float]:
+    """The recall tasks' accuracies: MQAR at its longest length and selective copying, where scored."""
+    scores = {}
+    mqar = arch.get("mqar", {}).get("accuracy")
+    if mqar:
+        length = max(mqar, key=int)
+        scores[f"MQAR at {length}"] = mqar[length]
+    if arch.get("selective_copying", {}).get("accuracy") is not None:
+        scores["selective copying"] = arch["selective_copying"]["accuracy"]
+    return scores
+
+
+def learned_tasks(archs, rec) -> list[str]:
+    """Recall tasks that attention learned within the budget: only on those can a gap to `rec` mean anything."""
+    att, rnn = recall_scores(archs.get("transformer", {})), recall_scores(archs.get(rec or "", {}))
+    return [task for task, accuracy in att.items() if task in rnn and accuracy >= LEARNED]
 
 
 def parallel_training(archs):
@@ -97,7 +108,8 @@ def quadratic_cost(archs):
     if att - rnn >= EXPONENT_MARGIN and rnn <= LINEAR_EXPONENT:
         return _verdict("quadratic", SUPPORTED, evidence)
     if att - rnn < EXPONENT_MARGIN / 2:
-        return _verdict("quadratic", NOT_SUPPORTED, evidence + " (no faster-than-linear growth at these lengths)")
+        return _verdict("quadratic", NOT_SUPPORTED, evidence + " (attention's cost grows no faster than the "
+                                                               f"{rec}'s at these lengths)")
     return _verdict("quadratic", INCONCLUSIVE, evidence)
 
 
@@ -122,22 +134,22 @@ def streaming_memory(archs):
 
 
 def recall(archs):
-    rec = next((n for n in ("lstm", "gru") if longest_mqar(archs.get(n, {}))), None)
-    att = longest_mqar(archs.get("transformer", {}))
-    if rec is None or att is None:
-        return _verdict("recall", INCONCLUSIVE, "needs MQAR scored for the transformer and an LSTM/GRU")
-    rnn = longest_mqar(archs[rec])
-    evidence = f"MQAR accuracy: transformer {_accuracies(archs['transformer'])}, {rec} {_accuracies(archs[rec])}"
-    copy_att = archs["transformer"].get("selective_copying", {}).get("accuracy")
-    copy_rnn = archs[rec].get("selective_copying", {}).get("accuracy")
-    if copy_att is not None and copy_rnn is not None:
-        evidence += f"; selective copying: transformer {copy_att:.1%}, {rec} {copy_rnn:.1%}"
-    if att[1] < LEARNED:
-        return _verdict("recall", INCONCLUSIVE, evidence + f" (attention itself stays under {LEARNED:.0%} at "
-                                                           f"length {att[0]}: the budget is too small to test recall)")
-    if att[1] - rnn[1] >= ACCURACY_MARGIN:
+    rec = next((n for n in ("lstm", "gru") if recall_scores(archs.get(n, {}))), None)
+    if rec is None or not recall_scores(archs.get("transformer", {})):
+        return _verdict("recall", INCONCLUSIVE, "needs MQAR or selective copying scored for the transformer and an LSTM/GRU")
+    att, rnn = recall_scores(archs["transformer"]), recall_scores(archs[rec])
+    evidence = "; ".join(f"{task}: transformer {att[task]:.1%}, {rec} {rnn[task]:.1%}" for task in att if task in rnn)
+    if "mqar" in archs["transformer"]:
+        evidence += f" (MQAR by length: transformer {_accuracies(archs['transformer'])}; {rec} {_accuracies(archs[rec])})"
+    learned = learned_tasks(archs, rec)
+    if not learned:
+        return _verdict("recall", INCONCLUSIVE, evidence + f"; attention reached {LEARNED:.0%} on no recall task: "
+                                                           "the budget is too small to test recall")
+    gaps = [att[task] - rnn[task] for task in learned]
+    evidence += f"; judged on {', '.join(learned)} (attention above {LEARNED:.0%})"
+    if all(gap >= ACCURACY_MARGIN for gap in gaps):
         return _verdict("recall", SUPPORTED, evidence)
-    if att[1] - rnn[1] < ACCURACY_MARGIN / 2:
+    if any(gap < ACCURACY_MARGIN / 2 for gap in gaps):
         return _verdict("recall", NOT_SUPPORTED, evidence)
     return _verdict("recall", INCONCLUSIVE, evidence)
 
@@ -149,29 +161,31 @@ def linear_time(archs):
     rec = _recurrence(archs)
     # Linear: time grows no faster than the recurrence's (or linearly), within the margin; the state stays constant.
     linear_bound = max(cost_exponent(archs[rec]["training_speed"]) or 1.0, 1.0) + EXPONENT_MARGIN if rec else LINEAR_EXPONENT
-    # Recall: MQAR at the longest length closer to attention's than to the recurrence's.
-    att, rnn = longest_mqar(archs.get("transformer", {})), longest_mqar(archs.get(rec or "", {}))
-    recall_bar = (att[1] + rnn[1]) / 2 if att and rnn else None
-    testable = recall_bar is not None and att[1] >= LEARNED
+    # Recall: on every task attention learned, an accuracy closer to attention's than to the recurrence's.
+    learned = learned_tasks(archs, rec)
+    att, rnn = recall_scores(archs.get("transformer", {})), recall_scores(archs.get(rec or "", {}))
+    bars = {task: (att[task] + rnn[task]) / 2 for task in learned}
     parts, winners = [], []
     for name in candidates:
         exponent, growth = cost_exponent(archs[name]["training_speed"]), cache_growth(archs[name].get("decode"))
-        mqar = longest_mqar(archs[name])
-        if exponent is None or growth is None or mqar is None:
+        scores = recall_scores(archs[name])
+        if exponent is None or growth is None or any(task not in scores for task in bars):
             parts.append(f"{name}: not fully measured")
             continue
         parts.append(f"{name}: time n^{exponent:.2f}, state x{growth[0]:.2f} over x{growth[1]:.0f} context, "
-                     f"MQAR {mqar[1]:.1%} at {mqar[0]}")
-        if exponent <= linear_bound and growth[0] <= CONSTANT_GROWTH and testable and mqar[1] >= recall_bar:
+                     + ", ".join(f"{task} {acc:.1%}" for task, acc in scores.items()))
+        if exponent <= linear_bound and growth[0] <= CONSTANT_GROWTH and bars and all(
+                scores[task] >= bar for task, bar in bars.items()):
             winners.append(name)
     bar = f"linear: time exponent <= {linear_bound:.2f} and constant state"
-    if recall_bar is not None:
-        bar += f"; recall: MQAR >= {recall_bar:.1%}, midway between {rec} and transformer"
+    if bars:
+        bar += "; recall: " + ", ".join(f"{task} >= {value:.1%}" for task, value in bars.items()) + \
+               f" (midway between {rec} and transformer)"
     evidence = "; ".join(parts) + f" [{bar}]"
     if winners:
         return _verdict("linear_time", SUPPORTED, evidence + f"; both reached by {', '.join(winners)}")
-    if not testable:
-        return _verdict("linear_time", INCONCLUSIVE, evidence + " (recall untestable at this budget)")
+    if not bars:
+        return _verdict("linear_time", INCONCLUSIVE, evidence + " (recall untestable: attention learned no recall task)")
     return _verdict("linear_time", NOT_SUPPORTED, evidence)
 
 
