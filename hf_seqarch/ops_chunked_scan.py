@@ -90,43 +90,42 @@ class _ChunkedScan(torch.autograd.Function):
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
         chunk_states = _bmm(v.transpose(-1, -2), k * to_end)  # (C, B, H, P, N)
 
-        # 3. Inter-chunk recurrence: a scan over chunks.
+        # 3. Inter-chunk recurrence: a scan over chunks. states[c] enters chunk c, states[C] is the final state.
         chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
-        states_in = []  # the state entering each chunk
-        for contrib, d in zip(chunk_states, chunk_decay):
-            states_in.append(state)
-            state = torch.addcmul(contrib, d, state)  # (B, H, P, N): d * state + contrib
-        states_in = torch.stack(states_in)  # (C, B, H, P, N)
+        states = q.new_empty(len(q) + 1, *state.shape)  # (C + 1, B, H, P, N)
+        states[0] = state
+        for c in range(len(q)):
+            torch.addcmul(chunk_states[c], chunk_decay[c], states[c], out=states[c + 1])  # d * S + contrib
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
         q_decayed = q * _decay(cs, q.dtype)[..., None]  # (C, B, H, L, N)
-        _bmm(q_decayed, states_in.transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
+        _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
-        ctx.save_for_backward(q, k, v, cs, decay, scores, states_in, state)
-        return y, state
+        ctx.save_for_backward(q, k, v, cs, decay, scores, states)
+        return y, states[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dstate):
-        q, k, v, cs, decay, scores, states_in, final_state = ctx.saved_tensors
+        q, k, v, cs, decay, scores, states = ctx.saved_tensors
         dy = dy.contiguous()  # (C, B, H, L, P)
+        # Fresh large tensors are few on purpose: on CPU each costs page faults about as much as a pass over it.
 
         # 4. y_i += exp(cs_i) S_in q_i
-        dy_decayed = dy * _decay(cs, q.dtype)[..., None]  # (C, B, H, L, P)
-        dstates_in = _bmm(dy_decayed.transpose(-1, -2), q)  # (C, B, H, P, N)
-        dq = _bmm(dy_decayed, states_in)  # (C, B, H, L, N)
+        q_decay = _decay(cs, q.dtype)[..., None]  # (C, B, H, L, 1)
+        dstates_in = _bmm(dy.transpose(-1, -2), q * q_decay)  # (C, B, H, P, N)
+        dq = _bmm(dy, states[:-1]).mul_(q_decay)  # (C, B, H, L, N)
 
-        # 3. The scan backwards: dstates_out[c] is the gradient of the state leaving chunk c.
+        # 3. The scan backwards: dstates[c] is the gradient of states[c]; dstates[0] of the initial state.
         chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
-        dstates_out = []
-        for dcontrib, d in zip(dstates_in.flip(0), chunk_decay.flip(0)):
-            dstates_out.append(dstate)
-            dstate = torch.addcmul(dcontrib, d, dstate)  # (B, H, P, N); ends as d initial_state
-        dstates_out = torch.stack(dstates_out[::-1])  # (C, B, H, P, N)
+        dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
+        dstates[-1] = dstate
+        for c in reversed(range(len(q))):
+            torch.addcmul(dstates_in[c], chunk_decay[c], dstates[c + 1], out=dstates[c])
 
         # 2. chunk_states = v^T (k * to_end)
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1)
-        dv = _bmm(k * to_end, dstates_out.transpose(-1, -2))  # (C, B, H, L, P)
-        dk = _bmm(v, dstates_out).mul_(to_end)  # (C, B, H, L, N)
+        dv = _bmm(k, dstates[1:].transpose(-1, -2)).mul_(to_end)  # (C, B, H, L, P)
+        dk = _bmm(v, dstates[1:]).mul_(to_end)  # (C, B, H, L, N)
 
         # 1. y = (q k^T * decay) v
         _bmm(scores.transpose(-1, -2), dy, add_to=dv)
@@ -136,11 +135,10 @@ class _ChunkedScan(torch.autograd.Function):
 
         # log decay: cs enters only as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state
         # leaving the chunk, hence d cs_i = q_i . dq_i - k_i . dk_i, plus <dS_out, S_out> at i = L.
-        states_out = torch.cat([states_in[1:], final_state[None]])  # (C, B, H, P, N)
-        dcs = (q * dq).sum(-1) - (k * dk).sum(-1)  # (C, B, H, L)
-        dcs[..., -1] += (dstates_out * states_out).sum((-1, -2))
+        dcs = torch.einsum("cbhln,cbhln->cbhl", q, dq) - torch.einsum("cbhln,cbhln->cbhl", k, dk)  # (C, B, H, L)
+        dcs[..., -1] += torch.einsum("cbhpn,cbhpn->cbh", dstates[1:], states[1:])
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
-        return dq, dk, dv, da, dstate
+        return dq, dk, dv, da, dstates[0]
 
 
 @autocast_off

@@ -1,7 +1,7 @@
 """`hf-seqarch compare`: the miniature preset end to end, the task data, the memory tracker, the verdicts, bad input."""
 
 import json
-import os
+import re
 
 import pytest
 import torch
@@ -110,8 +110,6 @@ def test_interrupted_run_leaves_finished_results(tmp_path, monkeypatch):
 )
 def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), *extra]) == 2
-    import re
-
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out" / "results.json").exists()
 

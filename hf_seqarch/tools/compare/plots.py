@@ -38,7 +38,8 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
         if any(a.get(key) for a in archs.values()):
             fig, ax = plt.subplots(figsize=(6, 4))
             lines(ax, key, "seq_len", y, scale)
-            ax.set(xlabel="sequence length (tokens per step fixed)", ylabel=label, title=f"{label} vs length ({device})")
+            ax.set(xlabel="sequence length (tokens per step fixed)", ylabel=label)
+            ax.set_title(f"{label} vs length\n{device}", fontsize=10)
             ax.set_yscale("log")
             ax.legend(fontsize=8)
             save(fig, name)

@@ -227,7 +227,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
 
 def _write_report(results, output_dir, plots):
     """Verdicts from what is measured so far, then report.md and results.json."""
-    results["verdicts"] = all_verdicts(results["architectures"])
+    results["verdicts"] = all_verdicts(results["architectures"], results["environment"])
     _write_json(results, output_dir)
     _atomic_write(os.path.join(output_dir, "report.md"), render(results, plots))
 

@@ -79,7 +79,7 @@ def learned_tasks(archs, rec) -> list[str]:
     return [task for task, accuracy in att.items() if task in rnn and accuracy >= LEARNED]
 
 
-def parallel_training(archs):
+def parallel_training(archs, environment=None):
     rec = _recurrence(archs)
     if rec is None or not archs.get("transformer", {}).get("training_speed"):
         return _verdict("parallel", INCONCLUSIVE, "needs the transformer and an LSTM/GRU measured")
@@ -87,6 +87,9 @@ def parallel_training(archs):
     rnn = {r["seq_len"]: r["tokens_per_second"] for r in archs[rec]["training_speed"]}
     ratios = {n: att[n] / rnn[n] for n in sorted(att) if n in rnn}
     evidence = f"transformer/{rec} training tokens/s: " + ", ".join(f"{r:.2f}x at {n}" for n, r in ratios.items())
+    if environment and environment.get("device") == "cpu":
+        threads = environment.get("torch_threads")
+        evidence += f" on {threads} CPU thread(s)" + (", where parallel work can only use the vector units" if threads == 1 else "")
     if all(r >= SPEED_MARGIN for r in ratios.values()):
         return _verdict("parallel", SUPPORTED, evidence)
     if all(r <= 1 / SPEED_MARGIN for r in ratios.values()):
@@ -189,8 +192,9 @@ def linear_time(archs):
     return _verdict("linear_time", NOT_SUPPORTED, evidence)
 
 
-def all_verdicts(archs) -> list[dict]:
-    return [check(archs) for check in (parallel_training, quadratic_cost, streaming_memory, recall, linear_time)]
+def all_verdicts(archs, environment=None) -> list[dict]:
+    return [parallel_training(archs, environment)] + [
+        check(archs) for check in (quadratic_cost, streaming_memory, recall, linear_time)]
 
 
 def _exp(value):
