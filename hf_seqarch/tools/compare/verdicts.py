@@ -7,6 +7,8 @@ machine and of accuracy on a few hundred held-out examples, and they are printed
 
 import math
 
+from .architectures import LINEAR_TIME, RECURRENT
+
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 SPEED_MARGIN = 1.10  # a throughput ratio counts beyond 10% either way
 EXPONENT_MARGIN = 0.25  # cost exponents this far apart differ (1 = linear in length, 2 = quadratic)
@@ -37,7 +39,7 @@ def _verdict(key, verdict, evidence):
 
 
 def _recurrence(archs):
-    return next((name for name in ("lstm", "gru") if archs.get(name, {}).get("training_speed")), None)
+    return next((name for name in RECURRENT if archs.get(name, {}).get("training_speed")), None)
 
 
 def cost_exponent(rows, field="median_step_seconds") -> float | None:
@@ -117,7 +119,7 @@ def quadratic_cost(archs):
 
 
 def streaming_memory(archs):
-    rec = _recurrence(archs) or next((n for n in ("lstm", "gru") if archs.get(n, {}).get("decode")), None)
+    rec = _recurrence(archs) or next((n for n in RECURRENT if archs.get(n, {}).get("decode")), None)
     if rec is None or not archs.get(rec, {}).get("decode") or not archs.get("transformer", {}).get("decode"):
         return _verdict("streaming", INCONCLUSIVE, "needs decoding measured for the transformer and an LSTM/GRU")
     rnn, att = cache_growth(archs[rec]["decode"]), cache_growth(archs["transformer"]["decode"])
@@ -137,7 +139,7 @@ def streaming_memory(archs):
 
 
 def recall(archs):
-    rec = next((n for n in ("lstm", "gru") if recall_scores(archs.get(n, {}))), None)
+    rec = next((n for n in RECURRENT if recall_scores(archs.get(n, {}))), None)
     if rec is None or not recall_scores(archs.get("transformer", {})):
         return _verdict("recall", INCONCLUSIVE, "needs MQAR or selective copying scored for the transformer and an LSTM/GRU")
     att, rnn = recall_scores(archs["transformer"]), recall_scores(archs[rec])
@@ -158,7 +160,7 @@ def recall(archs):
 
 
 def linear_time(archs):
-    candidates = [n for n in ("mamba2", "linear_attention") if archs.get(n, {}).get("training_speed")]
+    candidates = [n for n in LINEAR_TIME if archs.get(n, {}).get("training_speed")]
     if not candidates:
         return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was measured")
     rec = _recurrence(archs)
