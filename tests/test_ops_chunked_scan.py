@@ -125,7 +125,8 @@ def test_bfloat16_in_bfloat16_out():
 def test_constant_and_zero_decay():
     """Linear attention: per-head constant (or zero) log decay."""
     q, k, v, _, s0 = make_inputs(T=70)
-    for a in (torch.zeros(2, 70, 3, dtype=torch.float64), torch.tensor([0.0, -0.1, -1.0]).double().expand(2, 70, 3)):
+    per_head = torch.tensor([0.0, -0.1, -1.0], dtype=torch.float64).expand(2, 70, 3)
+    for a in (torch.zeros(2, 70, 3, dtype=torch.float64), per_head):
         y, s = chunked_scan(q, k, v, a, chunk_size=16, initial_state=s0)
         y_ref, s_ref = scan_reference(q, k, v, a, initial_state=s0)
         torch.testing.assert_close(y, y_ref)
@@ -152,3 +153,12 @@ def test_non_contiguous_inputs():
     y_ref, s_ref = scan_reference(q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous())
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(s, s_ref)
+
+
+def test_sum_loss_gradients():
+    """An expanded (stride-0) upstream gradient, as from y.sum(), and no gradient for the final state."""
+    q, k, v, a, s0 = (x.requires_grad_() for x in make_inputs(T=45))
+    grads = torch.autograd.grad(chunked_scan(q, k, v, a, chunk_size=16, initial_state=s0)[0].sum(), (q, k, v, a, s0))
+    want = torch.autograd.grad(scan_reference(q, k, v, a, initial_state=s0)[0].sum(), (q, k, v, a, s0))
+    for name, g, w in zip(NAMES[2:], grads, want):
+        torch.testing.assert_close(g, w, msg=name)
