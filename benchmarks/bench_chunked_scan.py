@@ -12,10 +12,13 @@
    /proc/self/clear_refs: ru_maxrss alone would not do, as a process keeps its parent's ru_maxrss
    across fork+exec (the subprocess would start at this process's peak and show no growth).
 
-Times are the median of --runs runs after a warm-up; the upstream gradients are random tensors (not
-y.sum(), whose stride-0 gradient sends CPU bmm down a slow path in any implementation). On a shared,
+Times are the median of --runs runs after a warm-up; the upstream gradients are random dense tensors
+(as the layers above give; y.sum()'s stride-0 gradient is a special case for autograd's bmm). On a shared,
 busy machine wall times of multi-threaded runs are meaningless (OpenMP threads wait on descheduled
 peers); use `--threads 1 --clock cpu` (process CPU time of a single-threaded run) there.
+On Linux/glibc, expect one step above 2x where the (B, T, H, 64) float32 tensors pass 32 MiB (T=8192 at
+the defaults): malloc then maps and page-faults every such tensor afresh. That is the allocator, not
+the op: with MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 the step is ~2x.
 """
 
 import argparse

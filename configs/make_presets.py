@@ -76,7 +76,10 @@ def main():
             continue
         config = SeqArchConfig(**kwargs)
         config.architectures = ["SeqArchForCausalLM"]
-        config.save_pretrained(os.path.join(HERE, name))
+        # Only config.json: save_pretrained would also copy the model code for the Hub (auto_map), which a
+        # preset that is loaded with hf_seqarch installed does not need.
+        os.makedirs(os.path.join(HERE, name), exist_ok=True)
+        config.to_json_file(os.path.join(HERE, name, "config.json"))
         rows.append((name, describe(kwargs["mixer_types"]), config.hidden_size, config.intermediate_size,
                      count_parameters(config)))
         print(f"wrote configs/{name}/config.json  {rows[-1][-1]:,} parameters")
