@@ -16,9 +16,11 @@ Times are the median of --runs runs after a warm-up; the upstream gradients are 
 (as the layers above give; y.sum()'s stride-0 gradient is a special case for autograd's bmm). On a shared,
 busy machine wall times of multi-threaded runs are meaningless (OpenMP threads wait on descheduled
 peers); use `--threads 1 --clock cpu` (process CPU time of a single-threaded run) there.
-On Linux/glibc, expect one step above 2x where the (B, T, H, 64) float32 tensors pass 32 MiB (T=8192 at
-the defaults): malloc then maps and page-faults every such tensor afresh. That is the allocator, not
-the op: with MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 the step is ~2x.
+On Linux/glibc, malloc hands large freed blocks back to the OS and page-faults them in again on the
+next call, which can cost a third of the op's CPU time, and always does once the (B, T, H, 64) float32
+tensors pass 32 MiB (T=8192 at the defaults: expect a step above 2x there). That is the allocator, not
+the op; `MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 python ...` (or jemalloc)
+shows the op alone.
 """
 
 import argparse

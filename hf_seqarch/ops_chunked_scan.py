@@ -88,7 +88,8 @@ class _ChunkedScan(torch.autograd.Function):
 
         # 2. Each chunk's own contribution to the state at its end.
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
-        chunk_states = _bmm(v.transpose(-1, -2), k * to_end)  # (C, B, H, P, N)
+        k_to_end = k * to_end  # (C, B, H, L, N)
+        chunk_states = _bmm(v.transpose(-1, -2), k_to_end)  # (C, B, H, P, N)
 
         # 3. Inter-chunk recurrence: a scan over chunks. states[c] enters chunk c, states[C] is the final state.
         chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
@@ -98,7 +99,7 @@ class _ChunkedScan(torch.autograd.Function):
             torch.addcmul(chunk_states[c], chunk_decay[c], states[c], out=states[c + 1])  # d * S + contrib
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
-        q_decayed = q * _decay(cs, q.dtype)[..., None]  # (C, B, H, L, N)
+        q_decayed = torch.mul(q, _decay(cs, q.dtype)[..., None], out=k_to_end)  # (C, B, H, L, N), buffer reused
         _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
         ctx.save_for_backward(q, k, v, cs, decay, scores, states)
@@ -108,11 +109,12 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, dy, dstate):
         q, k, v, cs, decay, scores, states = ctx.saved_tensors
         dy = dy.contiguous()  # (C, B, H, L, P)
-        # Fresh large tensors are few on purpose: on CPU each costs page faults about as much as a pass over it.
+        # Few fresh large tensors, on purpose: on CPU each can cost as much in page faults as a pass over it.
 
         # 4. y_i += exp(cs_i) S_in q_i
         q_decay = _decay(cs, q.dtype)[..., None]  # (C, B, H, L, 1)
-        dstates_in = _bmm(dy.transpose(-1, -2), q * q_decay)  # (C, B, H, P, N)
+        buffer = q * q_decay  # (C, B, H, L, N)
+        dstates_in = _bmm(dy.transpose(-1, -2), buffer)  # (C, B, H, P, N)
         dq = _bmm(dy, states[:-1]).mul_(q_decay)  # (C, B, H, L, N)
 
         # 3. The scan backwards: dstates[c] is the gradient of states[c]; dstates[0] of the initial state.
@@ -135,7 +137,7 @@ class _ChunkedScan(torch.autograd.Function):
 
         # log decay: cs enters only as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state
         # leaving the chunk, hence d cs_i = q_i . dq_i - k_i . dk_i, plus <dS_out, S_out> at i = L.
-        dcs = (q * dq).sum(-1) - (k * dk).sum(-1)  # (C, B, H, L)
+        dcs = torch.mul(q, dq, out=buffer).sum(-1) - torch.mul(k, dk, out=buffer).sum(-1)  # (C, B, H, L)
         dcs[..., -1] += (dstates[1:] * states[1:]).sum((-1, -2))
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
         return dq, dk, dv, da, dstates[0]
