@@ -70,6 +70,66 @@ class GatedRMSNorm(nn.Module):
         init.ones_(self.weight)
 
 
+class ShortCausalConv(nn.Conv1d):
+    """Mamba-2's causal depthwise conv + SiLU over (B, T, C), from a cached state, padding-aware.
+
+    An nn.Conv1d (same weights, names and init) whose forward takes the conv state: the weights are read
+    inside this module's own call, so accelerate's offload hooks load them first.
+    """
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__(channels, channels, kernel, groups=channels, bias=True)
+
+    def forward(self, xBC, conv_state, mask, keep_state, decode=False):
+        if decode:
+            return self._step(xBC, conv_state, mask)
+        return self._full(xBC, conv_state, mask, keep_state)
+
+    def _full(self, xBC, conv_state, mask, keep_state):
+        """Causal conv + SiLU over (B, T, conv_dim), from `conv_state` (B, conv_dim, K-1) or zeros.
+
+        Returns the output (B, T, conv_dim) and, with keep_state, the last K-1 real inputs.
+        """
+        batch, length, channels = xBC.shape
+        order = None
+        if mask is not None:
+            # Real tokens first, in order, so the conv never sees a pad (works for left, right and holes).
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[..., None].expand_as(xBC)  # (B, T, C)
+            xBC = xBC.gather(1, order)
+        weight, bias, kernel = self.weight[:, 0], self.bias, self.kernel_size[0]  # weight (C, K)
+
+        past = None if conv_state is None else conv_state.transpose(1, 2).to(xBC.dtype)  # (B, K-1, C)
+        if past is None and mask is None and conv1d_backend(xBC.device) == "causal_conv1d":
+            out = conv1d_kernel(xBC.transpose(1, 2), weight, bias).transpose(1, 2)  # (B, T, C)
+        else:
+            out = F.silu(causal_conv(xBC, weight, bias, past))  # (B, T, C)
+
+        new_state = None
+        if keep_state:
+            if past is None:
+                past = xBC.new_zeros(batch, kernel - 1, channels)
+            window = torch.cat([past, xBC], dim=1)  # (B, K-1 + T, C): the inputs the conv has seen
+            real = mask.sum(1) if mask is not None else torch.full((batch,), length, device=xBC.device)
+            # The row's last K-1 inputs end where its real tokens end: window[:, real : real + K-1].
+            index = real[:, None] + torch.arange(kernel - 1, device=xBC.device)  # (B, K-1)
+            new_state = window.gather(1, index[..., None].expand(-1, -1, channels)).transpose(1, 2).contiguous()
+        if order is not None:
+            out = torch.empty_like(out).scatter(1, order, out)  # back to the original positions
+        return out, new_state
+
+    def _step(self, xBC, conv_state, mask):
+        """One token: xBC (B, 1, C). A pad token leaves the conv state unchanged."""
+        batch, _, channels = xBC.shape
+        if conv_state is None:
+            conv_state = xBC.new_zeros(batch, channels, self.kernel_size[0] - 1)
+        window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, C, K)
+        out = (window * self.weight[:, 0]).sum(-1) + self.bias  # (B, C)
+        new_state = window[..., 1:]
+        if mask is not None:
+            new_state = torch.where(mask[:, :, None], new_state, conv_state)
+        return F.silu(out)[:, None], new_state  # (B, 1, C)
+
+
 class Mamba2Mixer(nn.Module):
     """The Mamba-2 block (without its residual and pre-norm, which the SeqArchBlock supplies)."""
 
@@ -86,7 +146,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.inner_size + 2 * self.n_groups * self.state_size  # channels of xBC
         # One projection gives every input of the block: gate z, conv input xBC = (x, B, C), time step dt.
         self.in_proj = nn.Linear(config.hidden_size, self.inner_size + self.conv_dim + self.num_heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.conv_kernel, groups=self.conv_dim, bias=True)
+        self.conv1d = ShortCausalConv(self.conv_dim, self.conv_kernel)
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
@@ -136,10 +196,7 @@ class Mamba2Mixer(nn.Module):
         decode = keep_state and length == 1
         conv_state = None if state is None else state["conv"]
         ssm_state = None if state is None else state["ssm"]
-        if decode:
-            xBC, conv_state = self._conv_step(xBC, conv_state, mask)
-        else:
-            xBC, conv_state = self._conv(xBC, conv_state, mask, keep_state)
+        xBC, conv_state = self.conv1d(xBC, conv_state, mask, keep_state, decode=decode)
         x, B, C = xBC.split([self.inner_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
         x = x.view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, P)
         B = B.view(batch, length, self.n_groups, self.state_size)  # (B, T, G, N)
@@ -167,48 +224,3 @@ class Mamba2Mixer(nn.Module):
     def _ssm_step(self, x, dt, A, B, C, ssm_state):
         """One token: x (B, H, P), dt (B, H), B/C (B, G, N)."""
         return scan_step(self._heads(C), self._heads(B), x * dt[..., None], dt * A, ssm_state)
-
-    # -- causal depthwise conv ----------------------------------------------------------------------
-    def _conv(self, xBC, conv_state, mask, keep_state):
-        """Causal conv + SiLU over (B, T, conv_dim), from `conv_state` (B, conv_dim, K-1) or zeros.
-
-        Returns the output (B, T, conv_dim) and, with keep_state, the last K-1 real inputs.
-        """
-        batch, length, channels = xBC.shape
-        order = None
-        if mask is not None:
-            # Real tokens first, in order, so the conv never sees a pad (works for left, right and holes).
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[..., None].expand_as(xBC)  # (B, T, C)
-            xBC = xBC.gather(1, order)
-        weight, bias, kernel = self.conv1d.weight[:, 0], self.conv1d.bias, self.conv_kernel  # weight (C, K)
-
-        past = None if conv_state is None else conv_state.transpose(1, 2).to(xBC.dtype)  # (B, K-1, C)
-        if past is None and mask is None and conv1d_backend(xBC.device) == "causal_conv1d":
-            out = conv1d_kernel(xBC.transpose(1, 2), weight, bias).transpose(1, 2)  # (B, T, C)
-        else:
-            out = F.silu(causal_conv(xBC, weight, bias, past))  # (B, T, C)
-
-        new_state = None
-        if keep_state:
-            if past is None:
-                past = xBC.new_zeros(batch, kernel - 1, channels)
-            window = torch.cat([past, xBC], dim=1)  # (B, K-1 + T, C): the inputs the conv has seen
-            real = mask.sum(1) if mask is not None else torch.full((batch,), length, device=xBC.device)
-            # The row's last K-1 inputs end where its real tokens end: window[:, real : real + K-1].
-            index = real[:, None] + torch.arange(kernel - 1, device=xBC.device)  # (B, K-1)
-            new_state = window.gather(1, index[..., None].expand(-1, -1, channels)).transpose(1, 2).contiguous()
-        if order is not None:
-            out = torch.empty_like(out).scatter(1, order, out)  # back to the original positions
-        return out, new_state
-
-    def _conv_step(self, xBC, conv_state, mask):
-        """One token: xBC (B, 1, C). A pad token leaves the conv state unchanged."""
-        batch, _, channels = xBC.shape
-        if conv_state is None:
-            conv_state = xBC.new_zeros(batch, channels, self.conv_kernel - 1)
-        window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, C, K)
-        out = (window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias  # (B, C)
-        new_state = window[..., 1:]
-        if mask is not None:
-            new_state = torch.where(mask[:, :, None], new_state, conv_state)
-        return F.silu(out)[:, None], new_state  # (B, 1, C)

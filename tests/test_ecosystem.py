@@ -182,21 +182,7 @@ def test_from_pretrained_with_device_map_auto(stack, tmp_path):
     assert torch.equal(placed.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False), generated)
 
 
-# Mamba2Mixer reads self.conv1d.weight/bias directly instead of calling self.conv1d, and accelerate
-# brings an offloaded module's weights in only around that module's own forward: offloaded mamba2
-# layers compute with placeholder weights (NaN or garbage). Strict: this fails once the mixer is fixed.
-OFFLOAD_BROKEN = "mamba2"
-
-
-@pytest.mark.parametrize(
-    "stack",
-    [
-        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="Mamba2Mixer bypasses accelerate's offload hooks"))
-        if OFFLOAD_BROKEN in STACKS[s] else s
-        for s in STACKS
-    ],
-    ids=list(STACKS),
-)
+@pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
 def test_device_map_auto_with_disk_offload(stack, tmp_path):
     from accelerate.utils import compute_module_sizes
 
