@@ -31,3 +31,12 @@ class MixerContext:
         if self.padding_mask is None:
             return None
         return self.padding_mask[:, self.past_length :]
+
+
+def real_tokens_first(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) indices that put each row's real tokens first, in their order, pads after.
+
+    Gathering with them lets a recurrence run over real tokens only (left, right or holed padding alike);
+    scattering with them puts the outputs back in place.
+    """
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)

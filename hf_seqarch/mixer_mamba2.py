@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
+from .mixer_context import real_tokens_first
 from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
 from .ops_rms_norm import RMSNormFunction
@@ -94,7 +95,7 @@ class ShortCausalConv(nn.Conv1d):
         order = None
         if mask is not None:
             # Real tokens first, in order, so the conv never sees a pad (works for left, right and holes).
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[..., None].expand_as(xBC)  # (B, T, C)
+            order = real_tokens_first(mask)[..., None].expand_as(xBC)  # (B, T, C)
             xBC = xBC.gather(1, order)
         weight, bias, kernel = self.weight[:, 0], self.bias, self.kernel_size[0]  # weight (C, K)
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .mixer_context import real_tokens_first
+
 
 class RecurrentMixer(nn.Module):
     """One nn.LSTM or nn.GRU layer; in encoder mode a bidirectional one with half the width per direction."""
@@ -62,8 +64,7 @@ class RecurrentMixer(nn.Module):
     def _forward_masked(self, hidden_states, mask, initial):
         batch, length, width = hidden_states.shape
         lengths = mask.sum(dim=1)  # (B,)
-        # Stable sort puts each row's real tokens first, in their original order.
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # (B, T)
+        order = real_tokens_first(mask)  # (B, T)
         gather_index = order[..., None].expand(-1, -1, width)
         packed_rows = hidden_states.gather(1, gather_index)  # (B, T, width), real tokens first
         # pack_padded_sequence refuses empty rows: run one dummy step for them and restore their state below.
