@@ -28,7 +28,7 @@ from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_k
 from .mixer_context import real_tokens_first
 from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
-from .ops_rms_norm import RMSNormFunction
+from .ops_rms_norm import RMSNormFunction, fast_path_applies
 from .ops_ssd import ssd_chunked
 
 
@@ -39,14 +39,6 @@ def init_copy(init, parameter, value):
         return copy(parameter, value)
     with torch.no_grad():
         return parameter.copy_(value)
-
-
-def use_fast_rms_norm(x, weight):
-    """The conditions of ops_rms_norm's fast path: float32 training on CPU."""
-    return (
-        x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad)
-    )
 
 
 class GatedRMSNorm(nn.Module):
@@ -61,7 +53,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = gate.dtype  # the model's dtype (y may come out of the scan in float32)
         y = y.float() * F.silu(gate.float())
-        if self.group_size == y.shape[-1] and use_fast_rms_norm(y, self.weight):
+        if self.group_size == y.shape[-1] and fast_path_applies(y, self.weight):
             return RMSNormFunction.apply(y, self.weight, self.eps)  # one group: the shared fast CPU backward
         groups = y.unflatten(-1, (-1, self.group_size))  # (..., G, width / G)
         y = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # (..., width)

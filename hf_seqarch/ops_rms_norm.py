@@ -23,8 +23,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         width = x.shape[-1]
-        with torch.autocast(x.device.type, enabled=False):  # float32 statistics even inside autocast
-            r = torch.rsqrt(torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1) / width + eps)  # (..., 1)
+        r = torch.rsqrt(torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1) / width + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, r)
         return torch.mul(x, r).mul_(weight)
 
@@ -33,9 +32,8 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
         width = x.shape[-1]
-        # Under autocast the gradient can arrive in bf16/fp16 while x is float32: compute in x's dtype.
-        copied = not grad_output.is_contiguous() or grad_output.dtype != x.dtype
-        grad_output = grad_output.to(x.dtype).contiguous()  # one copy instead of strided walks in every pass below
+        copied = not grad_output.is_contiguous()
+        grad_output = grad_output.contiguous()  # one copy instead of strided walks in every pass below
         x_rows, r_rows = x.reshape(-1, width), r.reshape(-1)  # (N, H), (N,)
         grad_x_rows = (grad_output.reshape(-1, width) * x_rows)  # (N, H): dy * x
         # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
@@ -48,20 +46,24 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, None
 
 
+def fast_path_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Where RMSNormFunction is used: float32 training on CPU outside autocast (which would run its
+    products in bf16). Everywhere else torch's own rms_norm is as fast."""
+    return (
+        x.device.type == "cpu"
+        and weight is not None
+        and x.dtype == weight.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and (x.requires_grad or weight.requires_grad)
+    )
+
+
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same weights and outputs) with a faster backward for float32 training on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = (
-            x.device.type == "cpu"
-            and self.weight is not None
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and tuple(self.normalized_shape) == (x.shape[-1],)
-            and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")  # autocast would run the forward's products in bf16
-            and (x.requires_grad or self.weight.requires_grad)
-        )
+        fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)
         if not fast:
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
