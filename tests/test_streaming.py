@@ -53,6 +53,29 @@ def test_step_path_equals_forward_and_greedy_equals_generate(stack):
 
 
 @stack_params
+def test_step_follows_weight_updates_and_keeps_hooked_modules(stack):
+    # The decoder reads the parameters at every call (no stale copies) and bypasses only plain modules:
+    # a hook (as PEFT, quantization or accelerate offload would add) keeps the module's own call.
+    model = causal_lm(stack)
+    ids = random_ids(2, 7)
+    session = StreamingSession(model)  # built before the update below
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.9)
+        expected = model(input_ids=ids).logits[:, -2:]
+    session.feed(ids[:, :5])
+    torch.testing.assert_close(session.step(ids[:, 5]), expected[:, 0], rtol=1e-5, atol=1e-5)
+
+    calls = []
+    for block in model.model.layers:
+        target = block.mlp.down_proj if block.mlp is not None else block.mixer_norm
+        target.register_forward_hook(lambda module, args, output: calls.append(module))
+    hooked = StreamingSession(model, cache=session.cache)
+    torch.testing.assert_close(hooked.step(ids[:, 6]), expected[:, 1], rtol=1e-5, atol=1e-5)
+    assert len(calls) == len(model.model.layers)
+
+
+@stack_params
 def test_generate_continues_a_streamed_cache(stack):
     # The session's state (made under inference_mode) is an ordinary SeqArchCache for generate().
     model = causal_lm(stack)

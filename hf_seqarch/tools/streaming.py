@@ -12,39 +12,21 @@ tokens; sliding attention stops growing at the window; full attention grows by i
 per token. `get_memory_footprint()` reports it.
 
 `step` / `greedy` decode one token at a time without generate()'s per-step machinery (input
-preparation, logits processors, stopping criteria, output objects): under `torch.inference_mode`,
-straight through the blocks, with torch's own LSTM kernel rather than oneDNN's on CPU. That loop mirrors
-`SeqArchModel.forward` for one unpadded token; the tests hold the two to the same logits. This is tooling, not model code: it is not exported to the Hub.
+preparation, logits processors, stopping criteria, output objects), under `torch.inference_mode`, through
+`SingleTokenDecoder`: the model's blocks as plain function calls (LSTM/GRU cells, F.rms_norm, F.linear).
+The tests hold it to the model's forward. This is tooling, not model code: it is not exported to the Hub.
 """
 
 import json
-from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..cache_seqarch import SeqArchCache
-from ..mixer_attention import rotary_cos_sin
-from ..mixer_context import MixerContext
+from .single_token_decoder import SingleTokenDecoder
 
 _FORMAT = "hf_seqarch.stream/1"
-
-
-@contextmanager
-def _without_onednn(enabled: bool):
-    """Single-token steps of nn.LSTM skip oneDNN. Its RNN primitive pays a fixed setup per call, whatever the
-    length: right for a chunk of hundreds of tokens, but for one token of a 256-wide LSTM on the 2-core CPU of
-    anchors.md it measured ~2 ms against ~0.4 ms for torch's own kernel. The switch is process-wide: another
-    thread's forward inside this window also skips oneDNN, which changes only its speed."""
-    if not enabled or not torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 class StreamingSession:
@@ -74,10 +56,7 @@ class StreamingSession:
         if cache is not None and len(cache) != self.config.num_hidden_layers:
             raise ValueError(f"The cache has {len(cache)} layers, the model {self.config.num_hidden_layers}.")
         self.cache = cache if cache is not None else SeqArchCache(self.config)
-        # Read once: a transformers config attribute costs microseconds, and _step runs per token.
-        self._rotary = (self.config.attention_head_dim, self.config.rope_theta) if self.config.has_attention else None
-        # Only nn.LSTM takes oneDNN for recurrent layers, and only on CPU.
-        self._skip_onednn = "lstm" in self.config.mixer_types and self.base.embed_tokens.weight.device.type == "cpu"
+        self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
         self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
 
     # -- feeding a stream ---------------------------------------------------------------------------
@@ -122,7 +101,7 @@ class StreamingSession:
         else:
             raise ValueError("Nothing to continue from: pass input_ids (the prompt) to the first greedy call.")
         tokens = []
-        with torch.inference_mode(), _without_onednn(self._skip_onednn):
+        with torch.inference_mode():
             for _ in range(max_new_tokens):
                 token = logits.argmax(-1, keepdim=True)  # (B, 1): ids from the vocab, no range check needed
                 tokens.append(token)
@@ -130,23 +109,12 @@ class StreamingSession:
         return torch.cat(tokens, dim=1)
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """SeqArchModel.forward for one unpadded token (B, 1), without its checks and output objects."""
-        base, cache = self.base, self.cache
-        with torch.inference_mode(), _without_onednn(self._skip_onednn):
-            hidden = base.embed_tokens(token_ids)  # (B, 1, width)
-            past = cache.seen_tokens
-            position_ids = torch.full((1, 1), past, device=hidden.device)
-            context = MixerContext(padding_mask=None, position_ids=position_ids, past_length=past, cache=cache, causal=True)
-            if self._rotary is not None:
-                context.position_embeddings = rotary_cos_sin(position_ids, *self._rotary, hidden.dtype)
-            for block in base.layers:
-                hidden = block(hidden, context)
-            hidden = base.norm(hidden)[:, 0]  # (B, width)
-            cache.advance(1)
-            if self.lm_head is None:
-                return hidden
-            self._last_logits = self.lm_head(hidden)  # (B, vocab)
-        return self._last_logits
+        """One unpadded token per row (B, 1) through the single-token decoder; no checks."""
+        with torch.inference_mode():
+            output = self._decoder(token_ids[:, 0], self.cache)  # (B, vocab) or (B, width)
+        if self.lm_head is not None:
+            self._last_logits = output
+        return output
 
     def _check_ids(self, ids, name):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point:
