@@ -19,8 +19,8 @@ peers); use `--threads 1 --clock cpu` (process CPU time of a single-threaded run
 On Linux/glibc, malloc hands large freed blocks back to the OS and page-faults them in again on the
 next call, which can cost a third of the op's CPU time, and always does once the (B, T, H, 64) float32
 tensors pass 32 MiB (T=8192 at the defaults: expect a step above 2x there). That is the allocator, not
-the op; `MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=8000000000 python ...` (or jemalloc)
-shows the op alone.
+the op: `--keep-freed-memory` re-runs the whole benchmark (reference included) with malloc keeping
+freed memory (benchmarks/malloc_settings.py), as jemalloc or tcmalloc would.
 """
 
 import argparse
@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference  # noqa: E402
+from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 
 
 def make_inputs(args, T, device):
@@ -134,8 +135,12 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (CPU only)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: run with glibc malloc keeping freed memory (no page faults on reused blocks)")
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.keep_freed_memory:
+        restart_keeping_freed_memory()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
     if args.device == "cuda" and args.clock == "cpu":
@@ -149,7 +154,8 @@ def main():
 
     print(
         f"device={args.device} ({torch.get_num_threads()} threads, {args.clock} clock)  dtype={args.dtype}  "
-        f"B={args.batch} H={args.heads} P={args.dim} N={args.state} chunk={args.chunk}  torch {torch.__version__}"
+        f"B={args.batch} H={args.heads} P={args.dim} N={args.state} chunk={args.chunk}  torch {torch.__version__}  "
+        f"malloc: {'keeps freed memory' if keeps_freed_memory() else 'default'}"
     )
 
     # 1. chunked vs reference

@@ -39,6 +39,7 @@ from transformers.utils import logging  # noqa: E402
 
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E402
+from malloc_settings import env_keeping_freed_memory  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS = 256, 256, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, groups=1)
@@ -181,15 +182,10 @@ def measure(args, name, length, device, clock):
     return seconds, peak
 
 
-# glibc hands every freed block over 32 MiB back to the OS, so a tensor that large is page-faulted in
-# again at every step (kernel time that grows with T). These thresholds make malloc keep freed memory.
-KEEP_FREED_MEMORY = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
-
-
 def measure_in_subprocess(args, name, length):
     """CPU memory: a fresh interpreter per (mixer, length), so earlier peaks do not hide this one."""
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", name, str(length)]
-    env = dict(os.environ, GLIBC_TUNABLES=KEEP_FREED_MEMORY) if args.keep_freed_memory else None
+    env = env_keeping_freed_memory() if args.keep_freed_memory else None
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{name} at T={length} failed:\n{result.stderr[-2000:]}")

@@ -13,11 +13,12 @@ With cs the cumulative sum of a inside a chunk of L steps:
   3. recurrence:   S_in^{c+1} = exp(cs_L) S_in^c + S^c                      a scan over chunks, O(T / L)
   4. output:       y_i += exp(cs_i) S_in q_i                                 the state entering the chunk
 
-Every decay is exp of a sum of log_decay over a segment inside one chunk (a masked cumsum, or a
-difference of float64 cumsums), so nothing overflows or loses precision however long the sequence
-or strong the gates. Decays are floored at exp(-60) ~ 1e-26 and the causal mask is applied with
-tril rather than exp(-inf): float32 denormals, exp(-inf) and exp(+large) all take a very slow path
-on CPU (10-80x), and no result can tell exp(-60) from anything smaller.
+Every decay is exp of a sum of log_decay over a segment inside one chunk (a difference of float64
+cumsums, kept exact in float32 by a hi + lo split), so nothing overflows or loses precision however
+long the sequence or strong the gates. Segment sums are clamped to [-60, 60] before the exp and the
+causal mask is applied with tril rather than exp(-inf): float32 denormals, exp(-inf) and exp(+large)
+all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 from anything smaller,
+and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
 The backward is written by hand (a torch.autograd.Function): it needs the same 8 batched matmuls as
 autograd would but far fewer elementwise passes, and gets the log_decay gradient from the identity
@@ -57,13 +58,17 @@ def _decay(log_decay, dtype):
     return torch.exp(log_decay.clamp(min=LOG_DECAY_FLOOR)).to(dtype)
 
 
-def _bmm(x, y, add_to=None):
-    """x (..., m, k) @ y (..., k, n) as one bmm over the flattened leading dims; add_to: accumulate in place."""
+def _bmm(x, y, add_to=None, out=None):
+    """x (..., m, k) @ y (..., k, n) as one bmm over the flattened leading dims.
+    add_to: accumulate into it in place; out: write into it (contiguous)."""
     x3, y3 = x.reshape(-1, *x.shape[-2:]), y.reshape(-1, *y.shape[-2:])
-    if add_to is None:
-        return torch.bmm(x3, y3).view(*x.shape[:-1], y.shape[-1])
-    add_to.view(-1, *add_to.shape[-2:]).baddbmm_(x3, y3)
-    return add_to
+    if add_to is not None:
+        add_to.view(-1, *add_to.shape[-2:]).baddbmm_(x3, y3)
+        return add_to
+    if out is not None:
+        torch.bmm(x3, y3, out=out.view(-1, *out.shape[-2:]))
+        return out
+    return torch.bmm(x3, y3).view(*x.shape[:-1], y.shape[-1])
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -73,56 +78,52 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, a, state):
-        L = a.shape[-1]
         # (C, B, H, L): log decay from the chunk's start to step i inclusive; in float64 so that
         # differences of large cumsums (strong gates) keep float32 precision.
         cs = a.to(torch.float64).cumsum(-1)
+        # Few fresh large tensors, on purpose: on CPU each can cost as much in page faults as a pass over it.
 
         # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(a_{j+1} + ... + a_i) for j <= i, else 0.
-        #    Exact segment sums: cumsum over i of a_i masked to j < i (0 on and above the diagonal).
-        strictly_lower = torch.ones(L, L, dtype=a.dtype, device=a.device).tril_(-1)
-        segsum = (a[..., :, None] * strictly_lower).cumsum_(-2)  # (C, B, H, L, L)
-        decay = segsum.clamp_(min=LOG_DECAY_FLOOR).exp_().tril_()  # (C, B, H, L, L)
+        segsum = _segment_sums(cs, q.dtype)  # (C, B, H, L, L)
+        decay = segsum.clamp_(LOG_DECAY_FLOOR, -LOG_DECAY_FLOOR).exp_().tril_()  # (C, B, H, L, L)
         scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (C, B, H, L, L)
         y = _bmm(scores, v)  # (C, B, H, L, P)
 
-        # 2. Each chunk's own contribution to the state at its end.
+        # 2. Each chunk's own contribution to the state at its end, written where the scan below wants it:
+        #    states[c + 1] = v^T (k * exp(cs_L - cs)) of chunk c, for now.
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
         k_to_end = k * to_end  # (C, B, H, L, N)
-        chunk_states = _bmm(v.transpose(-1, -2), k_to_end)  # (C, B, H, P, N)
-
-        # 3. Inter-chunk recurrence: a scan over chunks. states[c] enters chunk c, states[C] is the final state.
-        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
         states = q.new_empty(len(q) + 1, *state.shape)  # (C + 1, B, H, P, N)
+        _bmm(v.transpose(-1, -2), k_to_end, out=states[1:])
+
+        # 3. Inter-chunk recurrence, a scan over chunks in place: states[c] enters chunk c, states[C] is final.
+        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
         states[0] = state
         for c in range(len(q)):
-            torch.addcmul(chunk_states[c], chunk_decay[c], states[c], out=states[c + 1])  # d * S + contrib
+            states[c + 1].addcmul_(chunk_decay[c], states[c])  # d * S_in + the chunk's own contribution
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
         q_decayed = torch.mul(q, _decay(cs, q.dtype)[..., None], out=k_to_end)  # (C, B, H, L, N), buffer reused
         _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
-        ctx.save_for_backward(q, k, v, cs, decay, scores, states)
+        ctx.save_for_backward(q, k, v, cs, decay, scores, states, q_decayed)
         return y, states[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dstate):
-        q, k, v, cs, decay, scores, states = ctx.saved_tensors
+        q, k, v, cs, decay, scores, states, q_decayed = ctx.saved_tensors
         dy = dy.contiguous()  # (C, B, H, L, P)
-        # Few fresh large tensors, on purpose: on CPU each can cost as much in page faults as a pass over it.
 
-        # 4. y_i += exp(cs_i) S_in q_i
-        q_decay = _decay(cs, q.dtype)[..., None]  # (C, B, H, L, 1)
-        buffer = q * q_decay  # (C, B, H, L, N)
-        dstates_in = _bmm(dy.transpose(-1, -2), buffer)  # (C, B, H, P, N)
-        dq = _bmm(dy, states[:-1]).mul_(q_decay)  # (C, B, H, L, N)
-
-        # 3. The scan backwards: dstates[c] is the gradient of states[c]; dstates[0] of the initial state.
-        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
+        # 4. y_i += exp(cs_i) S_in q_i. dstates[c] will be the gradient of states[c]; first the direct part.
         dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
+        _bmm(dy.transpose(-1, -2), q_decayed, out=dstates[:-1])
+        dq = _bmm(dy, states[:-1]).mul_(_decay(cs, q.dtype)[..., None])  # (C, B, H, L, N)
+
+        # 3. The scan backwards, in place; dstates[0] is the gradient of the initial state.
+        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
         dstates[-1] = dstate
         for c in reversed(range(len(q))):
-            torch.addcmul(dstates_in[c], chunk_decay[c], dstates[c + 1], out=dstates[c])
+            dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
 
         # 2. chunk_states = v^T (k * to_end)
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1)
@@ -137,10 +138,31 @@ class _ChunkedScan(torch.autograd.Function):
 
         # log decay: cs enters only as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state
         # leaving the chunk, hence d cs_i = q_i . dq_i - k_i . dk_i, plus <dS_out, S_out> at i = L.
-        dcs = torch.mul(q, dq, out=buffer).sum(-1) - torch.mul(k, dk, out=buffer).sum(-1)  # (C, B, H, L)
-        dcs[..., -1] += (dstates[1:] * states[1:]).sum((-1, -2))
+        dcs = _row_dots(q, dq) - _row_dots(k, dk)  # (C, B, H, L)
+        dcs[..., -1] += _row_dots(dstates[1:].flatten(-2), states[1:].flatten(-2))
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
         return dq, dk, dv, da, dstates[0]
+
+
+def _segment_sums(cs, dtype):
+    """(..., L) float64 cumulative sums -> (..., L, L) cs_i - cs_j in `dtype`, as exact as the result allows.
+
+    In float32, cs is split as hi + lo (two float32 whose sum is cs to float64 precision): the difference
+    of the hi parts is rounded relative to the (small) result rather than to the (large) cs, and the lo
+    parts restore what rounding cs to float32 lost. So a short segment late in a strongly decaying chunk
+    keeps its precision."""
+    if dtype == torch.float64:
+        return cs[..., :, None] - cs[..., None, :]
+    hi = cs.to(dtype)
+    lo = (cs - hi).to(dtype)
+    segsum = hi[..., :, None] - hi[..., None, :]
+    return segsum.add_(lo[..., :, None]).sub_(lo[..., None, :])
+
+
+def _row_dots(x, y):
+    """(..., D), (..., D) -> (...): each row's dot product, as one batched (1, D) @ (D, 1) matmul (a single
+    pass over x and y, where (x * y).sum(-1) takes two)."""
+    return torch.matmul(x.reshape(-1, 1, x.shape[-1]), y.reshape(-1, y.shape[-1], 1)).view(x.shape[:-1])
 
 
 @autocast_off

@@ -107,6 +107,17 @@ def test_long_sequence_strong_decay_is_finite():
         torch.testing.assert_close(x.double(), ref, atol=1e-4, rtol=1e-4, msg=name)
 
 
+def test_float32_keeps_precision_after_a_strong_gate():
+    # A strong decay at the start of each chunk makes the chunk's cumulative log decay large (-300), while
+    # the segments after it are short and mild: their decays must not lose float32 precision to it.
+    q, k, v, a, s0 = make_inputs(T=128, dtype=torch.float64)
+    a[:, ::64] = -300.0
+    got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=64)
+    want = outputs_and_grads(scan_reference, q, k, v, a, s0)
+    for name, x, ref in zip(NAMES, got, want):
+        torch.testing.assert_close(x.double(), ref, atol=2e-5, rtol=2e-5, msg=name)
+
+
 def test_bfloat16_in_bfloat16_out():
     q, k, v, a, s0 = (x.bfloat16() for x in make_inputs(T=100, dtype=torch.float32))
     y, s = chunked_scan(q, k, v, a, chunk_size=32)
