@@ -40,8 +40,9 @@ class RMSNormFunction(torch.autograd.Function):
         grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
         # d/dx of x * r: dy * weight * r - x * r^3 / H * sum_h(dy * weight * x)
         coefficient = (grad_x_rows @ weight) * r_rows.pow(3) / width  # (N,)
-        # Overwrite our own copy rather than allocate: fresh pages cost page faults on every step.
-        grad_input = (grad_output.mul_(weight) if copied else torch.mul(grad_output, weight)).mul_(r)
+        # Overwrite a buffer of ours rather than allocate: fresh pages cost page faults on every step.
+        buffer = grad_output if copied else grad_x_rows.view(grad_output.shape)  # dy * x is no longer needed
+        grad_input = torch.mul(grad_output, weight, out=buffer).mul_(r)
         grad_input.view(-1, width).addcmul_(x_rows, coefficient[:, None], value=-1)
         return grad_input, grad_weight, None
 
