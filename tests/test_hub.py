@@ -19,7 +19,7 @@ from transformers import ByT5Tokenizer, pipeline
 from hf_seqarch import SeqArchForCausalLM
 from hf_seqarch.model_card_seqarch import CARD_MARKER, layer_decoding_state
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
-from tester import HEADS, STACKS, main_output, random_ids, tiny_model
+from tester import HEADS, STACKS, main_output, random_ids, tiny_config, tiny_model
 
 pytestmark = pytest.mark.hub
 
@@ -364,6 +364,13 @@ def test_broken_safetensors_file(saved_lm, damage):
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(OSError, match=f"{re.escape(str(saved_lm))}.*truncated or corrupted"):
         SeqArchForCausalLM.from_pretrained(saved_lm)
+
+
+def test_folder_without_config(saved_lm):
+    (saved_lm / "config.json").unlink()
+    with pytest.raises(OSError, match=f"{re.escape(str(saved_lm))}.*has no config.json"):
+        SeqArchForCausalLM.from_pretrained(saved_lm)
+    SeqArchForCausalLM.from_pretrained(saved_lm, config=tiny_config(["lstm", "attention"]))  # given in code: fine
 
 
 @pytest.mark.parametrize(
