@@ -1,12 +1,15 @@
 """Attention mixers: multi-head (grouped-query) attention with rotary positions, full or sliding window.
 
 The kernel comes from transformers' attention registry (`attn_implementation`: eager, sdpa,
-flash_attention_2, flex_attention); the eager kernel below is the readable reference.
+flash_attention_2, flex_attention); the eager kernel below is the readable reference. Sliding-window
+layers under sdpa run long unpadded sequences in blocks (ops_sliding_attention), O(T * window).
 """
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .ops_sliding_attention import sliding_window_attention
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -118,6 +121,10 @@ class AttentionMixer(nn.Module):
             key, value = context.cache.update_key_value(self.layer_idx, key, value, self.sliding_window)
 
         implementation = self.config._attn_implementation or "eager"
+        dropout = self.config.attention_dropout if self.training else 0.0
+        if self._banded_applies(context, length, key.shape[2], implementation):
+            output = sliding_window_attention(query, key, value, self.sliding_window, self.scaling, dropout)
+            return self.o_proj(output.reshape(batch, length, -1))  # (B, T, width)
         mask = build_attention_mask(
             context, length, key.shape[2], self.sliding_window, implementation, query.dtype, query.device
         )
@@ -128,8 +135,20 @@ class AttentionMixer(nn.Module):
             key,
             value,
             mask,
-            dropout=self.config.attention_dropout if self.training else 0.0,
+            dropout=dropout,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
         )
         return self.o_proj(output.reshape(batch, length, -1))  # (B, T, width)
+
+    def _banded_applies(self, context, length, kv_length, implementation) -> bool:
+        """Sliding-window sdpa over a whole unpadded sequence from its start (training, a first prefill) runs
+        in blocks (ops_sliding_attention) once the sequence is long enough for a full mask to waste work."""
+        return (
+            implementation == "sdpa"
+            and self.sliding_window is not None
+            and context.causal
+            and context.padding_mask is None
+            and kv_length == length  # no cached keys before these
+            and length > 2 * self.sliding_window
+        )

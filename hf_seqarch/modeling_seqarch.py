@@ -35,6 +35,7 @@ from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backw
 from .kernels_mamba2 import mamba2_backend  # noqa: F401
 from .ops_causal_conv import causal_conv  # noqa: F401
 from .ops_chunked_scan import chunked_scan  # noqa: F401
+from .ops_sliding_attention import sliding_window_attention  # noqa: F401
 from .ops_ssd import ssd_chunked  # noqa: F401
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint

@@ -1,5 +1,7 @@
 """The shared tester: every property below runs over every mixer stack (and head where it applies)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import (
@@ -136,6 +138,26 @@ def test_eager_and_sdpa_agree(stack, bidirectional):
         outputs.append([model(input_ids=ids).last_hidden_state, model(input_ids=ids, attention_mask=mask).last_hidden_state])
     for eager, sdpa in zip(*outputs):
         torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [7, 12, 31])  # window 3: not / a multiple of it, many blocks
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads):
+    # sdpa over a long unpadded sequence runs in blocks (ops_sliding_attention); eager keeps the full mask.
+    ids = random_ids(2, length)
+    results = []
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = tiny_config(["sliding_attention", "sliding_attention"], num_key_value_heads=kv_heads, sliding_window=3)
+        model = SeqArchForCausalLM._from_config(config, attn_implementation=implementation).train()
+        mixer = model.model.layers[0].mixer
+        context = SimpleNamespace(causal=True, padding_mask=None)
+        assert mixer._banded_applies(context, length, length, implementation) == (implementation == "sdpa")
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append([loss.detach(), *(p.grad for p in model.parameters())])
+    for eager, blocked in zip(*results):
+        torch.testing.assert_close(blocked, eager, rtol=1e-5, atol=1e-6)
 
 
 @stack_params

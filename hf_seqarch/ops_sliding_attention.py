@@ -1,0 +1,47 @@
+"""Causal sliding-window attention in blocks: O(T * window) time and memory instead of O(T^2).
+
+With a mask, an attention kernel still computes every query against every key: at T = 4,096 and a
+window of 128, 32 times the scores the window allows, and a T x T mask besides. Here the queries are cut
+into blocks of `window`; block b attends to the keys of blocks b - 1 and b, which hold every key any of
+its queries may see. One scaled_dot_product_attention call runs all blocks as a batch, with one small
+mask shared by all but the first block (whose previous block does not exist):
+
+    query i of a block (position b*W + i) sees key j of the 2W (position b*W - W + j) iff i < j <= i + W
+
+The reference is the full-mask path of mixer_attention (build_attention_mask + any kernel); tests hold
+the two to the same outputs and gradients. Pure PyTorch (this file is copied flat to the Hub).
+Shapes: B batch, nh query heads, nkv key/value heads, T time, hd head dim, W window, nb blocks.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sliding_window_attention(query, key, value, window: int, scaling: float, dropout: float = 0.0):
+    """query (B, nh, T, hd), key/value (B, nkv, T, hd), nkv dividing nh -> output (B, T, nh, hd)."""
+    batch, heads, length, head_dim = query.shape
+    nb = -(-length // window)
+    pad = nb * window - length  # queries and keys past the end: never seen by a real query (they are later)
+
+    def blocks_of(x, extra_front):  # (B, n, T, hd) -> (B * nb, n, W or 2W, hd)
+        x = F.pad(x, (0, 0, extra_front, pad))  # zeros before the first block stand for keys that do not exist
+        if extra_front == 0:
+            x = x.view(x.shape[0], x.shape[1], nb, window, head_dim).transpose(1, 2)
+        else:
+            x = x.unfold(2, 2 * window, window).permute(0, 2, 1, 4, 3)  # overlapping windows of 2W keys
+        return x.reshape(-1, *x.shape[2:])
+
+    q = blocks_of(query, 0)  # (B * nb, nh, W, hd)
+    k, v = blocks_of(key, window), blocks_of(value, window)  # (B * nb, nkv, 2W, hd)
+
+    i = torch.arange(window, device=query.device)[:, None]
+    j = torch.arange(2 * window, device=query.device)[None, :]
+    allowed = ((j > i) & (j <= i + window)).repeat(batch * nb, 1, 1)  # (B * nb, W, 2W)
+    allowed.view(batch, nb, window, 2 * window)[:, 0, :, :window] = False  # block 0 has no previous block
+    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, torch.finfo(query.dtype).min)
+
+    output = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]
+    )  # (B * nb, nh, W, hd)
+    output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3).reshape(batch, nb * window, heads, head_dim)
+    return output[:, :length]  # (B, T, nh, hd)
