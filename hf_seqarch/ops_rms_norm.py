@@ -13,6 +13,7 @@ apply: inference, GPUs (fused CUDA kernels both ways), and dtypes other than flo
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -65,6 +66,11 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)
+        if not fast and self.weight is not None and x.dtype != self.weight.dtype:
+            # Mixed dtypes (a bf16 activation and float32 weight under autocast): torch's kernel would warn and
+            # take its slow path; compute in the wider dtype (as Llama's norm does) and return the input's.
+            dtype = torch.promote_types(x.dtype, self.weight.dtype)
+            return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps).to(x.dtype)
         if not fast:
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps

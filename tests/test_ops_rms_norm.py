@@ -1,5 +1,7 @@
 """The RMSNorm fast backward against torch's nn.RMSNorm (its reference): outputs and gradients."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -49,3 +51,18 @@ def test_frozen_weight_and_inference_fall_back_cleanly():
     assert x.grad is not None and norm.weight.grad is None
     with torch.no_grad():  # torch's fused forward
         torch.testing.assert_close(norm(x), nn.functional.rms_norm(x, (8,), norm.weight, 1e-5))
+
+
+def test_mixed_dtypes_compute_in_float32_without_warning():
+    # Under bf16 autocast a mixer can hand a bf16 activation to a norm whose weight is float32.
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it cannot use its kernel for mixed dtypes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, norm(x.float()).bfloat16(), rtol=0, atol=0)
