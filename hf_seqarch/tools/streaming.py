@@ -36,6 +36,10 @@ class StreamingSession:
         model: a causal `SeqArchForCausalLM` (outputs are logits) or `SeqArchModel` (outputs are the
             final hidden states). Put it in eval mode yourself, as for generate().
         cache: a `SeqArchCache` to continue from (e.g. one returned by a forward or generate()), or None.
+
+    The session decides at construction which modules its single-token path may call as plain functions
+    (see single_token_decoder): add adapters or hooks to the model before building it. New weights (training,
+    loading) are seen at once.
     """
 
     def __init__(self, model, cache: SeqArchCache | None = None):
