@@ -307,11 +307,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
     def _check_token_ids(self, input_ids):
         if torch.compiler.is_compiling():
             return  # reading the ids' values would break torch.compile's graph; the embedding still bounds-checks
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
-            )
+        if not input_ids.numel():
+            return
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one device sync
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
 
     def _padding_mask(self, attention_mask, batch, length, past_length):
         """2-D mask -> (B, past + T) bool, or None when every position is real."""
