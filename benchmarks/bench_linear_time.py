@@ -215,8 +215,10 @@ def scaling(args, device, clock):
             memory_x = peak / max(previous[1], 1) if previous else None
             if time_x is not None:
                 worst[name] = max(worst.get(name, 0.0), time_x)
-            print(f"{name:>17} {length:>6} {seconds * 1e3:>9.1f} {time_x or float('nan'):>5.2f}x "
-                  f"{peak / 2**20:>9.1f} {memory_x or float('nan'):>5.2f}x", flush=True)
+            time_growth = f"{time_x:5.2f}x" if time_x is not None else ""
+            memory_growth = f"{memory_x:5.2f}x" if memory_x is not None else ""
+            print(f"{name:>17} {length:>6} {seconds * 1e3:>9.1f} {time_growth:>6} {peak / 2**20:>9.1f} {memory_growth:>6}",
+                  flush=True)
             previous = (seconds, peak)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
