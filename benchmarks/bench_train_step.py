@@ -24,6 +24,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM
+from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 TARGETS = {"attention": 1.0, "lstm": 1.05}
@@ -127,7 +128,12 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="cpu: this process's CPU time, steadier than wall time on a machine shared with other "
                              "jobs; only meaningful with --threads 1 (idle threads spin) and on CPU")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU: run with glibc malloc keeping freed memory (benchmarks/malloc_settings.py), as "
+                             "jemalloc or tcmalloc would; both models are measured in that same process")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        restart_keeping_freed_memory()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.clock == "cpu" and device.type != "cpu":
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
@@ -137,7 +143,7 @@ def main():
     warmup, repeats = (1, 3) if args.quick else (2, 7)
     repeats = args.repeats or repeats
     print(f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, "
-          f"{args.clock} clock, "
+          f"{args.clock} clock, malloc {'keeps freed memory' if keeps_freed_memory() else 'default'}, "
           f"{args.tokens} tokens per step, {warmup} warm-up + {repeats} interleaved repeats (median)")
     pairs = {"attention": attention_pair, "lstm": lstm_pair}
     for name, pair in pairs.items():
