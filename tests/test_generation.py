@@ -9,6 +9,7 @@ import torch
 
 from hf_seqarch import SeqArchCache, SeqArchForCausalLM, StreamingSession
 from hf_seqarch.configuration_seqarch import ATTENTION_MIXERS, RECURRENT_MIXERS
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import STACKS, VOCAB, random_ids, tiny_model
 
 stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
@@ -175,27 +176,26 @@ def test_cache_passed_as_past_key_values_works_as_cache(stack):
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not both"):
         model(input_ids=ids[:, :1], cache=cache, past_key_values=SeqArchCache(model.config))
-    # generate() too: transformers 5.24 maps past_key_values= to cache=, earlier releases pass it through.
-    by_name = {}
-    for name in ("cache", "past_key_values"):
+    # generate() too: transformers 5.24 takes cache= and maps past_key_values= to it; earlier releases
+    # know only past_key_values= (cache= is theirs from 5.24 on).
+    expected = model.generate(ids, do_sample=False, **NEW)
+    for name in {"past_key_values", CACHE_FIELD}:
         prefilled = SeqArchCache(model.config)
         model(input_ids=ids[:, :-1], cache=prefilled, use_cache=True)
-        by_name[name] = model.generate(ids, do_sample=False, **{name: prefilled}, **NEW)
+        torch.testing.assert_close(model.generate(ids, do_sample=False, **{name: prefilled}, **NEW), expected, rtol=0, atol=0)
         assert prefilled.get_seq_length() == 9 + NEW["max_new_tokens"] - 1
-    torch.testing.assert_close(by_name["cache"], by_name["past_key_values"], rtol=0, atol=0)
-    torch.testing.assert_close(by_name["cache"], model.generate(ids, do_sample=False, **NEW), rtol=0, atol=0)
 
 
 @stack_params
 def test_generate_continues_a_user_cache(stack):
     model = causal_lm(stack)
     cache = SeqArchCache(model.config)
-    first = model.generate(random_ids(1, 6, seed=5), do_sample=False, cache=cache, **NEW)
+    first = model.generate(random_ids(1, 6, seed=5), do_sample=False, **{CACHE_FIELD: cache}, **NEW)
     assert cache.get_seq_length() == first.shape[1] - 1
     follow_up = torch.cat([first, random_ids(1, 3, seed=9)], dim=1)  # the conversation goes on
     # An explicit mask: without one, generate() would take a generated pad_token_id (0) for padding.
     mask = torch.ones_like(follow_up)
-    continued = model.generate(follow_up, attention_mask=mask, do_sample=False, cache=cache, **NEW)
+    continued = model.generate(follow_up, attention_mask=mask, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
     from_scratch = model.generate(follow_up, attention_mask=mask, do_sample=False, **NEW)
     torch.testing.assert_close(continued, from_scratch, rtol=0, atol=0)
     assert cache.get_seq_length() == from_scratch.shape[1] - 1

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel, StreamingSession
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import STACKS, VOCAB, random_ids, tiny_model
 
 stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
@@ -78,14 +79,15 @@ def test_step_follows_weight_updates_and_keeps_hooked_modules(stack):
 
 @stack_params
 def test_generate_continues_a_streamed_cache(stack):
-    # The session's state (made under inference_mode) is an ordinary SeqArchCache for generate().
+    # The session's state (made under inference_mode) is an ordinary SeqArchCache for generate(), passed
+    # as this transformers release names the cache (`cache`, or `past_key_values` before 5.24).
     model = causal_lm(stack)
     ids = random_ids(1, 12)
     session = StreamingSession(model)
     session.feed(ids[:, :7])
     session.feed(ids[:, 7:11])
     new = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
-    continued = model.generate(ids, cache=session.cache, **new)
+    continued = model.generate(ids, **{CACHE_FIELD: session.cache}, **new)
     torch.testing.assert_close(continued, model.generate(ids, **new), rtol=0, atol=0)
 
 
