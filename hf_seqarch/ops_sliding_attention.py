@@ -38,10 +38,11 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     j = torch.arange(2 * window, device=query.device)[None, :]
     allowed = ((j > i) & (j <= i + window)).repeat(batch * nb, 1, 1)  # (B * nb, W, 2W)
     allowed.view(batch, nb, window, 2 * window)[:, 0, :, :window] = False  # block 0 has no previous block
-    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, torch.finfo(query.dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+    mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)  # additive: 0 where allowed
 
     output = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]
     )  # (B * nb, nh, W, hd)
-    output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3).reshape(batch, nb * window, heads, head_dim)
-    return output[:, :length]  # (B, T, nh, hd)
+    output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3)  # (B, nb, W, nh, hd)
+    return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)
