@@ -142,8 +142,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         """
         return_info = kwargs.pop("output_loading_info", False)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-        has_config = kwargs.get("config") is not None or (len(args) > 1 and args[1] is not None)
-        if not has_config and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        if kwargs.get("config") is None and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             if not os.path.isfile(os.path.join(source, "config.json")):
                 # transformers would build a default config and fail later on the weights' shapes
                 raise OSError(
