@@ -40,6 +40,7 @@ from transformers.utils import logging  # noqa: E402
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E402
 from malloc_settings import env_keeping_freed_memory  # noqa: E402
+from step_timing import count, lm_loss, step_seconds, sync  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS = 256, 256, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, groups=1)
@@ -114,22 +115,8 @@ def peak_rss():
     return _status_bytes("VmHWM")
 
 
-def count(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(model, ids, device, clock):
-    model.zero_grad(set_to_none=True)
-    sync(device)
-    start = clock()
-    model(input_ids=ids, labels=ids).loss.backward()
-    sync(device)  # CUDA runs asynchronously: wait for the backward before reading the clock
-    return clock() - start
+    return step_seconds(model, lm_loss, ids, device, clock)
 
 
 # -- 1. throughput against transformers' Mamba2 -------------------------------------------------------

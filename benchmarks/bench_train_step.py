@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory
+from step_timing import count, lm_loss, step_seconds
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 TARGETS = {"attention": 1.0, "lstm": 1.05}
@@ -56,7 +57,7 @@ def attention_pair():
         num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE, tie_word_embeddings=True, rms_norm_eps=1e-5,
         max_position_embeddings=8192, attn_implementation="sdpa",
     ))
-    return ours, anchor, lambda model, ids: model(input_ids=ids, labels=ids).loss
+    return ours, anchor, lm_loss
 
 
 def lstm_pair():
@@ -67,27 +68,9 @@ def lstm_pair():
     anchor = BareLSTMLM(VOCAB, HIDDEN, LAYERS)
 
     def loss_of(model, ids):
-        return model(input_ids=ids, labels=ids).loss if model is ours else model(ids, ids)
+        return lm_loss(model, ids) if model is ours else model(ids, ids)
 
     return ours, anchor, loss_of
-
-
-def count(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_seconds(model, loss_of, ids, device, clock):
-    model.zero_grad(set_to_none=True)
-    sync(device)
-    start = clock()
-    loss_of(model, ids).backward()
-    sync(device)  # CUDA runs asynchronously: wait for the backward before reading the clock
-    return clock() - start
 
 
 def compare(name, pair, lengths, tokens, warmup, repeats, device, dtype, clock):

@@ -1,0 +1,27 @@
+"""Timing one training step (forward, loss, backward), shared by the training benchmarks."""
+
+import torch
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def lm_loss(model, ids):
+    """The causal-LM loss of a transformers-style model on `ids` (labels = ids)."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+def step_seconds(model, loss_of, ids, device, clock) -> float:
+    """Seconds (by `clock`) of zero_grad + loss_of(model, ids).backward()."""
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    start = clock()
+    loss_of(model, ids).backward()
+    sync(device)  # CUDA runs asynchronously: wait for the backward before reading the clock
+    return clock() - start
