@@ -20,8 +20,14 @@ causal mask is applied with tril rather than exp(-inf): float32 denormals, exp(-
 all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 from anything smaller,
 and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
-The backward is written by hand (a torch.autograd.Function): it needs the same 8 batched matmuls as
-autograd would but far fewer elementwise passes, and gets the log_decay gradient from the identity
+Where every chunk's log decays span at most 60 (all but strong gates), exp(cs_i - cs_j) is computed
+as exp(cs_i) * exp(-cs_j), folded into q and k, and the L x L decay matrix is never formed
+(`_FactorizedChunkedScan`); otherwise the exact segment sums above (`_ChunkedScan`). Tests hold both
+to the reference.
+
+The backwards are written by hand (torch.autograd.Function): they need the same 8 batched matmuls as
+autograd would but far fewer elementwise passes and fresh tensors (on CPU each fresh tensor costs page
+faults at every step), and get the log_decay gradient from the identity
 d cs_i = q_i . dq_i - k_i . dk_i (+ the chunk's end-state term), as exp(cs) only ever scales q and k.
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
@@ -71,16 +77,33 @@ def _bmm(x, y, add_to=None, out=None):
     return torch.bmm(x3, y3).view(*x.shape[:-1], y.shape[-1])
 
 
+def _chunks(x, L):
+    """(B, T, H, D) -> (C, B, H, L, D), T = C * L: chunk-major, so that the scan over chunks walks contiguous
+    slices once copied. A view: the copy is left to the caller, who can often fuse it with a product."""
+    B, T, H, D = x.shape
+    return x.view(B, T // L, L, H, D).permute(1, 0, 3, 2, 4)
+
+
+def _unchunk(x, scale=None):
+    """(C, B, H, L, D) -> (B, C * L, H, D), a contiguous copy; times `scale` (broadcast to x) on the way."""
+    C, B, H, L, D = x.shape
+    if scale is None:
+        return x.permute(1, 0, 3, 2, 4).reshape(B, C * L, H, D)
+    out = x.new_empty(B, C * L, H, D)
+    torch.mul(x, scale, out=_chunks(out, L))
+    return out
+
+
 class _ChunkedScan(torch.autograd.Function):
-    """The recurrence on chunked inputs, chunk-major so that the scan over chunks walks contiguous slices:
-    q, k (C, B, H, L, N), v (C, B, H, L, P), a (C, B, H, L), state (B, H, P, N)
-    -> y (C, B, H, L, P), final state (B, H, P, N)."""
+    """The recurrence on q, k (B, T, H, N), v (B, T, H, P), a (B, T, H), state (B, H, P, N), with T a multiple
+    of the chunk length L -> y (B, T, H, P), final state (B, H, P, N). Works on chunk-major copies (C, B, H, L, .)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, a, state):
+    def forward(ctx, q, k, v, a, state, L):
+        q, k, v = (_chunks(x, L).contiguous() for x in (q, k, v))  # (C, B, H, L, N or P)
         # (C, B, H, L): log decay from the chunk's start to step i inclusive; in float64 so that
         # differences of large cumsums (strong gates) keep float32 precision.
-        cs = a.to(torch.float64).cumsum(-1)
+        cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)
         # Few fresh large tensors, on purpose: on CPU each can cost as much in page faults as a pass over it.
 
         # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(a_{j+1} + ... + a_i) for j <= i, else 0.
@@ -107,12 +130,12 @@ class _ChunkedScan(torch.autograd.Function):
         _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
         ctx.save_for_backward(q, k, v, cs, decay, scores, states, q_decayed)
-        return y, states[-1].clone()
+        return _unchunk(y), states[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dstate):
         q, k, v, cs, decay, scores, states, q_decayed = ctx.saved_tensors
-        dy = dy.contiguous()  # (C, B, H, L, P)
+        dy = _chunks(dy, q.shape[-2]).contiguous()  # (C, B, H, L, P)
 
         # 4. y_i += exp(cs_i) S_in q_i. dstates[c] will be the gradient of states[c]; first the direct part.
         dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
@@ -141,7 +164,93 @@ class _ChunkedScan(torch.autograd.Function):
         dcs = _row_dots(q, dq) - _row_dots(k, dk)  # (C, B, H, L)
         dcs[..., -1] += _row_dots(dstates[1:].flatten(-2), states[1:].flatten(-2))
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
-        return dq, dk, dv, da, dstates[0]
+        return _unchunk(dq), _unchunk(dk), _unchunk(dv), _unchunk(da[..., None])[..., 0], dstates[0], None
+
+
+class _FactorizedChunkedScan(torch.autograd.Function):
+    """`_ChunkedScan` for inputs whose decays factor: in every chunk the log decays from its start (cs, with
+    the 0 before the first step) span at most 60, so exp(cs_i - cs_j) = exp(cs_i) * exp(-cs_j) with both
+    factors within [e^-60, e^60], each exact to float32 rounding. The decays are then folded into q and k
+    (q_i exp(cs_i), k_j exp(-cs_j)) and the L x L decay matrix is never formed: the causal tril is the only
+    pass over the scores. Same arguments and returns as `_ChunkedScan`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, state, L):
+        cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
+        grow = cs.exp().to(q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_i)
+        shrink = cs.neg().exp_().to(q.dtype)[..., None]  # (C, B, H, L, 1): exp(-cs_j)
+        chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1): exp(cs_L)
+        # (C, B, H, L, N): the products write the chunk-major copies (no separate layout copy)
+        q_decayed = torch.mul(_chunks(q, L), grow, out=q.new_empty(*cs.shape, q.shape[-1]))
+        k_undecayed = torch.mul(_chunks(k, L), shrink, out=k.new_empty(*cs.shape, k.shape[-1]))
+        v = _chunks(v, L).contiguous()  # (C, B, H, L, P)
+
+        # 1. Intra-chunk: (q_i exp(cs_i)) . (k_j exp(-cs_j)) = exp(cs_i - cs_j) q_i . k_j, kept for j <= i.
+        scores = _bmm(q_decayed, k_undecayed.transpose(-1, -2)).tril_()  # (C, B, H, L, L)
+        y = _bmm(scores, v)  # (C, B, H, L, P)
+
+        # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v^T (k exp(-cs))): the chunk's own part first,
+        # then the scan over chunks in place; states[c] enters chunk c, states[C] is final.
+        states = q.new_empty(len(v) + 1, *state.shape)  # (C + 1, B, H, P, N)
+        _bmm(v.transpose(-1, -2), k_undecayed, out=states[1:])
+        states[0] = state
+        for c in range(len(v)):
+            states[c + 1].add_(states[c]).mul_(chunk_decay[c])
+
+        # 4. State -> output: y_i += exp(cs_i) S_in q_i.
+        _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
+
+        ctx.save_for_backward(q_decayed, k_undecayed, v, grow, shrink, scores, states)
+        return _unchunk(y), states[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dstate):
+        q_decayed, k_undecayed, v, grow, shrink, scores, states = ctx.saved_tensors
+        dy = _chunks(dy, v.shape[-2]).contiguous()  # (C, B, H, L, P)
+        chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1)
+
+        # One gradient at a time, each buffer dropped once used: on CPU every fresh page costs a page fault.
+        # 3. The scan backwards, in place: dstates[c] is the gradient of states[c]; dstates[0] that of the
+        # initial state. Then (in place) exp(cs_L) dstates[c + 1]: the gradient of chunk c's own part.
+        dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
+        _bmm(dy.transpose(-1, -2), q_decayed, out=dstates[:-1])  # 4., the direct part
+        dstates[-1] = dstate
+        for c in reversed(range(len(v))):
+            dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
+        d_end = _row_dots(dstates[1:].flatten(-2), states[1:].flatten(-2))  # (C, B, H): <dS_out, S_out>
+        d_own = dstates[1:].mul_(chunk_decay)  # (C, B, H, P, N)
+
+        # cs enters as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state leaving the chunk:
+        # d cs_i = q_decayed_i . dq_decayed_i - k_undecayed_i . dk_undecayed_i (+ <dS_out, S_out> at i = L).
+        dscores = _bmm(dy, v.transpose(-1, -2)).tril_()  # (C, B, H, L, L)
+        dq = _bmm(dy, states[:-1])  # 4.  (C, B, H, L, N): the gradient of q_decayed
+        _bmm(dscores, k_undecayed, add_to=dq)  # 1.
+        dcs = _row_dots(q_decayed, dq)  # (C, B, H, L)
+        dq_out = _unchunk(dq, scale=grow)  # (B, T, H, N): the gradient of q
+        del dq
+
+        dk = _bmm(v, d_own)  # 2.  (C, B, H, L, N): the gradient of k_undecayed
+        _bmm(dscores.transpose(-1, -2), q_decayed, add_to=dk)  # 1.
+        del dscores
+        dcs -= _row_dots(k_undecayed, dk)
+        dk_out = _unchunk(dk, scale=shrink)
+        del dk
+
+        dv = _bmm(k_undecayed, d_own.transpose(-1, -2))  # 2.  (C, B, H, L, P)
+        _bmm(scores.transpose(-1, -2), dy, add_to=dv)  # 1.
+        dv = _unchunk(dv)  # (B, T, H, P)
+
+        dcs[..., -1] += d_end
+        da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
+        return dq_out, dk_out, dv, _unchunk(da[..., None])[..., 0], dstates[0], None
+
+
+def _decay_factors(a, L):
+    """Whether `_FactorizedChunkedScan` applies to log decays a (B, T, H): in every chunk of L steps the
+    cumulative sums, with the 0 at its start, span at most -LOG_DECAY_FLOOR. (One device sync.)"""
+    cs = _chunks(a.detach()[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
+    spread = cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)  # (C, B, H)
+    return bool(spread.max() <= -LOG_DECAY_FLOOR)
 
 
 def _segment_sums(cs, dtype):
@@ -193,15 +302,14 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
         return v.new_zeros(B, 0, H, P, dtype=out_dtype), state.to(state_dtype)
     L = chunk_size
     pad = -T % L  # pad the tail with q = k = v = 0, log_decay = 0: the state passes through
-    C = (T + pad) // L
 
-    def to_chunks(x):  # (B, T, H, D) -> (C, B, H, L, D)
-        x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
-        return x.reshape(B, C, L, H, -1).permute(1, 0, 3, 2, 4).contiguous()
+    def padded(x):  # (B, T, H, D) -> (B, C * L, H, D): the tail padded with q = k = v = 0, log_decay = 0
+        return F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
 
-    a = to_chunks(log_decay.unsqueeze(-1)).squeeze(-1)  # (C, B, H, L)
-    y, state = _ChunkedScan.apply(to_chunks(q), to_chunks(k), to_chunks(v), a, state)
-    y = y.permute(1, 0, 3, 2, 4).reshape(B, C * L, H, P)[:, :T]  # (C, B, H, L, P) -> (B, T, H, P)
+    log_decay = padded(log_decay[..., None])[..., 0]  # (B, C * L, H)
+    scan = _FactorizedChunkedScan if _decay_factors(log_decay, L) else _ChunkedScan
+    y, state = scan.apply(padded(q), padded(k), padded(v), log_decay, state, L)  # y (B, C * L, H, P)
+    y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
 
 

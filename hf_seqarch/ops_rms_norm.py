@@ -1,15 +1,15 @@
 """RMSNorm whose CPU training path has a hand-written backward.
 
 Why: on CPU, torch's `rms_norm` has a fused forward but no fused backward, so autograd replays the
-composite (pow, mean, rsqrt, mul, mul) and its backward makes a dozen passes over the activations.
-Before an LSTM this is worse still: the gradient nn.LSTM hands back for a batch-first input is laid
-out time-major, and every one of those elementwise ops then walks it with strides. With five norms
-in a 4-layer LSTM stack that was ~15% of a training step (benchmarks/bench_train_step.py).
+composite (pow, mean, rsqrt, mul, mul) and its backward makes a dozen passes over the activations,
+each into a fresh tensor. With five norms in a 4-layer LSTM stack that was ~15% of a training step
+(benchmarks/bench_train_step.py).
 
-The backward below makes the gradient contiguous once, then needs one product, two matrix-vector
-products and three elementwise passes. The reference is torch's own `nn.RMSNorm`, which this class
-subclasses (same parameters, same state dict) and falls back to wherever the fast path does not
-apply: inference, GPUs (fused CUDA kernels both ways), and dtypes other than float32.
+The backward below needs one product, two matrix-vector products and three elementwise passes, and
+allocates one tensor (under glibc's malloc every fresh page is a page fault, at every step). The
+reference is torch's own `nn.RMSNorm`, which this class subclasses (same parameters, same state
+dict) and falls back to wherever the fast path does not apply: inference, GPUs (fused CUDA kernels
+both ways), and dtypes other than float32.
 """
 
 import torch
@@ -33,17 +33,18 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
         width = x.shape[-1]
-        copied = not grad_output.is_contiguous()
-        grad_output = grad_output.contiguous()  # one copy instead of strided walks in every pass below
-        x_rows, r_rows = x.reshape(-1, width), r.reshape(-1)  # (N, H), (N,)
-        grad_x_rows = (grad_output.reshape(-1, width) * x_rows)  # (N, H): dy * x
+        x = x.contiguous()
+        x_rows, r_rows = x.view(-1, width), r.reshape(-1)  # (N, H), (N,)
+        # The products read grad_output as it comes, with no contiguous copy first: nn.LSTM hands back its
+        # input gradient laid out time-major, but each row is still contiguous, so a strided walk costs
+        # about what a contiguous one does, where a copy costs a pass and a fresh allocation.
+        grad_x_rows = torch.mul(x, grad_output).view(-1, width)  # (N, H): dy * x, laid out like x
         # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
         grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
         # d/dx of x * r: dy * weight * r - x * r^3 / H * sum_h(dy * weight * x)
         coefficient = (grad_x_rows @ weight) * r_rows.pow(3) / width  # (N,)
-        # Overwrite a buffer of ours rather than allocate: fresh pages cost page faults on every step.
-        buffer = grad_output if copied else grad_x_rows.view(grad_output.shape)  # dy * x is no longer needed
-        grad_input = torch.mul(grad_output, weight, out=buffer).mul_(r)
+        # dy * x is no longer needed: overwrite it rather than allocate (fresh pages cost page faults every step).
+        grad_input = torch.mul(grad_output, weight, out=grad_x_rows.view(x.shape)).mul_(r)
         grad_input.view(-1, width).addcmul_(x_rows, coefficient[:, None], value=-1)
         return grad_input, grad_weight, None
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hf_seqarch import ops_chunked_scan
 from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference, scan_step
 
 
@@ -94,6 +95,42 @@ def test_pad_positions_leave_state_unchanged():
     torch.testing.assert_close(after, before)
 
 
+@pytest.mark.parametrize("factorized", [False, True])
+@pytest.mark.parametrize("T,chunk_size", [(100, 32), (64, 64)])
+def test_both_decay_paths_match_reference(monkeypatch, factorized, T, chunk_size):
+    """Mild gates take the factorised path by default; each path, forced, must match the reference."""
+    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    inputs = make_inputs(T=T)
+    got = outputs_and_grads(chunked_scan, *inputs, chunk_size=chunk_size)
+    want = outputs_and_grads(scan_reference, *inputs)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_decay_factors_only_within_the_exponent_range():
+    L = 4
+
+    def factors(per_step):  # one chunk, every step the same log decay
+        return ops_chunked_scan._decay_factors(torch.full((1, L, 1), per_step, dtype=torch.float64), L)
+
+    assert factors(-15.0)  # spread 60: exp(+-60) is still a normal float32
+    assert not factors(-15.5)
+    assert factors(15.0) and not factors(15.5)  # growth (log decay > 0) counts as well
+    # the spread is per chunk: the cumulative sum restarts at each chunk's start
+    assert ops_chunked_scan._decay_factors(torch.full((1, 10 * L, 1), -10.0, dtype=torch.float64), L)
+
+
+def test_float32_factorized_path_near_its_limit():
+    # Every chunk decays by e^-58 (the factorised path's largest spread is 60): float32 must keep its precision.
+    q, k, v, a, s0 = make_inputs(T=128, dtype=torch.float64)
+    a = torch.full_like(a, -58.0 / 64)
+    assert ops_chunked_scan._decay_factors(a, 64)
+    got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=64)
+    want = outputs_and_grads(scan_reference, q, k, v, a, s0)
+    for name, x, ref in zip(NAMES, got, want):
+        torch.testing.assert_close(x.double(), ref, atol=2e-5, rtol=2e-5, msg=name)
+
+
 def test_long_sequence_strong_decay_is_finite():
     T = 16384
     q, k, v, a, s0 = make_inputs(B=1, T=T, H=2, N=16, P=16, dtype=torch.float32, strong=True)
@@ -112,6 +149,7 @@ def test_float32_keeps_precision_after_a_strong_gate():
     # the segments after it are short and mild: their decays must not lose float32 precision to it.
     q, k, v, a, s0 = make_inputs(T=128, dtype=torch.float64)
     a[:, ::64] = -300.0
+    assert not ops_chunked_scan._decay_factors(a, 64)  # the exact (segment-sum) path
     got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=64)
     want = outputs_and_grads(scan_reference, q, k, v, a, s0)
     for name, x, ref in zip(NAMES, got, want):
