@@ -226,6 +226,10 @@ class SeqArchModel(SeqArchPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(SeqArchBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # nn.LSTM / nn.GRU compute time-major. A stack of only those keeps its residual stream time-major in memory
+        # (still indexed (B, T, width)), so that its layers do not each copy their input and gradient between
+        # batch-first and time-major (2 of the ~10% an LSTM stack spent beyond bare nn.LSTM, bench_train_step).
+        self.time_major = all(mixer in ("lstm", "gru") for mixer in config.mixer_types)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -289,12 +293,14 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
 
         hidden_states = inputs_embeds
+        if self.time_major and length > 1:
+            hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
             if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+                all_hidden_states += (hidden_states.contiguous(),)
             hidden_states = block(hidden_states, context)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states).contiguous()  # batch-first again (a no-op unless time-major)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if use_cache:

@@ -20,8 +20,8 @@ causal mask is applied with tril rather than exp(-inf): float32 denormals, exp(-
 all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 from anything smaller,
 and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
-Where every chunk's log decays span at most 60 (all but strong gates), exp(cs_i - cs_j) is computed
-as exp(cs_i) * exp(-cs_j), folded into q and k, and the L x L decay matrix is never formed
+On CPU, where every chunk's log decays span at most 60 (all but strong gates), exp(cs_i - cs_j) is
+computed as exp(cs_i) * exp(-cs_j), folded into q and k, and the L x L decay matrix is never formed
 (`_FactorizedChunkedScan`); otherwise the exact segment sums above (`_ChunkedScan`). Tests hold both
 to the reference.
 
@@ -247,7 +247,11 @@ class _FactorizedChunkedScan(torch.autograd.Function):
 
 def _decay_factors(a, L):
     """Whether `_FactorizedChunkedScan` applies to log decays a (B, T, H): in every chunk of L steps the
-    cumulative sums, with the 0 at its start, span at most -LOG_DECAY_FLOOR. (One device sync.)"""
+    cumulative sums, with the 0 at its start, span at most -LOG_DECAY_FLOOR. Only on CPU and outside
+    torch.compile: reading the values would cost a GPU a device sync and a compiled graph a break, where
+    the exact path needs neither."""
+    if a.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
     cs = _chunks(a.detach()[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
     spread = cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)  # (C, B, H)
     return bool(spread.max() <= -LOG_DECAY_FLOOR)

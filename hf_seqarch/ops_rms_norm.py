@@ -33,11 +33,15 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
         width = x.shape[-1]
-        x = x.contiguous()
+        # Work on the rows in x's memory order (an LSTM stack keeps its activations time-major, see
+        # modeling_seqarch): a permuted view, so nothing is copied and the gradient comes out laid out like x.
+        order = _memory_order(x)
+        if order is None:
+            x, order = x.contiguous(), tuple(range(x.dim()))
+        x, grad_output, r = x.permute(order), grad_output.permute(order), r.permute(order)
         x_rows, r_rows = x.view(-1, width), r.reshape(-1)  # (N, H), (N,)
-        # The products read grad_output as it comes, with no contiguous copy first: nn.LSTM hands back its
-        # input gradient laid out time-major, but each row is still contiguous, so a strided walk costs
-        # about what a contiguous one does, where a copy costs a pass and a fresh allocation.
+        # grad_output is read as it comes, without a copy first: nn.LSTM hands back its input gradient laid out
+        # time-major, but each row is still contiguous, so a strided walk costs about what a contiguous one does.
         grad_x_rows = torch.mul(x, grad_output).view(-1, width)  # (N, H): dy * x, laid out like x
         # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
         grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
@@ -46,7 +50,14 @@ class RMSNormFunction(torch.autograd.Function):
         # dy * x is no longer needed: overwrite it rather than allocate (fresh pages cost page faults every step).
         grad_input = torch.mul(grad_output, weight, out=grad_x_rows.view(x.shape)).mul_(r)
         grad_input.view(-1, width).addcmul_(x_rows, coefficient[:, None], value=-1)
-        return grad_input, grad_weight, None
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        return grad_input.permute(inverse), grad_weight, None
+
+
+def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The order of x's dims (the last one last) in which x is contiguous, or None if there is none."""
+    order = (*sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)), x.dim() - 1)
+    return order if x.permute(order).is_contiguous() else None
 
 
 def fast_path_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
