@@ -24,7 +24,9 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         width = x.shape[-1]
-        r = torch.rsqrt(torch.linalg.vecdot(x, x, dim=-1).unsqueeze(-1) / width + eps)  # (..., 1)
+        # mean(x^2) from the 2-norm: one fused reduction, where vecdot(x, x) on CPU writes x * x out first
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width)  # (..., 1)
+        r = mean_square.add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, r)
         return torch.mul(x, r).mul_(weight)
 
