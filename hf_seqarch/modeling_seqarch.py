@@ -226,10 +226,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(SeqArchBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # nn.LSTM / nn.GRU compute time-major. A stack of only those keeps its residual stream time-major in memory
-        # (still indexed (B, T, width)), so that its layers do not each copy their input and gradient between
-        # batch-first and time-major: 3 fewer copies of the activations per layer and training step.
-        self.time_major = all(mixer in ("lstm", "gru") for mixer in config.mixer_types)
+        # nn.LSTM / nn.GRU compute time-major. A stack of only those (and no MLP, whose linears would copy a
+        # time-major input instead) keeps its residual stream time-major in memory, still indexed (B, T, width),
+        # so that its layers do not each copy their input and gradient between batch-first and time-major.
+        recurrent_only = all(mixer in ("lstm", "gru") for mixer in config.mixer_types)
+        self.time_major = recurrent_only and config.intermediate_size == 0
         self.post_init()
 
     def get_input_embeddings(self):
