@@ -44,7 +44,7 @@ class RMSNormFunction(torch.autograd.Function):
         x_rows, r_rows = x.view(-1, width), r.reshape(-1)  # (N, H), (N,)
         # grad_output is read as it comes, without a copy first: nn.LSTM hands back its input gradient laid out
         # time-major, but each row is still contiguous, so a strided walk costs about what a contiguous one does.
-        grad_x_rows = torch.mul(x, grad_output).view(-1, width)  # (N, H): dy * x, laid out like x
+        grad_x_rows = torch.mul(x, grad_output, out=torch.empty_like(x)).view(-1, width)  # (N, H): dy * x
         # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
         grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
         # d/dx of x * r: dy * weight * r - x * r^3 / H * sum_h(dy * weight * x)
