@@ -214,6 +214,13 @@ def test_time_major_residual_stream_changes_nothing(mixers, bidirectional):
     assert not tiny_model(SeqArchModel, ["lstm", "attention"], intermediate_size=0).time_major
     assert not tiny_model(SeqArchModel, mixers, intermediate_size=48).time_major  # the MLP's linears would copy
 
+    if not bidirectional:  # prefill in pieces from a cache (pieces of several tokens run time-major, single ones not)
+        model = tiny_model(SeqArchForCausalLM, mixers, intermediate_size=0)
+        full, cache, pieces = model(input_ids=ids).logits, SeqArchCache(model.config), []
+        for start, stop in ((0, 4), (4, 5), (5, 9)):
+            pieces.append(model(input_ids=ids[:, start:stop], cache=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
     # In float32 training on CPU (RMSNorm's own kernels) the mixers do receive time-major activations.
     model = tiny_model(SeqArchModel, mixers, bidirectional=bidirectional, intermediate_size=0).train()
     strides = []  # of what each mixer receives, (B, T, width): time-major in memory if stride(0) < stride(1)
