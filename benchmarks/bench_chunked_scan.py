@@ -3,8 +3,9 @@
     python benchmarks/bench_chunked_scan.py                  # CPU, default sizes (~1-3 minutes)
     python benchmarks/bench_chunked_scan.py --device cuda
 
-1. forward+backward of chunked_scan vs scan_reference at T=2048 (B=2, H=8, P=N=64, chunk 64): times
-   and their ratio (target: chunked >= 20x faster).
+1. forward+backward of chunked_scan vs scan_reference at T=2048 (B=2, H=8, P=N=64, chunk 64), runs
+   alternating so that both see the same machine load: times and the median of the paired ratios
+   (target: chunked >= 20x faster).
 2. chunked_scan forward+backward at T = 1024 ... 16384: time, peak memory, and the growth per doubling
    of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the
    growth of the peak resident set during one forward+backward, each length in a fresh subprocess so
@@ -12,7 +13,7 @@
    /proc/self/clear_refs: ru_maxrss alone would not do, as a process keeps its parent's ru_maxrss
    across fork+exec (the subprocess would start at this process's peak and show no growth).
 
-Times are the median of --runs runs after a warm-up; the upstream gradients are random dense tensors
+Times (2.) are the median of --runs runs after a warm-up; the upstream gradients are random dense tensors
 (as the layers above give; y.sum()'s stride-0 gradient is a special case for autograd's bmm). On a shared,
 busy machine wall times of multi-threaded runs are meaningless (OpenMP threads wait on descheduled
 peers); use `--threads 1 --clock cpu` (process CPU time of a single-threaded run) there.
@@ -61,20 +62,34 @@ def fwd_bwd(fn, inputs, grads, **kw):
     torch.autograd.backward((y, state), grads)
 
 
+def seconds(fn, inputs, grads, args, **kw):
+    """Seconds of one forward+backward."""
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t0 = clock()
+    fwd_bwd(fn, inputs, grads, **kw)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return clock() - t0
+
+
 def timeit(fn, inputs, grads, args, runs, **kw):
     """Median seconds of forward+backward over `runs` runs, after one warm-up."""
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     fwd_bwd(fn, inputs, grads, **kw)
-    times = []
-    for _ in range(runs):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = clock()
-        fwd_bwd(fn, inputs, grads, **kw)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(clock() - t0)
-    return statistics.median(times)
+    return statistics.median(seconds(fn, inputs, grads, args, **kw) for _ in range(runs))
+
+
+def paired_ratio(inputs, grads, args):
+    """scan_reference / chunked_scan: runs alternate (reference, chunked, ...) so that both see the same machine
+    load; the median of each pair's ratio, and the median times. Every run follows one warm-up of each."""
+    chunked = dict(chunk_size=args.chunk)
+    fwd_bwd(scan_reference, inputs, grads)
+    fwd_bwd(chunked_scan, inputs, grads, **chunked)
+    pairs = [(seconds(scan_reference, inputs, grads, args), seconds(chunked_scan, inputs, grads, args, **chunked))
+             for _ in range(args.ref_runs)]
+    ratio = statistics.median(ref / chunk for ref, chunk in pairs)
+    return ratio, statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def _proc_status_kib(field):
@@ -131,7 +146,7 @@ def main():
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ref-length", type=int, default=2048)
-    p.add_argument("--ref-runs", type=int, default=3)
+    p.add_argument("--ref-runs", type=int, default=7, help="runs of the reference (each paired with one chunked run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (CPU only)")
@@ -161,12 +176,11 @@ def main():
     # 1. chunked vs reference
     T = args.ref_length
     inputs, grads = make_inputs(args, T, args.device)
-    t_chunk = timeit(chunked_scan, inputs, grads, args, args.runs, chunk_size=args.chunk)
-    t_ref = timeit(scan_reference, inputs, grads, args, args.ref_runs)
-    print(f"\nforward+backward at T={T}:")
+    ratio, t_ref, t_chunk = paired_ratio(inputs, grads, args)
+    print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians):")
     print(f"  chunked_scan   {t_chunk * 1e3:9.1f} ms")
     print(f"  scan_reference {t_ref * 1e3:9.1f} ms")
-    print(f"  ratio          {t_ref / t_chunk:9.1f}x   (target >= 20x)")
+    print(f"  ratio          {ratio:9.1f}x   (the median of the paired ratios; target >= 20x)")
     del inputs, grads
 
     # 2. scaling with T
