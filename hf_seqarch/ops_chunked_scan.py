@@ -40,6 +40,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+_CACHE_BYTES = 1 << 21  # 2 MiB: about the size of a chunk group's tensors in the factorised scan
 LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
 
 
@@ -84,14 +85,16 @@ def _chunks(x, L):
     return x.view(B, T // L, L, H, D).permute(1, 0, 3, 2, 4)
 
 
-def _unchunk(x, scale=None):
-    """(C, B, H, L, D) -> (B, C * L, H, D), a contiguous copy; times `scale` (broadcast to x) on the way."""
+def _unchunked_empty(x):
+    """An empty (B, C * L, H, D) tensor for a (C, B, H, L, D) one."""
     C, B, H, L, D = x.shape
-    if scale is None:
-        return x.permute(1, 0, 3, 2, 4).reshape(B, C * L, H, D)
-    out = x.new_empty(B, C * L, H, D)
-    torch.mul(x, scale, out=_chunks(out, L))
-    return out
+    return x.new_empty(B, C * L, H, D)
+
+
+def _unchunk(x):
+    """(C, B, H, L, D) -> (B, C * L, H, D), a contiguous copy."""
+    C, B, H, L, D = x.shape
+    return x.permute(1, 0, 3, 2, 4).reshape(B, C * L, H, D)
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -172,7 +175,8 @@ class _FactorizedChunkedScan(torch.autograd.Function):
     the 0 before the first step) span at most 60, so exp(cs_i - cs_j) = exp(cs_i) * exp(-cs_j) with both
     factors within [e^-60, e^60], each exact to float32 rounding. The decays are then folded into q and k
     (q_i exp(cs_i), k_j exp(-cs_j)) and the L x L decay matrix is never formed: the causal tril is the only
-    pass over the scores. Same arguments and returns as `_ChunkedScan`."""
+    pass over the scores. The intra-chunk parts run a group of chunks at a time (`_chunk_groups`).
+    Same arguments and returns as `_ChunkedScan`."""
 
     @staticmethod
     def forward(ctx, q, k, v, a, state, L):
@@ -185,10 +189,6 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         k_undecayed = torch.mul(_chunks(k, L), shrink, out=k.new_empty(*cs.shape, k.shape[-1]))
         v = _chunks(v, L).contiguous()  # (C, B, H, L, P)
 
-        # 1. Intra-chunk: (q_i exp(cs_i)) . (k_j exp(-cs_j)) = exp(cs_i - cs_j) q_i . k_j, kept for j <= i.
-        scores = _bmm(q_decayed, k_undecayed.transpose(-1, -2)).tril_()  # (C, B, H, L, L)
-        y = _bmm(scores, v)  # (C, B, H, L, P)
-
         # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v^T (k exp(-cs))): the chunk's own part first,
         # then the scan over chunks in place; states[c] enters chunk c, states[C] is final.
         states = q.new_empty(len(v) + 1, *state.shape)  # (C + 1, B, H, P, N)
@@ -197,11 +197,18 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         for c in range(len(v)):
             states[c + 1].add_(states[c]).mul_(chunk_decay[c])
 
-        # 4. State -> output: y_i += exp(cs_i) S_in q_i.
-        _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
+        # 1. and 4., a few chunks at a time (see _chunk_groups), y written straight into (B, T, H, P):
+        # y_i = sum_{j <= i} (q_i exp(cs_i)) . (k_j exp(-cs_j)) v_j  +  exp(cs_i) S_in q_i.
+        scores = q.new_empty(*cs.shape, L)  # (C, B, H, L, L), kept for the backward
+        y = _unchunked_empty(v)  # (B, T, H, P)
+        for g in _chunk_groups(v):
+            _bmm(q_decayed[g], k_undecayed[g].transpose(-1, -2), out=scores[g]).tril_()
+            y_g = _bmm(scores[g], v[g])  # (G, B, H, L, P)
+            _bmm(q_decayed[g], states[:-1][g].transpose(-1, -2), add_to=y_g)
+            _chunks(y, L)[g].copy_(y_g)
 
         ctx.save_for_backward(q_decayed, k_undecayed, v, grow, shrink, scores, states)
-        return _unchunk(y), states[-1].clone()
+        return y, states[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dstate):
@@ -209,7 +216,6 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         dy = _chunks(dy, v.shape[-2]).contiguous()  # (C, B, H, L, P)
         chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1)
 
-        # One gradient at a time, each buffer dropped once used: on CPU every fresh page costs a page fault.
         # 3. The scan backwards, in place: dstates[c] is the gradient of states[c]; dstates[0] that of the
         # initial state. Then (in place) exp(cs_L) dstates[c + 1]: the gradient of chunk c's own part.
         dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
@@ -220,29 +226,38 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         d_end = torch.linalg.vecdot(dstates[1:].flatten(-2), states[1:].flatten(-2))  # (C, B, H): <dS_out, S_out>
         d_own = dstates[1:].mul_(chunk_decay)  # (C, B, H, P, N)
 
+        # The rest a few chunks at a time (see _chunk_groups); the gradients of q, k, v are written straight into
+        # (B, T, H, .) tensors.
         # cs enters as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state leaving the chunk:
         # d cs_i = q_decayed_i . dq_decayed_i - k_undecayed_i . dk_undecayed_i (+ <dS_out, S_out> at i = L).
-        dscores = _bmm(dy, v.transpose(-1, -2)).tril_()  # (C, B, H, L, L)
-        dq = _bmm(dy, states[:-1])  # 4.  (C, B, H, L, N): the gradient of q_decayed
-        _bmm(dscores, k_undecayed, add_to=dq)  # 1.
-        dcs = _row_dots(q_decayed, dq)  # (C, B, H, L)
-        dq_out = _unchunk(dq, scale=grow)  # (B, T, H, N): the gradient of q
-        del dq
-
-        dk = _bmm(v, d_own)  # 2.  (C, B, H, L, N): the gradient of k_undecayed
-        _bmm(dscores.transpose(-1, -2), q_decayed, add_to=dk)  # 1.
-        del dscores
-        dcs -= _row_dots(k_undecayed, dk)
-        dk_out = _unchunk(dk, scale=shrink)
-        del dk
-
-        dv = _bmm(k_undecayed, d_own.transpose(-1, -2))  # 2.  (C, B, H, L, P)
-        _bmm(scores.transpose(-1, -2), dy, add_to=dv)  # 1.
-        dv = _unchunk(dv)  # (B, T, H, P)
+        L = v.shape[-2]
+        dq_out, dk_out, dv_out = (_unchunked_empty(x) for x in (q_decayed, k_undecayed, v))  # (B, T, H, .)
+        dcs = torch.empty_like(grow[..., 0])  # (C, B, H, L)
+        for g in _chunk_groups(v):
+            dy_g, v_g, q_g, k_g = dy[g], v[g], q_decayed[g], k_undecayed[g]
+            dscores = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (G, B, H, L, L)
+            dq = _bmm(dy_g, states[:-1][g])  # 4.  (G, B, H, L, N): the gradient of q_decayed
+            _bmm(dscores, k_g, add_to=dq)  # 1.
+            dk = _bmm(v_g, d_own[g])  # 2.  (G, B, H, L, N): the gradient of k_undecayed
+            _bmm(dscores.transpose(-1, -2), q_g, add_to=dk)  # 1.
+            dv = _bmm(k_g, d_own[g].transpose(-1, -2))  # 2.  (G, B, H, L, P)
+            _bmm(scores[g].transpose(-1, -2), dy_g, add_to=dv)  # 1.
+            torch.sub(_row_dots(q_g, dq), _row_dots(k_g, dk), out=dcs[g])
+            torch.mul(dq, grow[g], out=_chunks(dq_out, L)[g])
+            torch.mul(dk, shrink[g], out=_chunks(dk_out, L)[g])
+            _chunks(dv_out, L)[g].copy_(dv)
 
         dcs[..., -1] += d_end
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
-        return dq_out, dk_out, dv, _unchunk(da[..., None])[..., 0], dstates[0], None
+        return dq_out, dk_out, dv_out, _unchunk(da[..., None])[..., 0], dstates[0], None
+
+
+def _chunk_groups(x):
+    """Slices of the chunk axis of x (C, B, H, L, D), each about 2 MiB of x: the factorised scan works through
+    its chunks a group at a time, so that the L x L and (L, D) temporaries of a group stay in cache (and are
+    not page-faulted in afresh, as full-size ones are at every call under glibc's malloc)."""
+    step = max(1, _CACHE_BYTES // (x[0].numel() * x.element_size()))
+    return [slice(c, c + step) for c in range(0, len(x), step)]
 
 
 def _decay_factors(a, L):
