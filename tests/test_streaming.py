@@ -76,6 +76,13 @@ def test_step_follows_weight_updates_and_keeps_hooked_modules(stack):
     torch.testing.assert_close(hooked.step(ids[:, 6]), expected[:, 1], rtol=1e-5, atol=1e-5)
     assert len(calls) == len(model.model.layers)
 
+    # A subclass of a block (its forward may differ) keeps its own call too.
+    block, plain = model.model.layers[0], type(model.model.layers[0])
+    block.__class__ = type("CountingBlock", (plain,), {"forward": lambda self, *a: calls.append(self) or plain.forward(self, *a)})
+    calls.clear()
+    StreamingSession(model).step(ids[:, 0])
+    assert block in calls
+
 
 @stack_params
 def test_generate_continues_a_streamed_cache(stack):

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..mixer_attention import rotary_cos_sin
 from ..mixer_context import MixerContext
-from ..modeling_seqarch import SeqArchMLP
+from ..mixer_rnn import RecurrentMixer
+from ..modeling_seqarch import SeqArchBlock, SeqArchMLP
 from ..ops_rms_norm import RMSNorm
 
 
@@ -77,9 +78,9 @@ def _gru_cell(rnn: nn.GRU, layer_idx: int):
 def _mixer(block, config, layer_idx: int):
     mixer, mixer_type = block.mixer, config.mixer_types[layer_idx]
     rnn = getattr(mixer, "rnn", None)
-    if mixer_type == "lstm" and _is_plain(mixer, type(mixer)) and _is_plain(rnn, nn.LSTM):
+    if mixer_type == "lstm" and _is_plain(mixer, RecurrentMixer) and _is_plain(rnn, nn.LSTM):
         return _lstm_cell(rnn, layer_idx)
-    if mixer_type == "gru" and _is_plain(mixer, type(mixer)) and _is_plain(rnn, nn.GRU):
+    if mixer_type == "gru" and _is_plain(mixer, RecurrentMixer) and _is_plain(rnn, nn.GRU):
         return _gru_cell(rnn, layer_idx)
     return lambda x, cache, context_of: mixer(x[:, None], context_of())[:, 0]  # the module takes (B, 1, width)
 
@@ -94,7 +95,7 @@ def _feed_forward(mlp: nn.Module, config):
 
 def _block(block, config, layer_idx: int):
     """x (B, width) -> x (B, width), equal to block(x[:, None], context)[:, 0]."""
-    if not _is_plain(block, type(block)):
+    if not _is_plain(block, SeqArchBlock):
         return lambda x, cache, context_of: block(x[:, None], context_of())[:, 0]
     mixer, mixer_norm = _mixer(block, config, layer_idx), _rms_norm(block.mixer_norm)
     if block.mlp is None:
