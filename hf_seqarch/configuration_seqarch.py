@@ -115,6 +115,27 @@ class SeqArchConfig(PretrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self.validate_seqarch()
 
+    def __setattr__(self, name, value):
+        # num_hidden_layers follows mixer_types, also when a field is set after __init__ (as from_pretrained does
+        # with its keyword overrides), so that the model built from this config has one layer per mixer.
+        if name == "num_hidden_layers" and "mixer_types" in self.__dict__ and value != len(self.mixer_types):
+            raise ValueError(
+                f"num_hidden_layers={value} does not match len(mixer_types)={len(self.mixer_types)}; "
+                "set mixer_types instead (num_hidden_layers is derived from it)."
+            )
+        if name == "mixer_types":
+            value = list(value)
+        super().__setattr__(name, value)
+        if name == "mixer_types":
+            super().__setattr__("num_hidden_layers", len(value))
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As transformers' from_dict, which sets keyword overrides after __init__: validated again after them."""
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_seqarch()
+        return loaded
+
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads

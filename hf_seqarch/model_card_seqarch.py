@@ -75,8 +75,9 @@ def _memory_summary(config) -> str:
     return "While decoding, the cache of one sequence " + ", ".join(parts) + " (a value is 2 bytes in bf16, 4 in fp32)."
 
 
-def model_card_text(model, repo_id: str | None = None, title: str | None = None) -> str:
-    """The card's markdown (YAML metadata first), built with huggingface_hub's ModelCard."""
+def model_card_text(model, repo_id: str | None = None, title: str | None = None, tags=None) -> str:
+    """The card's markdown (YAML metadata first), built with huggingface_hub's ModelCard. Its tags: ours, the
+    mixers', the model's own (transformers' `add_model_tags`) and `tags`."""
     from huggingface_hub import ModelCard, ModelCardData
 
     config = model.config
@@ -84,10 +85,11 @@ def model_card_text(model, repo_id: str | None = None, title: str | None = None)
     auto_class, pipeline_tag = HEAD_AUTO_CLASSES.get(head, ("AutoModel", None))
     repo = repo_id or "<org>/<name>"
     mixers = list(config.mixer_types)
+    extra_tags = [*(getattr(model, "model_tags", None) or []), *([tags] if isinstance(tags, str) else tags or [])]
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["hf_seqarch", "seqarch", "custom_code", *dict.fromkeys(mixers)],
+        tags=list(dict.fromkeys(["hf_seqarch", "seqarch", "custom_code", *mixers, *extra_tags])),
     )
     rows = "\n".join(f"| {i} | `{m}` | {_growth(config, m) if not config.bidirectional else 'none (encoder)'} |"
                      for i, m in enumerate(mixers))
@@ -135,18 +137,22 @@ def is_our_card(path: str) -> bool:
         return CARD_MARKER in f.read()
 
 
-def write_model_card(model, folder: str, repo_id: str | None = None) -> bool:
+def write_model_card(model, folder: str, repo_id: str | None = None, tags=None) -> bool:
     """Write folder/README.md unless the user put a README of their own there. Returns whether it wrote."""
     path = os.path.join(folder, "README.md")
     if os.path.exists(path) and not is_our_card(path):
         return False
     with open(path, "w", encoding="utf-8") as f:
-        f.write(model_card_text(model, repo_id, title=os.path.basename(os.path.normpath(folder))))
+        f.write(model_card_text(model, repo_id, title=os.path.basename(os.path.normpath(folder)), tags=tags))
     return True
 
 
-def upload_saved_folder(folder: str, repo_id: str, token=None, private=None, commit_message=None, create_pr=False,
-                        revision=None):
+# What save_pretrained(push_to_hub=True, ...) passes on to upload_saved_folder.
+HUB_UPLOAD_ARGUMENTS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+
+
+def upload_saved_folder(folder: str, repo_id: str, token=None, private=None, commit_message=None,
+                        commit_description=None, create_pr=False, revision=None):
     """Upload a folder written by save_pretrained to the Hub as one commit, creating the repository if needed.
 
     A README.md already on the Hub that the user wrote (no marker) is kept, as transformers does.
@@ -166,6 +172,7 @@ def upload_saved_folder(folder: str, repo_id: str, token=None, private=None, com
         repo_id=repo_id,
         folder_path=folder,
         commit_message=commit_message or "Upload model (hf_seqarch)",
+        commit_description=commit_description,
         create_pr=create_pr,
         revision=revision,
         ignore_patterns=ignore,

@@ -26,7 +26,7 @@ from .mixer_context import MixerContext
 from .mixer_linear_attention import LinearAttentionMixer
 from .mixer_mamba2 import Mamba2Mixer
 from .mixer_rnn import RecurrentMixer
-from .model_card_seqarch import upload_saved_folder, write_model_card
+from .model_card_seqarch import HUB_UPLOAD_ARGUMENTS, upload_saved_folder, write_model_card
 from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backward
 
 # Every module of the model is imported here, even those only a mixer uses: transformers 4.x, loading
@@ -135,18 +135,21 @@ class SeqArchPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As transformers' from_pretrained, but refuses to leave weights of the model body random.
+        """As transformers' from_pretrained, but refuses to leave weights of the model body random: body
+        weights the checkpoint lacks, has no place for, or (with ignore_mismatched_sizes=True) has in other
+        shapes are an error.
 
-        A missing task head (e.g. `score` when a causal-LM checkpoint is loaded for classification) is
-        the usual fine-tuning start and is only warned about, as in transformers.
+        A missing or resized task head (e.g. `score` when a causal-LM checkpoint is loaded for
+        classification) is the usual fine-tuning start and is only warned about, as in transformers.
         """
         return_info = kwargs.pop("output_loading_info", False)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if kwargs.get("config") is None and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            if not os.path.isfile(os.path.join(source, "config.json")):
+            folder = os.path.join(source, kwargs.get("subfolder") or "")
+            if not os.path.isfile(os.path.join(folder, "config.json")):
                 # transformers would build a default config and fail later on the weights' shapes
                 raise OSError(
-                    f"{str(source)!r} has no config.json: the model's mixers and sizes are read from it. Save with "
+                    f"{str(folder)!r} has no config.json: the model's mixers and sizes are read from it. Save with "
                     f"save_pretrained (which writes it), or pass config=SeqArchConfig(...) to from_pretrained."
                 )
         try:
@@ -162,44 +165,49 @@ class SeqArchPreTrainedModel(PreTrainedModel):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
 
         missing_body, unexpected_body = body(info.get("missing_keys", [])), body(info.get("unexpected_keys", []))
-        if missing_body or unexpected_body:
+        # transformers 5 lists mismatched keys as (key, shape, shape), 4.x as keys
+        mismatched_body = body(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", []))
+        if missing_body or unexpected_body or mismatched_body:
             raise ValueError(
                 f"The checkpoint {source!r} does not fit this {cls.__name__} "
                 f"(mixer_types={list(model.config.mixer_types)}): "
                 + (f"it lacks {len(missing_body)} weight(s), e.g. {missing_body[:4]}, that would stay random; " if missing_body else "")
                 + (f"it has {len(unexpected_body)} weight(s) the model has no place for, e.g. {unexpected_body[:4]}; " if unexpected_body else "")
-                + "check that config.mixer_types matches the checkpoint."
+                + (f"{len(mismatched_body)} weight(s) of the body have other shapes, e.g. {mismatched_body[:4]}, and would "
+                   "be re-initialised (ignore_mismatched_sizes only suits a task head); " if mismatched_body else "")
+                + "check that config.mixer_types and the sizes match the checkpoint."
             )
         return (model, info) if return_info else model
 
-    def save_pretrained(self, save_directory, *args, push_to_hub=False, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process=True, *args, push_to_hub=False, tags=None, **kwargs):
         """As transformers' save_pretrained, and the folder is a self-contained Hub repository.
 
         config.json's auto_map names AutoConfig and all four Auto model classes (transformers writes
         only the saved class's), the code is copied flat beside the weights (register_for_auto_class at
-        the end of this file), and README.md is our model card unless the user wrote one there.
-        push_to_hub=True then uploads that folder, card included.
+        the end of this file), and README.md is our model card unless the user wrote one there; its tags
+        include `tags` and those of `add_model_tags`. push_to_hub=True then uploads that folder, card included.
         """
-        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_UPLOAD_ARGUMENTS if k in kwargs}
         self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_model_card(self, save_directory, repo_id=hub_kwargs.get("repo_id"))
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process:
+            write_model_card(self, save_directory, repo_id=hub_kwargs.get("repo_id"), tags=tags)
             if push_to_hub:
                 repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
                 return upload_saved_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
 
-    def push_to_hub(self, repo_id, *, commit_message=None, private=None, token=None, create_pr=False, revision=None,
-                    max_shard_size="5GB", **kwargs):
+    def push_to_hub(self, repo_id, *, commit_message=None, commit_description=None, private=None, token=None,
+                    revision=None, create_pr=False, max_shard_size="5GB", tags=None):
         """Upload exactly what save_pretrained writes (code, weights, generation config, model card).
 
         transformers' own push_to_hub replaces the saved README.md by a generic card; this one keeps
-        ours, and keeps a card the user wrote on the Hub.
+        ours (with `tags` added), and keeps a card the user wrote on the Hub.
         """
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, max_shard_size=max_shard_size, repo_id=repo_id)
-            return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message, private=private,
-                                       create_pr=create_pr, revision=revision)
+            self.save_pretrained(folder, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags)
+            return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message,
+                                       commit_description=commit_description, private=private, create_pr=create_pr,
+                                       revision=revision)
 
 
 def _explain_load_error(error, source):
@@ -222,6 +230,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
     """Embedding, the mixer blocks, a final RMSNorm. Returns hidden states and (use_cache) a SeqArchCache."""
 
     def __init__(self, config: SeqArchConfig):
+        config.validate_seqarch()  # again: fields may have been set after the config was built
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(SeqArchBlock(config, i) for i in range(config.num_hidden_layers))

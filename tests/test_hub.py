@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer, pipeline
 
-from hf_seqarch import SeqArchForCausalLM
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
 from hf_seqarch.model_card_seqarch import CARD_MARKER, layer_decoding_state
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import HEADS, STACKS, main_output, random_ids, tiny_config, tiny_model
@@ -313,9 +313,11 @@ class FakeHubApi:
             f.write(self.remote_readme)
         return path
 
-    def upload_folder(self, repo_id, folder_path, commit_message, create_pr, revision, ignore_patterns):
+    def upload_folder(self, repo_id, folder_path, commit_message, commit_description, create_pr, revision,
+                      ignore_patterns):
         files = {name: open(os.path.join(folder_path, name), "rb").read() for name in os.listdir(folder_path)}
-        FakeHubApi.uploads.append(dict(repo_id=repo_id, files=files, ignore=ignore_patterns))
+        FakeHubApi.uploads.append(dict(repo_id=repo_id, files=files, ignore=ignore_patterns, message=commit_message,
+                                       description=commit_description, revision=revision))
 
 
 @pytest.fixture
@@ -342,6 +344,32 @@ def test_push_to_hub_uploads_the_saved_folder_with_our_card(fake_hub, tmp_path):
     fake_hub.remote_readme = "# A card the user wrote on the Hub\n"
     model.save_pretrained(tmp_path / "again", push_to_hub=True, repo_id="me/tiny-hybrid")
     assert fake_hub.uploads[-1]["ignore"] == ["README.md"]  # the user's card on the Hub stays
+
+
+@pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained"])
+def test_push_to_hub_keeps_tags_and_commit_details(fake_hub, tmp_path, how):
+    """transformers' push_to_hub arguments (tags, commit_description, revision) and add_model_tags reach the Hub."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    model.add_model_tags(["from-add-model-tags"])
+    details = dict(tags=["my-tag"], commit_message="msg", commit_description="what changed", revision="v2")
+    if how == "push_to_hub":
+        model.push_to_hub("me/tiny", **details)
+    else:
+        model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/tiny", **details)
+    [upload] = fake_hub.uploads
+    assert (upload["message"], upload["description"], upload["revision"]) == ("msg", "what changed", "v2")
+    front_matter = upload["files"]["README.md"].decode().split("---")[1]
+    assert "- my-tag" in front_matter and "- from-add-model-tags" in front_matter and "- lstm" in front_matter
+
+
+def test_only_the_main_process_writes_the_card(tmp_path):
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    model.save_pretrained(tmp_path / "keyword", is_main_process=False)
+    model.save_pretrained(tmp_path / "positional", False)  # transformers' second parameter
+    for folder in ("keyword", "positional"):
+        assert not (tmp_path / folder / "README.md").exists()
+    model.save_pretrained(tmp_path / "main")
+    assert (tmp_path / "main" / "README.md").exists()
 
 
 # -- loading something broken gets a clear error ------------------------------------------------------
@@ -371,6 +399,53 @@ def test_folder_without_config(saved_lm):
     with pytest.raises(OSError, match=f"{re.escape(str(saved_lm))}.*has no config.json"):
         SeqArchForCausalLM.from_pretrained(saved_lm)
     SeqArchForCausalLM.from_pretrained(saved_lm, config=tiny_config(["lstm", "attention"]))  # given in code: fine
+
+
+def test_subfolder(saved_lm, tmp_path):
+    model = SeqArchForCausalLM.from_pretrained(saved_lm)
+    model.save_pretrained(tmp_path / "repo" / "checkpoint")
+    again = SeqArchForCausalLM.from_pretrained(tmp_path / "repo", subfolder="checkpoint")
+    ids = random_ids(2, 5)
+    torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    with pytest.raises(OSError, match="elsewhere.*has no config.json"):
+        SeqArchForCausalLM.from_pretrained(tmp_path / "repo", subfolder="elsewhere")
+
+
+def test_config_overrides_at_load_are_applied_and_checked(saved_lm):
+    """from_pretrained's keyword overrides are set after the config's __init__ (transformers' from_dict)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(saved_lm, mixer_types=["gru", "attention", "lstm"])
+    assert config.num_hidden_layers == 3 and len(SeqArchForCausalLM(config).model.layers) == 3
+    with pytest.raises(ValueError, match="Unknown mixer type.*bogus"):
+        AutoConfig.from_pretrained(saved_lm, mixer_types=["gru", "bogus"])
+    with pytest.raises(ValueError, match="num_hidden_layers=3 does not match len"):
+        AutoConfig.from_pretrained(saved_lm, num_hidden_layers=3)
+    with pytest.raises(ValueError, match="lacks"):  # a layer more than the checkpoint: never left random
+        SeqArchForCausalLM.from_pretrained(saved_lm, mixer_types=["lstm", "attention", "attention"])
+    with pytest.raises(ValueError, match="num_attention_heads=5 does not divide"):
+        SeqArchForCausalLM.from_pretrained(saved_lm, num_attention_heads=5)
+
+
+def test_mixer_types_set_on_a_live_config():
+    config = tiny_config(["lstm"])
+    config.mixer_types = ("lstm", "attention")
+    assert config.num_hidden_layers == 2 and len(SeqArchModel(config).layers) == 2
+    config.mixer_types = ["lstm", "bogus"]
+    with pytest.raises(ValueError, match="Unknown mixer type.*bogus"):
+        SeqArchModel(config)
+
+
+def test_ignore_mismatched_sizes_does_not_reinitialise_the_body(saved_lm):
+    with pytest.raises(ValueError, match="other shapes.*ignore_mismatched_sizes only suits a task head"):
+        SeqArchForCausalLM.from_pretrained(saved_lm, hidden_size=64, ignore_mismatched_sizes=True)
+    # A task head of another size is what the option is for.
+    classifier = SeqArchForSequenceClassification.from_pretrained(saved_lm, num_labels=3)
+    classifier.save_pretrained(saved_lm.parent / "classifier")
+    resized = SeqArchForSequenceClassification.from_pretrained(
+        saved_lm.parent / "classifier", num_labels=5, ignore_mismatched_sizes=True
+    )
+    assert resized.score.out_features == 5
 
 
 @pytest.mark.parametrize(
