@@ -154,11 +154,17 @@ class SeqArchConfig(PretrainedConfig):
                 f"Unknown mixer type(s) {unknown} in mixer_types; allowed: {list(MIXER_TYPES)}. If this config "
                 "comes from a newer hf_seqarch release, upgrade it: pip install -U hf-seqarch."
             )
-        for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        positive = ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
+        if "mamba2" in self.mixer_types:
+            positive += ["mamba_head_dim", "mamba_expand", "mamba_n_groups", "mamba_state_size", "mamba_chunk_size",
+                         "mamba_conv_kernel"]
+        for name in positive:
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if self.intermediate_size < 0:
-            raise ValueError(f"intermediate_size must be >= 0 (0 means no MLP), got {self.intermediate_size}.")
+        if not _is_int(self.intermediate_size) or self.intermediate_size < 0:
+            raise ValueError(f"intermediate_size must be an integer >= 0 (0 means no MLP), got {self.intermediate_size!r}.")
+        if self.head_dim is not None and (not _is_int(self.head_dim) or self.head_dim < 2):
+            raise ValueError(f"head_dim must be None (hidden_size / num_attention_heads) or an integer >= 2, got {self.head_dim!r}.")
         if self.has_attention:
             if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
                 raise ValueError(
@@ -191,8 +197,6 @@ class SeqArchConfig(PretrainedConfig):
                     f"mamba_n_groups={self.mamba_n_groups} must divide the number of mamba heads "
                     f"({inner // self.mamba_head_dim})."
                 )
-            if self.mamba_chunk_size < 1 or self.mamba_conv_kernel < 1 or self.mamba_state_size < 1:
-                raise ValueError("mamba_chunk_size, mamba_conv_kernel and mamba_state_size must be >= 1.")
         if "linear_attention" in self.mixer_types:
             heads = self.linear_attention_num_heads or self.num_attention_heads
             head_dim = self.linear_attention_head_dim or self.hidden_size // heads
@@ -207,3 +211,7 @@ class SeqArchConfig(PretrainedConfig):
                 raise ValueError(
                     f"linear_attention_feature_map={self.linear_attention_feature_map!r}; allowed: 'elu', 'relu', 'identity'."
                 )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -51,8 +51,9 @@ _KERNELS_WITH_IMPLICIT_CAUSAL = ("sdpa",)
 def build_attention_mask(context, query_length, kv_length, window, attn_implementation, dtype, device):
     """The mask for `query_length` new queries against the last `kv_length` keys, or None when not needed.
 
-    Flash kernels take the 2-D padding mask (causality and window are their own arguments); the
-    others take an additive float mask (B|1, 1, T, K). Built once per forward and shared by layers.
+    Flash kernels take the 2-D padding mask (causality and window are their own arguments), flex a
+    BlockMask; the others take an additive float mask (B|1, 1, T, K). Built once per forward and shared
+    by layers.
     """
     memo_key = ("attention_mask", query_length, kv_length, window, attn_implementation, dtype)
     if memo_key in context.memo:
@@ -85,10 +86,31 @@ def build_attention_mask(context, query_length, kv_length, window, attn_implemen
     if padding is not None:
         allowed = allowed & padding[:, None, None, -kv_length:]  # (B, 1, T, K)
     if attn_implementation == "flex_attention":
-        allowed = allowed.expand(padding.shape[0] if padding is not None else context.position_ids.shape[0], -1, -1, -1)
+        return _flex_block_mask(allowed, context, memo_key)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     context.memo[memo_key] = mask
     return mask
+
+
+FLEX_BLOCK = 128  # flex_attention's default block size
+
+
+def _flex_block_mask(allowed, context, memo_key):
+    """A BlockMask for flex_attention from `allowed` (B or 1, 1, T, K), as transformers builds its own: flex skips
+    the blocks it masks whole. flex also evaluates the mask at the indices of whole blocks of queries and keys, so
+    it reads a copy padded to whole blocks (False there); a mask shared by the batch (no padding) is read at row 0
+    whatever the batch index, as flex broadcasts it."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, _, T, K = allowed.shape
+    padded = allowed.new_zeros(B, -(-T // FLEX_BLOCK) * FLEX_BLOCK, -(-K // FLEX_BLOCK) * FLEX_BLOCK)
+    padded[:, :T, :K] = allowed[:, 0]
+
+    def mask_mod(batch, head, query, key):
+        return padded[batch if B > 1 else 0, query, key]
+
+    context.memo[memo_key] = create_block_mask(mask_mod, B if B > 1 else None, None, T, K, device=allowed.device)
+    return context.memo[memo_key]
 
 
 class AttentionMixer(nn.Module):

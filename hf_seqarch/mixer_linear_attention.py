@@ -83,8 +83,9 @@ class LinearAttentionMixer(nn.Module):
                 cached = cache.get_state(self.layer_idx)
                 if cached is not None:
                     state = cached["state"]
-                else:  # the first forward of a cache starts from the zero state, kept in float32
-                    state = q.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=torch.float32)
+                else:  # the first forward of a cache starts from the zero state, kept in float32 (float64 models: 64)
+                    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+                    state = q.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=dtype)
             if cache is not None and length == 1:
                 y, state = scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state)
                 y = y[:, None]  # (B, 1, H, P)

@@ -77,9 +77,10 @@ class RecurrentMixer(nn.Module):
         empty = lengths == 0
         if bool(empty.any()):
             final = tuple(final) if self.is_lstm else (final,)
-            start = tuple(initial) if self.is_lstm else (initial,)
             if initial is None:
                 start = tuple(torch.zeros_like(f) for f in final)
+            else:
+                start = tuple(initial) if self.is_lstm else (initial,)
             final = tuple(torch.where(empty[None, :, None], s, f) for s, f in zip(start, final))
             final = final if self.is_lstm else final[0]
         return output, final

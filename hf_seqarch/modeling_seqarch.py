@@ -17,7 +17,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .cache_seqarch import SeqArchCache
 from .configuration_seqarch import SeqArchConfig
@@ -248,6 +248,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
     def forward(
         self,
         input_ids=None,
@@ -258,7 +259,6 @@ class SeqArchModel(SeqArchPreTrainedModel):
         inputs_embeds=None,
         use_cache=None,
         output_hidden_states=None,
-        return_dict=None,
         **kwargs,
     ):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -267,14 +267,22 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
             self._check_token_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}), "
+                f"got shape {tuple(inputs_embeds.shape)}."
+            )
         batch, length = inputs_embeds.shape[:2]
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
 
         use_cache = use_cache if use_cache is not None else self.config.use_cache
+        use_cache = use_cache or cache is not None  # a cache passed in is read and advanced, as transformers' are
         if self.config.bidirectional:
             if cache is not None:
                 raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it takes no cache.")
@@ -290,6 +298,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
 
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        elif position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"position_ids must be ({batch} or 1, {length}) for inputs of {length} tokens, got shape "
+                f"{tuple(position_ids.shape)}."
+            )
         context = MixerContext(
             padding_mask=self._padding_mask(attention_mask, batch, length, past_length),
             position_ids=position_ids,
@@ -384,6 +397,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
     def forward(
         self,
         input_ids=None,
@@ -395,7 +409,6 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         output_hidden_states=None,
-        return_dict=None,
         logits_to_keep=0,
         **kwargs,
     ):
@@ -408,6 +421,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -431,6 +445,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
     def forward(
         self,
         input_ids=None,
@@ -439,7 +454,6 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         inputs_embeds=None,
         labels=None,
         output_hidden_states=None,
-        return_dict=None,
         **kwargs,
     ):
         outputs = self.model(
@@ -449,6 +463,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=False,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, width)
         mask = self._real_token_mask(input_ids, attention_mask, hidden_states)  # (B, T) bool
@@ -462,6 +477,8 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         logits = self.score(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
+            if self.num_labels > 1 and not labels.is_floating_point():  # class ids (not regression or multi-label)
+                _check_labels(labels, self.num_labels, "num_labels")
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
             num_items = kwargs.get("num_items_in_batch")
             if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
@@ -487,6 +504,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
     def forward(
         self,
         input_ids=None,
@@ -495,7 +513,6 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         inputs_embeds=None,
         labels=None,
         output_hidden_states=None,
-        return_dict=None,
         **kwargs,
     ):
         outputs = self.model(
@@ -505,6 +522,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=False,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None

@@ -17,6 +17,11 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(mixer_types=["sliding_attention"], sliding_window=0), "sliding_window must be"),
         (dict(mixer_types=["attention"], num_hidden_layers=3), "does not match"),
         (dict(intermediate_size=-1), "intermediate_size"),
+        (dict(intermediate_size=None), "intermediate_size must be an integer"),
+        (dict(head_dim=0), "head_dim must be None.*or an integer >= 2"),
+        (dict(mixer_types=["mamba2"], mamba_n_groups=0), "mamba_n_groups must be a positive integer"),
+        (dict(mixer_types=["mamba2"], mamba_head_dim=0), "mamba_head_dim must be a positive integer"),
+        (dict(mixer_types=["mamba2"], mamba_expand=0), "mamba_expand must be a positive integer"),
     ],
 )
 def test_bad_config(overrides, message):
@@ -50,6 +55,30 @@ def test_labels_out_of_range():
     ids = random_ids(1, 4)
     with pytest.raises(ValueError, match="labels must be in"):
         model(input_ids=ids, labels=torch.full_like(ids, VOCAB))
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_sequence_class_labels_out_of_range(label):
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"])  # num_labels=3
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_labels=3\)"):
+        model(input_ids=random_ids(2, 4), labels=torch.tensor([0, label]))
+
+
+@pytest.mark.parametrize(
+    "inputs,message",
+    [
+        (dict(input_ids=random_ids(1, 4)[0]), r"input_ids must be \(batch, length\)"),
+        (dict(inputs_embeds=torch.randn(4, 32)), r"inputs_embeds must be \(batch, length, hidden_size=32\)"),
+        (dict(inputs_embeds=torch.randn(1, 4, 16)), r"inputs_embeds must be"),
+        (dict(input_ids=random_ids(2, 4), position_ids=torch.arange(4)), r"position_ids must be \(2 or 1, 4\)"),
+        (dict(input_ids=random_ids(2, 4), position_ids=torch.arange(3)[None]), r"position_ids must be"),
+    ],
+    ids=["1d_ids", "2d_embeds", "embeds_width", "1d_positions", "short_positions"],
+)
+def test_inputs_of_wrong_shape(inputs, message):
+    model = tiny_model(SeqArchModel, ["attention"])
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
 
 
 def test_bidirectional_model_takes_no_cache():

@@ -108,7 +108,7 @@ def test_bidirectional_outputs_see_future_tokens(stack):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_matches_each_sequence_alone(stack, bidirectional, side):
     model = tiny_model(SeqArchModel, STACKS[stack], bidirectional=bidirectional)
-    lengths = [8, 5, 3]
+    lengths = [8, 5, 3, 0]  # and a row that is all padding
     sequences = [random_ids(1, n, seed=i)[0] for i, n in enumerate(lengths)]
     width = max(lengths)
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
@@ -117,10 +117,29 @@ def test_padding_matches_each_sequence_alone(stack, bidirectional, side):
         where = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
         ids[row, where], mask[row, where] = seq, 1
     batched = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    for row, seq in enumerate(sequences):
+    assert batched.isfinite().all()
+    for row, seq in enumerate(sequences[:-1]):
         alone = model(input_ids=seq[None]).last_hidden_state[0]
         real = mask[row].bool()
         torch.testing.assert_close(batched[row, real], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_agrees_with_eager():
+    """flex_attention (inference only on CPU: torch has no CPU backward for it) gets a BlockMask as transformers'
+    models give it: same outputs as eager with padding and a window, and the same greedy generation."""
+    ids, mask = random_ids(3, 6), torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    mask[2, 4:] = 0
+    outputs, generated = {}, {}
+    for implementation in ("flex_attention", "eager"):
+        model = tiny_model(SeqArchForCausalLM, ["attention", "sliding_attention"], attn_implementation=implementation,
+                           initializer_range=0.3)
+        with torch.no_grad():
+            outputs[implementation] = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        generated[implementation] = model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=3,
+                                                   min_new_tokens=3, pad_token_id=0, do_sample=False)
+    torch.testing.assert_close(outputs["flex_attention"], outputs["eager"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(generated["flex_attention"], generated["eager"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("stack", ["attention", "sliding", "gru+sliding+attention"])
@@ -302,3 +321,45 @@ def test_grouped_query_attention_shapes():
     mixer = model.layers[0].mixer
     assert mixer.k_proj.out_features == mixer.head_dim and mixer.q_proj.out_features == 4 * mixer.head_dim
     assert model(input_ids=random_ids(1, 5)).last_hidden_state.shape == (1, 5, 32)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_return_dict_false_gives_tuples(head):
+    """As transformers' models: the output's fields that are not None, in order (argument or config)."""
+    model = tiny_model(HEADS[head], ["lstm", "attention"])
+    ids = random_ids(2, 5)
+    labels = {"base": None, "causal_lm": ids, "seq_cls": torch.tensor([0, 2]), "token_cls": ids % 3}[head]
+    as_dict = model(input_ids=ids, labels=labels) if labels is not None else model(input_ids=ids)
+    as_tuple = model(input_ids=ids, labels=labels, return_dict=False) if labels is not None else model(
+        input_ids=ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
+    for got, want in zip(as_tuple, as_dict.to_tuple()):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    model.config.return_dict = False
+    assert isinstance(model(input_ids=ids), tuple)
+
+
+@pytest.mark.parametrize("stack", ["gru", "attention", "mamba2+attention", "linear_attention"])
+def test_a_cache_passed_in_is_used_whatever_use_cache_says(stack):
+    from hf_seqarch import SeqArchCache
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    model.config.use_cache = False  # as gradient-checkpointed training often leaves it
+    ids = random_ids(2, 9)
+    cache = SeqArchCache(model.config)
+    first = model(input_ids=ids[:, :5], cache=cache).logits
+    rest = model(input_ids=ids[:, 5:], cache=cache, use_cache=False).logits
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 9
+
+
+@pytest.mark.parametrize("stack", ["linear_attention", "mamba2"])
+def test_float64_models_keep_float64_states(stack):
+    from hf_seqarch import SeqArchCache
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack]).double()
+    ids = random_ids(2, 9)
+    cache = SeqArchCache(model.config)
+    pieces = [model(input_ids=ids[:, :4], cache=cache).logits, model(input_ids=ids[:, 4:], cache=cache).logits]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
