@@ -328,10 +328,10 @@ def test_return_dict_false_gives_tuples(head):
     """As transformers' models: the output's fields that are not None, in order (argument or config)."""
     model = tiny_model(HEADS[head], ["lstm", "attention"])
     ids = random_ids(2, 5)
-    labels = {"base": None, "causal_lm": ids, "seq_cls": torch.tensor([0, 2]), "token_cls": ids % 3}[head]
-    as_dict = model(input_ids=ids, labels=labels) if labels is not None else model(input_ids=ids)
-    as_tuple = model(input_ids=ids, labels=labels, return_dict=False) if labels is not None else model(
-        input_ids=ids, return_dict=False)
+    labels = {"base": {}, "causal_lm": dict(labels=ids), "seq_cls": dict(labels=torch.tensor([0, 2])),
+              "token_cls": dict(labels=ids % 3)}[head]
+    as_dict = model(input_ids=ids, **labels)
+    as_tuple = model(input_ids=ids, return_dict=False, **labels)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == len(as_dict.to_tuple())
     for got, want in zip(as_tuple, as_dict.to_tuple()):
         if isinstance(want, torch.Tensor):
