@@ -85,12 +85,6 @@ def _chunks(x, L):
     return x.view(B, T // L, L, H, D).permute(1, 0, 3, 2, 4)
 
 
-def _unchunked_empty(x):
-    """An empty (B, C * L, H, D) tensor for a (C, B, H, L, D) one."""
-    C, B, H, L, D = x.shape
-    return x.new_empty(B, C * L, H, D)
-
-
 def _unchunk(x):
     """(C, B, H, L, D) -> (B, C * L, H, D), a contiguous copy."""
     C, B, H, L, D = x.shape
@@ -175,7 +169,10 @@ class _FactorizedChunkedScan(torch.autograd.Function):
     the 0 before the first step) span at most 60, so exp(cs_i - cs_j) = exp(cs_i) * exp(-cs_j) with both
     factors within [e^-60, e^60], each exact to float32 rounding. The decays are then folded into q and k
     (q_i exp(cs_i), k_j exp(-cs_j)) and the L x L decay matrix is never formed: the causal tril is the only
-    pass over the scores. The intra-chunk parts run a group of chunks at a time (`_chunk_groups`).
+    pass over the scores.
+    Everything runs a group of chunks at a time (`_chunk_groups`), read from and written to the (B, T, H, .)
+    tensors directly: the decayed, chunk-major copies of q and k exist only a group at a time (rebuilt in the
+    backward rather than saved), so no full-size copy of the inputs is ever made.
     Same arguments and returns as `_ChunkedScan`."""
 
     @staticmethod
@@ -184,63 +181,58 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         grow = cs.exp().to(q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_i)
         shrink = cs.neg().exp_().to(q.dtype)[..., None]  # (C, B, H, L, 1): exp(-cs_j)
         chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1): exp(cs_L)
-        # (C, B, H, L, N): the products write the chunk-major copies (no separate layout copy)
-        q_decayed = torch.mul(_chunks(q, L), grow, out=q.new_empty(*cs.shape, q.shape[-1]))
-        k_undecayed = torch.mul(_chunks(k, L), shrink, out=k.new_empty(*cs.shape, k.shape[-1]))
-        v = _chunks(v, L).contiguous()  # (C, B, H, L, P)
-
-        # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v^T (k exp(-cs))): the chunk's own part first,
-        # then the scan over chunks in place; states[c] enters chunk c, states[C] is final.
-        states = q.new_empty(len(v) + 1, *state.shape)  # (C + 1, B, H, P, N)
-        _bmm(v.transpose(-1, -2), k_undecayed, out=states[1:])
+        v_chunks = _chunks(v, L)  # (C, B, H, L, P), a view
+        states = q.new_empty(len(cs) + 1, *state.shape)  # (C + 1, B, H, P, N): states[c] enters chunk c
         states[0] = state
-        for c in range(len(v)):
-            states[c + 1].add_(states[c]).mul_(chunk_decay[c])
-
-        # 1. and 4., a few chunks at a time (see _chunk_groups), y written straight into (B, T, H, P):
-        # y_i = sum_{j <= i} (q_i exp(cs_i)) . (k_j exp(-cs_j)) v_j  +  exp(cs_i) S_in q_i.
         scores = q.new_empty(*cs.shape, L)  # (C, B, H, L, L), kept for the backward
-        y = _unchunked_empty(v)  # (B, T, H, P)
-        for g in _chunk_groups(v):
-            _bmm(q_decayed[g], k_undecayed[g].transpose(-1, -2), out=scores[g]).tril_()
-            y_g = _bmm(scores[g], v[g])  # (G, B, H, L, P)
-            _bmm(q_decayed[g], states[:-1][g].transpose(-1, -2), add_to=y_g)
+        y = q.new_empty(*v.shape)  # (B, T, H, P)
+        for g in _chunk_groups(v_chunks):
+            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (G, B, H, L, N) each
+            v_g = v_chunks[g].contiguous()  # (G, B, H, L, P)
+            # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v^T (k exp(-cs))): the chunk's own part,
+            # then the scan over the group's chunks, in place.
+            _bmm(v_g.transpose(-1, -2), k_g, out=states[1:][g])
+            for c in range(g.start, g.stop):
+                states[c + 1].add_(states[c]).mul_(chunk_decay[c])
+            # 1. and 4.: y_i = sum_{j <= i} (q_i exp(cs_i)) . (k_j exp(-cs_j)) v_j  +  exp(cs_i) S_in q_i.
+            _bmm(q_g, k_g.transpose(-1, -2), out=scores[g]).tril_()
+            y_g = _bmm(scores[g], v_g)  # (G, B, H, L, P)
+            _bmm(q_g, states[:-1][g].transpose(-1, -2), add_to=y_g)
             _chunks(y, L)[g].copy_(y_g)
 
-        ctx.save_for_backward(q_decayed, k_undecayed, v, grow, shrink, scores, states)
+        ctx.save_for_backward(q, k, v, grow, shrink, scores, states)
         return y, states[-1].clone()
 
     @staticmethod
     def backward(ctx, dy, dstate):
-        q_decayed, k_undecayed, v, grow, shrink, scores, states = ctx.saved_tensors
-        dy = _chunks(dy, v.shape[-2]).contiguous()  # (C, B, H, L, P)
+        q, k, v, grow, shrink, scores, states = ctx.saved_tensors
+        L = scores.shape[-1]
         chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1)
-
-        # 3. The scan backwards, in place: dstates[c] is the gradient of states[c]; dstates[0] that of the
-        # initial state. Then (in place) exp(cs_L) dstates[c + 1]: the gradient of chunk c's own part.
-        dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
-        _bmm(dy.transpose(-1, -2), q_decayed, out=dstates[:-1])  # 4., the direct part
+        v_chunks, dy_chunks = _chunks(v, L), _chunks(dy, L)  # (C, B, H, L, P) views
+        dq_out, dk_out, dv_out = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # (B, T, H, .)
+        dstates = torch.empty_like(states)  # (C + 1, B, H, P, N): dstates[c] is the gradient of states[c]
         dstates[-1] = dstate
-        for c in reversed(range(len(v))):
-            dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
-        d_end = torch.linalg.vecdot(dstates[1:].flatten(-2), states[1:].flatten(-2))  # (C, B, H): <dS_out, S_out>
-        d_own = dstates[1:].mul_(chunk_decay)  # (C, B, H, P, N)
-
-        # The rest a few chunks at a time (see _chunk_groups); the gradients of q, k, v are written straight into
-        # (B, T, H, .) tensors.
+        dcs = torch.empty_like(grow[..., 0])  # (C, B, H, L)
         # cs enters as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state leaving the chunk:
         # d cs_i = q_decayed_i . dq_decayed_i - k_undecayed_i . dk_undecayed_i (+ <dS_out, S_out> at i = L).
-        L = v.shape[-2]
-        dq_out, dk_out, dv_out = (_unchunked_empty(x) for x in (q_decayed, k_undecayed, v))  # (B, T, H, .)
-        dcs = torch.empty_like(grow[..., 0])  # (C, B, H, L)
-        for g in _chunk_groups(v):
-            dy_g, v_g, q_g, k_g = dy[g], v[g], q_decayed[g], k_undecayed[g]
+        d_end = dcs.new_empty(dcs.shape[:-1])  # (C, B, H): <dS_out, S_out>
+        for g in reversed(_chunk_groups(v_chunks)):  # the scan runs backwards: the last group first
+            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (G, B, H, L, N) each
+            v_g, dy_g = v_chunks[g].contiguous(), dy_chunks[g].contiguous()  # (G, B, H, L, P) each
+            # 3. The scan backwards, in place, from 4.'s direct part: dstates[0] is the initial state's gradient.
+            _bmm(dy_g.transpose(-1, -2), q_g, out=dstates[:-1][g])
+            for c in reversed(range(g.start, g.stop)):
+                dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
+            d_out = dstates[1:][g]  # (G, B, H, P, N): the gradients of the states leaving the group's chunks
+            torch.linalg.vecdot(d_out.flatten(-2), states[1:][g].flatten(-2), out=d_end[g])
+            d_own = d_out.mul_(chunk_decay[g])  # in place: the gradient of each chunk's own part
+
             dscores = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (G, B, H, L, L)
             dq = _bmm(dy_g, states[:-1][g])  # 4.  (G, B, H, L, N): the gradient of q_decayed
             _bmm(dscores, k_g, add_to=dq)  # 1.
-            dk = _bmm(v_g, d_own[g])  # 2.  (G, B, H, L, N): the gradient of k_undecayed
+            dk = _bmm(v_g, d_own)  # 2.  (G, B, H, L, N): the gradient of k_undecayed
             _bmm(dscores.transpose(-1, -2), q_g, add_to=dk)  # 1.
-            dv = _bmm(k_g, d_own[g].transpose(-1, -2))  # 2.  (G, B, H, L, P)
+            dv = _bmm(k_g, d_own.transpose(-1, -2))  # 2.  (G, B, H, L, P)
             _bmm(scores[g].transpose(-1, -2), dy_g, add_to=dv)  # 1.
             torch.sub(_row_dots(q_g, dq), _row_dots(k_g, dk), out=dcs[g])
             torch.mul(dq, grow[g], out=_chunks(dq_out, L)[g])
@@ -252,12 +244,20 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         return dq_out, dk_out, dv_out, _unchunk(da[..., None])[..., 0], dstates[0], None
 
 
+def _decayed_chunks(q, k, grow, shrink, g):
+    """Chunk group g of q exp(cs) and k exp(-cs): (B, T, H, N) -> contiguous (G, B, H, L, N) each."""
+    q_chunks, k_chunks = _chunks(q, grow.shape[-2]), _chunks(k, grow.shape[-2])
+    q_g = torch.mul(q_chunks[g], grow[g], out=q.new_empty(q_chunks[g].shape))
+    k_g = torch.mul(k_chunks[g], shrink[g], out=k.new_empty(k_chunks[g].shape))
+    return q_g, k_g
+
+
 def _chunk_groups(x):
     """Slices of the chunk axis of x (C, B, H, L, D), each about 2 MiB of x: the factorised scan works through
     its chunks a group at a time, so that the L x L and (L, D) temporaries of a group stay in cache (and are
     not page-faulted in afresh, as full-size ones are at every call under glibc's malloc)."""
     step = max(1, _CACHE_BYTES // (x[0].numel() * x.element_size()))
-    return [slice(c, c + step) for c in range(0, len(x), step)]
+    return [slice(c, min(c + step, len(x))) for c in range(0, len(x), step)]
 
 
 def _decay_factors(a, L):

@@ -107,6 +107,22 @@ def test_both_decay_paths_match_reference(monkeypatch, factorized, T, chunk_size
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("chunks_per_group", [1, 2, 3])
+def test_factorized_path_in_groups_of_chunks(monkeypatch, chunks_per_group):
+    """The factorised path works a group of chunks at a time (the scan over chunks carried from group to group,
+    backwards in the backward): any group size, the last group shorter, must give the reference's results."""
+    q, k, v, log_decay, s0 = make_inputs(T=100)  # 7 chunks of 16
+    bytes_per_chunk = v[:, :16].numel() * v.element_size()
+    monkeypatch.setattr(ops_chunked_scan, "_CACHE_BYTES", chunks_per_group * bytes_per_chunk)
+    chunk_major = torch.empty(7, *v[:, :16].transpose(1, 2).shape, dtype=v.dtype)  # (C, B, H, L, P)
+    assert len(ops_chunked_scan._chunk_groups(chunk_major)) == -(-7 // chunks_per_group)
+    assert ops_chunked_scan._decay_factors(log_decay[:, :96], 16)  # mild gates: the factorised path
+    got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=16)
+    want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
 def test_decay_factors_only_within_the_exponent_range():
     L = 4
 
