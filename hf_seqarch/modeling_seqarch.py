@@ -270,7 +270,10 @@ class SeqArchModel(SeqArchPreTrainedModel):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
             self._check_token_ids(input_ids)
-            inputs_embeds = self.embed_tokens(input_ids)
+            if self.time_major and input_ids.shape[1] > 1:  # embedded time-major: no layout copy (see below)
+                inputs_embeds = self.embed_tokens(input_ids.t()).transpose(0, 1)  # (B, T, width), time-major
+            else:
+                inputs_embeds = self.embed_tokens(input_ids)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}), "
@@ -316,7 +319,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
 
         hidden_states = inputs_embeds
-        if self.time_major and length > 1:
+        if self.time_major and length > 1:  # a no-op for the time-major embeddings above
             hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
         all_hidden_states = () if output_hidden_states else None
         for block in self.layers:
