@@ -38,7 +38,13 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, T, K)
     if attention_mask is not None:
         scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    # At least float32 (bf16/fp16 scores would lose the small probabilities); float64 stays float64, where the
+    # mask's finfo(float64).min would be -inf in float32 and a row of only masked keys NaN.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    if attention_mask is not None:
+        # A query that may attend to nothing (a left pad) outputs 0, as sdpa and the flash kernels give.
+        attends_to_nothing = (attention_mask == torch.finfo(attention_mask.dtype).min).all(-1, keepdim=True)
+        probs = probs.masked_fill(attends_to_nothing, 0.0)  # (B, nh, T, K)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, nh, hd)
     return output, probs
@@ -52,8 +58,13 @@ def build_attention_mask(context, query_length, kv_length, window, attn_implemen
     """The mask for `query_length` new queries against the last `kv_length` keys, or None when not needed.
 
     Flash kernels take the 2-D padding mask (causality and window are their own arguments), flex a
-    BlockMask; the others take an additive float mask (B|1, 1, T, K). Built once per forward and shared
-    by layers.
+    BlockMask, sdpa a boolean mask (B|1, 1, T, K), True where a query may attend, as transformers gives it;
+    the others an additive float mask of that shape. Built once per forward and shared by layers.
+
+    Why sdpa gets booleans: a left-padded causal batch has pad queries that may attend to nothing. With a
+    boolean mask torch's sdpa outputs 0 there, with 0 gradient; with an additive finfo.min mask its CPU
+    backward returns gradients unrelated to its forward on such rows, and the causal LM loss does reach the
+    last pad (it predicts the first real token): left-padded training got gradients up to 50x too large.
     """
     memo_key = ("attention_mask", query_length, kv_length, window, attn_implementation, dtype)
     if memo_key in context.memo:
@@ -87,6 +98,9 @@ def build_attention_mask(context, query_length, kv_length, window, attn_implemen
         allowed = allowed & padding[:, None, None, -kv_length:]  # (B, 1, T, K)
     if attn_implementation == "flex_attention":
         return _flex_block_mask(allowed, context, memo_key)
+    if attn_implementation == "sdpa":
+        context.memo[memo_key] = allowed
+        return allowed
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     context.memo[memo_key] = mask
     return mask
@@ -151,7 +165,7 @@ class AttentionMixer(nn.Module):
             context, length, key.shape[2], self.sliding_window, implementation, query.dtype, query.device
         )
         attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        output, _ = attention(
+        output, weights = attention(
             self,
             query,
             key,
@@ -161,6 +175,8 @@ class AttentionMixer(nn.Module):
             scaling=self.scaling,
             sliding_window=self.sliding_window,
         )
+        if context.attentions is not None:  # output_attentions (eager only: the model checked)
+            context.attentions.append(weights)
         return self.o_proj(output.reshape(batch, length, -1))  # (B, T, width)
 
     def _banded_applies(self, context, length, kv_length, implementation) -> bool:

@@ -24,6 +24,8 @@ class MixerContext:
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     # Values computed once per forward and shared by the layers that need them (attention masks).
     memo: dict = field(default_factory=dict)
+    # output_attentions: a list the attention layers append their (B, heads, T, K) probabilities to; else None.
+    attentions: list | None = None
 
     @property
     def token_mask(self) -> torch.Tensor | None:

@@ -67,10 +67,14 @@ class LinearAttentionMixer(nn.Module):
         q = self.feature_map(self.q_proj(hidden_states).view(shape)) * self.head_dim**-0.5  # (B, T, H, N)
         k = self.feature_map(self.k_proj(hidden_states).view(shape))  # (B, T, H, N)
         v = self.v_proj(hidden_states).view(shape)  # (B, T, H, P)
+        # The scan and the norm after it run in at least float32: without decay the outputs grow with length
+        # (past fp16's 65504 within a few thousand tokens), and only the norm brings them back to scale.
+        scan_dtype = torch.promote_types(v.dtype, torch.float32)
+        q, k, v = q.to(scan_dtype), k.to(scan_dtype), v.to(scan_dtype)
         if self.decay_logit is None:
-            log_decay = hidden_states.new_zeros(batch, length, self.num_heads, dtype=torch.float32)
+            log_decay = hidden_states.new_zeros(batch, length, self.num_heads, dtype=scan_dtype)
         else:
-            log_decay = F.logsigmoid(self.decay_logit.float()).expand(batch, length, -1)  # (B, T, H)
+            log_decay = F.logsigmoid(self.decay_logit.to(scan_dtype)).expand(batch, length, -1)  # (B, T, H)
         mask = context.token_mask
         if mask is not None:  # pads: v = 0 and decay 1, the state passes them unchanged
             v = v * mask[:, :, None, None].to(v.dtype)
@@ -84,8 +88,7 @@ class LinearAttentionMixer(nn.Module):
                 if cached is not None:
                     state = cached["state"]
                 else:  # the first forward of a cache starts from the zero state, kept in float32 (float64 models: 64)
-                    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-                    state = q.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=dtype)
+                    state = q.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=scan_dtype)
             if cache is not None and length == 1:
                 y, state = scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], state)
                 y = y[:, None]  # (B, 1, H, P)
@@ -99,7 +102,7 @@ class LinearAttentionMixer(nn.Module):
             y_backward, _ = chunked_scan(q.flip(1), k.flip(1), v.flip(1), log_decay.flip(1), self.chunk_size)
             y = y + y_backward.flip(1)
 
-        y = self.out_norm(y)  # (B, T, H, P)
+        y = self.out_norm(y).to(hidden_states.dtype)  # (B, T, H, P)
         if mask is not None:
             y = y * mask[:, :, None, None].to(y.dtype)  # pads output zeros, as the other mixers' pads do
         return self.o_proj(y.reshape(batch, length, -1))  # (B, T, width)

@@ -52,7 +52,8 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = gate.dtype  # the model's dtype (y may come out of the scan in float32)
-        y = y.float() * F.silu(gate.float())
+        compute_dtype = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 model
+        y = y.to(compute_dtype) * F.silu(gate.to(compute_dtype))
         if self.group_size == y.shape[-1] and fast_path_applies(y, self.weight):
             return RMSNormFunction.apply(y, self.weight, self.eps)  # one group: the shared fast CPU backward
         groups = y.unflatten(-1, (-1, self.group_size))  # (..., G, width / G)
@@ -159,7 +160,8 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         z, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, H), > 0
+        scan_dtype = torch.promote_types(dt.dtype, torch.float32)  # float32, or float64 for a float64 model
+        dt = F.softplus(dt.to(scan_dtype) + self.dt_bias.to(scan_dtype))  # (B, T, H), > 0
         mask = context.token_mask  # (B, T) or None
         if mask is not None:
             dt = dt * mask[..., None]  # pads: v = 0 and decay exp(0) = 1, the SSM state passes them unchanged
@@ -194,9 +196,9 @@ class Mamba2Mixer(nn.Module):
         x = x.view(batch, length, self.num_heads, self.head_dim)  # (B, T, H, P)
         B = B.view(batch, length, self.n_groups, self.state_size)  # (B, T, G, N)
         C = C.view(batch, length, self.n_groups, self.state_size)
-        A = -torch.exp(self.A_log.float())  # (H,), < 0
+        A = -torch.exp(self.A_log.to(dt.dtype))  # (H,), < 0; dt is in the scan's dtype (float32 or float64)
         if keep_state and ssm_state is None:
-            ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
+            ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=dt.dtype)
 
         if decode:
             y, ssm_state = self._ssm_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state)

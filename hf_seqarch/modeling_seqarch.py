@@ -259,6 +259,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         inputs_embeds=None,
         use_cache=None,
         output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
     ):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
@@ -283,6 +284,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = self._wants_attention_weights(output_attentions)
 
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         use_cache = use_cache or cache is not None  # a cache passed in is read and advanced, as transformers' are
@@ -312,6 +314,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             past_length=past_length,
             cache=cache if use_cache else None,
             causal=not self.config.bidirectional,
+            attentions=[] if output_attentions else None,
         )
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(
@@ -332,8 +335,25 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if use_cache:
             cache.advance(length)
         return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache if use_cache else None}
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=tuple(context.attentions) if output_attentions else None,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
+
+    def _wants_attention_weights(self, output_attentions) -> bool:
+        """output_attentions (argument, else config): the eager kernel's probabilities, one (B, heads, T, K)
+        tensor per attention layer. Other kernels never form them: a warning and None, as transformers' models."""
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions and self.config.has_attention and implementation != "eager":
+            logger.warning_once(
+                f"output_attentions=True needs attn_implementation='eager': {implementation!r} does not return "
+                "attention weights, so `attentions` is None. Load the model with attn_implementation='eager' "
+                "(or call model.set_attn_implementation('eager')) to get them."
+            )
+            return False
+        return bool(output_attentions)
 
     def _check_token_ids(self, input_ids):
         if torch.compiler.is_compiling():
@@ -412,6 +432,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         output_hidden_states=None,
+        output_attentions=None,
         logits_to_keep=0,
         **kwargs,
     ):
@@ -424,6 +445,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
@@ -434,7 +456,11 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             _check_labels(labels, self.config.vocab_size, "vocab_size")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)}
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 
@@ -457,6 +483,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         inputs_embeds=None,
         labels=None,
         output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
     ):
         outputs = self.model(
@@ -466,6 +493,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=False,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, width)
@@ -488,7 +516,9 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
                 # transformers' MSE / BCE losses return this micro-batch's mean and ignore num_items_in_batch, while
                 # the Trainer (seeing **kwargs) no longer divides by the accumulation steps: make it sum / num_items.
                 loss = loss * labels.numel() / num_items
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
     def _real_token_mask(self, input_ids, attention_mask, hidden_states):
         if attention_mask is not None:
@@ -516,6 +546,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         inputs_embeds=None,
         labels=None,
         output_hidden_states=None,
+        output_attentions=None,
         **kwargs,
     ):
         outputs = self.model(
@@ -525,6 +556,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=False,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
@@ -532,7 +564,9 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         if labels is not None:
             _check_labels(labels, self.num_labels, "num_labels")
             loss = self.loss_function(logits, labels, self.config, **kwargs)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 # Hub export: save_pretrained copies this file and every file it imports relatively (flat, beside the

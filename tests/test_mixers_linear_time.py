@@ -251,6 +251,21 @@ def test_bfloat16_model_runs_all_paths_close_to_float32(kind):
         assert error < 2e-2, float(error)
 
 
+def test_float16_linear_attention_without_decay_stays_finite():
+    """Without decay the scan's outputs grow with length and only the per-head norm brings them back to scale:
+    scan and norm run in float32 in a float16 model (its outputs once overflowed to inf/NaN past ~200 tokens here)."""
+    model = tiny_model(
+        SeqArchForCausalLM, ["linear_attention"], intermediate_size=0, initializer_range=1.0,
+        linear_attention_use_decay=False, linear_attention_num_heads=1,
+    )
+    ids = random_ids(1, 256)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        half = model.half()(input_ids=ids).logits
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    assert (half.float() - reference).norm() / reference.norm() < 1e-2
+
+
 def test_long_sequence_with_strong_decay_stays_finite():
     """T = 16,384 forward and backward of a tiny mamba2 model whose gates decay to ~exp(-1000) per step."""
     torch.manual_seed(0)

@@ -159,6 +159,56 @@ def test_eager_and_sdpa_agree(stack, bidirectional):
         torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("stack", ["attention", "sliding", "gru+sliding+attention", "mamba2+attention"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_left_padded_training_agrees_across_kernels(stack, dtype):
+    """A left-padded causal batch has pad queries that may attend to nothing, and the loss reaches the last pad
+    (it predicts the first real token). Loss and every gradient must be the same under eager and sdpa: sdpa once
+    got an additive finfo.min mask, whose CPU backward is wrong on such rows (gradients up to 50x too large), and
+    eager's float32 softmax of a float64 model turned those rows into NaN that reached the real positions."""
+    ids = random_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for implementation in ("eager", "sdpa"):
+        config = tiny_config(STACKS[stack], initializer_range=0.2)
+        torch.manual_seed(0)
+        model = SeqArchForCausalLM._from_config(config, attn_implementation=implementation).to(dtype).train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for name, eager, sdpa in zip(["loss"] + [n for n, _ in model.named_parameters()], *results):
+        torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_output_attentions_with_eager_and_a_warning_otherwise(caplog):
+    """output_attentions=True gives the eager kernel's probabilities, one (B, heads, T, K) per attention layer
+    (as transformers' models do); a pad query that may attend to nothing has a row of zeros. Other kernels never
+    form them: None, with a warning."""
+    config = tiny_config(["attention", "lstm", "sliding_attention"])
+    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    model = SeqArchForCausalLM._from_config(config, attn_implementation="eager").eval()
+    attentions = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert [tuple(a.shape) for a in attentions] == [(2, 4, 6, 6)] * 2
+    row_sums = torch.stack(attentions).sum(-1)  # (layers, B, heads, T)
+    torch.testing.assert_close(row_sums[:, 0, :, 2:], torch.ones_like(row_sums[:, 0, :, 2:]))
+    assert (row_sums[:, 0, :, :2] == 0).all() and torch.allclose(row_sums[:, 1], torch.ones_like(row_sums[:, 1]))
+    assert (attentions[0].triu(1) == 0).all()  # causal
+    assert (attentions[1].count_nonzero(-1)[1, 0] == torch.tensor([1, 2, 3, 3, 3, 3])).all()  # window 3
+    assert model(input_ids=ids).attentions is None
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=2, output_attentions=True,
+                               return_dict_in_generate=True, pad_token_id=0, do_sample=False)
+    assert len(generated.attentions) == 2 and len(generated.attentions[1]) == 2
+
+    sdpa = SeqArchForCausalLM._from_config(config, attn_implementation="sdpa").eval()
+    with caplog.at_level("WARNING"):
+        assert sdpa(input_ids=ids, output_attentions=True).attentions is None
+    assert "attn_implementation='eager'" in caplog.text
+
+
 @pytest.mark.parametrize("length", [7, 12, 31])  # window 3: not / a multiple of it, many blocks
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads):
@@ -355,11 +405,20 @@ def test_a_cache_passed_in_is_used_whatever_use_cache_says(stack):
 
 
 @pytest.mark.parametrize("stack", ["linear_attention", "mamba2"])
+def test_float64_models_pass_gradcheck(stack):
+    """A float64 model computes in float64 throughout (mamba2's dt and A were once float32): gradcheck holds."""
+    model = tiny_model(SeqArchModel, STACKS[stack], intermediate_size=0, initializer_range=0.3).double()
+    embeds = torch.randn(1, 6, model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e: model(inputs_embeds=e).last_hidden_state, (embeds,))
+
+
+@pytest.mark.parametrize("stack", ["linear_attention", "mamba2"])
 def test_float64_models_keep_float64_states(stack):
     from hf_seqarch import SeqArchCache
 
     model = tiny_model(SeqArchForCausalLM, STACKS[stack]).double()
     ids = random_ids(2, 9)
     cache = SeqArchCache(model.config)
-    pieces = [model(input_ids=ids[:, :4], cache=cache).logits, model(input_ids=ids[:, 4:], cache=cache).logits]
+    parts = [ids[:, :4]] + list(ids[:, 4:].split(1, dim=1))  # a prefill, then decode steps
+    pieces = [model(input_ids=part, cache=cache).logits for part in parts]
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
