@@ -52,6 +52,9 @@ def main():
     parser.add_argument("--output-dir", default="outputs/streaming")
     parser.add_argument("--threads", type=int, default=1, help="a model this small gains nothing from more threads")
     args = parser.parse_args()
+    if args.chunk < 1 or args.stream_bytes < 2 * args.chunk:
+        # the state is saved after the first half of the chunks and resumed for the second: two chunks at least
+        parser.error(f"--stream-bytes ({args.stream_bytes}) must be at least twice --chunk ({args.chunk}), and --chunk >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -1,5 +1,6 @@
 """`hf-seqarch compare`: the miniature preset end to end, the task data, the memory tracker, the verdicts, bad input."""
 
+import functools
 import json
 import re
 
@@ -83,6 +84,49 @@ def test_checkpoints_load_with_auto_classes(run):
     assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, PRESET.vocab_size)
 
 
+def test_report_names_only_this_runs_checkpoints(run, tmp_path):
+    out, results = run
+    report = (out / "report.md").read_text()
+    for arch in results["architectures"].values():
+        assert f"`{arch['text']['checkpoint']}/`" in report
+    # A subset without the transformer, into a folder holding another run's checkpoints: the snippet loads one of
+    # this run's, and the other folders are not listed.
+    (tmp_path / "checkpoints" / "transformer").mkdir(parents=True)
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm"]) == 0
+    report = (tmp_path / "report.md").read_text()
+    checkpoints_section = report.split("## Checkpoints")[1].split("## Settings")[0]
+    assert f'from_pretrained("{tmp_path}/checkpoints/lstm")' in checkpoints_section
+    assert "checkpoints/transformer" not in checkpoints_section
+
+
+def test_training_uses_one_device_when_several_gpus_are_visible(monkeypatch):
+    """In one process on a machine with several GPUs the Trainer reports n_gpu > 1 (and would use nn.DataParallel,
+    handing the collator one item per GPU, where one item is a whole batch): compare trains on one device."""
+    from transformers import TrainingArguments
+
+    from hf_seqarch.tools.compare.architectures import matched_configs
+    from hf_seqarch.tools.compare.train import train
+
+    setup_devices = TrainingArguments._setup_devices.func
+
+    def with_two_gpus(self):  # what _setup_devices reports there: torch.cuda.device_count()
+        device = setup_devices(self)
+        self._n_gpu = 2
+        return device
+
+    patched = functools.cached_property(with_two_gpus)
+    patched.__set_name__(TrainingArguments, "_setup_devices")
+    monkeypatch.setattr(TrainingArguments, "_setup_devices", patched)
+    _, sizes = matched_configs(["lstm"], PRESET)
+
+    def batch(i):
+        length, pairs = PRESET.mqar[i % len(PRESET.mqar)]
+        return mqar_batch(PRESET.mqar_batch_size, length, pairs, PRESET.mqar_vocab, generator(PRESET.seed, 1, i))
+
+    _, summary = train(sizes["lstm"]["config"], batch, 2, PRESET, torch.device("cpu"))
+    assert summary["steps"] == 2
+
+
 def test_interrupted_run_leaves_finished_results(tmp_path, monkeypatch):
     def interrupt(*args):
         raise KeyboardInterrupt
@@ -119,6 +163,26 @@ def test_unwritable_output_dir(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert cli.main(["compare", "--preset", "test", "--output-dir", str(blocker / "out")]) == 2
     assert "Cannot write to output directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--mixers", "lstm,atention"], r"Unknown mixer type\(s\) \['atention'\]"),
+        (["--output-dir", "{file}"], "Cannot write to output directory"),
+        (["--steps", "0"], "--steps must be at least 1"),
+    ],
+)
+def test_demo_bad_input_is_a_clear_error_before_training(tmp_path, capsys, extra, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = ["demo", "--output-dir", str(tmp_path / "out")] + [a.format(file=tmp_path / "a_file") for a in extra]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert re.search(message, captured.err) and "loss" not in captured.out  # nothing was trained
 
 
 # -- the pieces --------------------------------------------------------------------------------------------
@@ -158,6 +222,18 @@ def test_memory_tracker_counts_live_tensor_bytes():
         del b, c
     assert tracker.peak == 2 << 20
     assert tracker.live == 0
+
+
+def test_memory_tracker_leaves_out_what_existed_before():
+    """Weights (and anything else from before the step) are not counted, also when an op returns a view of them or
+    updates them in place: the peak is what the step itself allocates."""
+    weight, x = torch.ones(512, 512), torch.ones(4, 512)  # 1 MiB, 8 KiB
+    tracker = TensorMemoryTracker()
+    with tracker:
+        y = x @ weight.t()  # weight.t() is a view of the weight: 0 bytes; y: 8 KiB
+        weight.add_(1)  # in place: 0 bytes
+        del y
+    assert tracker.peak == 4 * 512 * 4
 
 
 def _speed(times):

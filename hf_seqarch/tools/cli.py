@@ -1,15 +1,17 @@
 """`hf-seqarch` command line."""
 
 import argparse
+import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-seqarch", description="Sequence architectures as HuggingFace models.")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="build, train a few steps, save, reload and generate (a quick smoke run)")
-    demo.add_argument("--output-dir", default="outputs/demo")
-    demo.add_argument("--mixers", default="lstm,attention,sliding_attention,gru")
-    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the checkpoint is saved (default: %(default)s)")
+    demo.add_argument("--mixers", default="lstm,attention,sliding_attention,gru",
+                      help="comma-separated mixer per layer (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=30, help="training steps, at least 1 (default: %(default)s)")
     compare = sub.add_parser("compare", help="the architectures side by side on this machine: speed, memory, "
                              "decoding, recall, text; writes report.md, results.json, plots, checkpoints")
     compare.add_argument("--preset", default="quick", help="quick (default, <= 10 min on a 2-core CPU), full (GPU) or test")
@@ -29,7 +31,14 @@ def main(argv=None):
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(args.output_dir, args.mixers.split(","), args.steps)
+        if args.steps < 1:
+            parser.error(f"demo: --steps must be at least 1, got {args.steps}")
+        try:
+            run_demo(args.output_dir, args.mixers.split(","), args.steps)
+        except ValueError as err:  # a bad mixer name, an output directory that cannot be written
+            print(f"hf-seqarch demo: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     elif args.command == "compare":
         from .compare.run import main_compare
 
@@ -39,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,8 +41,11 @@ class TensorMemoryTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
+            # A view or an in-place result shares an input's storage: counted where it was made, or made before the
+            # step (weights, optimiser state), which is not counted (weight.t() in a linear layer is such a view).
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
                 self._track(tensor.untyped_storage())
         return out
 

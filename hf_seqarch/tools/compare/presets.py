@@ -40,7 +40,8 @@ class Preset:
     # every step many times slower (measured: 13 minutes instead of 34 s for one training run).
     cpu_threads: int | None = 1
     # MQAR (Zoology): (sequence length, key-value pairs); one model per architecture trained on the mix,
-    # batches alternating between the lengths. Keys and values come from the first `mqar_vocab` ids.
+    # the batches split evenly between the lengths (one length per batch), in the Trainer's seeded order.
+    # Keys and values come from the first `mqar_vocab` ids.
     mqar: tuple = ((64, 4), (128, 8))
     mqar_vocab: int = 64
     mqar_steps: int = 300

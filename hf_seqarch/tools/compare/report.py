@@ -80,7 +80,8 @@ def render(results: dict, plots: list[str]) -> str:
             f"- MQAR (Zoology): keys from [1, {preset['mqar_vocab'] // 2}), values from [{preset['mqar_vocab'] // 2}, "
             f"{preset['mqar_vocab']}), queries at power-law gaps, (length, pairs) = "
             f"{', '.join(f'({n}, {k})' for n, k in preset['mqar'])}; {preset['mqar_steps']} steps of "
-            f"{preset['mqar_batch_size']} sequences, lengths alternating; scored on {preset['mqar_eval_examples']} "
+            f"{preset['mqar_batch_size']} sequences, one length per batch, in the same shuffled order for every "
+            f"architecture; scored on {preset['mqar_eval_examples']} "
             f"held-out sequences per length. Chance: {1 / (preset['mqar_vocab'] // 2):.1%}.",
             f"- Selective copying: {preset['copy_tokens']} tokens scattered in {preset['copy_length']} positions, "
             f"alphabet {preset['copy_alphabet']}; {preset['copy_steps']} steps of {preset['copy_batch_size']}. "
@@ -99,12 +100,22 @@ def render(results: dict, plots: list[str]) -> str:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     elif results.get("plots_note"):
         out += ["", "## Plots", "", results["plots_note"]]
-    out += ["", "## Checkpoints", "",
-            "`checkpoints/<architecture>/` holds each byte-level text model (save_pretrained). Load it with:", "",
-            "```python", "import hf_seqarch  # registers the seqarch model type", "from transformers import AutoModelForCausalLM",
-            f"model = AutoModelForCausalLM.from_pretrained(\"{results.get('output_dir', '.')}/checkpoints/transformer\")", "```",
-            "", "## Settings", "", "```", *(f"{k} = {v}" for k, v in preset.items()), "```", ""]
+    out += ["", "## Checkpoints", ""] + _checkpoints_section(archs, results.get("output_dir", "."))
+    out += ["", "## Settings", "", "```", *(f"{k} = {v}" for k, v in preset.items()), "```", ""]
     return "\n".join(out)
+
+
+def _checkpoints_section(archs, output_dir):
+    """The byte-level text models this run saved (folders from earlier runs into the same directory are not
+    listed), and how to load one."""
+    saved = {n: a["text"]["checkpoint"] for n, a in archs.items() if a.get("text", {}).get("checkpoint")}
+    if not saved:
+        return ["This run saved no checkpoints (its text phase did not run or did not finish)."]
+    first = next(iter(saved.values()))
+    return ["This run saved each byte-level text model (save_pretrained): "
+            + ", ".join(f"`{folder}/` ({name})" for name, folder in saved.items()) + ". Load one with:", "",
+            "```python", "import hf_seqarch  # registers the seqarch model type", "from transformers import AutoModelForCausalLM",
+            f"model = AutoModelForCausalLM.from_pretrained(\"{output_dir}/{first}\")", "```"]
 
 
 def _cells(rows, key, columns, field, fmt):

@@ -45,6 +45,9 @@ def resolve_device(name: str) -> torch.device:
     index = 0 if device.index is None else device.index
     if index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    if index != 0:  # transformers' Trainer, in a single process, always trains on cuda:0
+        raise ValueError(f"--device {name}: compare trains on the first visible GPU; to use GPU {index}, run it with "
+                         f"CUDA_VISIBLE_DEVICES={index} and --device cuda.")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -99,7 +102,7 @@ def phase_decode(config, preset, device, ctx):
 
 
 def phase_mqar(config, preset, device, ctx):
-    def batch(i):  # lengths alternate batch by batch; every batch has one length, so nothing is padded
+    def batch(i):  # batch i has length mqar[i % n] (the Trainer shuffles them, seeded); one length per batch: no padding
         length, pairs = preset.mqar[i % len(preset.mqar)]
         return mqar_batch(preset.mqar_batch_size, length, pairs, preset.mqar_vocab, generator(preset.seed, 1, i))
 

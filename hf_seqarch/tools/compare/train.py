@@ -31,7 +31,8 @@ class StepReporter(TrainerCallback):
 
 
 def train(config, make_batch, steps: int, preset, device: torch.device, progress=None) -> tuple[SeqArchForCausalLM, dict]:
-    """A fresh model trained on batches `make_batch(0 .. steps-1)`; returns it (in eval mode) and a summary."""
+    """A fresh model trained on the batches `make_batch(0 .. steps-1)`, in the order of the Trainer's seeded shuffle (the
+    same for every architecture); returns it (in eval mode) and a summary."""
     seed = preset.seed
     torch.manual_seed(seed)
     model = SeqArchForCausalLM(config)
@@ -54,6 +55,10 @@ def train(config, make_batch, steps: int, preset, device: torch.device, progress
             dataloader_num_workers=0,
             dataloader_pin_memory=device.type == "cuda",
         )
+        if args.n_gpu > 1:
+            # One process sees several GPUs: the Trainer would spread each step over all of them (nn.DataParallel,
+            # a batch of n_gpu items, where one item is a whole batch here). compare measures one device.
+            args._n_gpu = 1
         trainer = Trainer(model=model, args=args, train_dataset=BatchDataset(make_batch, steps),
                           data_collator=unwrap_batch)
         for callback in (PrinterCallback, ProgressCallback):
