@@ -6,7 +6,21 @@ LSTM/GRU, the conv and SSM state for mamba2, the state matrix for linear attenti
 counts the tokens it has seen, which gives positions (RoPE) and the mask offsets.
 """
 
+import json
+
 import torch
+
+# The config fields that shape some layer's cached state: a cache is valid only for a model that agrees on all.
+STATE_FIELDS = (
+    "mixer_types", "hidden_size", "num_key_value_heads", "attention_head_dim", "sliding_window", "mamba_state_size",
+    "mamba_head_dim", "mamba_expand", "mamba_conv_kernel", "mamba_n_groups", "linear_attention_num_heads",
+    "linear_attention_head_dim",
+)
+
+
+def state_layout(config) -> dict[str, str]:
+    """The values of STATE_FIELDS in `config`, as JSON strings (safetensors metadata takes strings)."""
+    return {name: json.dumps(getattr(config, name, None)) for name in STATE_FIELDS}
 
 
 class SeqArchCache:
@@ -20,6 +34,8 @@ class SeqArchCache:
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:
             num_layers = config.num_hidden_layers
+        # The model layout it was made for (None if unknown): a model checks it before reading the cache.
+        self.layout = state_layout(config) if config is not None else None
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
@@ -48,6 +64,23 @@ class SeqArchCache:
     def batch_select_indices(self, indices: torch.Tensor):
         self._map_states(lambda t: t[indices])
 
+    # -- checks before use --------------------------------------------------------------------------
+    def check_usable_by(self, config, batch_size: int | None = None):
+        """Raise ValueError if this cache was made for a model of another layout, or holds another batch size."""
+        if len(self.layers) != config.num_hidden_layers:
+            raise ValueError(f"This cache has {len(self.layers)} layers; the model has {config.num_hidden_layers}. "
+                             "A cache is only valid for the model (configuration) that filled it.")
+        if self.layout is not None:
+            for name, value in state_layout(config).items():
+                if self.layout.get(name) != value:
+                    raise ValueError(f"This cache was made for a model with {name}={self.layout.get(name)}; this "
+                                     f"model has {name}={value}. A cache is only valid for the model that filled it.")
+        cached = next((t.shape[0] for state in self.layers if state for t in state.values()), None)
+        if cached is not None and batch_size is not None and cached != batch_size:
+            raise ValueError(f"This cache holds {cached} sequence(s); the input has {batch_size}. Continue each "
+                             "cached sequence with one row (or reorder the cache with reorder_cache / "
+                             "batch_select_indices first).")
+
     # -- what the mixers use -----------------------------------------------------------------------
     def get_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
         return self.layers[layer_idx]
@@ -67,9 +100,9 @@ class SeqArchCache:
             key, value = self._append_in_room(layer_idx, state, key, value)
             self.layers[layer_idx] = {"key": key, "value": value}
             return key, value
-        if state is not None:
-            key = torch.cat([state["key"], key], dim=2)
-            value = torch.cat([state["value"], value], dim=2)
+        if state is not None:  # (in the model's dtype: the cached keys may be from before a cast)
+            key = torch.cat([state["key"].to(key.dtype), key], dim=2)
+            value = torch.cat([state["value"].to(value.dtype), value], dim=2)
         kept_key, kept_value = key, value
         if window is not None and key.shape[2] > window - 1:
             start = key.shape[2] - (window - 1)
@@ -121,8 +154,9 @@ class SeqArchCache:
         return tensors
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], num_layers: int) -> "SeqArchCache":
-        cache = cls(num_layers=num_layers)
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], num_layers: int, config=None) -> "SeqArchCache":
+        """The cache `state_dict` wrote; with `config`, it is checked against that model's layout when used."""
+        cache = cls(config, num_layers=num_layers)
         cache.seen_tokens = int(tensors["seen_tokens"])
         for key, tensor in tensors.items():
             if key.startswith("layers."):

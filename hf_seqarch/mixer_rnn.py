@@ -26,7 +26,7 @@ class RecurrentMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         cache = context.cache
-        initial = self._unpack_state(cache.get_state(self.layer_idx)) if cache is not None else None
+        initial = self._unpack_state(cache.get_state(self.layer_idx), hidden_states.dtype) if cache is not None else None
         mask = context.token_mask
         # Weights on the meta device are offloaded by accelerate: only the module's own call loads them.
         if hidden_states.shape[1] == 1 and not self.bidirectional and not self.rnn.weight_ih_l0.is_meta:
@@ -91,9 +91,10 @@ class RecurrentMixer(nn.Module):
             return {"h": final[0].transpose(0, 1), "c": final[1].transpose(0, 1)}
         return {"h": final.transpose(0, 1)}
 
-    def _unpack_state(self, state):
+    def _unpack_state(self, state, dtype):
+        """The cached state as nn.LSTM / nn.GRU take it, in the model's dtype (it may have been cast since)."""
         if state is None:
             return None
         if self.is_lstm:
-            return state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous()
-        return state["h"].transpose(0, 1).contiguous()
+            return state["h"].transpose(0, 1).to(dtype).contiguous(), state["c"].transpose(0, 1).to(dtype).contiguous()
+        return state["h"].transpose(0, 1).to(dtype).contiguous()

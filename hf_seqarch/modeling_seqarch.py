@@ -297,6 +297,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             use_cache, cache = False, None
         if cache is not None and not isinstance(cache, SeqArchCache):
             raise TypeError(f"cache must be a SeqArchCache (as returned with use_cache=True), got {type(cache).__name__}.")
+        if cache is not None:
+            cache.check_usable_by(self.config, batch)
         if use_cache and cache is None:
             cache = SeqArchCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -420,6 +422,11 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def generate(self, *args, **kwargs):
+        """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below)."""
+        _refuse_assisted_decoding(kwargs, self.generation_config)
+        return super().generate(*args, **kwargs)
+
     @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
     def forward(
         self,
@@ -461,6 +468,23 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+
+ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _refuse_assisted_decoding(kwargs, default_config):
+    """Assisted decoding (a draft model, prompt lookup, early exit) drafts tokens and then drops the rejected ones
+    from the cache. A recurrent state cannot drop tokens once read, so SeqArchCache cannot; transformers would
+    fail later with an error about a missing cache or method."""
+    config = kwargs.get("generation_config") or default_config
+    asked = [name for name in ASSISTED_DECODING_OPTIONS if kwargs.get(name) is not None or getattr(config, name, None)]
+    if asked:
+        raise ValueError(
+            f"Assisted decoding ({', '.join(asked)}) is not supported by hf_seqarch models: it drops rejected draft "
+            "tokens from the cache, and recurrent states (LSTM, GRU, Mamba-2, linear attention) cannot be rolled "
+            "back. Use greedy search, sampling or beam search."
         )
 
 

@@ -102,3 +102,28 @@ def test_loading_lm_checkpoint_into_classifier_keeps_body(tmp_path):
     classifier = SeqArchForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
     for name, tensor in lm.model.state_dict().items():
         assert torch.equal(classifier.model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    "made_for,used_by,batch,message",
+    [
+        (["lstm", "attention"], ["attention", "lstm"], 2, "made for a model with mixer_types"),
+        (["gru", "gru"], ["gru"], 2, "cache has 2 layers; the model has 1"),
+        (["sliding_attention"], ["attention"], 2, "made for a model with mixer_types"),
+        (["mamba2"], ["mamba2"], 1, "holds 2 sequence.*the input has 1"),
+    ],
+)
+def test_a_cache_is_checked_against_the_model_and_batch(made_for, used_by, batch, message):
+    """A cache is only valid for the model (layout) that filled it and its batch size: used elsewhere it once gave
+    KeyErrors from inside a mixer, or silently wrong logits (a sliding-window cache in a full-attention model)."""
+    cache = tiny_model(SeqArchForCausalLM, made_for)(input_ids=random_ids(2, 5), use_cache=True).cache
+    with pytest.raises(ValueError, match=message):
+        tiny_model(SeqArchForCausalLM, used_by)(input_ids=random_ids(batch, 1), cache=cache)
+
+
+def test_assisted_decoding_is_refused_clearly():
+    """Assisted decoding drops rejected draft tokens from the cache; recurrent states cannot be rolled back."""
+    model, ids = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]), random_ids(1, 6)
+    for option in (dict(assistant_model=tiny_model(SeqArchForCausalLM, ["gru"])), dict(prompt_lookup_num_tokens=2)):
+        with pytest.raises(ValueError, match="Assisted decoding .* not supported"):
+            model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **option)

@@ -94,6 +94,7 @@ def test_generate_continues_a_streamed_cache(stack):
     session.feed(ids[:, :7])
     session.feed(ids[:, 7:11])
     new = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
+    # ids: the stream so far plus the prompt (here its last token); generate() feeds what the cache has not seen
     continued = model.generate(ids, **{CACHE_FIELD: session.cache}, **new)
     torch.testing.assert_close(continued, model.generate(ids, **new), rtol=0, atol=0)
 
@@ -177,3 +178,25 @@ def test_bad_input_is_a_clear_error(tmp_path):
     session.save(path)
     with pytest.raises(ValueError, match="mixer_types"):
         StreamingSession.load(causal_lm("gru"), path)
+
+
+@pytest.mark.parametrize("other", [dict(sliding_window=5), dict(num_key_value_heads=4), dict(mamba_conv_kernel=2)])
+def test_a_state_loads_only_into_a_model_of_the_same_layout(other, tmp_path):
+    """Every config field that shapes a state is checked on load (a different window or conv kernel once loaded
+    and gave wrong logits; other head counts failed inside torch)."""
+    stack = ["sliding_attention", "mamba2"]
+    session = StreamingSession(tiny_model(SeqArchForCausalLM, stack))
+    session.feed(random_ids(1, 6))
+    session.save(tmp_path / "state.safetensors")
+    with pytest.raises(ValueError, match=f"{next(iter(other))}="):
+        StreamingSession.load(tiny_model(SeqArchForCausalLM, stack, **other), tmp_path / "state.safetensors")
+
+
+@pytest.mark.parametrize("stack", ["lstm", "gru", "sliding", "attention"])
+def test_a_cache_follows_the_model_to_another_dtype(stack):
+    """A cache filled in float32 continues in a model cast afterwards (its states are read in the model's dtype)."""
+    model, ids = causal_lm(stack), random_ids(2, 9)
+    cache = model(input_ids=ids[:, :6], use_cache=True).cache
+    model = model.double()
+    continued = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(6, 9)], 1)
+    torch.testing.assert_close(continued, model(input_ids=ids).logits[:, 6:], rtol=1e-5, atol=1e-5)

@@ -56,7 +56,7 @@ def _lstm_cell(rnn: nn.LSTM, layer_idx: int):
         if state is None:
             h = c = x.new_zeros(x.shape[0], rnn.hidden_size)
         else:
-            h, c = state["h"][:, 0], state["c"][:, 0]
+            h, c = state["h"][:, 0].to(x.dtype), state["c"][:, 0].to(x.dtype)  # the model's dtype (it may have changed)
         h, c = torch.lstm_cell(x, (h, c), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
         cache.layers[layer_idx] = {"h": h[:, None], "c": c[:, None]}
         return h
@@ -67,7 +67,7 @@ def _lstm_cell(rnn: nn.LSTM, layer_idx: int):
 def _gru_cell(rnn: nn.GRU, layer_idx: int):
     def step(x, cache, context_of):  # x (B, width) -> h (B, hidden); the cache keeps h as (B, 1, hidden)
         state = cache.layers[layer_idx]
-        h = x.new_zeros(x.shape[0], rnn.hidden_size) if state is None else state["h"][:, 0]
+        h = x.new_zeros(x.shape[0], rnn.hidden_size) if state is None else state["h"][:, 0].to(x.dtype)
         h = torch.gru_cell(x, h, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
         cache.layers[layer_idx] = {"h": h[:, None]}
         return h

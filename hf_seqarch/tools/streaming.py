@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..cache_seqarch import SeqArchCache
+from ..cache_seqarch import SeqArchCache, state_layout
 from .single_token_decoder import SingleTokenDecoder
 
 _FORMAT = "hf_seqarch.stream/1"
@@ -36,6 +36,10 @@ class StreamingSession:
         model: a causal `SeqArchForCausalLM` (outputs are logits) or `SeqArchModel` (outputs are the
             final hidden states). Put it in eval mode yourself, as for generate().
         cache: a `SeqArchCache` to continue from (e.g. one returned by a forward or generate()), or None.
+
+    To continue a stream with transformers' generate(), pass it `session.cache` and the ids of the whole stream
+    plus the new prompt: generate() feeds only the ids past the cache's length (given just the stream, it would
+    feed it all again on top of the cache). `greedy()` needs only the new prompt.
 
     The session decides at construction which modules its single-token path may call as plain functions
     (see single_token_decoder): add adapters or hooks to the model before building it. New weights (training,
@@ -57,8 +61,8 @@ class StreamingSession:
             raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it cannot stream.")
         if cache is not None and not isinstance(cache, SeqArchCache):
             raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
-        if cache is not None and len(cache) != self.config.num_hidden_layers:
-            raise ValueError(f"The cache has {len(cache)} layers, the model {self.config.num_hidden_layers}.")
+        if cache is not None:
+            cache.check_usable_by(self.config)
         self.cache = cache if cache is not None else SeqArchCache(self.config)
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
         self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
@@ -157,22 +161,17 @@ class StreamingSession:
         expected = session._fingerprint()
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a saved stream state (format {metadata.get('format')!r}).")
-        for key in ("mixer_types", "hidden_size", "vocab_size"):
-            if metadata.get(key) != expected[key]:
+        for key in expected.keys() & metadata.keys():  # every field that shapes a state (older files: fewer)
+            if metadata[key] != expected[key]:
                 raise ValueError(
-                    f"The stream state in {path} was saved from a model with {key}={metadata.get(key)}, "
+                    f"The stream state in {path} was saved from a model with {key}={metadata[key]}, "
                     f"this model has {key}={expected[key]}."
                 )
-        session.cache = SeqArchCache.from_state_dict(tensors, num_layers=model.config.num_hidden_layers)
+        session.cache = SeqArchCache.from_state_dict(tensors, model.config.num_hidden_layers, model.config)
         return session
 
     def _fingerprint(self) -> dict[str, str]:
-        return {
-            "format": _FORMAT,
-            "mixer_types": json.dumps(list(self.config.mixer_types)),
-            "hidden_size": str(self.config.hidden_size),
-            "vocab_size": str(self.config.vocab_size),
-        }
+        return {"format": _FORMAT, "vocab_size": json.dumps(self.config.vocab_size), **state_layout(self.config)}
 
     def __repr__(self):
         return (f"StreamingSession(mixer_types={list(self.config.mixer_types)}, seen_tokens={self.seen_tokens}, "
