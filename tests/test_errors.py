@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import VOCAB, random_ids, tiny_config, tiny_model
 
 
@@ -116,7 +117,8 @@ def test_loading_lm_checkpoint_into_classifier_keeps_body(tmp_path):
 def test_a_cache_is_checked_against_the_model_and_batch(made_for, used_by, batch, message):
     """A cache is only valid for the model (layout) that filled it and its batch size: used elsewhere it once gave
     KeyErrors from inside a mixer, or silently wrong logits (a sliding-window cache in a full-attention model)."""
-    cache = tiny_model(SeqArchForCausalLM, made_for)(input_ids=random_ids(2, 5), use_cache=True).cache
+    output = tiny_model(SeqArchForCausalLM, made_for)(input_ids=random_ids(2, 5), use_cache=True)
+    cache = getattr(output, CACHE_FIELD)  # `cache`, or `past_key_values` before transformers 5.24
     with pytest.raises(ValueError, match=message):
         tiny_model(SeqArchForCausalLM, used_by)(input_ids=random_ids(batch, 1), cache=cache)
 

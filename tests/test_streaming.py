@@ -196,7 +196,7 @@ def test_a_state_loads_only_into_a_model_of_the_same_layout(other, tmp_path):
 def test_a_cache_follows_the_model_to_another_dtype(stack):
     """A cache filled in float32 continues in a model cast afterwards (its states are read in the model's dtype)."""
     model, ids = causal_lm(stack), random_ids(2, 9)
-    cache = model(input_ids=ids[:, :6], use_cache=True).cache
+    cache = getattr(model(input_ids=ids[:, :6], use_cache=True), CACHE_FIELD)
     model = model.double()
     continued = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(6, 9)], 1)
     torch.testing.assert_close(continued, model(input_ids=ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
