@@ -10,17 +10,24 @@ import json
 
 import torch
 
-# The config fields that shape some layer's cached state: a cache is valid only for a model that agrees on all.
-STATE_FIELDS = (
-    "mixer_types", "hidden_size", "num_key_value_heads", "attention_head_dim", "sliding_window", "mamba_state_size",
-    "mamba_head_dim", "mamba_expand", "mamba_conv_kernel", "mamba_n_groups", "linear_attention_num_heads",
-    "linear_attention_head_dim",
-)
+# The config fields that shape a mixer's cached state: a cache is valid only for a model that agrees on those of
+# its mixers (and on the layers themselves).
+STATE_FIELDS = {
+    "attention": ("num_key_value_heads", "attention_head_dim"),
+    "sliding_attention": ("num_key_value_heads", "attention_head_dim", "sliding_window"),
+    "mamba2": ("mamba_state_size", "mamba_head_dim", "mamba_expand", "mamba_conv_kernel", "mamba_n_groups"),
+    "linear_attention": ("linear_attention_num_heads", "linear_attention_head_dim"),
+}
 
 
 def state_layout(config) -> dict[str, str]:
-    """The values of STATE_FIELDS in `config`, as JSON strings (safetensors metadata takes strings)."""
-    return {name: json.dumps(getattr(config, name, None)) for name in STATE_FIELDS}
+    """What shapes the cached states of a model with `config`, each value as a string (safetensors metadata)."""
+    names = ["mixer_types", "hidden_size"]
+    for mixer in dict.fromkeys(config.mixer_types):
+        names += [name for name in STATE_FIELDS.get(mixer, ()) if name not in names]
+    # mixer_types as JSON, as stream states saved before these checks hold it
+    return {name: json.dumps(list(value)) if name == "mixer_types" else str(value)
+            for name, value in ((name, getattr(config, name)) for name in names)}
 
 
 class SeqArchCache:
@@ -34,8 +41,9 @@ class SeqArchCache:
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:
             num_layers = config.num_hidden_layers
-        # The model layout it was made for (None if unknown): a model checks it before reading the cache.
-        self.layout = state_layout(config) if config is not None else None
+        # The model layout it was made for (None if unknown, or made inside torch.compile, which would break its graph
+        # on this Python): a model checks it before reading the cache.
+        self.layout = state_layout(config) if config is not None and not torch.compiler.is_compiling() else None
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
@@ -66,7 +74,10 @@ class SeqArchCache:
 
     # -- checks before use --------------------------------------------------------------------------
     def check_usable_by(self, config, batch_size: int | None = None):
-        """Raise ValueError if this cache was made for a model of another layout, or holds another batch size."""
+        """Raise ValueError if this cache was made for a model of another layout, or holds another batch size.
+        Not while torch.compile traces (the checks are Python on config values; they ran in eager mode before)."""
+        if torch.compiler.is_compiling():
+            return
         if len(self.layers) != config.num_hidden_layers:
             raise ValueError(f"This cache has {len(self.layers)} layers; the model has {config.num_hidden_layers}. "
                              "A cache is only valid for the model (configuration) that filled it.")

@@ -3,6 +3,7 @@
 Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads.
 """
 
+import inspect
 import os
 import tempfile
 
@@ -271,7 +272,9 @@ class SeqArchModel(SeqArchPreTrainedModel):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
             self._check_token_ids(input_ids)
-            if self.time_major and input_ids.shape[1] > 1:  # embedded time-major: no layout copy (see below)
+            if self.time_major and input_ids.shape[1] > 1 and not _has_hooks(self.embed_tokens):
+                # embedded time-major: no layout copy (see below). Not where a hook (NEFTune's noise, scaled by the
+                # output's shape) would see (T, B, width).
                 inputs_embeds = self.embed_tokens(input_ids.t()).transpose(0, 1)  # (B, T, width), time-major
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
@@ -348,6 +351,16 @@ class SeqArchModel(SeqArchPreTrainedModel):
         tensor per attention layer. Other kernels never form them: a warning and None, as transformers' models."""
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         implementation = self.config._attn_implementation or "eager"
+        checkpointing = self.layers[0].gradient_checkpointing and self.training
+        reentrant = getattr(getattr(self.layers[0], "_gradient_checkpointing_func", None), "keywords", {}).get(
+            "use_reentrant", True
+        )
+        if output_attentions and self.config.has_attention and checkpointing and reentrant:
+            logger.warning_once(
+                "output_attentions=True under reentrant gradient checkpointing (transformers 4.x's default): the "
+                "attention weights come back without gradients. Pass gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} to gradient_checkpointing_enable() if a loss uses them."
+            )
         if output_attentions and self.config.has_attention and implementation != "eager":
             logger.warning_once(
                 f"output_attentions=True needs attn_implementation='eager': {implementation!r} does not return "
@@ -424,7 +437,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
 
     def generate(self, *args, **kwargs):
         """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below)."""
-        _refuse_assisted_decoding(kwargs, self.generation_config)
+        _refuse_assisted_decoding(self, args, kwargs)
         return super().generate(*args, **kwargs)
 
     @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
@@ -471,15 +484,22 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         )
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-def _refuse_assisted_decoding(kwargs, default_config):
+def _refuse_assisted_decoding(model, args, kwargs):
     """Assisted decoding (a draft model, prompt lookup, early exit) drafts tokens and then drops the rejected ones
     from the cache. A recurrent state cannot drop tokens once read, so SeqArchCache cannot; transformers would
     fail later with an error about a missing cache or method."""
-    config = kwargs.get("generation_config") or default_config
-    asked = [name for name in ASSISTED_DECODING_OPTIONS if kwargs.get(name) is not None or getattr(config, name, None)]
+    arguments = inspect.signature(GenerationMixin.generate).bind_partial(model, *args, **kwargs).arguments
+    arguments = {**arguments.pop("kwargs", {}), **arguments}  # generate(..., **kwargs) options: flat
+    config = arguments.get("generation_config") or model.generation_config
+    asked = [name for name in ASSISTED_DECODING_OPTIONS
+             if arguments.get(name) is not None or getattr(config, name, None) is not None]
     if asked:
         raise ValueError(
             f"Assisted decoding ({', '.join(asked)}) is not supported by hf_seqarch models: it drops rejected draft "

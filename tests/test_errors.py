@@ -125,7 +125,21 @@ def test_a_cache_is_checked_against_the_model_and_batch(made_for, used_by, batch
 
 def test_assisted_decoding_is_refused_clearly():
     """Assisted decoding drops rejected draft tokens from the cache; recurrent states cannot be rolled back."""
+    from transformers import GenerationConfig
+
     model, ids = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]), random_ids(1, 6)
     for option in (dict(assistant_model=tiny_model(SeqArchForCausalLM, ["gru"])), dict(prompt_lookup_num_tokens=2)):
         with pytest.raises(ValueError, match="Assisted decoding .* not supported"):
             model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **option)
+    with pytest.raises(ValueError, match="Assisted decoding .* not supported"):  # a positional generation config
+        model.generate(ids, GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3, pad_token_id=0))
+
+
+def test_a_cache_is_checked_only_on_what_shapes_its_states():
+    """A field no mixer of the stack reads (sliding_window, mamba sizes in an lstm+attention stack) may differ,
+    and may be of any int type (a numpy int from a sweep)."""
+    import numpy as np
+
+    output = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])(input_ids=random_ids(2, 5), use_cache=True)
+    other = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], sliding_window=np.int64(7), mamba_state_size=4)
+    assert other(input_ids=random_ids(2, 1), cache=getattr(output, CACHE_FIELD)).logits.shape == (2, 1, VOCAB)

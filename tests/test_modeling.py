@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchModel
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import HEADS, STACKS, VOCAB, main_output, random_ids, tiny_config, tiny_model
 
 stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
@@ -402,6 +403,29 @@ def test_a_cache_passed_in_is_used_whatever_use_cache_says(stack):
     rest = model(input_ids=ids[:, 5:], cache=cache, use_cache=False).logits
     torch.testing.assert_close(torch.cat([first, rest], dim=1), model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 9
+
+
+def test_embedding_hooks_see_batch_first_outputs():
+    """A recurrent-only stack embeds time-major (no layout copy), except when the embedding has hooks: they see
+    (B, T, width) as in any transformers model (NEFTune scales its noise by the output's shape)."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "gru"], intermediate_size=0)
+    ids, seen = random_ids(2, 7), []
+    reference = model(input_ids=ids).logits
+    handle = model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    torch.testing.assert_close(model(input_ids=ids).logits, reference)
+    handle.remove()
+    assert seen == [(2, 7, 32)]
+
+
+def test_compiled_forward_takes_a_cache():
+    """The cache checks are Python on config values: skipped while torch.compile traces (fullgraph holds)."""
+    model = tiny_model(SeqArchForCausalLM, ["attention", "mamba2"])
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :5], use_cache=True), CACHE_FIELD)
+        expected = model(input_ids=ids).logits[:, 5:]
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(input_ids=ids[:, 5:], cache=cache).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stack", ["linear_attention", "mamba2"])

@@ -17,7 +17,6 @@ preparation, logits processors, stopping criteria, output objects), under `torch
 The tests hold it to the model's forward. This is tooling, not model code: it is not exported to the Hub.
 """
 
-import json
 
 import torch
 from safetensors import safe_open
@@ -171,7 +170,7 @@ class StreamingSession:
         return session
 
     def _fingerprint(self) -> dict[str, str]:
-        return {"format": _FORMAT, "vocab_size": json.dumps(self.config.vocab_size), **state_layout(self.config)}
+        return {"format": _FORMAT, "vocab_size": str(self.config.vocab_size), **state_layout(self.config)}
 
     def __repr__(self):
         return (f"StreamingSession(mixer_types={list(self.config.mixer_types)}, seen_tokens={self.seen_tokens}, "
