@@ -23,7 +23,9 @@ Targets (issue 3): recurrent stacks' per-token time at 8192 within 1.15x of that
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -31,9 +33,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsP
 from transformers import Mamba2ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, StreamingSession
-from hf_seqarch.configuration_seqarch import RECURRENT_MIXERS
-from hf_seqarch.modeling_seqarch import MIXER_CLASSES
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
+from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, StreamingSession  # noqa: E402
+from hf_seqarch.configuration_seqarch import RECURRENT_MIXERS  # noqa: E402
+from hf_seqarch.modeling_seqarch import MIXER_CLASSES  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, conv=4)

@@ -6,9 +6,9 @@
   + nn.Linear (tied) language model; ours also has its pre-norms and residuals, which cost parameters
   (5 x hidden) and a little time: that overhead is what the ratio measures.
 
-Each length keeps batch x length fixed (8192 tokens). Runs alternate ours/anchor (ABAB...) so that both
-see the same machine load; the printed ratio is the median over the repeats of ours / anchor of each
-back-to-back pair: below 1 means ours is faster.
+Each length keeps batch x length fixed (8192 tokens). Runs alternate ours/anchor (AB BA AB ...: each goes
+first in turn) so that both see the same machine load; the printed ratio is the median over the repeats of
+ours / anchor of each back-to-back pair: below 1 means ours is faster.
 Targets: attention <= 1.0, lstm <= 1.05.
 
     python benchmarks/bench_train_step.py [--quick] [--device cuda] [--lengths 256 1024] [--only lstm]
@@ -16,7 +16,9 @@ Targets: attention <= 1.0, lstm <= 1.05.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -24,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_seqarch import SeqArchConfig, SeqArchForCausalLM
-from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory
-from step_timing import count, lm_loss, step_seconds
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
+from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
+from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
+from step_timing import count, lm_loss, step_seconds  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 TARGETS = {"attention": 1.0, "lstm": 1.05}
@@ -86,7 +89,8 @@ def compare(name, pair, lengths, tokens, warmup, repeats, device, dtype, clock):
         ids = torch.randint(0, VOCAB, (batch, length), device=device)
         times = {"ours": [], "anchor": []}
         for i in range(warmup + repeats):
-            for label, model in (("ours", ours), ("anchor", anchor)):  # interleaved: same noise for both
+            pair = (("ours", ours), ("anchor", anchor))
+            for label, model in pair if i % 2 == 0 else pair[::-1]:  # interleaved, each first in turn: same noise
                 seconds = step_seconds(model, loss_of, ids, device, clock)
                 if i >= warmup:
                     times[label].append(seconds)

@@ -13,8 +13,9 @@ def sync(device):
 
 
 def lm_loss(model, ids):
-    """The causal-LM loss of a transformers-style model on `ids` (labels = ids)."""
-    return model(input_ids=ids, labels=ids).loss
+    """The causal-LM loss of a transformers-style model on `ids` (labels = ids), without a cache: a training step
+    (Llama would fill a KV cache, our mamba2 keep its states; Mamba2ForCausalLM keeps none while training)."""
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 def step_seconds(model, loss_of, ids, device, clock) -> float:
