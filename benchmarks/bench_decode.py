@@ -10,7 +10,8 @@ clock is this process's CPU time (--clock cpu, the default): the machine may be 
 the slices other processes take from a preempted step; with one thread CPU time is the work done. The prompt is
 prefilled in chunks of 1024 where the model supports it (ours, Llama), in one piece for HF Mamba2 (its generate()
 refuses chunked prefill).
-Footprint: bytes of the tensors in the returned cache (ours: get_memory_footprint()). The whole sweep runs
+Footprint: bytes of memory the returned cache holds, counted the same way for ours and the anchors (each tensor
+storage once and whole: ours includes the spare room of its full-attention buffers). The whole sweep runs
 `repeats` times, models interleaved at each length; medians over repeats.
 
 Part 2, streaming: per-token time of StreamingSession.greedy (the single-token step path) against generate()
@@ -60,19 +61,29 @@ class StepClock(LogitsProcessor):
         return median_interval(self.stamps)
 
 
-def tensor_bytes(obj, seen=None) -> int:
-    """Bytes of every tensor reachable from a transformers cache object (DynamicCache and its layers), each once."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    return sum(tensor_bytes(v, seen) for v in vars(obj).values()) if hasattr(obj, "__dict__") else 0
+def held_bytes(cache) -> int:
+    """Bytes of memory the tensors reachable from a cache object hold (transformers' caches and ours alike): each
+    storage once and whole, as a view keeps all of its storage alive (our full-attention layers' spare room too)."""
+    storages, seen = {}, set()
+
+    def walk(obj):
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+        elif hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                walk(value)
+
+    walk(cache)
+    return sum(storages.values())
 
 
 def ours(mixer, hidden=HIDDEN, layers=LAYERS, intermediate=INTERMEDIATE):
@@ -111,8 +122,7 @@ def generate_cost(model, context, new_tokens, seed=0):
         kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
     output = model.generate(ids, **kwargs)
     cache = output["cache"] if "cache" in output else output["past_key_values"]
-    # Ours: the documented count (its full-attention layers also keep up to 25% + 256 positions of spare room).
-    footprint = cache.get_memory_footprint() if isinstance(cache, SeqArchCache) else tensor_bytes(cache)
+    footprint = held_bytes(cache)  # the same count for both (get_memory_footprint() leaves out our spare room)
     return step_clock.per_token(), footprint
 
 
