@@ -89,8 +89,8 @@ def compare(name, pair, lengths, tokens, warmup, repeats, device, dtype, clock):
         ids = torch.randint(0, VOCAB, (batch, length), device=device)
         times = {"ours": [], "anchor": []}
         for i in range(warmup + repeats):
-            pair = (("ours", ours), ("anchor", anchor))
-            for label, model in pair if i % 2 == 0 else pair[::-1]:  # interleaved, each first in turn: same noise
+            order = (("ours", ours), ("anchor", anchor))
+            for label, model in order if i % 2 == 0 else order[::-1]:  # interleaved, each first in turn: same noise
                 seconds = step_seconds(model, loss_of, ids, device, clock)
                 if i >= warmup:
                     times[label].append(seconds)
