@@ -4,7 +4,8 @@
    layers vs transformers' Mamba2ForCausalLM (the anchor, its pure-PyTorch path unless mamba_ssm is
    installed), same sizes: vocab 256, hidden 256, 4 layers, 8 heads x 64, expand 2, state 64, chunk 64,
    1 group, no MLP, untied head (the anchor's default). batch x length = 8192 tokens at T = 1024, 4096,
-   8192. Both in this process, runs interleaved (ABAB...) so both see the same machine load.
+   8192. Both in this process, runs interleaved (AB BA ...: each first in turn) so both see the same machine
+   load; the speed-up is the median of the back-to-back pairs' ratios.
    Target: ours >= 1.5x the anchor's throughput.
 2. Time and peak memory of one training step at batch 1 for T = 1024 ... 16384, for mamba2,
    linear_attention, attention (sdpa and eager) and lstm stacks (4 layers, hidden 256, no MLP), and the
@@ -133,12 +134,14 @@ def throughput(args, device, clock):
         ids = torch.randint(0, VOCAB, (batch, length), device=device)
         times = {"ours": [], "anchor": []}
         for i in range(args.warmup + args.repeats):
-            for label, model in (("ours", ours), ("anchor", anchor)):  # interleaved: same noise for both
+            order = (("ours", ours), ("anchor", anchor))
+            for label, model in order if i % 2 == 0 else order[::-1]:  # interleaved, each first in turn: same noise
                 seconds = train_step(model, ids, device, clock)
                 if i >= args.warmup:
                     times[label].append(seconds)
         ours_s, anchor_s = statistics.median(times["ours"]), statistics.median(times["anchor"])
-        speedups[length] = anchor_s / ours_s
+        # the median of the back-to-back pairs' ratios, as bench_train_step: it cancels the machine's slow drifts
+        speedups[length] = statistics.median(a / o for o, a in zip(times["ours"], times["anchor"]))
         print(f"{length:>6} {batch:>3} {ours_s * 1e3:>9.1f} {anchor_s * 1e3:>10.1f} {batch * length / ours_s:>11,.0f} "
               f"{batch * length / anchor_s:>13,.0f} {speedups[length]:>8.2f}x", flush=True)
     worst = min(speedups.values())
