@@ -89,8 +89,9 @@ class SeqArchCache:
         cached = next((t.shape[0] for state in self.layers if state for t in state.values()), None)
         if cached is not None and batch_size is not None and cached != batch_size:
             raise ValueError(f"This cache holds {cached} sequence(s); the input has {batch_size}. Continue each "
-                             "cached sequence with one row (or reorder the cache with reorder_cache / "
-                             "batch_select_indices first).")
+                             "cached sequence with one row, or reshape the cache first: batch_repeat_interleave(n) "
+                             "for n continuations of each (beam search, num_return_sequences), batch_select_indices "
+                             "or reorder_cache to pick rows.")
 
     # -- what the mixers use -----------------------------------------------------------------------
     def get_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
