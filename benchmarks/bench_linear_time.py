@@ -41,7 +41,7 @@ from transformers.utils import logging  # noqa: E402
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E402
 from malloc_settings import env_keeping_freed_memory  # noqa: E402
-from step_timing import count, lm_loss, step_seconds, sync  # noqa: E402
+from step_timing import count, lm_loss, paired_step_times, step_seconds, sync  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS = 256, 256, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, groups=1)
@@ -132,16 +132,8 @@ def throughput(args, device, clock):
     for length in args.throughput_lengths:
         batch = max(1, args.tokens // length)
         ids = torch.randint(0, VOCAB, (batch, length), device=device)
-        times = {"ours": [], "anchor": []}
-        for i in range(args.warmup + args.repeats):
-            order = (("ours", ours), ("anchor", anchor))
-            for label, model in order if i % 2 == 0 else order[::-1]:  # interleaved, each first in turn: same noise
-                seconds = train_step(model, ids, device, clock)
-                if i >= args.warmup:
-                    times[label].append(seconds)
-        ours_s, anchor_s = statistics.median(times["ours"]), statistics.median(times["anchor"])
-        # the median of the back-to-back pairs' ratios, as bench_train_step: it cancels the machine's slow drifts
-        speedups[length] = statistics.median(a / o for o, a in zip(times["ours"], times["anchor"]))
+        ours_s, anchor_s, ratio = paired_step_times(ours, anchor, lm_loss, ids, device, clock, args.warmup, args.repeats)
+        speedups[length] = 1 / ratio  # anchor / ours
         print(f"{length:>6} {batch:>3} {ours_s * 1e3:>9.1f} {anchor_s * 1e3:>10.1f} {batch * length / ours_s:>11,.0f} "
               f"{batch * length / anchor_s:>13,.0f} {speedups[length]:>8.2f}x", flush=True)
     worst = min(speedups.values())

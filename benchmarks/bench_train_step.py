@@ -17,7 +17,6 @@ Targets: attention <= 1.0, lstm <= 1.05.
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -29,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
-from step_timing import count, lm_loss, step_seconds  # noqa: E402
+from step_timing import count, lm_loss, paired_step_times  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 TARGETS = {"attention": 1.0, "lstm": 1.05}
@@ -87,16 +86,7 @@ def compare(name, pair, lengths, tokens, warmup, repeats, device, dtype, clock):
     for length in lengths:
         batch = max(1, tokens // length)
         ids = torch.randint(0, VOCAB, (batch, length), device=device)
-        times = {"ours": [], "anchor": []}
-        for i in range(warmup + repeats):
-            order = (("ours", ours), ("anchor", anchor))
-            for label, model in order if i % 2 == 0 else order[::-1]:  # interleaved, each first in turn: same noise
-                seconds = step_seconds(model, loss_of, ids, device, clock)
-                if i >= warmup:
-                    times[label].append(seconds)
-        ours_s, anchor_s = statistics.median(times["ours"]), statistics.median(times["anchor"])
-        # Each ours/anchor pair ran back to back: the median of their ratios cancels the machine's slow drifts.
-        ratios[length] = statistics.median(o / a for o, a in zip(times["ours"], times["anchor"]))
+        ours_s, anchor_s, ratios[length] = paired_step_times(ours, anchor, loss_of, ids, device, clock, warmup, repeats)
         print(f"{length:>6} {batch:>4} {ours_s * 1e3:>9.1f} {anchor_s * 1e3:>10.1f} {batch * length / ours_s:>11,.0f} "
               f"{batch * length / anchor_s:>13,.0f} {ratios[length]:>7.3f}", flush=True)
     verdict = "meets" if max(ratios.values()) <= TARGETS[name] else "MISSES"

@@ -1,5 +1,7 @@
 """Timing one training step (forward, loss, backward), shared by the training benchmarks."""
 
+import statistics
+
 import torch
 
 
@@ -26,3 +28,18 @@ def step_seconds(model, loss_of, ids, device, clock) -> float:
     loss_of(model, ids).backward()
     sync(device)  # CUDA runs asynchronously: wait for the backward before reading the clock
     return clock() - start
+
+
+def paired_step_times(ours, anchor, loss_of, ids, device, clock, warmup, repeats):
+    """Step seconds of both models, run back to back (AB BA AB ...: each goes first in turn, so both see the same
+    machine load), after `warmup` untimed pairs. Returns (ours' median, anchor's median, the median of the
+    per-pair ratios ours / anchor: it cancels the machine's slow drifts)."""
+    times = {"ours": [], "anchor": []}
+    for i in range(warmup + repeats):
+        order = (("ours", ours), ("anchor", anchor))
+        for label, model in order if i % 2 == 0 else order[::-1]:
+            seconds = step_seconds(model, loss_of, ids, device, clock)
+            if i >= warmup:
+                times[label].append(seconds)
+    ratio = statistics.median(o / a for o, a in zip(times["ours"], times["anchor"]))
+    return statistics.median(times["ours"]), statistics.median(times["anchor"]), ratio

@@ -7,6 +7,7 @@ counts the tokens it has seen, which gives positions (RoPE) and the mask offsets
 """
 
 import json
+import weakref
 
 import torch
 
@@ -42,8 +43,9 @@ class SeqArchCache:
         if num_layers is None:
             num_layers = config.num_hidden_layers
         # The model layout it was made for (None if unknown, or made inside torch.compile, which would break its graph
-        # on this Python): a model checks it before reading the cache.
+        # on this Python): a model checks it before reading the cache, unless it is the config it was made from.
         self.layout = state_layout(config) if config is not None and not torch.compiler.is_compiling() else None
+        self._made_from = weakref.ref(config) if self.layout is not None else None
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
@@ -81,7 +83,7 @@ class SeqArchCache:
         if len(self.layers) != config.num_hidden_layers:
             raise ValueError(f"This cache has {len(self.layers)} layers; the model has {config.num_hidden_layers}. "
                              "A cache is only valid for the model (configuration) that filled it.")
-        if self.layout is not None:
+        if self.layout is not None and self._made_from() is not config:  # (every decode step passes its own config)
             for name, value in state_layout(config).items():
                 if self.layout.get(name) != value:
                     raise ValueError(f"This cache was made for a model with {name}={self.layout.get(name)}; this "

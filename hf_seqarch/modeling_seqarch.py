@@ -350,25 +350,27 @@ class SeqArchModel(SeqArchPreTrainedModel):
         """output_attentions (argument, else config): the eager kernel's probabilities, one (B, heads, T, K)
         tensor per attention layer. Other kernels never form them: a warning and None, as transformers' models."""
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if not output_attentions or not self.config.has_attention:
+            return bool(output_attentions)
         implementation = self.config._attn_implementation or "eager"
         checkpointing = self.layers[0].gradient_checkpointing and self.training
         reentrant = getattr(getattr(self.layers[0], "_gradient_checkpointing_func", None), "keywords", {}).get(
             "use_reentrant", True
         )
-        if output_attentions and self.config.has_attention and checkpointing and reentrant:
+        if checkpointing and reentrant:
             logger.warning_once(
                 "output_attentions=True under reentrant gradient checkpointing (transformers 4.x's default): the "
                 "attention weights come back without gradients. Pass gradient_checkpointing_kwargs="
                 "{'use_reentrant': False} to gradient_checkpointing_enable() if a loss uses them."
             )
-        if output_attentions and self.config.has_attention and implementation != "eager":
+        if implementation != "eager":
             logger.warning_once(
                 f"output_attentions=True needs attn_implementation='eager': {implementation!r} does not return "
                 "attention weights, so `attentions` is None. Load the model with attn_implementation='eager' "
                 "(or call model.set_attn_implementation('eager')) to get them."
             )
             return False
-        return bool(output_attentions)
+        return True
 
     def _check_token_ids(self, input_ids):
         if torch.compiler.is_compiling():

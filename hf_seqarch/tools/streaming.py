@@ -17,7 +17,6 @@ preparation, logits processors, stopping criteria, output objects), under `torch
 The tests hold it to the model's forward. This is tooling, not model code: it is not exported to the Hub.
 """
 
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
