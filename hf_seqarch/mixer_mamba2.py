@@ -7,8 +7,9 @@ The SSD layer is the gated linear recurrence of `ops_chunked_scan` with, per hea
     y = scan(q, k, v, log_decay) + D * x
 
 Three paths that agree: the full-sequence forward and the chunked prefill from a cached state (both
-`ops_ssd.ssd_chunked`, the chunked algorithm with B and C kept per group; or mamba_ssm's kernel on
-CUDA), and the single-step decode (`scan_step` and one conv step). Cached state per layer: {"conv": (B, conv_dim, K-1) last K-1 conv inputs, "ssm": (B, H, P, N)}.
+`ops_ssd.ssd_chunked`, i.e. `ops_chunked_scan.chunked_scan`; or mamba_ssm's kernel on CUDA), and the
+single-step decode (`scan_step` and one conv step). Cached state per layer: {"conv": (B, conv_dim, K-1)
+last K-1 conv inputs, "ssm": (B, H, P, N)}.
 
 Padding never enters a state. Before the conv, each row's real tokens are moved to the front (in
 order) and the conv output is moved back, so the conv only ever sees real tokens and its cached state
@@ -29,7 +30,7 @@ from .mixer_context import real_tokens_first
 from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
 from .ops_rms_norm import RMSNormFunction, fast_path_applies
-from .ops_ssd import ssd_chunked
+from .ops_ssd import heads_of_groups, ssd_chunked
 
 
 def init_copy(init, parameter, value):
@@ -212,10 +213,7 @@ class Mamba2Mixer(nn.Module):
         return y.reshape(batch, length, self.inner_size), new_state
 
     # -- SSM ----------------------------------------------------------------------------------------
-    def _heads(self, t):
-        """(B, ..., G, N) -> (B, ..., H, N): each group's B or C for each of its heads."""
-        return t.repeat_interleave(self.num_heads // self.n_groups, dim=-2) if self.n_groups != self.num_heads else t
-
     def _ssm_step(self, x, dt, A, B, C, ssm_state):
         """One token: x (B, H, P), dt (B, H), B/C (B, G, N)."""
-        return scan_step(self._heads(C), self._heads(B), x * dt[..., None], dt * A, ssm_state)
+        C, B = heads_of_groups(C, self.num_heads), heads_of_groups(B, self.num_heads)  # (B, H, N)
+        return scan_step(C, B, x * dt[..., None], dt * A, ssm_state)

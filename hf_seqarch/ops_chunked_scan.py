@@ -27,8 +27,9 @@ to the reference.
 
 The backwards are written by hand (torch.autograd.Function): they need the same 8 batched matmuls as
 autograd would but far fewer elementwise passes and fresh tensors (on CPU each fresh tensor costs page
-faults at every step), and get the log_decay gradient from the identity
-d cs_i = q_i . dq_i - k_i . dk_i (+ the chunk's end-state term), as exp(cs) only ever scales q and k.
+faults at every step). The factorised one gets the log_decay gradient from the identity
+d cs_i = q_i . dq_i - k_i . dk_i (+ the chunk's end-state term), as exp(cs) only ever scales q and k; the
+exact one, whose gates may be strong, from each segment sum's gradient directly (see there).
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
 Shapes: B batch, T time, H heads, N key/query size (Mamba-2: state size), P value size (head dim),
@@ -150,16 +151,27 @@ class _ChunkedScan(torch.autograd.Function):
         dv = _bmm(k, dstates[1:].transpose(-1, -2)).mul_(to_end)  # (C, B, H, L, P)
         dk = _bmm(v, dstates[1:]).mul_(to_end)  # (C, B, H, L, N)
 
+        # log decay. Every decay is exp(cs_i - cs_j) of a segment sum, so d cs_i is the sum of d segsum over the
+        # segments ending at i minus those starting at i. Each d segsum is computed once and added to both ends,
+        # and the segments of length 0 (i = j, decay 1) are left out, as their two ends cancel exactly: under
+        # strong gates the true d cs is tiny, and would otherwise be the difference of two roundings of O(1) terms.
+        # The state terms first: y_i gets exp(cs_i - 0) S_in q_i (q_i . dq_i with dq's state part so far), and the
+        # state leaving the chunk exp(cs_L) S_in + sum_j exp(cs_L - cs_j) v_j k_j^T (k_j . dk_j).
+        dcs = _row_dots(q, dq)  # (C, B, H, L)
+        to_end_terms = _row_dots(k, dk)  # (C, B, H, L): d segsum_{L, j}
+        to_end_terms[..., -1] = 0  # j = L: length 0
+        dcs -= to_end_terms
+        carried = torch.linalg.vecdot(dstates[1:].flatten(-2), states[:-1].flatten(-2))  # <dS_out, S_in>, see _row_dots
+        dcs[..., -1] += carried * chunk_decay[..., 0, 0] + to_end_terms.sum(-1)
+
         # 1. y = (q k^T * decay) v
         _bmm(scores.transpose(-1, -2), dy, add_to=dv)
-        dqk = _bmm(dy, v.transpose(-1, -2)).mul_(decay)  # (C, B, H, L, L)
+        dqk = _bmm(dy, v.transpose(-1, -2))  # (C, B, H, L, L)
+        dsegsum = (dqk * scores).tril_(-1)  # (C, B, H, L, L): d segsum_ij = (dy_i . v_j) scores_ij, j < i
+        dcs += dsegsum.sum(-1) - dsegsum.sum(-2)
+        dqk.mul_(decay)
         _bmm(dqk, k, add_to=dq)
         _bmm(dqk.transpose(-1, -2), q, add_to=dk)
-
-        # log decay: cs enters only as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state
-        # leaving the chunk, hence d cs_i = q_i . dq_i - k_i . dk_i, plus <dS_out, S_out> at i = L.
-        dcs = _row_dots(q, dq) - _row_dots(k, dk)  # (C, B, H, L)
-        dcs[..., -1] += torch.linalg.vecdot(dstates[1:].flatten(-2), states[1:].flatten(-2))  # see _row_dots
         da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), _unchunk(da[..., None])[..., 0], dstates[0], None
 
