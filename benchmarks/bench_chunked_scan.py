@@ -1,15 +1,19 @@
-"""Benchmark hf_seqarch.ops_chunked_scan: chunked_scan against the sequential scan_reference.
+"""Benchmark the chunked scans against their sequential references.
 
     python benchmarks/bench_chunked_scan.py                  # CPU, default sizes (~1-3 minutes)
     python benchmarks/bench_chunked_scan.py --device cuda
 
-1. forward+backward of chunked_scan vs scan_reference at T=2048 (B=2, H=8, P=N=64, chunk 64), runs
-   alternating so that both see the same machine load: times and the median of the paired ratios
-   (target: chunked >= 20x faster).
-2. chunked_scan forward+backward at T = 1024 ... 16384: time, peak memory, and the growth per doubling
-   of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the
-   growth of the peak resident set during one forward+backward, each length in a fresh subprocess so
-   that earlier lengths do not hide it. The peak is Linux's VmHWM, reset first through
+1. forward+backward at T=2048 (B=2, H=8, P=N=64, chunk 64) of each mixer's core against its plain loop
+   over time, runs alternating so that both see the same machine load: times and the median of the
+   paired ratios (target: chunked >= 20x faster).
+   - linear attention: ops_chunked_scan.chunked_scan vs scan_reference (q, k, v per head, gentle decays);
+   - mamba2: ops_ssd.ssd_chunked vs ssd_reference with Mamba-2's inputs at initialisation (B and C shared
+     by the 8 heads, each head's dt about a level log-uniform in [0.001, 0.1], A in [-16, -1]: a head whose
+     gates are strong enough puts the whole call on the exact path).
+2. chunked_scan (the core both mixers run) forward+backward at T = 1024 ... 16384: time, peak memory,
+   and the growth per doubling of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated
+   on CUDA; on CPU the growth of the peak resident set during one forward+backward, each length in a fresh
+   subprocess so that earlier lengths do not hide it. The peak is Linux's VmHWM, reset first through
    /proc/self/clear_refs: ru_maxrss alone would not do, as a process keeps its parent's ru_maxrss
    across fork+exec (the subprocess would start at this process's peak and show no growth).
 
@@ -26,6 +30,7 @@ freed memory (benchmarks/malloc_settings.py), as jemalloc or tcmalloc would.
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -37,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference  # noqa: E402
+from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 
 
@@ -53,6 +59,25 @@ def make_inputs(args, T, device):
     dy, dstate = torch.randn(B, T, H, P, generator=g), torch.randn(B, H, P, N, generator=g)
     grads = (dy.to(device, dtype), dstate.to(device, dtype))  # random upstream gradients
     return (q, k, v, log_decay), grads
+
+
+def make_mamba2_inputs(args, T, device):
+    """Mamba-2's SSD inputs as its mixer makes them at initialisation (mixer_mamba2's init ranges)."""
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    B, H, N, P = args.batch, args.heads, args.state, args.dim
+
+    def leaf(t):
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    # dt = softplus(dt_raw + dt_bias): a per-head level set by dt_bias, varied per token by dt_raw
+    dt_level = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1), generator=g))
+    dt = dt_level * torch.empty(B, T, H).uniform_(0.5, 1.5, generator=g)
+    A = -torch.empty(H).uniform_(1, 16, generator=g)
+    x = torch.randn(B, T, H, P, generator=g)
+    B_, C = (torch.randn(B, T, 1, N, generator=g) * N**-0.5 for _ in range(2))
+    dy, dstate = torch.randn(B, T, H, P, generator=g), torch.randn(B, H, P, N, generator=g)
+    return tuple(leaf(t) for t in (x, dt, A, B_, C)), (dy.to(device, dtype), dstate.to(device, dtype))
 
 
 def fwd_bwd(fn, inputs, grads, **kw):
@@ -80,13 +105,13 @@ def timeit(fn, inputs, grads, args, runs, **kw):
     return statistics.median(seconds(fn, inputs, grads, args, **kw) for _ in range(runs))
 
 
-def paired_ratio(inputs, grads, args):
-    """scan_reference / chunked_scan: runs alternate (reference, chunked, ...) so that both see the same machine
-    load; the median of each pair's ratio, and the median times. Every run follows one warm-up of each."""
+def paired_ratio(chunked_fn, reference_fn, inputs, grads, args):
+    """reference / chunked: runs alternate (reference, chunked, ...) so that both see the same machine load; the
+    median of each pair's ratio, and the median times. Every run follows one warm-up of each."""
     chunked = dict(chunk_size=args.chunk)
-    fwd_bwd(scan_reference, inputs, grads)
-    fwd_bwd(chunked_scan, inputs, grads, **chunked)
-    pairs = [(seconds(scan_reference, inputs, grads, args), seconds(chunked_scan, inputs, grads, args, **chunked))
+    fwd_bwd(reference_fn, inputs, grads)
+    fwd_bwd(chunked_fn, inputs, grads, **chunked)
+    pairs = [(seconds(reference_fn, inputs, grads, args), seconds(chunked_fn, inputs, grads, args, **chunked))
              for _ in range(args.ref_runs)]
     ratio = statistics.median(ref / chunk for ref, chunk in pairs)
     return ratio, statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
@@ -173,15 +198,20 @@ def main():
         f"malloc: {'keeps freed memory' if keeps_freed_memory() else 'default'}"
     )
 
-    # 1. chunked vs reference
+    # 1. chunked vs reference, each mixer's core
     T = args.ref_length
-    inputs, grads = make_inputs(args, T, args.device)
-    ratio, t_ref, t_chunk = paired_ratio(inputs, grads, args)
-    print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians):")
-    print(f"  chunked_scan   {t_chunk * 1e3:9.1f} ms")
-    print(f"  scan_reference {t_ref * 1e3:9.1f} ms")
-    print(f"  ratio          {ratio:9.1f}x   (the median of the paired ratios; target >= 20x)")
-    del inputs, grads
+    print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians; target >= 20x):")
+    print(f"  {'core':<17} {'chunked ms':>10} {'reference ms':>13} {'ratio':>7}")
+    cores = {
+        "linear attention": (chunked_scan, scan_reference, make_inputs),
+        "mamba2 (SSD)": (ssd_chunked, ssd_reference, make_mamba2_inputs),
+    }
+    for name, (chunked_fn, reference_fn, make) in cores.items():
+        inputs, grads = make(args, T, args.device)
+        ratio, t_ref, t_chunk = paired_ratio(chunked_fn, reference_fn, inputs, grads, args)
+        print(f"  {name:<17} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x", flush=True)
+        del inputs, grads
+    print("  (ratio: the median of the paired ratios)")
 
     # 2. scaling with T
     mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "peak RSS growth, fresh process per T"
