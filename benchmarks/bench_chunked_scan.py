@@ -41,7 +41,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference  # noqa: E402
+from hf_seqarch.ops_chunked_scan import _decay_factors, chunked_scan, scan_reference  # noqa: E402
 from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 
@@ -200,16 +200,20 @@ def main():
 
     # 1. chunked vs reference, each mixer's core
     T = args.ref_length
-    print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians; target >= 20x):")
-    print(f"  {'core':<17} {'chunked ms':>10} {'reference ms':>13} {'ratio':>7}")
-    cores = {
-        "linear attention": (chunked_scan, scan_reference, make_inputs),
-        "mamba2 (SSD)": (ssd_chunked, ssd_reference, make_mamba2_inputs),
+    print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians; target >= 20x; path: the"
+          " chunked scan's, factorised where every chunk's log decays span <= 60, else exact):")
+    print(f"  {'core':<17} {'path':>10} {'chunked ms':>10} {'reference ms':>13} {'ratio':>7}")
+    cores = {  # name: chunked, reference, inputs, the log decays (B, T, H) of those inputs
+        "linear attention": (chunked_scan, scan_reference, make_inputs, lambda inputs: inputs[3]),
+        "mamba2 (SSD)": (ssd_chunked, ssd_reference, make_mamba2_inputs, lambda inputs: inputs[1] * inputs[2]),
     }
-    for name, (chunked_fn, reference_fn, make) in cores.items():
+    for name, (chunked_fn, reference_fn, make, log_decay_of) in cores.items():
         inputs, grads = make(args, T, args.device)
+        log_decay = log_decay_of(inputs).detach().float()  # (B, T, H), padded as chunked_scan pads it:
+        log_decay = torch.nn.functional.pad(log_decay, (0, 0, 0, -T % args.chunk))
+        path = "factorised" if _decay_factors(log_decay, args.chunk) else "exact"
         ratio, t_ref, t_chunk = paired_ratio(chunked_fn, reference_fn, inputs, grads, args)
-        print(f"  {name:<17} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x", flush=True)
+        print(f"  {name:<17} {path:>10} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x", flush=True)
         del inputs, grads
     print("  (ratio: the median of the paired ratios)")
 

@@ -29,7 +29,8 @@ The backwards are written by hand (torch.autograd.Function): they need the same 
 autograd would but far fewer elementwise passes and fresh tensors (on CPU each fresh tensor costs page
 faults at every step). The factorised one gets the log_decay gradient from the identity
 d cs_i = q_i . dq_i - k_i . dk_i (+ the chunk's end-state term), as exp(cs) only ever scales q and k; the
-exact one, whose gates may be strong, from each segment sum's gradient directly (see there).
+exact one, whose gates may be strong, from each segment sum's gradient directly (see there). They are not
+differentiable in turn: a double backward (create_graph=True, e.g. a gradient penalty) through them raises.
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
 Shapes: B batch, T time, H heads, N key/query size (Mamba-2: state size), P value size (head dim),
@@ -55,6 +56,17 @@ def autocast_off(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _refuse_double_backward():
+    """The hand-written backwards build no graph: under create_graph=True their gradients would silently count as
+    constants in a second differentiation (e.g. a gradient penalty)."""
+    if torch.is_grad_enabled():  # autograd runs a backward with grad mode on only for create_graph=True
+        raise RuntimeError(
+            "The chunked scan of the mamba2 and linear_attention mixers has a hand-written backward that is not "
+            "itself differentiable: create_graph=True through it (a double backward, e.g. a gradient penalty) is "
+            "not supported."
+        )
 
 
 def _compute_dtype(dtype):
@@ -131,7 +143,9 @@ class _ChunkedScan(torch.autograd.Function):
         return _unchunk(y), states[-1].clone()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy, dstate):
+        _refuse_double_backward()
         q, k, v, cs, decay, scores, states, q_decayed = ctx.saved_tensors
         dy = _chunks(dy, q.shape[-2]).contiguous()  # (C, B, H, L, P)
 
@@ -151,28 +165,26 @@ class _ChunkedScan(torch.autograd.Function):
         dv = _bmm(k, dstates[1:].transpose(-1, -2)).mul_(to_end)  # (C, B, H, L, P)
         dk = _bmm(v, dstates[1:]).mul_(to_end)  # (C, B, H, L, N)
 
-        # log decay. Every decay is exp(cs_i - cs_j) of a segment sum, so d cs_i is the sum of d segsum over the
-        # segments ending at i minus those starting at i. Each d segsum is computed once and added to both ends,
-        # and the segments of length 0 (i = j, decay 1) are left out, as their two ends cancel exactly: under
-        # strong gates the true d cs is tiny, and would otherwise be the difference of two roundings of O(1) terms.
-        # The state terms first: y_i gets exp(cs_i - 0) S_in q_i (q_i . dq_i with dq's state part so far), and the
-        # state leaving the chunk exp(cs_L) S_in + sum_j exp(cs_L - cs_j) v_j k_j^T (k_j . dk_j).
-        dcs = _row_dots(q, dq)  # (C, B, H, L)
-        to_end_terms = _row_dots(k, dk)  # (C, B, H, L): d segsum_{L, j}
-        to_end_terms[..., -1] = 0  # j = L: length 0
-        dcs -= to_end_terms
+        # log decay. Every decay is exp of a segment sum, cs_i - cs_j = a_{j+1} + ... + a_i, so d a_t is the sum of
+        # d segsum over the segments that contain step t. Summed that way, as positive contributions, rather than as
+        # d cs at the two ends of each segment followed by a cumsum: that would cancel O(1) terms against each other
+        # (segments of decay 1, across steps with a = 0 such as pads), and under strong gates the true d a is tiny.
+        # The state terms: y_i gets exp(cs_i) S_in q_i, segment [0, i]; the state leaving the chunk
+        # exp(cs_L) S_in + sum_j exp(cs_L - cs_j) v_j k_j^T, segments [0, L] and (j, L].
+        from_start = _row_dots(q, dq)  # (C, B, H, L): q_i . dq_i with dq's state part so far, segment [0, i]
+        to_end_terms = _row_dots(k, dk)  # (C, B, H, L): k_j . dk_j with dk's state part so far, segment (j, L]
         carried = torch.linalg.vecdot(dstates[1:].flatten(-2), states[:-1].flatten(-2))  # <dS_out, S_in>, see _row_dots
-        dcs[..., -1] += carried * chunk_decay[..., 0, 0] + to_end_terms.sum(-1)
+        da = from_start.flip(-1).cumsum(-1).flip(-1) + _exclusive_cumsum(to_end_terms)  # (C, B, H, L)
+        da += (carried * chunk_decay[..., 0, 0])[..., None]
 
         # 1. y = (q k^T * decay) v
         _bmm(scores.transpose(-1, -2), dy, add_to=dv)
         dqk = _bmm(dy, v.transpose(-1, -2))  # (C, B, H, L, L)
-        dsegsum = (dqk * scores).tril_(-1)  # (C, B, H, L, L): d segsum_ij = (dy_i . v_j) scores_ij, j < i
-        dcs += dsegsum.sum(-1) - dsegsum.sum(-2)
+        dsegsum = (dqk * scores).tril_(-1)  # (C, B, H, L, L): d segsum_ij = (dy_i . v_j) scores_ij, segment (j, i]
+        da += _exclusive_cumsum(dsegsum).tril_().sum(-2)  # sum over i >= t of sum over j < t
         dqk.mul_(decay)
         _bmm(dqk, k, add_to=dq)
         _bmm(dqk.transpose(-1, -2), q, add_to=dk)
-        da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), _unchunk(da[..., None])[..., 0], dstates[0], None
 
 
@@ -216,7 +228,9 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         return y, states[-1].clone()
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dy, dstate):
+        _refuse_double_backward()
         q, k, v, grow, shrink, scores, states = ctx.saved_tensors
         L = scores.shape[-1]
         chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1)
@@ -297,6 +311,11 @@ def _segment_sums(cs, dtype):
     lo = (cs - hi).to(dtype)
     segsum = hi[..., :, None] - hi[..., None, :]
     return segsum.add_(lo[..., :, None]).sub_(lo[..., None, :])
+
+
+def _exclusive_cumsum(x):
+    """Along the last dim: out[..., t] = sum over j < t of x[..., j]."""
+    return F.pad(x[..., :-1].cumsum(-1), (1, 0))
 
 
 def _row_dots(x, y):

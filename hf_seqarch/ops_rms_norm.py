@@ -15,7 +15,6 @@ both ways), and dtypes other than float32.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -28,12 +27,14 @@ class RMSNormFunction(torch.autograd.Function):
         mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width)  # (..., 1)
         r = mean_square.add_(eps).rsqrt_()
         ctx.save_for_backward(x, weight, r)
+        ctx.eps = eps
         return torch.mul(x, r).mul_(weight)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (a double backward): a gradient that is itself differentiable
+            return (*_differentiable_grads(ctx, x, weight, grad_output), None)
         width = x.shape[-1]
         # Work on the rows in x's memory order (an LSTM stack keeps its activations time-major, see
         # modeling_seqarch): a permuted view, so nothing is copied and the gradient comes out laid out like x.
@@ -73,6 +74,16 @@ def fast_path_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and (x.requires_grad or weight.requires_grad)
     )
+
+
+def _differentiable_grads(ctx, x, weight, grad_output):
+    """The gradients of x and weight through torch's own rms_norm, recomputed under autograd from the saved x and
+    weight themselves, so that they join those tensors' graph: the backward above builds no graph, and a second
+    differentiation (create_graph=True, e.g. a gradient penalty) would otherwise see constants."""
+    wanted = [t for t, needed in zip((x, weight), ctx.needs_input_grad[:2]) if needed]
+    y = F.rms_norm(x, (x.shape[-1],), weight, ctx.eps)
+    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True))
+    return [next(grads) if needed else None for needed in ctx.needs_input_grad[:2]]
 
 
 class RMSNorm(nn.RMSNorm):

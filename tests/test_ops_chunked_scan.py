@@ -227,3 +227,27 @@ def test_sum_loss_gradients():
     want = torch.autograd.grad(scan_reference(q, k, v, a, initial_state=s0)[0].sum(), (q, k, v, a, s0))
     for name, g, w in zip(NAMES[2:], grads, want):
         torch.testing.assert_close(g, w, msg=name)
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_backward_inside_cpu_autocast(monkeypatch, factorized):
+    """A hand-written training loop calls backward inside `torch.autocast`: the backwards compute in float32 as the
+    forward does, and give what they give outside it."""
+    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    inputs = make_inputs(T=40, dtype=torch.float32)
+    want = outputs_and_grads(chunked_scan, *inputs, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads(chunked_scan, *inputs, chunk_size=16)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_double_backward_is_refused(monkeypatch, factorized):
+    """The backwards build no graph: create_graph=True through them raises rather than treat them as constants."""
+    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    q, k, v, log_decay, s0 = (x.requires_grad_() for x in make_inputs(T=20))
+    y, _ = chunked_scan(q, k, v, log_decay, chunk_size=8, initial_state=s0)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(y.pow(2).sum(), q, create_graph=True)

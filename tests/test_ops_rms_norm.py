@@ -66,3 +66,26 @@ def test_mixed_dtypes_compute_in_float32_without_warning():
             y = norm(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, norm(x.float()).bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frozen_weight", [False, True])
+def test_double_backward_matches_torch_rms_norm(frozen_weight):
+    """A gradient penalty (create_graph=True) differentiates the fast path's gradient again: it must not count as
+    a constant (the hand-written backward builds no graph)."""
+    torch.manual_seed(0)
+    fast, reference = RMSNorm(8, eps=1e-5), nn.RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        reference.weight.copy_(fast.weight)
+    for norm in (fast, reference):
+        norm.weight.requires_grad_(not frozen_weight)
+    x0 = torch.randn(3, 4, 8)
+
+    def penalty_grads(norm):
+        x = x0.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(norm(x).pow(3).sum(), x, create_graph=True)
+        wrt = [x] if frozen_weight else [x, norm.weight]
+        return torch.autograd.grad(grad_x.pow(2).sum(), wrt)
+
+    for got, want in zip(penalty_grads(fast), penalty_grads(reference)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
