@@ -1,6 +1,6 @@
 """Decode cost per generated token against context length, with the cache footprint, for each mixer; side by side
-with transformers' LlamaForCausalLM (attention) and Mamba2ForCausalLM (mamba2); then our streaming step path
-against generate() for small recurrent models.
+with transformers' LlamaForCausalLM (attention; with its default DynamicCache and with a StaticCache) and
+Mamba2ForCausalLM (mamba2); then our streaming step path against generate() for small recurrent models.
 
 Part 1, generate(): for each mixer a SeqArchForCausalLM of 4 layers of it (vocab 256, hidden 256, MLP 1024, as
 anchors.md; the mamba2 stack has no MLP, like Mamba2ForCausalLM: 8 heads x 64, expand 2, state 64, chunk 64).
@@ -9,7 +9,7 @@ the clock at every step, and the cost per token is the median interval (one full
 clock is this process's CPU time (--clock cpu, the default): the machine may be shared, and wall time would count
 the slices other processes take from a preempted step; with one thread CPU time is the work done. The prompt is
 prefilled in chunks of 1024 where the model supports it (ours, Llama), in one piece for HF Mamba2 (its generate()
-refuses chunked prefill).
+refuses chunked prefill) and for Llama with a StaticCache.
 Footprint: bytes of memory the returned cache holds, counted the same way for ours and the anchors (each tensor
 storage once and whole: ours includes the spare room of its full-attention buffers). The whole sweep runs
 `repeats` times, models interleaved at each length; medians over repeats.
@@ -42,7 +42,12 @@ from hf_seqarch.modeling_seqarch import MIXER_CLASSES  # noqa: E402
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, conv=4)
 PREFILL_CHUNK = 1024
-ANCHOR_OF = {"attention": "Llama", "mamba2": "HF Mamba2"}
+# Our mixer -> its anchors: (name, extra generate() arguments). Llama runs with its default DynamicCache (which grows
+# by concatenation) and with a StaticCache (preallocated, the fair match for our buffers; prefilled in one piece).
+ANCHORS_OF = {
+    "attention": [("Llama", {}), ("Llama static", {"cache_implementation": "static"})],
+    "mamba2": [("HF Mamba2", {})],
+}
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCKS["cpu"]  # main() sets it from --clock
 
@@ -110,7 +115,7 @@ def anchor(mixer):
     )).eval()
 
 
-def generate_cost(model, context, new_tokens, seed=0):
+def generate_cost(model, context, new_tokens, seed=0, **generate_kwargs):
     """(seconds per generated token, cache bytes at the end) of a greedy generate() after a prompt of `context` tokens."""
     ids = torch.randint(1, VOCAB, (1, context), generator=torch.Generator().manual_seed(seed))  # no pad id (0)
     step_clock = StepClock()
@@ -118,31 +123,34 @@ def generate_cost(model, context, new_tokens, seed=0):
                   logits_processor=LogitsProcessorList([step_clock]), return_dict_in_generate=True)
     if isinstance(model, SeqArchForCausalLM):  # chunked prefill needs a cache before the first forward
         kwargs.update(cache=SeqArchCache(model.config), prefill_chunk_size=PREFILL_CHUNK)
-    elif isinstance(model, LlamaForCausalLM):
+    elif isinstance(model, LlamaForCausalLM) and "cache_implementation" not in generate_kwargs:
         kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
-    output = model.generate(ids, **kwargs)
+    output = model.generate(ids, **kwargs, **generate_kwargs)
     cache = output["cache"] if "cache" in output else output["past_key_values"]
     footprint = held_bytes(cache)  # the same count for both (get_memory_footprint() leaves out our spare room)
     return step_clock.per_token(), footprint
 
 
 def part_one(mixers, contexts, new_tokens, repeats):
-    models = {}
+    models = {}  # name -> (model, extra generate() arguments)
     for mixer in mixers:
         torch.manual_seed(0)
-        models[mixer] = ours(mixer)
-        if mixer in ANCHOR_OF:
-            models[ANCHOR_OF[mixer]] = anchor(mixer)
-    for name, model in models.items():
+        models[mixer] = ours(mixer), {}
+        if mixer in ANCHORS_OF:
+            anchor_model = anchor(mixer)
+            for name, generate_kwargs in ANCHORS_OF[mixer]:
+                models[name] = anchor_model, generate_kwargs
+    for name, (model, _) in models.items():
         print(f"  {name:<18} {sum(p.numel() for p in model.parameters()):>10,} parameters")
-    for model in models.values():  # warm-up: first calls pay one-time setup (kernel selection, allocations)
-        generate_cost(model, 32, 4)
+    for model, generate_kwargs in models.values():  # warm-up: first calls pay one-time setup (kernels, allocations)
+        generate_cost(model, 32, 4, **generate_kwargs)
     times = {(name, c): [] for name in models for c in contexts}
     footprint = {}
     for repeat in range(repeats):
         for context in contexts:
-            for name, model in models.items():  # interleaved at each length: the same machine load for all
-                seconds, footprint[name, context] = generate_cost(model, context, new_tokens, seed=repeat)
+            for name, (model, generate_kwargs) in models.items():  # interleaved at each length: the same load for all
+                seconds, footprint[name, context] = generate_cost(model, context, new_tokens, seed=repeat,
+                                                                  **generate_kwargs)
                 times[name, context].append(seconds)
             print(f"  repeat {repeat + 1}/{repeats}: context {context} done", flush=True)
     ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
@@ -162,10 +170,10 @@ def part_one(mixers, contexts, new_tokens, repeats):
             verdict = "meets" if growth <= 1.15 else "MISSES"
             print(f"  {mixer}: ms/token at {contexts[-1]} / at {contexts[0]} = {growth:.3f} ({verdict} <= 1.15); "
                   f"footprint constant: {len({footprint[mixer, c] for c in contexts}) == 1}")
-        if mixer in ANCHOR_OF:
-            ratios = [ms[mixer, c] / ms[ANCHOR_OF[mixer], c] for c in contexts]
+        for anchor_name, _ in ANCHORS_OF.get(mixer, []):
+            ratios = [ms[mixer, c] / ms[anchor_name, c] for c in contexts]
             verdict = "meets" if max(ratios) <= 1.0 else "MISSES"
-            print(f"  {mixer} / {ANCHOR_OF[mixer]}: " + ", ".join(f"{c}: {r:.3f}" for c, r in zip(contexts, ratios))
+            print(f"  {mixer} / {anchor_name}: " + ", ".join(f"{c}: {r:.3f}" for c, r in zip(contexts, ratios))
                   + f" (worst {max(ratios):.3f}, {verdict} <= 1.0)")
 
 
