@@ -28,9 +28,9 @@ from torch import nn
 from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
 from .mixer_context import real_tokens_first
 from .ops_causal_conv import causal_conv
-from .ops_chunked_scan import scan_step
+from .ops_chunked_scan import heads_of_groups, scan_step
 from .ops_rms_norm import RMSNormFunction, fast_path_applies
-from .ops_ssd import heads_of_groups, ssd_chunked
+from .ops_ssd import ssd_chunked
 
 
 def init_copy(init, parameter, value):

@@ -105,12 +105,15 @@ def _unchunk(x):
 
 
 class _ChunkedScan(torch.autograd.Function):
-    """The recurrence on q, k (B, T, H, N), v (B, T, H, P), a (B, T, H), state (B, H, P, N), with T a multiple
-    of the chunk length L -> y (B, T, H, P), final state (B, H, P, N). Works on chunk-major copies (C, B, H, L, .)."""
+    """The recurrence on q, k (B, T, G, N), v (B, T, H, P), a (B, T, H), state (B, H, P, N), with G dividing H and T
+    a multiple of the chunk length L -> y (B, T, H, P), final state (B, H, P, N). Works on chunk-major copies
+    (C, B, ., L, .); q and k stay per group, so q k^T and the intra-chunk gradients of q and k are formed once per
+    group (Mamba-2's B and C are shared by all heads)."""
 
     @staticmethod
     def forward(ctx, q, k, v, a, state, L):
-        q, k, v = (_chunks(x, L).contiguous() for x in (q, k, v))  # (C, B, H, L, N or P)
+        groups = q.shape[2]
+        q, k, v = (_chunks(x, L).contiguous() for x in (q, k, v))  # (C, B, G, L, N), (C, B, G, L, N), (C, B, H, L, P)
         # (C, B, H, L): log decay from the chunk's start to step i inclusive; in float64 so that
         # differences of large cumsums (strong gates) keep float32 precision.
         cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)
@@ -119,13 +122,16 @@ class _ChunkedScan(torch.autograd.Function):
         # 1. Intra-chunk (diagonal blocks): decay[i, j] = exp(a_{j+1} + ... + a_i) for j <= i, else 0.
         segsum = _segment_sums(cs, q.dtype)  # (C, B, H, L, L)
         decay = segsum.clamp_(LOG_DECAY_FLOOR, -LOG_DECAY_FLOOR).exp_().tril_()  # (C, B, H, L, L)
-        scores = _bmm(q, k.transpose(-1, -2)).mul_(decay)  # (C, B, H, L, L)
+        qk = _bmm(q, k.transpose(-1, -2))  # (C, B, G, L, L), once per group
+        scores = torch.empty_like(decay)  # (C, B, H, L, L)
+        torch.mul(_by_group(decay, groups), qk.unsqueeze(3), out=_by_group(scores, groups))
         y = _bmm(scores, v)  # (C, B, H, L, P)
 
         # 2. Each chunk's own contribution to the state at its end, written where the scan below wants it:
         #    states[c + 1] = v^T (k * exp(cs_L - cs)) of chunk c, for now.
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
-        k_to_end = k * to_end  # (C, B, H, L, N)
+        k_to_end = q.new_empty(*to_end.shape[:-1], k.shape[-1])  # (C, B, H, L, N)
+        torch.mul(_by_group(to_end, groups), k.unsqueeze(3), out=_by_group(k_to_end, groups))
         states = q.new_empty(len(q) + 1, *state.shape)  # (C + 1, B, H, P, N)
         _bmm(v.transpose(-1, -2), k_to_end, out=states[1:])
 
@@ -136,7 +142,8 @@ class _ChunkedScan(torch.autograd.Function):
             states[c + 1].addcmul_(chunk_decay[c], states[c])  # d * S_in + the chunk's own contribution
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
-        q_decayed = torch.mul(q, _decay(cs, q.dtype)[..., None], out=k_to_end)  # (C, B, H, L, N), buffer reused
+        from_start = _by_group(_decay(cs, q.dtype)[..., None], groups)  # (C, B, G, R, L, 1): exp(cs_i)
+        q_decayed = torch.mul(q.unsqueeze(3), from_start, out=_by_group(k_to_end, groups)).flatten(2, 3)  # buffer reused
         _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
         ctx.save_for_backward(q, k, v, cs, decay, scores, states, q_decayed)
@@ -147,12 +154,13 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, dy, dstate):
         _refuse_double_backward()
         q, k, v, cs, decay, scores, states, q_decayed = ctx.saved_tensors
+        groups = q.shape[2]
         dy = _chunks(dy, q.shape[-2]).contiguous()  # (C, B, H, L, P)
 
-        # 4. y_i += exp(cs_i) S_in q_i. dstates[c] will be the gradient of states[c]; first the direct part.
+        # 4. y_i += q_decayed_i S_in^T. dstates[c] will be the gradient of states[c]; first the direct part.
         dstates = torch.empty_like(states)  # (C + 1, B, H, P, N)
         _bmm(dy.transpose(-1, -2), q_decayed, out=dstates[:-1])
-        dq = _bmm(dy, states[:-1]).mul_(_decay(cs, q.dtype)[..., None])  # (C, B, H, L, N)
+        dq_decayed = _bmm(dy, states[:-1])  # (C, B, H, L, N)
 
         # 3. The scan backwards, in place; dstates[0] is the gradient of the initial state.
         chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
@@ -160,10 +168,13 @@ class _ChunkedScan(torch.autograd.Function):
         for c in reversed(range(len(q))):
             dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
 
-        # 2. chunk_states = v^T (k * to_end)
+        # 2. chunk_states = v^T k_to_end. The gradient of k_to_end, and dv from each group's k against the
+        # group's heads' state gradients side by side: one (L, N) @ (N, R * P) product per group.
         to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1)
-        dv = _bmm(k, dstates[1:].transpose(-1, -2)).mul_(to_end)  # (C, B, H, L, P)
-        dk = _bmm(v, dstates[1:]).mul_(to_end)  # (C, B, H, L, N)
+        dk_to_end = _bmm(v, dstates[1:])  # (C, B, H, L, N)
+        dstates_side_by_side = _by_group(dstates[1:], groups).flatten(3, 4).transpose(-1, -2)  # (C, B, G, N, R * P)
+        dv = _bmm(k, dstates_side_by_side).unflatten(-1, (-1, v.shape[-1])).transpose(3, 4)  # (C, B, G, R, L, P), a view
+        dv = torch.mul(dv, _by_group(to_end, groups), out=_by_group(torch.empty_like(v), groups)).flatten(2, 3)
 
         # log decay. Every decay is exp of a segment sum, cs_i - cs_j = a_{j+1} + ... + a_i, so d a_t is the sum of
         # d segsum over the segments that contain step t. Summed that way, as positive contributions, rather than as
@@ -171,20 +182,24 @@ class _ChunkedScan(torch.autograd.Function):
         # (segments of decay 1, across steps with a = 0 such as pads), and under strong gates the true d a is tiny.
         # The state terms: y_i gets exp(cs_i) S_in q_i, segment [0, i]; the state leaving the chunk
         # exp(cs_L) S_in + sum_j exp(cs_L - cs_j) v_j k_j^T, segments [0, L] and (j, L].
-        from_start = _row_dots(q, dq)  # (C, B, H, L): q_i . dq_i with dq's state part so far, segment [0, i]
-        to_end_terms = _row_dots(k, dk)  # (C, B, H, L): k_j . dk_j with dk's state part so far, segment (j, L]
+        from_start_terms = _row_dots(q_decayed, dq_decayed)  # (C, B, H, L): segment [0, i]
+        to_end_terms = _group_row_dots(k, dk_to_end).mul_(to_end[..., 0])  # (C, B, H, L): segment (j, L]
         carried = torch.linalg.vecdot(dstates[1:].flatten(-2), states[:-1].flatten(-2))  # <dS_out, S_in>, see _row_dots
-        da = from_start.flip(-1).cumsum(-1).flip(-1) + _exclusive_cumsum(to_end_terms)  # (C, B, H, L)
+        da = from_start_terms.flip(-1).cumsum(-1).flip(-1) + _exclusive_cumsum(to_end_terms)  # (C, B, H, L)
         da += (carried * chunk_decay[..., 0, 0])[..., None]
+
+        # The state parts of dq and dk, summed over each group's heads.
+        dq = _sum_over_group(dq_decayed.mul_(_decay(cs, q.dtype)[..., None]), groups)  # (C, B, G, L, N)
+        dk = _sum_over_group(dk_to_end.mul_(to_end), groups)  # (C, B, G, L, N)
 
         # 1. y = (q k^T * decay) v
         _bmm(scores.transpose(-1, -2), dy, add_to=dv)
         dqk = _bmm(dy, v.transpose(-1, -2))  # (C, B, H, L, L)
         dsegsum = (dqk * scores).tril_(-1)  # (C, B, H, L, L): d segsum_ij = (dy_i . v_j) scores_ij, segment (j, i]
         da += _exclusive_cumsum(dsegsum).tril_().sum(-2)  # sum over i >= t of sum over j < t
-        dqk.mul_(decay)
-        _bmm(dqk, k, add_to=dq)
-        _bmm(dqk.transpose(-1, -2), q, add_to=dk)
+        dqk_group = _sum_over_group(dqk.mul_(decay), groups)  # (C, B, G, L, L): the gradient of q k^T
+        _bmm(dqk_group, k, add_to=dq)
+        _bmm(dqk_group.transpose(-1, -2), q, add_to=dk)
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), _unchunk(da[..., None])[..., 0], dstates[0], None
 
 
@@ -235,7 +250,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         L = scores.shape[-1]
         chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1)
         v_chunks, dy_chunks = _chunks(v, L), _chunks(dy, L)  # (C, B, H, L, P) views
-        dq_out, dk_out, dv_out = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # (B, T, H, .)
+        dq_out, dk_out, dv_out = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # (B, T, G or H, .)
         dstates = torch.empty_like(states)  # (C + 1, B, H, P, N): dstates[c] is the gradient of states[c]
         dstates[-1] = dstate
         dcs = torch.empty_like(grow[..., 0])  # (C, B, H, L)
@@ -261,8 +276,8 @@ class _FactorizedChunkedScan(torch.autograd.Function):
             dv = _bmm(k_g, d_own.transpose(-1, -2))  # 2.  (G, B, H, L, P)
             _bmm(scores[g].transpose(-1, -2), dy_g, add_to=dv)  # 1.
             torch.sub(_row_dots(q_g, dq), _row_dots(k_g, dk), out=dcs[g])
-            torch.mul(dq, grow[g], out=_chunks(dq_out, L)[g])
-            torch.mul(dk, shrink[g], out=_chunks(dk_out, L)[g])
+            _write_undecayed(_chunks(dq_out, L)[g], dq, grow[g], q.shape[2])
+            _write_undecayed(_chunks(dk_out, L)[g], dk, shrink[g], q.shape[2])
             _chunks(dv_out, L)[g].copy_(dv)
 
         dcs[..., -1] += d_end
@@ -271,11 +286,24 @@ class _FactorizedChunkedScan(torch.autograd.Function):
 
 
 def _decayed_chunks(q, k, grow, shrink, g):
-    """Chunk group g of q exp(cs) and k exp(-cs): (B, T, H, N) -> contiguous (G, B, H, L, N) each."""
-    q_chunks, k_chunks = _chunks(q, grow.shape[-2]), _chunks(k, grow.shape[-2])
-    q_g = torch.mul(q_chunks[g], grow[g], out=q.new_empty(q_chunks[g].shape))
-    k_g = torch.mul(k_chunks[g], shrink[g], out=k.new_empty(k_chunks[g].shape))
-    return q_g, k_g
+    """Chunk group g of q exp(cs) and k exp(-cs), per head: q, k (B, T, G, N) -> contiguous (Gc, B, H, L, N) each."""
+    groups, L = q.shape[2], grow.shape[-2]
+
+    def decayed(x, factor):  # x's chunk group against each head's factor (Gc, B, H, L, 1)
+        x_g = _chunks(x, L)[g].unsqueeze(3)  # (Gc, B, G, 1, L, N)
+        factor = _by_group(factor[g], groups)  # (Gc, B, G, R, L, 1)
+        return torch.mul(x_g, factor, out=x.new_empty(torch.broadcast_shapes(x_g.shape, factor.shape))).flatten(2, 3)
+
+    return decayed(q, grow), decayed(k, shrink)
+
+
+def _write_undecayed(out, grad, factor, groups):
+    """out (Gc, B, G, L, N), a view into the input gradient, = grad (Gc, B, H, L, N) * factor summed over each group's
+    heads: the gradient of q or k from that of their decayed per-head copies."""
+    if grad.shape[2] == groups:
+        torch.mul(grad, factor, out=out)
+    else:
+        torch.sum(_by_group(grad.mul_(factor), groups), 3, out=out)
 
 
 def _chunk_groups(x):
@@ -313,6 +341,24 @@ def _segment_sums(cs, dtype):
     return segsum.add_(lo[..., :, None]).sub_(lo[..., None, :])
 
 
+def _by_group(x, groups):
+    """(C, B, H, ...) -> (C, B, G, R, ...), a view: the heads of each of the G groups (head h in group h // R)."""
+    return x.unflatten(2, (groups, -1))
+
+
+def _sum_over_group(x, groups):
+    """(C, B, H, ...) -> (C, B, G, ...): the sum over each group's heads (x itself when every head is a group)."""
+    return x if x.shape[2] == groups else _by_group(x, groups).sum(3)
+
+
+def _group_row_dots(x, y):
+    """x (C, B, G, L, D) per group, y (C, B, H, L, D) per head -> (C, B, H, L): each head's row dots with its group's x."""
+    groups = x.shape[2]
+    if y.shape[2] == groups:
+        return _row_dots(x, y)
+    return (_by_group(y, groups) * x.unsqueeze(3)).sum(-1).flatten(2, 3)
+
+
 def _exclusive_cumsum(x):
     """Along the last dim: out[..., t] = sum over j < t of x[..., j]."""
     return F.pad(x[..., :-1].cumsum(-1), (1, 0))
@@ -332,7 +378,9 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
          y_t = S_t q_t                                        y: (B, T, H, P)
 
     Args:
-        q, k: (B, T, H, N).  v: (B, T, H, P).
+        q, k: (B, T, G, N): per head (G = H), or shared by groups of H / G heads (head h uses group h // (H / G)),
+            as Mamba-2's C and B are.
+        v: (B, T, H, P).
         log_decay: (B, T, H), finite, normally <= 0 (log of the decay in (0, 1]).
         chunk_size: L, the length of a chunk; T need not be a multiple of it.
         initial_state: (B, H, P, N) or None (zeros).
@@ -344,8 +392,11 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     A position with v = 0 (or k = 0) and log_decay = 0 leaves the state unchanged (padding).
     bf16 / fp16 inputs are computed in float32, float64 in float64.
     """
-    B, T, H, N = q.shape
-    P = v.shape[-1]
+    B, T, G, N = q.shape
+    H, P = v.shape[2], v.shape[3]
+    if k.shape != q.shape or H % G != 0:
+        raise ValueError(f"q and k must have the same shape (B, T, G, N) with G dividing v's H heads; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else out_dtype
     state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
@@ -380,13 +431,21 @@ def scan_step(q, k, v, log_decay, state):
     return y.to(out_dtype), new_state.to(state.dtype)
 
 
+def heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(..., G, N) -> (..., H, N): each group's q or k for each of its H / G heads (head h uses group h // (H / G)).
+    A stride-0 view where it can be one (G == 1), else a copy."""
+    groups = t.shape[-2]
+    return t.unsqueeze(-2).expand(*t.shape[:-1], num_heads // groups, t.shape[-1]).flatten(-3, -2)
+
+
 def scan_reference(q, k, v, log_decay, initial_state=None):
     """Ground truth: a plain loop over time, in float32 (float64 for float64 inputs).
 
     Same arguments and returns as `chunked_scan` (without chunk_size).
     """
-    B, T, H, N = q.shape
-    P = v.shape[-1]
+    B, T, _, N = q.shape
+    H, P = v.shape[2], v.shape[3]
+    q, k = heads_of_groups(q, H), heads_of_groups(k, H)
     dtype = _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else q.dtype
     state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)

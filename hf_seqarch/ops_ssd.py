@@ -1,10 +1,10 @@
 """Mamba-2's SSD (grouped B/C) as the gated linear recurrence of `ops_chunked_scan`.
 
 Mamba-2 is that recurrence with v = x * dt, k = B, q = C and log_decay = dt * A, where the H heads
-come in G groups that share B and C. `ssd_chunked` maps its arguments onto `chunked_scan` (B and C
-are expanded to the heads as views when G == 1, Mamba-2's default: no copy) and so runs the same
-hand-tuned chunked algorithm as linear attention; `ssd_reference` maps them onto the plain loop over
-time, `scan_reference`, the ground truth the tests hold `ssd_chunked` to.
+come in G groups that share B and C (which `chunked_scan` takes per group). `ssd_chunked` maps its
+arguments onto `chunked_scan` and so runs the same hand-tuned chunked algorithm as linear attention;
+`ssd_reference` maps them onto the plain loop over time, `scan_reference`, the ground truth the tests
+hold `ssd_chunked` to.
 
 Shapes: b batch, T time, H heads, G groups (R = H / G heads each), P head dim, N state size.
 """
@@ -12,13 +12,6 @@ Shapes: b batch, T time, H heads, G groups (R = H / G heads each), P head dim, N
 import torch
 
 from .ops_chunked_scan import autocast_off, chunked_scan, scan_reference
-
-
-def heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(..., G, N) -> (..., H, N): each group's B or C for each of its H / G heads (head h uses group h // (H / G)).
-    A stride-0 view where it can be one (G == 1), else a copy."""
-    groups = t.shape[-2]
-    return t.unsqueeze(-2).expand(*t.shape[:-1], num_heads // groups, t.shape[-1]).flatten(-3, -2)
 
 
 @autocast_off
@@ -35,16 +28,14 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64, initial_state=None):
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # bf16/fp16 are computed in float32
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-    H = x.shape[2]
     state = None if initial_state is None else initial_state.to(dtype)
-    return chunked_scan(heads_of_groups(C, H), heads_of_groups(B, H), x * dt[..., None], dt * A, chunk_size, state)
+    return chunked_scan(C, B, x * dt[..., None], dt * A, chunk_size, state)
 
 
 def ssd_reference(x, dt, A, B, C, initial_state=None):
     """Ground truth for `ssd_chunked`: the plain loop over time, in float32 (float64 for float64 inputs)."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
-    H = x.shape[2]
     if initial_state is None:
-        initial_state = x.new_zeros(x.shape[0], H, x.shape[3], B.shape[3])
-    return scan_reference(heads_of_groups(C, H), heads_of_groups(B, H), x * dt[..., None], dt * A, initial_state.to(dtype))
+        initial_state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[3])
+    return scan_reference(C, B, x * dt[..., None], dt * A, initial_state.to(dtype))

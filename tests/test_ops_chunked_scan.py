@@ -251,3 +251,28 @@ def test_double_backward_is_refused(monkeypatch, factorized):
     y, _ = chunked_scan(q, k, v, log_decay, chunk_size=8, initial_state=s0)
     with pytest.raises(RuntimeError, match="create_graph=True"):
         torch.autograd.grad(y.pow(2).sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_grouped_q_and_k_match_reference(monkeypatch, factorized, groups):
+    """q and k shared by groups of heads (Mamba-2's C and B), on each path: the same as the reference, which expands
+    them to every head; gradients come back per group."""
+    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    g = torch.Generator().manual_seed(3)
+    B, T, H, N, P = 2, 37, 6, 5, 4
+    q, k = (torch.randn(B, T, groups, N, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    v = torch.randn(B, T, H, P, generator=g, dtype=torch.float64)
+    log_decay = -torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    s0 = torch.randn(B, H, P, N, generator=g, dtype=torch.float64)
+    got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=8)
+    want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_groups_must_divide_heads():
+    q, k, v, log_decay, _ = make_inputs(H=3)
+    with pytest.raises(ValueError, match="G dividing"):
+        chunked_scan(q[:, :, :2], k[:, :, :2], v, log_decay)
