@@ -33,8 +33,8 @@ exact one, whose gates may be strong, from each segment sum's gradient directly 
 differentiable in turn: a double backward (create_graph=True, e.g. a gradient penalty) through them raises.
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
-Shapes: B batch, T time, H heads, N key/query size (Mamba-2: state size), P value size (head dim),
-C number of chunks, L chunk length.
+Shapes: B batch, T time, H heads, G groups of heads sharing q and k (G = H unless shared; R = H / G),
+N key/query size (Mamba-2: state size), P value size (head dim), C number of chunks, L chunk length.
 """
 
 import functools
@@ -142,8 +142,8 @@ class _ChunkedScan(torch.autograd.Function):
             states[c + 1].addcmul_(chunk_decay[c], states[c])  # d * S_in + the chunk's own contribution
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
-        from_start = _by_group(_decay(cs, q.dtype)[..., None], groups)  # (C, B, G, R, L, 1): exp(cs_i)
-        q_decayed = torch.mul(q.unsqueeze(3), from_start, out=_by_group(k_to_end, groups)).flatten(2, 3)  # buffer reused
+        grow = _by_group(_decay(cs, q.dtype)[..., None], groups)  # (C, B, G, R, L, 1): exp(cs_i)
+        q_decayed = torch.mul(q.unsqueeze(3), grow, out=_by_group(k_to_end, groups)).flatten(2, 3)  # buffer reused
         _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
         ctx.save_for_backward(q, k, v, cs, decay, scores, states, q_decayed)
@@ -209,7 +209,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
     factors within [e^-60, e^60], each exact to float32 rounding. The decays are then folded into q and k
     (q_i exp(cs_i), k_j exp(-cs_j)) and the L x L decay matrix is never formed: the causal tril is the only
     pass over the scores.
-    Everything runs a group of chunks at a time (`_chunk_groups`), read from and written to the (B, T, H, .)
+    Everything runs a group of Gc chunks at a time (`_chunk_groups`), read from and written to the (B, T, H, .)
     tensors directly: the decayed, chunk-major copies of q and k exist only a group at a time (rebuilt in the
     backward rather than saved), so no full-size copy of the inputs is ever made.
     Same arguments and returns as `_ChunkedScan`."""
@@ -226,8 +226,8 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         scores = q.new_empty(*cs.shape, L)  # (C, B, H, L, L), kept for the backward
         y = q.new_empty(*v.shape)  # (B, T, H, P)
         for g in _chunk_groups(v_chunks):
-            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (G, B, H, L, N) each
-            v_g = v_chunks[g].contiguous()  # (G, B, H, L, P)
+            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (Gc, B, H, L, N) each
+            v_g = v_chunks[g].contiguous()  # (Gc, B, H, L, P)
             # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v^T (k exp(-cs))): the chunk's own part,
             # then the scan over the group's chunks, in place.
             _bmm(v_g.transpose(-1, -2), k_g, out=states[1:][g])
@@ -235,7 +235,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
                 states[c + 1].add_(states[c]).mul_(chunk_decay[c])
             # 1. and 4.: y_i = sum_{j <= i} (q_i exp(cs_i)) . (k_j exp(-cs_j)) v_j  +  exp(cs_i) S_in q_i.
             _bmm(q_g, k_g.transpose(-1, -2), out=scores[g]).tril_()
-            y_g = _bmm(scores[g], v_g)  # (G, B, H, L, P)
+            y_g = _bmm(scores[g], v_g)  # (Gc, B, H, L, P)
             _bmm(q_g, states[:-1][g].transpose(-1, -2), add_to=y_g)
             _chunks(y, L)[g].copy_(y_g)
 
@@ -258,22 +258,22 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         # d cs_i = q_decayed_i . dq_decayed_i - k_undecayed_i . dk_undecayed_i (+ <dS_out, S_out> at i = L).
         d_end = dcs.new_empty(dcs.shape[:-1])  # (C, B, H): <dS_out, S_out>
         for g in reversed(_chunk_groups(v_chunks)):  # the scan runs backwards: the last group first
-            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (G, B, H, L, N) each
-            v_g, dy_g = v_chunks[g].contiguous(), dy_chunks[g].contiguous()  # (G, B, H, L, P) each
+            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (Gc, B, H, L, N) each
+            v_g, dy_g = v_chunks[g].contiguous(), dy_chunks[g].contiguous()  # (Gc, B, H, L, P) each
             # 3. The scan backwards, in place, from 4.'s direct part: dstates[0] is the initial state's gradient.
             _bmm(dy_g.transpose(-1, -2), q_g, out=dstates[:-1][g])
             for c in reversed(range(g.start, g.stop)):
                 dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
-            d_out = dstates[1:][g]  # (G, B, H, P, N): the gradients of the states leaving the group's chunks
+            d_out = dstates[1:][g]  # (Gc, B, H, P, N): the gradients of the states leaving the group's chunks
             torch.linalg.vecdot(d_out.flatten(-2), states[1:][g].flatten(-2), out=d_end[g])
             d_own = d_out.mul_(chunk_decay[g])  # in place: the gradient of each chunk's own part
 
-            dscores = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (G, B, H, L, L)
-            dq = _bmm(dy_g, states[:-1][g])  # 4.  (G, B, H, L, N): the gradient of q_decayed
+            dscores = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (Gc, B, H, L, L)
+            dq = _bmm(dy_g, states[:-1][g])  # 4.  (Gc, B, H, L, N): the gradient of q_decayed
             _bmm(dscores, k_g, add_to=dq)  # 1.
-            dk = _bmm(v_g, d_own)  # 2.  (G, B, H, L, N): the gradient of k_undecayed
+            dk = _bmm(v_g, d_own)  # 2.  (Gc, B, H, L, N): the gradient of k_undecayed
             _bmm(dscores.transpose(-1, -2), q_g, add_to=dk)  # 1.
-            dv = _bmm(k_g, d_own.transpose(-1, -2))  # 2.  (G, B, H, L, P)
+            dv = _bmm(k_g, d_own.transpose(-1, -2))  # 2.  (Gc, B, H, L, P)
             _bmm(scores[g].transpose(-1, -2), dy_g, add_to=dv)  # 1.
             torch.sub(_row_dots(q_g, dq), _row_dots(k_g, dk), out=dcs[g])
             _write_undecayed(_chunks(dq_out, L)[g], dq, grow[g], q.shape[2])
