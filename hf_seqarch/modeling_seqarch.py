@@ -476,6 +476,12 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             _check_labels(labels, self.config.vocab_size, "vocab_size")
+            if labels.shape[:2] != logits.shape[:2]:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} need a logit at every position, but there are logits for "
+                    f"{tuple(logits.shape[:2])} (logits_to_keep={logits_to_keep!r}): pass labels (batch, length) for "
+                    "the whole input, without logits_to_keep."
+                )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,

@@ -51,6 +51,15 @@ def test_mask_of_wrong_shape(shape):
         model(input_ids=random_ids(2, 4), attention_mask=torch.ones(shape, dtype=torch.long))
 
 
+@pytest.mark.parametrize("labels_length,logits_to_keep", [(4, 1), (3, 0)])
+def test_labels_without_a_logit_at_every_position(labels_length, logits_to_keep):
+    """logits_to_keep (or labels of another length) with labels: a clear error, not one from inside cross_entropy."""
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    ids = random_ids(2, 4)
+    with pytest.raises(ValueError, match="need a logit at every position"):
+        model(input_ids=ids, labels=ids[:, :labels_length], logits_to_keep=logits_to_keep)
+
+
 def test_labels_out_of_range():
     model = tiny_model(SeqArchForCausalLM, ["gru"])
     ids = random_ids(1, 4)
