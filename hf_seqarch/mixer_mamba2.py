@@ -28,7 +28,7 @@ from torch import nn
 from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
 from .mixer_context import real_tokens_first
 from .ops_causal_conv import causal_conv
-from .ops_chunked_scan import heads_of_groups, scan_step
+from .ops_chunked_scan import scan_step
 from .ops_rms_norm import RMSNormFunction, fast_path_applies
 from .ops_ssd import ssd_chunked
 
@@ -215,5 +215,4 @@ class Mamba2Mixer(nn.Module):
     # -- SSM ----------------------------------------------------------------------------------------
     def _ssm_step(self, x, dt, A, B, C, ssm_state):
         """One token: x (B, H, P), dt (B, H), B/C (B, G, N)."""
-        C, B = heads_of_groups(C, self.num_heads), heads_of_groups(B, self.num_heads)  # (B, H, N)
         return scan_step(C, B, x * dt[..., None], dt * A, ssm_state)

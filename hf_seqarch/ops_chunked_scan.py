@@ -419,11 +419,14 @@ def scan_step(q, k, v, log_decay, state):
     """One decode step of the recurrence.
 
     Args:
-        q, k: (B, H, N).  v: (B, H, P).  log_decay: (B, H).  state: (B, H, P, N).
+        q, k: (B, G, N), per head (G = H) or per group of heads as in `chunked_scan`.  v: (B, H, P).
+        log_decay: (B, H).  state: (B, H, P, N).
 
     Returns:
         y: (B, H, P) in q's dtype; new_state: (B, H, P, N) in state's dtype.
     """
+    if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
+        q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
     new_state = torch.exp(log_decay)[..., None, None] * state.to(dtype) + v[..., :, None] * k[..., None, :]
@@ -431,7 +434,7 @@ def scan_step(q, k, v, log_decay, state):
     return y.to(out_dtype), new_state.to(state.dtype)
 
 
-def heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(..., G, N) -> (..., H, N): each group's q or k for each of its H / G heads (head h uses group h // (H / G)).
     A stride-0 view where it can be one (G == 1), else a copy."""
     groups = t.shape[-2]
@@ -445,7 +448,7 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
     """
     B, T, _, N = q.shape
     H, P = v.shape[2], v.shape[3]
-    q, k = heads_of_groups(q, H), heads_of_groups(k, H)
+    q, k = _heads_of_groups(q, H), _heads_of_groups(k, H)
     dtype = _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else q.dtype
     state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)

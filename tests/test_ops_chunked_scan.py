@@ -276,3 +276,13 @@ def test_groups_must_divide_heads():
     q, k, v, log_decay, _ = make_inputs(H=3)
     with pytest.raises(ValueError, match="G dividing"):
         chunked_scan(q[:, :, :2], k[:, :, :2], v, log_decay)
+
+
+def test_decode_step_with_grouped_q_and_k():
+    g = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, 2, 5, generator=g, dtype=torch.float64) for _ in range(2))  # (B, G, N)
+    v, state = torch.randn(2, 6, 4, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64)
+    log_decay = -torch.rand(2, 6, generator=g, dtype=torch.float64)
+    per_head = [x.repeat_interleave(3, dim=1) for x in (q, k)]  # head h uses group h // 3
+    for got, want in zip(scan_step(q, k, v, log_decay, state), scan_step(*per_head, v, log_decay, state)):
+        torch.testing.assert_close(got, want)
