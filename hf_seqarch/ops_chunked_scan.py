@@ -209,9 +209,9 @@ class _FactorizedChunkedScan(torch.autograd.Function):
     factors within [e^-60, e^60], each exact to float32 rounding. The decays are then folded into q and k
     (q_i exp(cs_i), k_j exp(-cs_j)) and the L x L decay matrix is never formed: the causal tril is the only
     pass over the scores.
-    Everything runs a group of Gc chunks at a time (`_chunk_groups`), read from and written to the (B, T, H, .)
-    tensors directly: the decayed, chunk-major copies of q and k exist only a group at a time (rebuilt in the
-    backward rather than saved), so no full-size copy of the inputs is ever made.
+    Everything runs a group of Gc chunks at a time (`_chunk_groups`), read from and written to the
+    (B, T, G or H, .) tensors directly: the decayed, chunk-major, per-head copies of q and k exist only a group at
+    a time (rebuilt in the backward rather than saved), so no full-size copy of the inputs is ever made.
     Same arguments and returns as `_ChunkedScan`."""
 
     @staticmethod
