@@ -52,20 +52,37 @@ def single_process_run(tmp_path_factory):
     return output_dir, stdout
 
 
-def test_two_ddp_processes_match_one_process_with_the_same_global_batch(single_process_run, tmp_path):
+def ddp_run(tiny_run, output_dir):
     # The command of the issue, as is: the script turns the CPU-only launch into gloo DDP (not 2 lone runs).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
-    ddp_dir = str(tmp_path / "ddp")
-    stdout = run([*launch, PRETRAIN, *TINY_RUN, "--per_device_train_batch_size", "4", "--output_dir", ddp_dir])
+    stdout = run([*launch, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
     assert "2 process(es) on cpu, global batch 8" in stdout
-    single_dir, single_stdout = single_process_run
-    assert "1 process(es) on cpu, global batch 8" in single_stdout
+
+
+def assert_same_losses(ddp_dir, single_dir):
     ddp, single = losses(ddp_dir), losses(single_dir)
     assert len(ddp) == len(single) == 6
     assert ddp[0] > ddp[-1]  # it trained
     # Same data, same initial weights: only the order of float sums differs (all-reduce vs one batch).
     assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4
+
+
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(single_process_run, tmp_path):
+    ddp_run(TINY_RUN, str(tmp_path / "ddp"))
+    single_dir, single_stdout = single_process_run
+    assert "1 process(es) on cpu, global batch 8" in single_stdout
+    assert_same_losses(str(tmp_path / "ddp"), single_dir)
+
+
+def test_mamba2_under_ddp_matches_one_process(tmp_path):
+    """The same with mamba2 layers, whose scan, conv and gated norm have hand-written backwards."""
+    tiny_run = [*TINY_RUN]
+    tiny_run[tiny_run.index("--preset") + 1] = "mamba2-attention-tiny"
+    single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run([sys.executable, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
+    ddp_run(tiny_run, ddp_dir)
+    assert_same_losses(ddp_dir, single_dir)
 
 
 def test_pretrain_then_finetune_a_classifier(single_process_run, tmp_path):
