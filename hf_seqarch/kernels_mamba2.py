@@ -26,9 +26,10 @@ _announced = set()
 
 
 def _announce(kind: str, backend: str, device_type: str):
-    """Log each (kernel kind, backend, device type) once, so the path a model runs is always on record."""
+    """Log each (kernel kind, backend, device type) once, so the path a model runs is always on record. Not while
+    torch.compile traces: a log call would break the graph (fullgraph=True fails); the first eager call logs."""
     key = (kind, backend, device_type)
-    if key in _announced:
+    if key in _announced or torch.compiler.is_compiling():
         return
     _announced.add(key)
     if backend == "torch" and device_type == "cuda":

@@ -218,6 +218,21 @@ def test_torch_compile_forward(stack):
         torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, want, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compile_fullgraph_before_any_eager_call(monkeypatch):
+    """A mamba2 model compiled before it ever ran eagerly: the once-per-backend log of kernels_mamba2 would be traced
+    (a graph break, so fullgraph=True failed); it is skipped while compiling."""
+    from hf_seqarch import kernels_mamba2
+
+    monkeypatch.setattr(kernels_mamba2, "_announced", set())
+    model = tiny_model(SeqArchForCausalLM, ["mamba2"])
+    ids = random_ids(2, 6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(got, model(input_ids=ids, use_cache=False).logits, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     """One real inductor compile (C++ codegen, ~30 s on 2 CPU cores): attention and Mamba-2 in one graph."""
