@@ -108,7 +108,9 @@ class _ChunkedScan(torch.autograd.Function):
     """The recurrence on q, k (B, T, G, N), v (B, T, H, P), a (B, T, H), state (B, H, P, N), with G dividing H and T
     a multiple of the chunk length L -> y (B, T, H, P), final state (B, H, P, N). Works on chunk-major copies
     (C, B, ., L, .); q and k stay per group, so q k^T and the intra-chunk gradients of q and k are formed once per
-    group (Mamba-2's B and C are shared by all heads)."""
+    group (Mamba-2's B and C are shared by the heads of a group).
+    Products over groups of heads are written with out= into a (C, B, G, R, ...) view of a (C, B, H, ...) buffer,
+    and the buffer itself is used afterwards: reshaping the view that out= returns breaks torch.compile's backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, a, state, L):
@@ -143,7 +145,8 @@ class _ChunkedScan(torch.autograd.Function):
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
         grow = _by_group(_decay(cs, q.dtype)[..., None], groups)  # (C, B, G, R, L, 1): exp(cs_i)
-        q_decayed = torch.mul(q.unsqueeze(3), grow, out=_by_group(k_to_end, groups)).flatten(2, 3)  # buffer reused
+        torch.mul(q.unsqueeze(3), grow, out=_by_group(k_to_end, groups))
+        q_decayed = k_to_end  # (C, B, H, L, N): the buffer reused
         _bmm(q_decayed, states[:-1].transpose(-1, -2), add_to=y)  # (C, B, H, L, P)
 
         ctx.save_for_backward(q, k, v, cs, decay, scores, states, q_decayed)
@@ -174,7 +177,10 @@ class _ChunkedScan(torch.autograd.Function):
         dk_to_end = _bmm(v, dstates[1:])  # (C, B, H, L, N)
         dstates_side_by_side = _by_group(dstates[1:], groups).flatten(3, 4).transpose(-1, -2)  # (C, B, G, N, R * P)
         dv = _bmm(k, dstates_side_by_side).unflatten(-1, (-1, v.shape[-1])).transpose(3, 4)  # (C, B, G, R, L, P), a view
-        dv = torch.mul(dv, _by_group(to_end, groups), out=_by_group(torch.empty_like(v), groups)).flatten(2, 3)
+        # copy_ then mul_ into the buffer: mul's out= from this transposed view breaks torch.compile's backward
+        dv_heads = torch.empty_like(v)  # (C, B, H, L, P)
+        _by_group(dv_heads, groups).copy_(dv).mul_(_by_group(to_end, groups))
+        dv = dv_heads
 
         # log decay. Every decay is exp of a segment sum, cs_i - cs_j = a_{j+1} + ... + a_i, so d a_t is the sum of
         # d segsum over the segments that contain step t. Summed that way, as positive contributions, rather than as
@@ -292,14 +298,16 @@ def _decayed_chunks(q, k, grow, shrink, g):
     def decayed(x, factor):  # x's chunk group against each head's factor (Gc, B, H, L, 1)
         x_g = _chunks(x, L)[g].unsqueeze(3)  # (Gc, B, G, 1, L, N)
         factor = _by_group(factor[g], groups)  # (Gc, B, G, R, L, 1)
-        return torch.mul(x_g, factor, out=x.new_empty(torch.broadcast_shapes(x_g.shape, factor.shape))).flatten(2, 3)
+        out = x.new_empty(*factor.shape[:-1], x.shape[-1])  # (Gc, B, G, R, L, N)
+        torch.mul(x_g, factor, out=out)
+        return out.flatten(2, 3)
 
     return decayed(q, grow), decayed(k, shrink)
 
 
 def _write_undecayed(out, grad, factor, groups):
     """out (Gc, B, G, L, N), a view into the input gradient, = grad (Gc, B, H, L, N) * factor summed over each group's
-    heads: the gradient of q or k from that of their decayed per-head copies."""
+    heads: the gradient of q or k from that of their decayed per-head copies. Scales grad in place when G < H."""
     if grad.shape[2] == groups:
         torch.mul(grad, factor, out=out)
     else:
@@ -392,11 +400,9 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     A position with v = 0 (or k = 0) and log_decay = 0 leaves the state unchanged (padding).
     bf16 / fp16 inputs are computed in float32, float64 in float64.
     """
+    _check_groups(q, k, v)
     B, T, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
-    if k.shape != q.shape or H % G != 0:
-        raise ValueError(f"q and k must have the same shape (B, T, G, N) with G dividing v's H heads; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else out_dtype
     state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
@@ -425,6 +431,7 @@ def scan_step(q, k, v, log_decay, state):
     Returns:
         y: (B, H, P) in q's dtype; new_state: (B, H, P, N) in state's dtype.
     """
+    _check_groups(q, k, v)
     if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
         q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
@@ -432,6 +439,14 @@ def scan_step(q, k, v, log_decay, state):
     new_state = torch.exp(log_decay)[..., None, None] * state.to(dtype) + v[..., :, None] * k[..., None, :]
     y = (new_state @ q[..., None]).squeeze(-1)  # (B, H, P, N) @ (B, H, N, 1) -> (B, H, P)
     return y.to(out_dtype), new_state.to(state.dtype)
+
+
+def _check_groups(q, k, v):
+    """q and k (..., G, N) alike, with G dividing the H heads of v (..., H, P)."""
+    groups, heads = q.shape[-2], v.shape[-2]
+    if k.shape != q.shape or groups < 1 or heads % groups != 0:
+        raise ValueError(f"q and k must have the same shape (..., G, N) with G dividing v's H heads (..., H, P); got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
 
 
 def _heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -446,6 +461,7 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
 
     Same arguments and returns as `chunked_scan` (without chunk_size).
     """
+    _check_groups(q, k, v)
     B, T, _, N = q.shape
     H, P = v.shape[2], v.shape[3]
     q, k = _heads_of_groups(q, H), _heads_of_groups(k, H)

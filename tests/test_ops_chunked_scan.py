@@ -272,10 +272,28 @@ def test_grouped_q_and_k_match_reference(monkeypatch, factorized, groups):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def test_groups_must_divide_heads():
-    q, k, v, log_decay, _ = make_inputs(H=3)
-    with pytest.raises(ValueError, match="G dividing"):
-        chunked_scan(q[:, :, :2], k[:, :, :2], v, log_decay)
+@pytest.mark.parametrize("groups", [0, 2, 6])
+def test_groups_must_divide_heads(groups):
+    q, k, v, log_decay, s0 = make_inputs(H=3)
+    q, k = (x[:, :, :1].expand(-1, -1, groups, -1) for x in (q, k))
+    for call in (lambda: chunked_scan(q, k, v, log_decay), lambda: scan_reference(q, k, v, log_decay),
+                 lambda: scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], s0)):
+        with pytest.raises(ValueError, match="G dividing"):
+            call()
+
+
+def test_compiled_backward_with_grouped_q_and_k():
+    """Under torch.compile (the exact path: no data-dependent choice while tracing) forward and backward with q and k
+    shared by groups of heads: AOTAutograd traces the hand-written backward's in-place writes into grouped views."""
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 8, 2, 3, generator=g) for _ in range(2))  # G = 2 groups of H = 4 heads
+    v, log_decay = torch.randn(2, 8, 4, 5, generator=g), -torch.rand(2, 8, 4, generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x, **kw: chunked_scan(*x, chunk_size=4, **kw), backend="aot_eager")
+    got = outputs_and_grads(compiled, q, k, v, log_decay, None)
+    want = outputs_and_grads(scan_reference, q, k, v, log_decay, None)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_decode_step_with_grouped_q_and_k():
