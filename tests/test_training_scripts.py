@@ -75,10 +75,11 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(single_p
     assert_same_losses(str(tmp_path / "ddp"), single_dir)
 
 
-def test_mamba2_under_ddp_matches_one_process(tmp_path):
-    """The same with mamba2 layers, whose scan, conv and gated norm have hand-written backwards."""
+@pytest.mark.parametrize("preset", ["mamba2-attention-tiny", "linear-attention-tiny"])
+def test_linear_time_mixers_under_ddp_match_one_process(preset, tmp_path):
+    """The same with mamba2 and linear_attention layers, whose scans, conv and norms have hand-written backwards."""
     tiny_run = [*TINY_RUN]
-    tiny_run[tiny_run.index("--preset") + 1] = "mamba2-attention-tiny"
+    tiny_run[tiny_run.index("--preset") + 1] = preset
     single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
     run([sys.executable, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
     ddp_run(tiny_run, ddp_dir)
