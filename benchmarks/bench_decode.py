@@ -11,7 +11,8 @@ the slices other processes take from a preempted step; with one thread CPU time 
 prefilled in chunks of 1024 where the model supports it (ours, Llama), in one piece for HF Mamba2 (its generate()
 refuses chunked prefill) and for Llama with a StaticCache.
 Footprint: bytes of memory the returned cache holds, counted the same way for ours and the anchors (each tensor
-storage once and whole: ours includes the spare room of its full-attention buffers). The whole sweep runs
+storage once and whole: ours includes the spare room of its full-attention buffers); n/a where generate() returns
+no cache (transformers 4.x's Mamba2). The whole sweep runs
 `repeats` times, models interleaved at each length; medians over repeats.
 
 Part 2, streaming: per-token time of StreamingSession.greedy (the single-token step path) against generate()
@@ -37,7 +38,7 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
 from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, StreamingSession  # noqa: E402
 from hf_seqarch.configuration_seqarch import RECURRENT_MIXERS  # noqa: E402
-from hf_seqarch.modeling_seqarch import MIXER_CLASSES  # noqa: E402
+from hf_seqarch.modeling_seqarch import CACHE_FIELD, MIXER_CLASSES  # noqa: E402  (CACHE_FIELD: "cache" in transformers 5.24+)
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, conv=4)
@@ -122,12 +123,14 @@ def generate_cost(model, context, new_tokens, seed=0, **generate_kwargs):
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   logits_processor=LogitsProcessorList([step_clock]), return_dict_in_generate=True)
     if isinstance(model, SeqArchForCausalLM):  # chunked prefill needs a cache before the first forward
-        kwargs.update(cache=SeqArchCache(model.config), prefill_chunk_size=PREFILL_CHUNK)
+        kwargs.update({CACHE_FIELD: SeqArchCache(model.config)}, prefill_chunk_size=PREFILL_CHUNK)
     elif isinstance(model, LlamaForCausalLM) and "cache_implementation" not in generate_kwargs:
         kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
     output = model.generate(ids, **kwargs, **generate_kwargs)
-    cache = output["cache"] if "cache" in output else output["past_key_values"]
-    footprint = held_bytes(cache)  # the same count for both (get_memory_footprint() leaves out our spare room)
+    # The returned cache's name depends on the transformers release; transformers 4.x's Mamba2 returns none.
+    cache = next((output[name] for name in ("cache", "past_key_values") if name in output), None)
+    # The same count for both (get_memory_footprint() leaves out our spare room); None where no cache came back.
+    footprint = held_bytes(cache) if cache is not None else None
     return step_clock.per_token(), footprint
 
 
@@ -161,7 +164,7 @@ def part_one(mixers, contexts, new_tokens, repeats):
     for name in models:
         row = "".join(f"{ms[name, c]:>10.2f}" for c in contexts)
         growth = ms[name, contexts[-1]] / ms[name, contexts[0]]
-        print(f"{name:<18}{row}  {growth:>10.2f}   " + " / ".join(f"{footprint[name, c]:,}" for c in contexts))
+        print(f"{name:<18}{row}  {growth:>10.2f}   " + " / ".join("n/a" if footprint[name, c] is None else f"{footprint[name, c]:,}" for c in contexts))
 
     print(f"\nratios")
     for mixer in mixers:
