@@ -434,6 +434,11 @@ def scan_step(q, k, v, log_decay, state):
     _check_groups(q, k, v)
     if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
         q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
+    return _step(q, k, v, log_decay, state)
+
+
+def _step(q, k, v, log_decay, state):
+    """`scan_step` with q and k per head, unchecked: the reference's loop body."""
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
     new_state = torch.exp(log_decay)[..., None, None] * state.to(dtype) + v[..., :, None] * k[..., None, :]
@@ -471,7 +476,7 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
     ys = []
     # unbind (not q[:, t]): its backward is one stack, not T full-size zero tensors
     for q_t, k_t, v_t, a_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), log_decay.unbind(1)):
-        y_t, state = scan_step(q_t, k_t, v_t, a_t, state)
+        y_t, state = _step(q_t, k_t, v_t, a_t, state)
         ys.append(y_t)
     y = torch.stack(ys, 1) if ys else v.new_zeros(B, 0, H, P)  # (B, T, H, P)
     return y.to(q.dtype), state.to(state_dtype)

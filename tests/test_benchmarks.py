@@ -5,13 +5,11 @@ never asserted here (the machines are shared and noisy): run the scripts themsel
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+from tester import ROOT, run_script
 
 RUNS = {
     "bench_train_step.py": (
@@ -39,8 +37,6 @@ RUNS = {
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_benchmark_runs_and_reports(script):
     arguments, expected_lines = RUNS[script]
-    command = [sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=ENV, cwd=ROOT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    stdout = run_script([sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments])
     for line in expected_lines:
-        assert line in result.stdout, f"{script} did not print {line!r}:\n{result.stdout[-3000:]}"
+        assert line in stdout, f"{script} did not print {line!r}:\n{stdout[-3000:]}"

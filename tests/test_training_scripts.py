@@ -7,7 +7,6 @@ Tiny runs (a preset of 165K parameters, 32-byte blocks, a few steps) so the file
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -15,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_seqarch  # noqa: F401  (registers the seqarch Auto classes)
+from tester import ROOT, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain_lm.py")
 FINETUNE = os.path.join(ROOT, "examples", "finetune_classifier.py")
 TINY_RUN = [
@@ -24,13 +23,6 @@ TINY_RUN = [
     "--logging_steps", "1", "--eval_strategy", "no", "--save_strategy", "no", "--sample_tokens", "8",
     "--warmup_steps", "2", "--disable_tqdm", "true",
 ]
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-
-
-def run(command, timeout=240):
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result.stdout
 
 
 def losses(output_dir):
@@ -48,7 +40,7 @@ def free_port():
 @pytest.fixture(scope="module")
 def single_process_run(tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("single"))
-    stdout = run([sys.executable, PRETRAIN, *TINY_RUN, "--per_device_train_batch_size", "8", "--output_dir", output_dir])
+    stdout = run_script([sys.executable, PRETRAIN, *TINY_RUN, "--per_device_train_batch_size", "8", "--output_dir", output_dir])
     return output_dir, stdout
 
 
@@ -56,7 +48,7 @@ def ddp_run(tiny_run, output_dir):
     # The command of the issue, as is: the script turns the CPU-only launch into gloo DDP (not 2 lone runs).
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
-    stdout = run([*launch, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
+    stdout = run_script([*launch, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
     assert "2 process(es) on cpu, global batch 8" in stdout
 
 
@@ -81,7 +73,7 @@ def test_linear_time_mixers_under_ddp_match_one_process(preset, tmp_path):
     tiny_run = [*TINY_RUN]
     tiny_run[tiny_run.index("--preset") + 1] = preset
     single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
-    run([sys.executable, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
+    run_script([sys.executable, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
     ddp_run(tiny_run, ddp_dir)
     assert_same_losses(ddp_dir, single_dir)
 
@@ -94,7 +86,7 @@ def test_pretrain_then_finetune_a_classifier(single_process_run, tmp_path):
     assert lm.config.vocab_size == len(tokenizer) and lm.config.mixer_types == ["attention", "lstm"]
 
     output_dir = str(tmp_path / "classifier")
-    stdout = run([sys.executable, FINETUNE, "--model_name_or_path", pretrained, "--output_dir", output_dir,
+    stdout = run_script([sys.executable, FINETUNE, "--model_name_or_path", pretrained, "--output_dir", output_dir,
                   "--max_steps", "3", "--max_length", "48", "--per_device_train_batch_size", "8", "--disable_tqdm", "true"])
     assert "accuracy on" in stdout and output_dir in stdout
     with open(os.path.join(output_dir, "eval_results.json")) as f:

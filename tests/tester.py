@@ -1,4 +1,8 @@
-"""The shared tester's ingredients: tiny configs, the mixer stacks and the heads every test runs over."""
+"""The shared tester's ingredients: tiny configs, the mixer stacks and the heads every test runs over, and how
+the tests run the repository's scripts."""
+
+import os
+import subprocess
 
 import torch
 
@@ -70,3 +74,15 @@ def main_output(model, **inputs):
     """The tensor each head is judged by: hidden states (base) or logits (heads)."""
     output = model(**inputs)
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output.logits
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+SCRIPT_ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def run_script(command, timeout=240) -> str:
+    """Run a command from the checkout's root, offline, as a user runs the scripts; fail with its output, or return
+    its stdout."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=SCRIPT_ENV, cwd=ROOT)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
