@@ -21,15 +21,15 @@ all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 f
 and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
 On CPU, where every chunk's log decays span at most 60 (all but strong gates), exp(cs_i - cs_j) is
-computed as exp(cs_i) * exp(-cs_j), folded into q and k, and the L x L decay matrix is never formed
-(`_FactorizedChunkedScan`); otherwise the exact segment sums above (`_ChunkedScan`). Tests hold both
+computed as exp(cs_i) * exp(-cs_j), folded into the values and outputs, and the L x L decay matrix is never
+formed (`_FactorizedChunkedScan`); otherwise the exact segment sums above (`_ChunkedScan`). Tests hold both
 to the reference.
 
 The backwards are written by hand (torch.autograd.Function): they need the same 8 batched matmuls as
 autograd would but far fewer elementwise passes and fresh tensors (on CPU each fresh tensor costs page
 faults at every step). The factorised one gets the log_decay gradient from the identity
-d cs_i = q_i . dq_i - k_i . dk_i (+ the chunk's end-state term), as exp(cs) only ever scales q and k; the
-exact one, whose gates may be strong, from each segment sum's gradient directly (see there). They are not
+d cs_i = dy_i . y_i - dv'_i . v'_i (+ the chunk's end-state term), as exp(cs) only ever scales values and
+outputs; the exact one, whose gates may be strong, from each segment sum's gradient directly (see there). They are not
 differentiable in turn: a double backward (create_graph=True, e.g. a gradient penalty) through them raises.
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
@@ -212,106 +212,128 @@ class _ChunkedScan(torch.autograd.Function):
 class _FactorizedChunkedScan(torch.autograd.Function):
     """`_ChunkedScan` for inputs whose decays factor: in every chunk the log decays from its start (cs, with
     the 0 before the first step) span at most 60, so exp(cs_i - cs_j) = exp(cs_i) * exp(-cs_j) with both
-    factors within [e^-60, e^60], each exact to float32 rounding. The decays are then folded into q and k
-    (q_i exp(cs_i), k_j exp(-cs_j)) and the L x L decay matrix is never formed: the causal tril is the only
-    pass over the scores.
-    Everything runs a group of Gc chunks at a time (`_chunk_groups`), read from and written to the
-    (B, T, G or H, .) tensors directly: the decayed, chunk-major, per-head copies of q and k exist only a group at
-    a time (rebuilt in the backward rather than saved), so no full-size copy of the inputs is ever made.
+    factors within [e^-60, e^60], each exact to float32 rounding. The decays then move off the L x L products
+    onto the values and outputs: with v'_j = exp(-cs_j) v_j, a chunk gives
+
+        y_i = exp(cs_i) (sum_{j <= i} (q_i . k_j) v'_j + S_in q_i)        S_out = exp(cs_L) (S_in + sum_j v'_j k_j^T)
+
+    so q k^T is formed once per group of heads sharing q and k, undecayed (the causal tril is the only pass over
+    it), and in every other product the R heads of a group stand side by side: values (L, R * P), states
+    (R * P, N), one matmul R times as wide per group instead of R narrow ones per head.
+    Everything runs a set of Gc chunks at a time (`_chunk_groups`), read from and written to the (B, T, ., .)
+    tensors directly: no full-size chunk-major copy of the inputs is ever made (the backward gathers its
+    chunks again).
     Same arguments and returns as `_ChunkedScan`."""
 
     @staticmethod
     def forward(ctx, q, k, v, a, state, L):
-        cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
-        grow = cs.exp().to(q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_i)
-        shrink = cs.neg().exp_().to(q.dtype)[..., None]  # (C, B, H, L, 1): exp(-cs_j)
-        chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1): exp(cs_L)
-        v_chunks = _chunks(v, L)  # (C, B, H, L, P), a view
+        groups = q.shape[2]
+        cs = _chunks_by_group(a, L, groups).to(torch.float64).cumsum(3)  # (C, B, G, L, R)
+        grow = cs.exp().to(q.dtype)  # (C, B, G, L, R): exp(cs_i)
+        shrink = cs.neg().exp_().to(q.dtype)  # (C, B, G, L, R): exp(-cs_j)
+        chunk_decay = _per_head(grow[:, :, :, -1])[..., None, None]  # (C, B, H, 1, 1): exp(cs_L)
+        q_chunks, k_chunks = _chunks(q, L), _chunks(k, L)  # (C, B, G, L, N) views
+        y = v.new_empty(v.shape)  # (B, T, H, P)
+        v_chunks, y_chunks = (_chunks(_side_by_side(x, groups), L) for x in (v, y))  # (C, B, G, L, R * P) views
         states = q.new_empty(len(cs) + 1, *state.shape)  # (C + 1, B, H, P, N): states[c] enters chunk c
         states[0] = state
-        scores = q.new_empty(*cs.shape, L)  # (C, B, H, L, L), kept for the backward
-        y = q.new_empty(*v.shape)  # (B, T, H, P)
+        qk = q.new_empty(*cs.shape[:-1], L)  # (C, B, G, L, L): tril(q k^T), kept for the backward
         for g in _chunk_groups(v_chunks):
-            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (Gc, B, H, L, N) each
-            v_g = v_chunks[g].contiguous()  # (Gc, B, H, L, P)
-            # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v^T (k exp(-cs))): the chunk's own part,
-            # then the scan over the group's chunks, in place.
-            _bmm(v_g.transpose(-1, -2), k_g, out=states[1:][g])
+            q_g, k_g = q_chunks[g].contiguous(), k_chunks[g].contiguous()  # (Gc, B, G, L, N) each
+            v_g = _scale_heads(v_chunks[g], shrink[g])  # (Gc, B, G, L, R * P): v'
+            # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v'^T k): the chunk's own part, then the scan
+            # over the set's chunks, in place.
+            _bmm(v_g.transpose(-1, -2), k_g, out=_side_by_side_states(states[1:][g], groups))
             for c in range(g.start, g.stop):
                 states[c + 1].add_(states[c]).mul_(chunk_decay[c])
-            # 1. and 4.: y_i = sum_{j <= i} (q_i exp(cs_i)) . (k_j exp(-cs_j)) v_j  +  exp(cs_i) S_in q_i.
-            _bmm(q_g, k_g.transpose(-1, -2), out=scores[g]).tril_()
-            y_g = _bmm(scores[g], v_g)  # (Gc, B, H, L, P)
-            _bmm(q_g, states[:-1][g].transpose(-1, -2), add_to=y_g)
-            _chunks(y, L)[g].copy_(y_g)
+            # 1. and 4.: y = exp(cs) (tril(q k^T) v' + q S_in^T).
+            _bmm(q_g, k_g.transpose(-1, -2), out=qk[g]).tril_()
+            y_g = _bmm(qk[g], v_g)  # (Gc, B, G, L, R * P)
+            _bmm(q_g, _side_by_side_states(states[:-1][g], groups).transpose(-1, -2), add_to=y_g)
+            _scale_heads(y_g, grow[g], out=y_chunks[g])
 
-        ctx.save_for_backward(q, k, v, grow, shrink, scores, states)
+        ctx.save_for_backward(q, k, v, grow, shrink, qk, states, y)
         return y, states[-1].clone()
 
     @staticmethod
     @autocast_off
     def backward(ctx, dy, dstate):
         _refuse_double_backward()
-        q, k, v, grow, shrink, scores, states = ctx.saved_tensors
-        L = scores.shape[-1]
-        chunk_decay = grow[..., -1:, :]  # (C, B, H, 1, 1)
-        v_chunks, dy_chunks = _chunks(v, L), _chunks(dy, L)  # (C, B, H, L, P) views
+        q, k, v, grow, shrink, qk, states, y = ctx.saved_tensors
+        (B, T, groups, _), L, per_group = q.shape, qk.shape[-1], grow.shape[-1]  # per_group: R
+        dy = dy.contiguous()
+        chunk_decay = _per_head(grow[:, :, :, -1])[..., None, None]  # (C, B, H, 1, 1)
+        q_chunks, k_chunks = _chunks(q, L), _chunks(k, L)  # (C, B, G, L, N) views
         dq_out, dk_out, dv_out = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # (B, T, G or H, .)
+        dq_chunks, dk_chunks = _chunks(dq_out, L), _chunks(dk_out, L)  # (C, B, G, L, N) views
+        side_by_side_chunks = (_chunks(_side_by_side(x, groups), L) for x in (v, dy, dv_out))
+        v_chunks, dy_chunks, dv_chunks = side_by_side_chunks  # (C, B, G, L, R * P) views
         dstates = torch.empty_like(states)  # (C + 1, B, H, P, N): dstates[c] is the gradient of states[c]
         dstates[-1] = dstate
-        dcs = torch.empty_like(grow[..., 0])  # (C, B, H, L)
-        # cs enters as exp(cs_i) on q_i, exp(-cs_j) on k_j and exp(cs_L) on the state leaving the chunk:
-        # d cs_i = q_decayed_i . dq_decayed_i - k_undecayed_i . dk_undecayed_i (+ <dS_out, S_out> at i = L).
-        d_end = dcs.new_empty(dcs.shape[:-1])  # (C, B, H): <dS_out, S_out>
-        for g in reversed(_chunk_groups(v_chunks)):  # the scan runs backwards: the last group first
-            q_g, k_g = _decayed_chunks(q, k, grow, shrink, g)  # (Gc, B, H, L, N) each
-            v_g, dy_g = v_chunks[g].contiguous(), dy_chunks[g].contiguous()  # (Gc, B, H, L, P) each
+        # cs_i enters as exp(cs_i) on y_i, as exp(-cs_i) on v'_i and, at i = L, as exp(cs_L) on the state leaving
+        # the chunk: d cs_i = dy_i . y_i - dv'_i . v'_i (+ <dS_out, S_out> at i = L), per head.
+        dcs = _row_dots(dy, y)  # (B, T, H): the first term; the others are added below
+        dcs_chunks = _chunks_by_group(dcs, L, groups)  # (C, B, G, L, R) view
+        d_end = dcs.new_empty(len(qk), B, dstate.shape[1])  # (C, B, H): <dS_out, S_out>
+        for g in reversed(_chunk_groups(v_chunks)):  # the scan runs backwards: the last set of chunks first
+            q_g, k_g = q_chunks[g].contiguous(), k_chunks[g].contiguous()  # (Gc, B, G, L, N) each
+            v_g = _scale_heads(v_chunks[g], shrink[g])  # (Gc, B, G, L, R * P): v'
+            dy_g = _scale_heads(dy_chunks[g], grow[g])  # (Gc, B, G, L, R * P): the gradient of y / exp(cs)
             # 3. The scan backwards, in place, from 4.'s direct part: dstates[0] is the initial state's gradient.
-            _bmm(dy_g.transpose(-1, -2), q_g, out=dstates[:-1][g])
+            _bmm(dy_g.transpose(-1, -2), q_g, out=_side_by_side_states(dstates[:-1][g], groups))
             for c in reversed(range(g.start, g.stop)):
                 dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
-            d_out = dstates[1:][g]  # (Gc, B, H, P, N): the gradients of the states leaving the group's chunks
+            d_out = dstates[1:][g]  # (Gc, B, H, P, N): the gradients of the states leaving the set's chunks
             torch.linalg.vecdot(d_out.flatten(-2), states[1:][g].flatten(-2), out=d_end[g])
-            d_own = d_out.mul_(chunk_decay[g])  # in place: the gradient of each chunk's own part
+            d_own = _side_by_side_states(d_out.mul_(chunk_decay[g]), groups)  # in place: the gradient of v'^T k
+            s_in = _side_by_side_states(states[:-1][g], groups)  # (Gc, B, G, R * P, N)
 
-            dscores = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (Gc, B, H, L, L)
-            dq = _bmm(dy_g, states[:-1][g])  # 4.  (Gc, B, H, L, N): the gradient of q_decayed
-            _bmm(dscores, k_g, add_to=dq)  # 1.
-            dk = _bmm(v_g, d_own)  # 2.  (Gc, B, H, L, N): the gradient of k_undecayed
-            _bmm(dscores.transpose(-1, -2), q_g, add_to=dk)  # 1.
-            dv = _bmm(k_g, d_own.transpose(-1, -2))  # 2.  (Gc, B, H, L, P)
-            _bmm(scores[g].transpose(-1, -2), dy_g, add_to=dv)  # 1.
-            torch.sub(_row_dots(q_g, dq), _row_dots(k_g, dk), out=dcs[g])
-            _write_undecayed(_chunks(dq_out, L)[g], dq, grow[g], q.shape[2])
-            _write_undecayed(_chunks(dk_out, L)[g], dk, shrink[g], q.shape[2])
-            _chunks(dv_out, L)[g].copy_(dv)
+            dqk = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (Gc, B, G, L, L), summed over the group's heads
+            dv_g = _bmm(qk[g].transpose(-1, -2), dy_g)  # 1.  (Gc, B, G, L, R * P): the gradient of v'
+            _bmm(k_g, d_own.transpose(-1, -2), add_to=dv_g)  # 2.
+            dq = _bmm(dqk, k_g)  # 1.  (Gc, B, G, L, N)
+            _bmm(dy_g, s_in, add_to=dq)  # 4.
+            dk = _bmm(dqk.transpose(-1, -2), q_g)  # 1.  (Gc, B, G, L, N)
+            _bmm(v_g, d_own, add_to=dk)  # 2.
+            dcs_chunks[g].sub_(_row_dots(*(x.unflatten(-1, (per_group, -1)) for x in (dv_g, v_g))))  # per head
+            dq_chunks[g].copy_(dq)
+            dk_chunks[g].copy_(dk)
+            _scale_heads(dv_g, shrink[g], out=dv_chunks[g])
 
-        dcs[..., -1] += d_end
-        da = dcs.flip(-1).cumsum(-1).flip(-1)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
-        return dq_out, dk_out, dv_out, _unchunk(da[..., None])[..., 0], dstates[0], None
-
-
-def _decayed_chunks(q, k, grow, shrink, g):
-    """Chunk group g of q exp(cs) and k exp(-cs), per head: q, k (B, T, G, N) -> contiguous (Gc, B, H, L, N) each."""
-    groups, L = q.shape[2], grow.shape[-2]
-
-    def decayed(x, factor):  # x's chunk group against each head's factor (Gc, B, H, L, 1)
-        x_g = _chunks(x, L)[g].unsqueeze(3)  # (Gc, B, G, 1, L, N)
-        factor = _by_group(factor[g], groups)  # (Gc, B, G, R, L, 1)
-        out = x.new_empty(*factor.shape[:-1], x.shape[-1])  # (Gc, B, G, R, L, N)
-        torch.mul(x_g, factor, out=out)
-        return out.flatten(2, 3)
-
-    return decayed(q, grow), decayed(k, shrink)
+        per_chunk = dcs.view(B, -1, L, dcs.shape[-1])  # (B, C, L, H)
+        per_chunk[:, :, -1] += d_end.transpose(0, 1)
+        da = per_chunk.flip(2).cumsum(2).flip(2).view(dcs.shape)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
+        return dq_out, dk_out, dv_out, da, dstates[0], None
 
 
-def _write_undecayed(out, grad, factor, groups):
-    """out (Gc, B, G, L, N), a view into the input gradient, = grad (Gc, B, H, L, N) * factor summed over each group's
-    heads: the gradient of q or k from that of their decayed per-head copies. Scales grad in place when G < H."""
-    if grad.shape[2] == groups:
-        torch.mul(grad, factor, out=out)
-    else:
-        torch.sum(_by_group(grad.mul_(factor), groups), 3, out=out)
+def _side_by_side(x, groups):
+    """(B, T, H, P) -> (B, T, G, R * P): each group's R heads side by side (head h = g * R + r); a view if x allows."""
+    return x.reshape(*x.shape[:2], groups, -1)
+
+
+def _side_by_side_states(states, groups):
+    """States (..., H, P, N) -> (..., G, R * P, N), a view: each group's heads stacked along P."""
+    return states.unflatten(-3, (groups, -1)).flatten(-3, -2)
+
+
+def _chunks_by_group(a, L, groups):
+    """(B, T, H) per-head values -> (C, B, G, L, R), a view: the chunk-major layout of `_side_by_side` tensors."""
+    B, T, H = a.shape
+    return a.view(B, T // L, L, groups, H // groups).permute(1, 0, 3, 2, 4)
+
+
+def _per_head(x):
+    """(C, B, G, R) -> (C, B, H), a copy."""
+    return x.reshape(*x.shape[:2], -1)
+
+
+def _scale_heads(x, factor, out=None):
+    """x (..., L, R * P), a group's heads side by side, times factor (..., L, R), one per row and head
+    -> (..., L, R * P): into out if given (any view), else a fresh tensor."""
+    heads = factor.shape[-1]
+    out = x.new_empty(x.shape) if out is None else out
+    torch.mul(x.unflatten(-1, (heads, -1)), factor[..., None], out=out.unflatten(-1, (heads, -1)))
+    return out
 
 
 def _chunk_groups(x):
