@@ -136,10 +136,15 @@ def test_decay_factors_only_within_the_exponent_range():
     assert ops_chunked_scan._decay_factors(torch.full((1, 10 * L, 1), -10.0, dtype=torch.float64), L)
 
 
-def test_float32_factorized_path_near_its_limit():
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_float32_factorized_path_near_its_limit(shared_qk):
     # Every chunk decays by e^-58 (the factorised path's largest spread is 60): float32 must keep its precision.
+    # Shared: q and k of one group for the 3 heads, whose decays differ (e^-58, e^-29, 1 per chunk), so that each
+    # head's factors scale its own values side by side with the others'.
     q, k, v, a, s0 = make_inputs(T=128, dtype=torch.float64)
     a = torch.full_like(a, -58.0 / 64)
+    if shared_qk:
+        q, k, a = q[:, :, :1], k[:, :, :1], a * torch.tensor([1.0, 0.5, 0.0], dtype=a.dtype)
     assert ops_chunked_scan._decay_factors(a, 64)
     got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=64)
     want = outputs_and_grads(scan_reference, q, k, v, a, s0)
