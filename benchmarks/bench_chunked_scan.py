@@ -106,13 +106,21 @@ def timeit(fn, inputs, grads, args, runs, **kw):
 
 
 def paired_ratio(chunked_fn, reference_fn, inputs, grads, args):
-    """reference / chunked: runs alternate (reference, chunked, ...) so that both see the same machine load; the
-    median of each pair's ratio, and the median times. Every run follows one warm-up of each."""
+    """reference / chunked: runs alternate (reference, chunked, chunked, reference, ...: each goes first in turn) so
+    that both see the same machine load; the median of each pair's ratio, and the median times. Every run follows
+    one warm-up of each."""
     chunked = dict(chunk_size=args.chunk)
     fwd_bwd(reference_fn, inputs, grads)
     fwd_bwd(chunked_fn, inputs, grads, **chunked)
-    pairs = [(seconds(reference_fn, inputs, grads, args), seconds(chunked_fn, inputs, grads, args, **chunked))
-             for _ in range(args.ref_runs)]
+    pairs = []
+    for i in range(args.ref_runs):
+        if i % 2 == 0:
+            t_ref = seconds(reference_fn, inputs, grads, args)
+            t_chunk = seconds(chunked_fn, inputs, grads, args, **chunked)
+        else:
+            t_chunk = seconds(chunked_fn, inputs, grads, args, **chunked)
+            t_ref = seconds(reference_fn, inputs, grads, args)
+        pairs.append((t_ref, t_chunk))
     ratio = statistics.median(ref / chunk for ref, chunk in pairs)
     return ratio, statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
