@@ -421,6 +421,8 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
 
     A position with v = 0 (or k = 0) and log_decay = 0 leaves the state unchanged (padding).
     bf16 / fp16 inputs are computed in float32, float64 in float64.
+    The backward may use y itself (as torch.exp's does its output): modifying y in place before the backward makes
+    autograd raise, as it does for torch's own ops.
     """
     _check_groups(q, k, v)
     B, T, G, N = q.shape
