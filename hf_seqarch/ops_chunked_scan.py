@@ -20,10 +20,11 @@ causal mask is applied with tril rather than exp(-inf): float32 denormals, exp(-
 all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 from anything smaller,
 and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
-On CPU, where every chunk's log decays span at most 60 (all but strong gates), exp(cs_i - cs_j) is
-computed as exp(cs_i) * exp(-cs_j), folded into the values and outputs, and the L x L decay matrix is never
-formed (`_FactorizedChunkedScan`); otherwise the exact segment sums above (`_ChunkedScan`). Tests hold both
-to the reference.
+On CPU, for the heads whose log decays span at most 60 in every chunk (all but strongly gated heads),
+exp(cs_i - cs_j) is computed as exp(cs_i) * exp(-cs_j), folded into the values and outputs, and the L x L decay
+matrix is never formed (`_FactorizedChunkedScan`); the other heads take the exact segment sums above
+(`_ChunkedScan`), and a call with both kinds runs each on its own path (`_scan`). Tests hold both to the
+reference.
 
 The backwards are written by hand (torch.autograd.Function): they need the same 8 batched matmuls as
 autograd would but far fewer elementwise passes and fresh tensors (on CPU each fresh tensor costs page
@@ -344,16 +345,49 @@ def _chunk_groups(x):
     return [slice(c, min(c + step, len(x))) for c in range(0, len(x), step)]
 
 
-def _decay_factors(a, L):
-    """Whether `_FactorizedChunkedScan` applies to log decays a (B, T, H): in every chunk of L steps the
-    cumulative sums, with the 0 at its start, span at most -LOG_DECAY_FLOOR. Only on CPU and outside
-    torch.compile: reading the values would cost a GPU a device sync and a compiled graph a break, where
-    the exact path needs neither."""
+def _factorised_heads(a, L):
+    """Which heads `_FactorizedChunkedScan` applies to, for log decays a (B, T, H): (H,) bool, True where in every
+    chunk of L steps (of every batch row) the cumulative sums, with the 0 at the chunk's start, span at most
+    -LOG_DECAY_FLOOR. None (no head) on GPUs and under torch.compile: reading the values would cost a GPU a device
+    sync and a compiled graph a break, where the exact path needs neither."""
     if a.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
+        return None
     cs = _chunks(a.detach()[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
     spread = cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)  # (C, B, H)
-    return bool(spread.max() <= -LOG_DECAY_FLOOR)
+    return (spread <= -LOG_DECAY_FLOOR).flatten(0, 1).all(0)  # (H,)
+
+
+def _scan(q, k, v, a, state, L):
+    """Each head on the fastest path that is exact for it: the factorised scan for the heads whose decays factor, the
+    segment-sum scan for the others, so that one strongly gated head does not put every head on the slower path.
+    Arguments and returns as `_ChunkedScan`'s."""
+    factorised = _factorised_heads(a, L)
+    if factorised is None or not factorised.any():
+        return _ChunkedScan.apply(q, k, v, a, state, L)
+    if factorised.all():
+        return _FactorizedChunkedScan.apply(q, k, v, a, state, L)
+    heads = [factorised.nonzero()[:, 0], (~factorised).nonzero()[:, 0]]  # ascending head indices of each path
+    parts = [
+        scan.apply(*(_qk_of_heads(x, index, v.shape[2]) for x in (q, k)), v.index_select(2, index),
+                   a.index_select(2, index), state.index_select(1, index), L)
+        for scan, index in zip((_FactorizedChunkedScan, _ChunkedScan), heads)
+    ]
+    order = torch.cat(heads).argsort()  # the heads back in their order
+    y = torch.cat([y_part for y_part, _ in parts], 2).index_select(2, order)  # (B, T, H, P)
+    return y, torch.cat([s_part for _, s_part in parts], 1).index_select(1, order)
+
+
+def _qk_of_heads(x, heads, num_heads):
+    """q or k (B, T, G, N) for the heads `heads` (ascending indices into the H heads) alone: (B, T, G', N), each of
+    those heads in the same place of its group as `chunked_scan` expects. Whole groups stay shared."""
+    groups = x.shape[2]
+    if groups == 1:  # one group: shared by any subset of its heads
+        return x
+    group_of = heads // (num_heads // groups)  # each head's group
+    runs = group_of.view(-1, num_heads // groups) if len(heads) % (num_heads // groups) == 0 else None
+    if groups < num_heads and runs is not None and bool((runs == runs[:, :1]).all()):  # whole groups
+        return x.index_select(2, runs[:, 0])
+    return x.index_select(2, group_of)  # one group per head
 
 
 def _segment_sums(cs, dtype):
@@ -439,8 +473,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
         return F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
 
     log_decay = padded(log_decay[..., None])[..., 0]  # (B, C * L, H)
-    scan = _FactorizedChunkedScan if _decay_factors(log_decay, L) else _ChunkedScan
-    y, state = scan.apply(padded(q), padded(k), padded(v), log_decay, state, L)  # y (B, C * L, H, P)
+    y, state = _scan(padded(q), padded(k), padded(v), log_decay, state, L)  # y (B, C * L, H, P)
     y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
 

@@ -99,7 +99,7 @@ def test_pad_positions_leave_state_unchanged():
 @pytest.mark.parametrize("T,chunk_size", [(100, 32), (64, 64)])
 def test_both_decay_paths_match_reference(monkeypatch, factorized, T, chunk_size):
     """Mild gates take the factorised path by default; each path, forced, must match the reference."""
-    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    monkeypatch.setattr(ops_chunked_scan, "_factorised_heads", lambda a, L: torch.full(a.shape[-1:], factorized))
     inputs = make_inputs(T=T)
     got = outputs_and_grads(chunked_scan, *inputs, chunk_size=chunk_size)
     want = outputs_and_grads(scan_reference, *inputs)
@@ -116,24 +116,24 @@ def test_factorized_path_in_groups_of_chunks(monkeypatch, chunks_per_group):
     monkeypatch.setattr(ops_chunked_scan, "_CACHE_BYTES", chunks_per_group * bytes_per_chunk)
     chunk_major = torch.empty(7, *v[:, :16].transpose(1, 2).shape, dtype=v.dtype)  # (C, B, H, L, P)
     assert len(ops_chunked_scan._chunk_groups(chunk_major)) == -(-7 // chunks_per_group)
-    assert ops_chunked_scan._decay_factors(log_decay[:, :96], 16)  # mild gates: the factorised path
+    assert ops_chunked_scan._factorised_heads(log_decay[:, :96], 16).all()  # mild gates: the factorised path
     got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=16)
     want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
     for name, a, b in zip(NAMES, got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def test_decay_factors_only_within_the_exponent_range():
+def test_factorised_heads_only_within_the_exponent_range():
     L = 4
 
     def factors(per_step):  # one chunk, every step the same log decay
-        return ops_chunked_scan._decay_factors(torch.full((1, L, 1), per_step, dtype=torch.float64), L)
+        return bool(ops_chunked_scan._factorised_heads(torch.full((1, L, 1), per_step, dtype=torch.float64), L))
 
     assert factors(-15.0)  # spread 60: exp(+-60) is still a normal float32
     assert not factors(-15.5)
     assert factors(15.0) and not factors(15.5)  # growth (log decay > 0) counts as well
     # the spread is per chunk: the cumulative sum restarts at each chunk's start
-    assert ops_chunked_scan._decay_factors(torch.full((1, 10 * L, 1), -10.0, dtype=torch.float64), L)
+    assert ops_chunked_scan._factorised_heads(torch.full((1, 10 * L, 1), -10.0, dtype=torch.float64), L)
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
@@ -145,7 +145,7 @@ def test_float32_factorized_path_near_its_limit(shared_qk):
     a = torch.full_like(a, -58.0 / 64)
     if shared_qk:
         q, k, a = q[:, :, :1], k[:, :, :1], a * torch.tensor([1.0, 0.5, 0.0], dtype=a.dtype)
-    assert ops_chunked_scan._decay_factors(a, 64)
+    assert ops_chunked_scan._factorised_heads(a, 64).all()
     got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=64)
     want = outputs_and_grads(scan_reference, q, k, v, a, s0)
     for name, x, ref in zip(NAMES, got, want):
@@ -170,7 +170,7 @@ def test_float32_keeps_precision_after_a_strong_gate():
     # the segments after it are short and mild: their decays must not lose float32 precision to it.
     q, k, v, a, s0 = make_inputs(T=128, dtype=torch.float64)
     a[:, ::64] = -300.0
-    assert not ops_chunked_scan._decay_factors(a, 64)  # the exact (segment-sum) path
+    assert not ops_chunked_scan._factorised_heads(a, 64).any()  # the exact (segment-sum) path
     got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=64)
     want = outputs_and_grads(scan_reference, q, k, v, a, s0)
     for name, x, ref in zip(NAMES, got, want):
@@ -238,7 +238,7 @@ def test_sum_loss_gradients():
 def test_backward_inside_cpu_autocast(monkeypatch, factorized):
     """A hand-written training loop calls backward inside `torch.autocast`: the backwards compute in float32 as the
     forward does, and give what they give outside it."""
-    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    monkeypatch.setattr(ops_chunked_scan, "_factorised_heads", lambda a, L: torch.full(a.shape[-1:], factorized))
     inputs = make_inputs(T=40, dtype=torch.float32)
     want = outputs_and_grads(chunked_scan, *inputs, chunk_size=16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -251,7 +251,7 @@ def test_backward_inside_cpu_autocast(monkeypatch, factorized):
 @pytest.mark.parametrize("factorized", [False, True])
 def test_double_backward_is_refused(monkeypatch, factorized):
     """The backwards build no graph: create_graph=True through them raises rather than treat them as constants."""
-    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    monkeypatch.setattr(ops_chunked_scan, "_factorised_heads", lambda a, L: torch.full(a.shape[-1:], factorized))
     q, k, v, log_decay, s0 = (x.requires_grad_() for x in make_inputs(T=20))
     y, _ = chunked_scan(q, k, v, log_decay, chunk_size=8, initial_state=s0)
     with pytest.raises(RuntimeError, match="create_graph=True"):
@@ -263,7 +263,7 @@ def test_double_backward_is_refused(monkeypatch, factorized):
 def test_grouped_q_and_k_match_reference(monkeypatch, factorized, groups):
     """q and k shared by groups of heads (Mamba-2's C and B), on each path: the same as the reference, which expands
     them to every head; gradients come back per group."""
-    monkeypatch.setattr(ops_chunked_scan, "_decay_factors", lambda a, L: factorized)
+    monkeypatch.setattr(ops_chunked_scan, "_factorised_heads", lambda a, L: torch.full(a.shape[-1:], factorized))
     g = torch.Generator().manual_seed(3)
     B, T, H, N, P = 2, 37, 6, 5, 4
     q, k = (torch.randn(B, T, groups, N, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
@@ -271,6 +271,32 @@ def test_grouped_q_and_k_match_reference(monkeypatch, factorized, groups):
     log_decay = -torch.rand(B, T, H, generator=g, dtype=torch.float64)
     s0 = torch.randn(B, H, P, N, generator=g, dtype=torch.float64)
     got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=8)
+    want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("groups,strong_heads", [(6, [4]), (1, [0, 5]), (3, [2, 3]), (3, [1]), (2, [0, 1, 2, 4])])
+def test_strong_heads_alone_take_the_exact_path(monkeypatch, groups, strong_heads):
+    """A call whose heads differ (some gated strongly enough that their decays do not factor) runs the factorised scan
+    on the others and the exact one on those: whole groups of q and k, single heads of a group, or the group shared
+    by both paths. Outputs and gradients as the reference's, each head's on the path it needs."""
+    g = torch.Generator().manual_seed(6)
+    B, T, H, N, P, L = 2, 45, 6, 5, 4, 16
+    q, k = (torch.randn(B, T, groups, N, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    v = torch.randn(B, T, H, P, generator=g, dtype=torch.float64)
+    log_decay = -torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    log_decay[:, :, strong_heads] = -5.0 - torch.rand(B, T, len(strong_heads), generator=g, dtype=torch.float64)
+    s0 = torch.randn(B, H, P, N, generator=g, dtype=torch.float64)
+    heads_on = {}
+    for scan in (ops_chunked_scan._ChunkedScan, ops_chunked_scan._FactorizedChunkedScan):
+        def spy(*args, _apply=scan.apply, _name=scan.__name__):
+            heads_on[_name] = args[2].shape[2]  # v's heads
+            return _apply(*args)
+        monkeypatch.setattr(scan, "apply", spy)
+    got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=L)
+    assert heads_on == {"_ChunkedScan": len(strong_heads), "_FactorizedChunkedScan": H - len(strong_heads)}
     want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
     for name, a, b in zip(NAMES, got, want):
         assert a.shape == b.shape, name
