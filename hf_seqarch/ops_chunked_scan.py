@@ -367,27 +367,53 @@ def _scan(q, k, v, a, state, L):
     if factorised.all():
         return _FactorizedChunkedScan.apply(q, k, v, a, state, L)
     heads = [factorised.nonzero()[:, 0], (~factorised).nonzero()[:, 0]]  # ascending head indices of each path
-    parts = [
-        scan.apply(*(_qk_of_heads(x, index, v.shape[2]) for x in (q, k)), v.index_select(2, index),
-                   a.index_select(2, index), state.index_select(1, index), L)
-        for scan, index in zip((_FactorizedChunkedScan, _ChunkedScan), heads)
-    ]
-    order = torch.cat(heads).argsort()  # the heads back in their order
-    y = torch.cat([y_part for y_part, _ in parts], 2).index_select(2, order)  # (B, T, H, P)
-    return y, torch.cat([s_part for _, s_part in parts], 1).index_select(1, order)
+    order, sizes = torch.cat(heads), [len(index) for index in heads]  # the heads reordered: each path's together
+    inverse = order.argsort()
+    v_parts, a_parts, state_parts = (
+        _HeadOrder.apply(x, dim, order, inverse).split(sizes, dim) for x, dim in ((v, 2), (a, 2), (state, 1))
+    )
+    q_parts, k_parts = (_qk_of_heads(x, heads, order, inverse, v.shape[2]) for x in (q, k))
+    inputs = zip(q_parts, k_parts, v_parts, a_parts, state_parts)  # each path's
+    parts = [scan.apply(*path_inputs, L) for scan, path_inputs in zip((_FactorizedChunkedScan, _ChunkedScan), inputs)]
+    y = _HeadOrder.apply(torch.cat([y_part for y_part, _ in parts], 2), 2, inverse, order)  # (B, T, H, P)
+    return y, _HeadOrder.apply(torch.cat([s_part for _, s_part in parts], 1), 1, inverse, order)
 
 
-def _qk_of_heads(x, heads, num_heads):
-    """q or k (B, T, G, N) for the heads `heads` (ascending indices into the H heads) alone: (B, T, G', N), each of
-    those heads in the same place of its group as `chunked_scan` expects. Whole groups stay shared."""
+class _HeadOrder(torch.autograd.Function):
+    """x with its heads (dim `dim`) put in `order`, a permutation of which `inverse` undoes: a copy each way
+    (index_select's own backward would fill a zero tensor first and add into it)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, order, inverse):
+        ctx.dim, ctx.inverse = dim, inverse
+        return x.index_select(dim, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.index_select(ctx.dim, ctx.inverse), None, None, None
+
+
+def _qk_of_heads(x, heads, order, inverse, num_heads):
+    """q or k (B, T, G, N) for each path's heads (`heads`: ascending indices into the H heads, `order` them one path
+    after the other): one (B, T, G', N) per path, each of its heads in the same place of its group as before. Whole
+    groups stay shared."""
     groups = x.shape[2]
     if groups == 1:  # one group: shared by any subset of its heads
-        return x
-    group_of = heads // (num_heads // groups)  # each head's group
-    runs = group_of.view(-1, num_heads // groups) if len(heads) % (num_heads // groups) == 0 else None
-    if groups < num_heads and runs is not None and bool((runs == runs[:, :1]).all()):  # whole groups
+        return [x] * len(heads)
+    if groups == num_heads:  # one head per group: reordered as v is
+        return _HeadOrder.apply(x, 2, order, inverse).split([len(index) for index in heads], 2)
+    return [_qk_of_some_heads(x, index, num_heads) for index in heads]
+
+
+def _qk_of_some_heads(x, heads, num_heads):
+    """q or k (B, T, G, N) of 1 < G < H groups for the heads `heads` alone: the groups they fill whole, else one
+    group per head."""
+    per_group = num_heads // x.shape[2]
+    group_of = heads // per_group  # each head's group
+    runs = group_of.view(-1, per_group) if len(heads) % per_group == 0 else None
+    if runs is not None and bool((runs == runs[:, :1]).all()):  # whole groups
         return x.index_select(2, runs[:, 0])
-    return x.index_select(2, group_of)  # one group per head
+    return x.index_select(2, group_of)
 
 
 def _segment_sums(cs, dtype):
