@@ -359,10 +359,11 @@ def _factorised_heads(a, L):
 
 def _scan(q, k, v, a, state, L):
     """Each head on the fastest path that is exact for it: the factorised scan for the heads whose decays factor, the
-    segment-sum scan for the others, so that one strongly gated head does not put every head on the slower path.
-    Arguments and returns as `_ChunkedScan`'s."""
+    segment-sum scan for the others, so that a few strongly gated heads do not put every head on the slower path.
+    Splitting the heads costs a copy of the inputs and outputs each way, which pays when at least half of them
+    factorise; with fewer, all take the exact path. Arguments and returns as `_ChunkedScan`'s."""
     factorised = _factorised_heads(a, L)
-    if factorised is None or not factorised.any():
+    if factorised is None or 2 * int(factorised.sum()) < len(factorised):
         return _ChunkedScan.apply(q, k, v, a, state, L)
     if factorised.all():
         return _FactorizedChunkedScan.apply(q, k, v, a, state, L)
