@@ -30,8 +30,9 @@ The backwards are written by hand (torch.autograd.Function): they need the same 
 autograd would but far fewer elementwise passes and fresh tensors (on CPU each fresh tensor costs page
 faults at every step). The factorised one gets the log_decay gradient from the identity
 d cs_i = dy_i . y_i - dv'_i . v'_i (+ the chunk's end-state term), as exp(cs) only ever scales values and
-outputs; the exact one, whose gates may be strong, from each segment sum's gradient directly (see there). They are not
-differentiable in turn: a double backward (create_graph=True, e.g. a gradient penalty) through them raises.
+outputs; the exact one, whose gates may be strong, from each segment sum's gradient directly (see there).
+They are not differentiable in turn: a double backward (create_graph=True, e.g. a gradient penalty) through
+them raises.
 
 Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
 Shapes: B batch, T time, H heads, G groups of heads sharing q and k (G = H unless shared; R = H / G),
@@ -331,9 +332,9 @@ def _per_head(x):
 def _scale_heads(x, factor, out=None):
     """x (..., L, R * P), a group's heads side by side, times factor (..., L, R), one per row and head
     -> (..., L, R * P): into out if given (any view), else a fresh tensor."""
-    heads = factor.shape[-1]
+    per_group = factor.shape[-1]
     out = x.new_empty(x.shape) if out is None else out
-    torch.mul(x.unflatten(-1, (heads, -1)), factor[..., None], out=out.unflatten(-1, (heads, -1)))
+    torch.mul(x.unflatten(-1, (per_group, -1)), factor[..., None], out=out.unflatten(-1, (per_group, -1)))
     return out
 
 
