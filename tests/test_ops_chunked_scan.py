@@ -110,12 +110,14 @@ def test_both_decay_paths_match_reference(monkeypatch, factorized, T, chunk_size
 @pytest.mark.parametrize("chunks_per_group", [1, 2, 3])
 def test_factorized_path_in_groups_of_chunks(monkeypatch, chunks_per_group):
     """The factorised path works a group of chunks at a time (the scan over chunks carried from group to group,
-    backwards in the backward): any group size, the last group shorter, must give the reference's results."""
+    backwards in the backward): any group size, groups of unequal sizes, must give the reference's results."""
     q, k, v, log_decay, s0 = make_inputs(T=100)  # 7 chunks of 16
-    bytes_per_chunk = v[:, :16].numel() * v.element_size()
+    bytes_per_chunk = sum(x[:, :16].numel() * x.element_size() for x in (q, k, v))
     monkeypatch.setattr(ops_chunked_scan, "_CACHE_BYTES", chunks_per_group * bytes_per_chunk)
-    chunk_major = torch.empty(7, *v[:, :16].transpose(1, 2).shape, dtype=v.dtype)  # (C, B, H, L, P)
-    assert len(ops_chunked_scan._chunk_groups(chunk_major)) == -(-7 // chunks_per_group)
+    padded = [torch.empty(x.shape[0], 112, *x.shape[2:], dtype=x.dtype) for x in (q, k, v)]  # as the scan pads them
+    groups = ops_chunked_scan._chunk_groups(*padded, 16)
+    assert len(groups) == -(-7 // chunks_per_group) and groups[0].start == 0 and groups[-1].stop == 7
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))  # every chunk once, in order
     assert ops_chunked_scan._factorised_heads(log_decay[:, :96], 16).all()  # mild gates: the factorised path
     got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=16)
     want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
