@@ -302,7 +302,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
             dk_chunks[g].copy_(dk)
             _scale_heads(dv_g, shrink[g], out=dv_chunks[g])
 
-        per_chunk = dcs.view(B, -1, L, dcs.shape[-1])  # (B, C, L, H)
+        per_chunk = dcs.view(B, len(qk), L, dcs.shape[-1])  # (B, C, L, H)
         per_chunk[:, :, -1] += d_end.transpose(0, 1)
         da = per_chunk.flip(2).cumsum(2).flip(2).view(dcs.shape)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
         return dq_out, dk_out, dv_out, da, dstates[0], None
@@ -310,7 +310,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
 
 def _side_by_side(x, groups):
     """(B, T, H, P) -> (B, T, G, R * P): each group's R heads side by side (head h = g * R + r); a view if x allows."""
-    return x.reshape(*x.shape[:2], groups, -1)
+    return x.reshape(*x.shape[:2], groups, x.shape[2] * x.shape[3] // groups)
 
 
 def _side_by_side_states(states, groups):
@@ -326,7 +326,7 @@ def _chunks_by_group(a, L, groups):
 
 def _per_head(x):
     """(C, B, G, R) -> (C, B, H), a copy."""
-    return x.reshape(*x.shape[:2], -1)
+    return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3])
 
 
 def _scale_heads(x, factor, out=None):
@@ -344,7 +344,7 @@ def _chunk_groups(q, k, v, L):
     its inputs, stay in cache (and are not page-faulted in afresh, as full-size ones are at every call under glibc's
     malloc). Measured on 2 cores: 1 MiB of v per set suits per-head q and k best, 2 MiB shared ones; this is both."""
     num_chunks = v.shape[1] // L
-    chunk_bytes = (q.numel() + k.numel() + v.numel()) * v.element_size() // num_chunks
+    chunk_bytes = max(1, (q.numel() + k.numel() + v.numel()) * v.element_size() // num_chunks)  # 1: an empty batch
     sets = -(-num_chunks // max(1, _CACHE_BYTES // chunk_bytes))
     bounds = [round(i * num_chunks / sets) for i in range(sets + 1)]  # sets of equal size, to within one chunk
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]

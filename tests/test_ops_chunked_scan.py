@@ -212,6 +212,19 @@ def test_empty_sequence():
     torch.testing.assert_close(s, s0)
 
 
+@pytest.mark.parametrize("factorized", [False, True])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_empty_batch(monkeypatch, factorized, groups):
+    """A batch of no rows (B = 0) gives empty outputs and gradients of the inputs' shapes on either path."""
+    monkeypatch.setattr(ops_chunked_scan, "_factorised_heads", lambda a, L: torch.full(a.shape[-1:], factorized))
+    q, k, v, a, s0 = (x[:0].requires_grad_() for x in make_inputs(T=37))
+    q, k = (x[:, :, :groups] for x in (q, k))
+    y, s = chunked_scan(q, k, v, a, chunk_size=16, initial_state=s0)
+    assert y.shape == (0, 37, 3, 4) and s.shape == (0, 3, 4, 5)
+    grads = torch.autograd.grad((y.sum() + s.sum()), (q, k, v, a, s0))
+    assert [g.shape for g in grads] == [x.shape for x in (q, k, v, a, s0)]
+
+
 def test_non_contiguous_inputs():
     """Mamba-2 passes B/C groups expanded to heads (stride 0) and slices of one projection."""
     B, T, H, N, P = 2, 50, 4, 6, 5
