@@ -221,6 +221,8 @@ def main():
         log_decay = torch.nn.functional.pad(log_decay, (0, 0, 0, -T % args.chunk))
         factorised = _factorised_heads(log_decay, args.chunk)
         factorised = 0 if factorised is None else int(factorised.sum())
+        if 2 * factorised < args.heads:  # the scan splits heads by path only where at least half factorise
+            factorised = 0
         path = {0: "exact", args.heads: "factorised"}.get(factorised, f"{factorised}/{args.heads} fact.")
         ratio, t_ref, t_chunk = paired_ratio(chunked_fn, reference_fn, inputs, grads, args)
         print(f"  {name:<17} {path:>10} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x", flush=True)
