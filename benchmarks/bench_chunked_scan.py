@@ -41,7 +41,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_seqarch.ops_chunked_scan import _factorised_heads, chunked_scan, scan_reference  # noqa: E402
+from hf_seqarch.ops_chunked_scan import _factorised_path_heads, chunked_scan, scan_reference  # noqa: E402
 from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 
@@ -219,10 +219,8 @@ def main():
         inputs, grads = make(args, T, args.device)
         log_decay = log_decay_of(inputs).detach().float()  # (B, T, H), padded as chunked_scan pads it:
         log_decay = torch.nn.functional.pad(log_decay, (0, 0, 0, -T % args.chunk))
-        factorised = _factorised_heads(log_decay, args.chunk)
+        factorised = _factorised_path_heads(log_decay, args.chunk)
         factorised = 0 if factorised is None else int(factorised.sum())
-        if 2 * factorised < args.heads:  # the scan splits heads by path only where at least half factorise
-            factorised = 0
         path = {0: "exact", args.heads: "factorised"}.get(factorised, f"{factorised}/{args.heads} fact.")
         ratio, t_ref, t_chunk = paired_ratio(chunked_fn, reference_fn, inputs, grads, args)
         print(f"  {name:<17} {path:>10} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x", flush=True)

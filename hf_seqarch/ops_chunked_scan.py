@@ -362,13 +362,20 @@ def _factorised_heads(a, L):
     return (spread <= -LOG_DECAY_FLOOR).flatten(0, 1).all(0)  # (H,)
 
 
-def _scan(q, k, v, a, state, L):
-    """Each head on the fastest path that is exact for it: the factorised scan for the heads whose decays factor, the
-    segment-sum scan for the others, so that a few strongly gated heads do not put every head on the slower path.
-    Splitting the heads costs a copy of the inputs and outputs each way, which pays when at least half of them
-    factorise; with fewer, all take the exact path. Arguments and returns as `_ChunkedScan`'s."""
+def _factorised_path_heads(a, L):
+    """The heads `_scan` runs on the factorised path, for log decays a (B, T, H): (H,) bool, or None for none.
+    Splitting the heads between the paths costs a copy of the inputs and outputs each way, which pays when at least
+    half of them factorise; with fewer, all take the exact path."""
     factorised = _factorised_heads(a, L)
-    if factorised is None or 2 * int(factorised.sum()) < len(factorised):
+    return None if factorised is None or 2 * int(factorised.sum()) < len(factorised) else factorised
+
+
+def _scan(q, k, v, a, state, L):
+    """Each head on the fastest path that is exact for it (`_factorised_path_heads`): the factorised scan for the
+    heads whose decays factor, the segment-sum scan for the others, so that a few strongly gated heads do not put
+    every head on the slower path. Arguments and returns as `_ChunkedScan`'s."""
+    factorised = _factorised_path_heads(a, L)
+    if factorised is None:
         return _ChunkedScan.apply(q, k, v, a, state, L)
     if factorised.all():
         return _FactorizedChunkedScan.apply(q, k, v, a, state, L)
