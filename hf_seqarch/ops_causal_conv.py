@@ -31,12 +31,15 @@ class _CausalDepthwiseConv(torch.autograd.Function):
             if past is not None:  # outputs t < shift see past[K-1 + t - shift]
                 head = min(shift, length)
                 out[:, :head].addcmul_(past[:, k : k + head], taps[k])
-        ctx.save_for_backward(x, taps, past)
+        ctx.save_for_backward(x, weight, bias, past)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, taps, past = ctx.saved_tensors
+        x, weight, bias, past = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (a double backward): a gradient that is itself differentiable
+            return _differentiable_grads(ctx, (x, weight, bias, past), grad)
+        taps = weight.t().contiguous()  # (K, C)
         kernel, length = taps.shape[0], x.shape[1]
         grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = grad_past = None
@@ -62,6 +65,16 @@ class _CausalDepthwiseConv(torch.autograd.Function):
                 head = min(shift, length)
                 grad_past[:, k : k + head].addcmul_(grad[:, :head], taps[k])
         return grad_x, grad_weight, grad_bias, grad_past
+
+
+def _differentiable_grads(ctx, inputs, grad):
+    """The gradients of (x, weight, bias, past) through `causal_conv_reference`, recomputed under autograd from the
+    saved inputs themselves so that they join those tensors' graph: the backward above builds no graph (its taps are
+    a copy of the weight), and a second differentiation (e.g. a gradient penalty) would otherwise see constants."""
+    wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
+    out = causal_conv_reference(*inputs)
+    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
 def causal_conv(x, weight, bias, past=None):

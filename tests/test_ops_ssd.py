@@ -75,6 +75,26 @@ def test_causal_conv_matches_conv1d(T, with_past):
     assert torch.autograd.gradcheck(causal_conv, (x, weight, bias, past))
 
 
+@pytest.mark.parametrize("with_past", [False, True], ids=["zero_past", "past"])
+def test_causal_conv_double_backward(with_past):
+    """A gradient penalty (create_graph=True) differentiates the conv's gradient again, the weight's part included:
+    the hand-written backward builds no graph, so it must not count as a constant there."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    past = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True) if with_past else None
+    leaves = [t for t in (x, weight, bias, past) if t is not None]
+
+    def penalty_grads(conv):
+        first = torch.autograd.grad(conv(x, weight, bias, past).pow(3).sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(grad.pow(2).sum() for grad in first), leaves, allow_unused=True)
+
+    for got, want in zip(penalty_grads(causal_conv), penalty_grads(causal_conv_reference)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradgradcheck(causal_conv, (x, weight, bias, past))
+
+
 def test_strong_gates_with_pads_keep_dA_exact():
     """dA of a head whose gates are strong (dt * A down to -400 per step) with dt = 0 at half the steps (pads, decay
     1): its true value is tiny (~1e-22), and summing the log decay's gradient from segment ends would leave rounding
