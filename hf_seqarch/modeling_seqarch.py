@@ -18,6 +18,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
+from transformers.models.auto import modeling_auto
 from transformers.utils import can_return_tuple, logging
 
 from .cache_seqarch import SeqArchCache
@@ -634,3 +635,8 @@ for _auto_class, _model_class in (
 ):
     _model_class.register_for_auto_class(_auto_class)
     AUTO_MAP[_auto_class] = f"{__name__.split('.')[-1]}.{_model_class.__name__}"
+
+# transformers' Trainer computes a label-smoothed loss itself and shifts the labels by one (next-token targets) only
+# for the models its table of causal LMs names; AutoModelForCausalLM.register does not add to that table. Without
+# this entry, label_smoothing_factor > 0 would train each position to predict its own token.
+modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(SeqArchConfig.model_type, SeqArchForCausalLM.__name__)

@@ -23,6 +23,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
 from hf_seqarch.modeling_seqarch import MIXER_CLASSES
@@ -88,6 +89,21 @@ class MeanLossLM(SeqArchForCausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+
+
+def test_label_smoothing_trains_next_token_targets(tmp_path):
+    """With label_smoothing_factor > 0 the Trainer computes the loss itself, and shifts the labels to next-token
+    targets only for the causal LMs in transformers' table of them: ours must be there, or each position would be
+    trained to predict its own token."""
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(tiny_config(["lstm"]))
+    trainer = Trainer(model=model, args=training_args(tmp_path, label_smoothing_factor=0.1), data_collator=lm_collator())
+    batch = lm_collator()(token_examples(4, seed=5))
+    loss = trainer.compute_loss(model, dict(batch))
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    smoothed = LabelSmoother(epsilon=0.1)
+    torch.testing.assert_close(loss, smoothed(outputs, batch["labels"], shift_labels=True))
+    assert (loss - smoothed(outputs, batch["labels"])).abs() > 1e-3  # the unshifted targets give another loss
 
 
 # ---------------------------------------------------------------------------- gradient accumulation
