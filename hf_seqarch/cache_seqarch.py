@@ -107,10 +107,12 @@ class SeqArchCache:
         """Append this step's keys/values (B, nkv, T, hd); return all of them for this step's attention.
 
         With a window only the last `window - 1` positions are kept: with the next query itself they
-        make exactly the `window` keys it may see. Without one, appending goes in place (see _append_in_room).
+        make exactly the `window` keys it may see. Without one, appending goes in place (see _append_in_room)
+        unless autograd is on: a graph may hold views of the buffer (the last step's attention saved its keys and
+        values), even where these keys need no gradient (a frozen k_proj under LoRA on q and v).
         """
         state = self.layers[layer_idx]
-        if window is None and state is not None and not (key.requires_grad or state["key"].requires_grad):
+        if window is None and state is not None and not torch.is_grad_enabled():
             key, value = self._append_in_room(layer_idx, state, key, value)
             self.layers[layer_idx] = {"key": key, "value": value}
             return key, value
@@ -129,7 +131,7 @@ class SeqArchCache:
 
         torch.cat would copy the whole past at every decode step: at 8K tokens that copy was half the cost of
         a step. A buffer instead grows by a quarter (at least 256 positions) when full, so a step copies only
-        its own keys and values. Not under autograd (the caller checks): in-place writes would corrupt a graph.
+        its own keys and values. Not under autograd (the caller checks): in-place writes would break a graph.
         """
         past, total = state["key"].shape[2], state["key"].shape[2] + key.shape[2]
         room = self._kv_room.get(layer_idx)

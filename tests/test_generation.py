@@ -159,6 +159,25 @@ def test_attention_decode_appends_in_place_and_autograd_still_works():
         torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_chunks_through_a_cache_train_with_frozen_keys(attn_implementation):
+    """Only q_proj and v_proj trainable (LoRA's default targets): the keys need no gradient, yet the last chunk's
+    attention saved views of the cached keys and values, which an in-place append would break."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"], initializer_range=0.3, attn_implementation=attn_implementation,
+                       num_key_value_heads=4)  # no grouped-query repeat: eager attention saves the cached keys themselves
+    trained = [p for name, p in model.named_parameters() if name.endswith(("q_proj.weight", "v_proj.weight"))]
+    for p in model.parameters():
+        p.requires_grad_(any(p is t for t in trained))
+    ids = random_ids(2, 12)
+    grads = []
+    for chunks in ([(0, 12)], [(0, 5), (5, 6), (6, 12)]):
+        cache = SeqArchCache(model.config)
+        logits = torch.cat([model(input_ids=ids[:, a:b], cache=cache, use_cache=True).logits for a, b in chunks], 1)
+        grads.append(torch.autograd.grad(logits.pow(2).mean(), trained))
+    for full, chunked in zip(*grads):
+        torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-6)
+
+
 @stack_params
 def test_reorder_cache_serves_beam_search(stack):
     model = causal_lm(stack)
