@@ -395,15 +395,16 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 + (f" or ({batch}, {length})" if past_length else "")
                 + f", with 1 at real tokens and 0 at padding; got shape {tuple(attention_mask.shape)}."
             )
+        if attention_mask.shape[1] == length and past_length and self.config.has_attention:
+            # even an all-ones one: the past may have had pads, which the attention layers would then attend to
+            raise ValueError(
+                "With a cache, attention layers need the mask of the past tokens too: pass attention_mask of "
+                f"shape ({batch}, {past_length + length})."
+            )
         mask = attention_mask.bool()
         if bool(mask.all()):
             return None
         if mask.shape[1] == length and past_length:
-            if self.config.has_attention:
-                raise ValueError(
-                    "With a cache, attention layers need the mask of the past tokens too: pass attention_mask of "
-                    f"shape ({batch}, {past_length + length})."
-                )
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
             mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
         return mask

@@ -51,6 +51,18 @@ def test_mask_of_wrong_shape(shape):
         model(input_ids=random_ids(2, 4), attention_mask=torch.ones(shape, dtype=torch.long))
 
 
+@pytest.mark.parametrize("short_mask", [[[1], [1]], [[1], [0]]], ids=["all_ones", "with_a_pad"])
+def test_attention_with_a_cache_needs_the_mask_of_the_past(short_mask):
+    """After a left-padded prefill, a decode step's mask of the new token alone would let attention read the cached
+    pads: refused whatever its values (an all-ones one was taken as "no padding")."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"])
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :4] = 0
+    cache = getattr(model(input_ids=random_ids(2, 6), attention_mask=mask, use_cache=True), CACHE_FIELD)
+    with pytest.raises(ValueError, match=r"need the mask of the past tokens too.*\(2, 7\)"):
+        model(input_ids=random_ids(2, 1), attention_mask=torch.tensor(short_mask), cache=cache)
+
+
 @pytest.mark.parametrize("labels_length,logits_to_keep", [(4, 1), (3, 0)])
 def test_labels_without_a_logit_at_every_position(labels_length, logits_to_keep):
     """logits_to_keep (or labels of another length) with labels: a clear error, not one from inside cross_entropy."""
