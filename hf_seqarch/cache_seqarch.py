@@ -17,7 +17,7 @@ STATE_FIELDS = {
     "attention": ("num_key_value_heads", "attention_head_dim"),
     "sliding_attention": ("num_key_value_heads", "attention_head_dim", "sliding_window"),
     "mamba2": ("mamba_state_size", "mamba_head_dim", "mamba_expand", "mamba_conv_kernel", "mamba_n_groups"),
-    "linear_attention": ("linear_attention_num_heads", "linear_attention_head_dim"),
+    "linear_attention": ("linear_attention_heads_in_use", "linear_attention_head_dim_in_use"),
 }
 
 

@@ -1,6 +1,7 @@
 """SeqArchConfig: one token mixer per layer, chosen by name, plus the usual transformers fields."""
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention")
 RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer
@@ -68,7 +69,7 @@ class SeqArchConfig(PretrainedConfig):
     ):
         if mixer_types is None:
             mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
-        mixer_types = list(mixer_types)
+        mixer_types = _mixer_list(mixer_types)
         if num_hidden_layers is not None and num_hidden_layers != len(mixer_types):
             raise ValueError(
                 f"num_hidden_layers={num_hidden_layers} does not match len(mixer_types)={len(mixer_types)}; "
@@ -124,7 +125,7 @@ class SeqArchConfig(PretrainedConfig):
                 "set mixer_types instead (num_hidden_layers is derived from it)."
             )
         if name == "mixer_types":
-            value = list(value)
+            value = _mixer_list(value)
         super().__setattr__(name, value)
         if name == "mixer_types":
             super().__setattr__("num_hidden_layers", len(value))
@@ -139,6 +140,16 @@ class SeqArchConfig(PretrainedConfig):
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def linear_attention_heads_in_use(self) -> int:
+        """The linear-attention layers' head count: linear_attention_num_heads, else num_attention_heads."""
+        return self.linear_attention_num_heads or self.num_attention_heads
+
+    @property
+    def linear_attention_head_dim_in_use(self) -> int:
+        """Their key/value size per head: linear_attention_head_dim, else hidden_size / their head count."""
+        return self.linear_attention_head_dim or self.hidden_size // self.linear_attention_heads_in_use
 
     @property
     def has_attention(self) -> bool:
@@ -158,9 +169,21 @@ class SeqArchConfig(PretrainedConfig):
         if "mamba2" in self.mixer_types:
             positive += ["mamba_head_dim", "mamba_expand", "mamba_n_groups", "mamba_state_size", "mamba_chunk_size",
                          "mamba_conv_kernel"]
+        if "linear_attention" in self.mixer_types:
+            positive.append("linear_attention_chunk_size")
+            positive += [name for name in ("linear_attention_num_heads", "linear_attention_head_dim")
+                         if getattr(self, name) is not None]  # None: derived from the attention sizes
         for name in positive:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"pad_token_id must be None or a token id in [0, vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id!r}.")
+        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps must be a number >= 0, got {self.rms_norm_eps!r}.")
+        if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
+                             "'gelu', 'relu'.")
         if not _is_int(self.intermediate_size) or self.intermediate_size < 0:
             raise ValueError(f"intermediate_size must be an integer >= 0 (0 means no MLP), got {self.intermediate_size!r}.")
         if self.head_dim is not None and (not _is_int(self.head_dim) or self.head_dim < 2):
@@ -178,9 +201,7 @@ class SeqArchConfig(PretrainedConfig):
                 )
             if self.attention_head_dim % 2 != 0:
                 raise ValueError(f"The attention head dim must be even for rotary embeddings, got {self.attention_head_dim}.")
-        if "sliding_attention" in self.mixer_types and (
-            not isinstance(self.sliding_window, int) or self.sliding_window < 1
-        ):
+        if "sliding_attention" in self.mixer_types and (not _is_int(self.sliding_window) or self.sliding_window < 1):
             raise ValueError(f"sliding_window must be an integer >= 1 for 'sliding_attention', got {self.sliding_window!r}.")
         if self.bidirectional and any(m in ("lstm", "gru") for m in self.mixer_types) and self.hidden_size % 2:
             raise ValueError(
@@ -198,19 +219,23 @@ class SeqArchConfig(PretrainedConfig):
                     f"({inner // self.mamba_head_dim})."
                 )
         if "linear_attention" in self.mixer_types:
-            heads = self.linear_attention_num_heads or self.num_attention_heads
-            head_dim = self.linear_attention_head_dim or self.hidden_size // heads
+            heads = self.linear_attention_heads_in_use
             if self.linear_attention_head_dim is None and self.hidden_size % heads != 0:
                 raise ValueError(
                     f"linear attention heads ({heads}) do not divide hidden_size={self.hidden_size}; "
                     "set linear_attention_num_heads or linear_attention_head_dim."
                 )
-            if head_dim < 1 or self.linear_attention_chunk_size < 1:
-                raise ValueError("linear_attention head dim and chunk size must be >= 1.")
             if self.linear_attention_feature_map not in ("elu", "relu", "identity"):
                 raise ValueError(
                     f"linear_attention_feature_map={self.linear_attention_feature_map!r}; allowed: 'elu', 'relu', 'identity'."
                 )
+
+
+def _mixer_list(mixer_types) -> list:
+    if isinstance(mixer_types, str):  # list("lstm") would be ['l', 's', 't', 'm']
+        raise ValueError(f"mixer_types must be a list with one mixer name per layer, e.g. [{mixer_types!r}]; got the "
+                         f"string {mixer_types!r}.")
+    return list(mixer_types)
 
 
 def _is_int(value) -> bool:

@@ -34,8 +34,8 @@ class LinearAttentionMixer(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.linear_attention_num_heads or config.num_attention_heads  # H
-        self.head_dim = config.linear_attention_head_dim or config.hidden_size // self.num_heads  # N = P
+        self.num_heads = config.linear_attention_heads_in_use  # H
+        self.head_dim = config.linear_attention_head_dim_in_use  # N = P
         self.chunk_size = config.linear_attention_chunk_size
         self.feature_map = FEATURE_MAPS[config.linear_attention_feature_map]
         width, inner = config.hidden_size, self.num_heads * self.head_dim

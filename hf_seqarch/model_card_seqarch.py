@@ -41,8 +41,7 @@ def layer_decoding_state(config, mixer: str) -> tuple[int, int | None, int]:
         conv = (inner + 2 * config.mamba_n_groups * config.mamba_state_size) * (config.mamba_conv_kernel - 1)
         return 0, None, heads * config.mamba_head_dim * config.mamba_state_size + conv
     if mixer == "linear_attention":
-        heads = config.linear_attention_num_heads or config.num_attention_heads
-        head_dim = config.linear_attention_head_dim or config.hidden_size // heads
+        heads, head_dim = config.linear_attention_heads_in_use, config.linear_attention_head_dim_in_use
         return 0, None, heads * head_dim * head_dim
     raise ValueError(f"No decoding state known for mixer {mixer!r}.")
 

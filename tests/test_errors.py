@@ -23,11 +23,27 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(mixer_types=["mamba2"], mamba_n_groups=0), "mamba_n_groups must be a positive integer"),
         (dict(mixer_types=["mamba2"], mamba_head_dim=0), "mamba_head_dim must be a positive integer"),
         (dict(mixer_types=["mamba2"], mamba_expand=0), "mamba_expand must be a positive integer"),
+        (dict(mixer_types=["linear_attention"], linear_attention_chunk_size=4.0), "linear_attention_chunk_size must be"),
+        (dict(mixer_types=["linear_attention"], linear_attention_num_heads=0), "linear_attention_num_heads must be"),
+        (dict(mixer_types=["linear_attention"], linear_attention_head_dim=8.0), "linear_attention_head_dim must be"),
+        (dict(mixer_types=["sliding_attention"], sliding_window=True), "sliding_window must be an integer"),
+        (dict(pad_token_id=VOCAB), r"pad_token_id must be None or a token id in \[0, vocab_size"),
+        (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a number >= 0"),
+        (dict(hidden_act="bogus"), "hidden_act='bogus' is not an activation"),
     ],
 )
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(overrides.pop("mixer_types", ["attention"]), **overrides)
+
+
+def test_mixer_types_as_a_string_is_refused():
+    """list("lstm") would be four unknown mixers named by letters."""
+    with pytest.raises(ValueError, match=r"one mixer name per layer, e.g. \['lstm'\]"):
+        SeqArchConfig(mixer_types="lstm")
+    config = tiny_config(["lstm"])
+    with pytest.raises(ValueError, match="one mixer name per layer"):
+        config.mixer_types = "gru"
 
 
 def test_causal_lm_refuses_bidirectional():
@@ -142,6 +158,17 @@ def test_a_cache_is_checked_against_the_model_and_batch(made_for, used_by, batch
     cache = getattr(output, CACHE_FIELD)  # `cache`, or `past_key_values` before transformers 5.24
     with pytest.raises(ValueError, match=message):
         tiny_model(SeqArchForCausalLM, used_by)(input_ids=random_ids(batch, 1), cache=cache)
+
+
+def test_a_cache_is_checked_on_the_linear_attention_heads_in_use():
+    """With linear_attention_num_heads None the head count comes from num_attention_heads: a cache of another count
+    failed inside the scan."""
+    made_for = tiny_model(SeqArchForCausalLM, ["linear_attention"], linear_attention_num_heads=None, num_attention_heads=4)
+    cache = getattr(made_for(input_ids=random_ids(2, 5), use_cache=True), CACHE_FIELD)
+    used_by = tiny_model(SeqArchForCausalLM, ["linear_attention"], linear_attention_num_heads=None, num_attention_heads=2,
+                         num_key_value_heads=2)
+    with pytest.raises(ValueError, match="made for a model with linear_attention_heads_in_use=4"):
+        used_by(input_ids=random_ids(2, 1), cache=cache)
 
 
 def test_assisted_decoding_is_refused_clearly():
