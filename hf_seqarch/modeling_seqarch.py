@@ -285,6 +285,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"got shape {tuple(inputs_embeds.shape)}."
             )
         batch, length = inputs_embeds.shape[:2]
+        if length == 0:
+            raise ValueError(f"The input has no tokens (shape {tuple(inputs_embeds.shape[:2])}): pass at least one per row.")
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )

@@ -46,6 +46,12 @@ def test_mixer_types_as_a_string_is_refused():
         config.mixer_types = "gru"
 
 
+@pytest.mark.parametrize("mixer", ["lstm", "attention", "linear_attention", "mamba2"])
+def test_an_input_without_tokens_is_refused(mixer):
+    with pytest.raises(ValueError, match=r"no tokens \(shape \(2, 0\)\)"):
+        tiny_model(SeqArchForCausalLM, [mixer])(input_ids=torch.zeros(2, 0, dtype=torch.long))
+
+
 def test_causal_lm_refuses_bidirectional():
     with pytest.raises(ValueError, match="bidirectional"):
         SeqArchForCausalLM(tiny_config(["lstm"], bidirectional=True))
