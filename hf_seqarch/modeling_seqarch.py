@@ -143,6 +143,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
 
         A missing or resized task head (e.g. `score` when a causal-LM checkpoint is loaded for
         classification) is the usual fine-tuning start and is only warned about, as in transformers.
+        A causal LM loaded untied (tie_word_embeddings=False) from a checkpoint without lm_head.weight (saved
+        tied, or a body alone) starts its lm_head from the input embeddings, the head a tied model has.
         """
         return_info = kwargs.pop("output_loading_info", False)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
@@ -162,6 +164,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                 raise
             raise explained from error
         prefix = cls.base_model_prefix + "."
+        _untie_lm_head_left_out(model, info)
 
         def body(keys):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
@@ -210,6 +213,20 @@ class SeqArchPreTrainedModel(PreTrainedModel):
             return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message,
                                        commit_description=commit_description, private=private, create_pr=create_pr,
                                        revision=revision)
+
+
+def _untie_lm_head_left_out(model, info):
+    """An untied lm_head the checkpoint has no weight for (it was saved tied: transformers stores the embeddings
+    only) gets the input embeddings, which is what that checkpoint's head was, instead of staying random."""
+    missing = info.get("missing_keys", [])
+    head = getattr(model, "lm_head", None)
+    if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings or head.weight.is_meta:
+        return
+    with torch.no_grad():
+        head.weight.copy_(model.get_input_embeddings().weight)
+    info["missing_keys"] = type(missing)(key for key in missing if key != "lm_head.weight")
+    logger.warning("The checkpoint has no lm_head.weight (saved with tied embeddings, or a model body alone): the "
+                   "untied lm_head starts from the input embeddings, the head a tied model has.")
 
 
 def _explain_load_error(error, source):

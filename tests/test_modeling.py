@@ -52,6 +52,17 @@ def test_save_load_roundtrip_is_exact(stack, head, tied, tmp_path):
         assert (reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()) == tied
 
 
+def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
+    """A tied checkpoint stores no lm_head.weight: loaded with tie_word_embeddings=False, the untied head starts as
+    the tied model's head was (the embeddings), not random, and is then a weight of its own."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    untied = SeqArchForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=False).eval()
+    ids = random_ids(2, 6)
+    torch.testing.assert_close(untied(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
 def test_auto_classes_build_and_load_our_models(tmp_path):
     config = tiny_config(["lstm", "attention"])
     config.save_pretrained(tmp_path)
