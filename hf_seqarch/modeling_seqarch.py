@@ -239,8 +239,10 @@ def _explain_load_error(error, source):
         )
     if "ignore_mismatched_sizes" in text or "size mismatch" in text:
         return ValueError(
-            f"The weights of {source!r} have other shapes than this config gives: check that config.mixer_types "
-            f"and the sizes match the checkpoint. ({text})"
+            f"The weights of {source!r} have other shapes than this config gives (the loading report above lists "
+            f"them). If only a task head differs (score or classifier: another num_labels), pass "
+            f"ignore_mismatched_sizes=True to start it afresh; otherwise check that config.mixer_types and the sizes "
+            f"match the checkpoint. ({text})"
         )
     return None
 

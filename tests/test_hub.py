@@ -442,6 +442,8 @@ def test_ignore_mismatched_sizes_does_not_reinitialise_the_body(saved_lm):
     # A task head of another size is what the option is for.
     classifier = SeqArchForSequenceClassification.from_pretrained(saved_lm, num_labels=3)
     classifier.save_pretrained(saved_lm.parent / "classifier")
+    with pytest.raises(ValueError, match="another num_labels.*pass ignore_mismatched_sizes=True"):
+        SeqArchForSequenceClassification.from_pretrained(saved_lm.parent / "classifier", num_labels=5)
     resized = SeqArchForSequenceClassification.from_pretrained(
         saved_lm.parent / "classifier", num_labels=5, ignore_mismatched_sizes=True
     )
