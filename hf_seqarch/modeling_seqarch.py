@@ -4,6 +4,7 @@ Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base
 """
 
 import inspect
+import math
 import os
 import tempfile
 
@@ -343,6 +344,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
+        if length > 1 and not torch.compiler.is_compiling():  # (reading values would break a compiled graph)
+            _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(
                 position_ids, self.config.attention_head_dim, self.config.rope_theta, inputs_embeds.dtype
@@ -429,6 +432,26 @@ class SeqArchModel(SeqArchPreTrainedModel):
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
             mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
         return mask
+
+
+def _refuse_packed_sequences(position_ids, token_mask):
+    """position_ids that go back within a row, from one real token to a later one, mark several sequences packed
+    into the row (transformers' DataCollatorWithFlattening, padding-free training). No mixer here separates them:
+    recurrences would carry one sequence's state into the next and attention would see across them."""
+    positions = position_ids.expand(token_mask.shape) if token_mask is not None else position_ids  # (B or 1, T)
+    highest = positions  # so far, over the real tokens (pads may have any position: generate gives them 1)
+    if token_mask is not None:
+        lowest = -math.inf if positions.is_floating_point() else torch.iinfo(positions.dtype).min
+        highest = torch.where(token_mask, positions, lowest)
+    backwards = positions[:, 1:] < highest.cummax(1).values[:, :-1]  # (B or 1, T - 1)
+    if token_mask is not None:
+        backwards &= token_mask[:, 1:]
+    if bool(backwards.any()):
+        raise ValueError(
+            "position_ids go back within a row, as they do when several sequences are packed into one "
+            "(DataCollatorWithFlattening, padding-free training): these models would carry each sequence into the next. "
+            "Pad the sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
+        )
 
 
 def _check_labels(labels, num_classes, name):

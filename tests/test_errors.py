@@ -85,6 +85,20 @@ def test_attention_with_a_cache_needs_the_mask_of_the_past(short_mask):
         model(input_ids=random_ids(2, 1), attention_mask=torch.tensor(short_mask), cache=cache)
 
 
+def test_packed_sequences_are_refused():
+    """Sequences packed into one row (position_ids restarting, as DataCollatorWithFlattening makes them) would run
+    into each other in every mixer; positions as generate() gives them, pads included, are fine."""
+    from transformers import DataCollatorWithFlattening
+
+    packed = DataCollatorWithFlattening()([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    with pytest.raises(ValueError, match="position_ids go back within a row.*Pad the sequences"):
+        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 1, 1, 0]])  # left padding; holes and right padding
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate()'s: [[1, 1, 0, 1, 2], [0, 1, 1, 2, 1]]
+    assert model(input_ids=random_ids(2, 5), attention_mask=mask, position_ids=positions).logits.shape == (2, 5, VOCAB)
+
+
 @pytest.mark.parametrize("labels_length,logits_to_keep", [(4, 1), (3, 0)])
 def test_labels_without_a_logit_at_every_position(labels_length, logits_to_keep):
     """logits_to_keep (or labels of another length) with labels: a clear error, not one from inside cross_entropy."""
