@@ -454,6 +454,14 @@ def _refuse_packed_sequences(position_ids, token_mask):
         )
 
 
+def _refuse_cache(head, kwargs):
+    """The classification heads read whole sequences: a cache passed to them would be silently ignored."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
+                             "SeqArchForCausalLM or SeqArchModel to continue from one.")
+
+
 def _check_labels(labels, num_classes, name):
     if torch.compiler.is_compiling():
         return  # reading the labels' values would break torch.compile's graph
@@ -584,6 +592,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
+        _refuse_cache(self, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -647,6 +656,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
+        _refuse_cache(self, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from hf_seqarch import SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
+from hf_seqarch import (
+    SeqArchConfig,
+    SeqArchForCausalLM,
+    SeqArchForSequenceClassification,
+    SeqArchForTokenClassification,
+    SeqArchModel,
+)
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import VOCAB, random_ids, tiny_config, tiny_model
 
@@ -137,6 +143,15 @@ def test_inputs_of_wrong_shape(inputs, message):
     model = tiny_model(SeqArchModel, ["attention"])
     with pytest.raises(ValueError, match=message):
         model(**inputs)
+
+
+@pytest.mark.parametrize("head", [SeqArchForSequenceClassification, SeqArchForTokenClassification])
+def test_classification_heads_take_no_cache(head):
+    """A cache passed to a classification head was silently ignored."""
+    output = tiny_model(SeqArchForCausalLM, ["lstm"])(input_ids=random_ids(2, 5), use_cache=True)
+    for name in ("cache", "past_key_values"):
+        with pytest.raises(ValueError, match=f"takes no cache \\(got {name}=\\)"):
+            tiny_model(head, ["lstm"])(input_ids=random_ids(2, 1), **{name: getattr(output, CACHE_FIELD)})
 
 
 def test_bidirectional_model_takes_no_cache():
