@@ -176,11 +176,12 @@ class SeqArchConfig(PretrainedConfig):
         for name in positive:
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if self.pad_token_id is not None and (not _is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size):
-            raise ValueError(f"pad_token_id must be None or a token id in [0, vocab_size={self.vocab_size}), "
-                             f"got {self.pad_token_id!r}.")
-        if isinstance(self.rms_norm_eps, bool) or not isinstance(self.rms_norm_eps, (int, float)) or self.rms_norm_eps < 0:
-            raise ValueError(f"rms_norm_eps must be a number >= 0, got {self.rms_norm_eps!r}.")
+        pad = self.pad_token_id
+        if pad is not None and (not _is_int(pad) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id must be None or a token id in [0, vocab_size={self.vocab_size}), got {pad!r}.")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+            raise ValueError(f"rms_norm_eps must be a number >= 0, got {eps!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
                              "'gelu', 'relu'.")

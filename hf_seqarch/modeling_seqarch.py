@@ -217,8 +217,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
 
 
 def _untie_lm_head_left_out(model, info):
-    """An untied lm_head the checkpoint has no weight for (it was saved tied: transformers stores the embeddings
-    only) gets the input embeddings, which is what that checkpoint's head was, instead of staying random."""
+    """An untied lm_head the checkpoint has no weight for (it was saved tied, and transformers stored only the
+    embeddings; or it is a model body alone) starts from the input embeddings, what a tied head is, not random."""
     missing = info.get("missing_keys", [])
     head = getattr(model, "lm_head", None)
     if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings or head.weight.is_meta:
@@ -306,7 +306,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
         batch, length = inputs_embeds.shape[:2]
         if length == 0:
-            raise ValueError(f"The input has no tokens (shape {tuple(inputs_embeds.shape[:2])}): pass at least one per row.")
+            raise ValueError(f"The input has no tokens (shape {(batch, length)}): pass at least one per row.")
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -329,6 +329,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             cache = SeqArchCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
 
+        positions_given = position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
         elif position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
@@ -344,7 +345,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
-        if length > 1 and not torch.compiler.is_compiling():  # (reading values would break a compiled graph)
+        if positions_given and length > 1 and not torch.compiler.is_compiling():  # (reading them breaks a graph)
             _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(
@@ -449,8 +450,8 @@ def _refuse_packed_sequences(position_ids, token_mask):
     if bool(backwards.any()):
         raise ValueError(
             "position_ids go back within a row, as they do when several sequences are packed into one "
-            "(DataCollatorWithFlattening, padding-free training): these models would carry each sequence into the next. "
-            "Pad the sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
+            "(DataCollatorWithFlattening, padding-free training): these models would carry each sequence into the "
+            "next. Pad the sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
         )
 
 
