@@ -427,7 +427,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"shape ({batch}, {past_length + length})."
             )
         mask = attention_mask.bool()
-        if bool(mask.all()):
+        if not torch.compiler.is_compiling() and bool(mask.all()):  # (compiled: the masked paths, no graph break)
             return None
         if mask.shape[1] == length and past_length:
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
@@ -594,6 +594,8 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         **kwargs,
     ):
         _refuse_cache(self, kwargs)
+        if input_ids is not None:  # pads without a mask are read as tokens (an encoder's every output sees them)
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -658,6 +660,8 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         **kwargs,
     ):
         _refuse_cache(self, kwargs)
+        if input_ids is not None:  # pads without a mask are read as tokens (an encoder's every output sees them)
+            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -218,6 +218,21 @@ def test_torch_compile_forward(stack):
         torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, want, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compile_fullgraph_with_a_padding_mask():
+    """Padded training batches carry a mask: checking whether it is all ones read its values (a graph break, so
+    fullgraph=True failed whenever a mask was passed); compiled, the masked paths run whatever the mask holds."""
+    model = tiny_model(SeqArchForCausalLM, ["attention", "mamba2", "linear_attention"])
+    ids, padded = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    padded[1, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for mask in (padded, torch.ones_like(padded)):
+            got = compiled(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_torch_compile_fullgraph_before_any_eager_call(monkeypatch):
     """A mamba2 model compiled before it ever ran eagerly: the once-per-backend log of kernels_mamba2 would be traced
     (a graph break, so fullgraph=True failed); it is skipped while compiling."""

@@ -371,6 +371,22 @@ def test_sequence_classification_pooling(bidirectional):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, model.score(pooled))
 
 
+@pytest.mark.parametrize("head", ["seq_cls", "token_cls"])
+def test_classification_without_a_mask_warns_of_pad_ids(head):
+    """Without attention_mask, pads are tokens to the model (an encoder's every output reads them), as in
+    transformers, which warns; so do our classification heads."""
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    model = tiny_model(HEADS[head], ["attention"], bidirectional=True)
+    ids = random_ids(2, 6)
+    ids[1, -2:] = model.config.pad_token_id
+    hf_logging.warning_once.cache_clear()  # (once per process: another test may have shown it)
+    with CaptureLogger(hf_logging.get_logger("transformers.modeling_utils")) as captured:
+        model(input_ids=ids)
+    assert "recommend passing in an `attention_mask`" in captured.out
+
+
 def test_token_classification_loss_ignores_minus_100():
     model = tiny_model(HEADS["token_cls"], ["gru"])
     labels = torch.tensor([[0, 1, 2, -100, -100]])
