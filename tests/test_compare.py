@@ -274,3 +274,35 @@ def test_verdicts_follow_the_numbers():
     assert verdicts["recall"] == INCONCLUSIVE and verdicts["linear_time"] == INCONCLUSIVE
     assert {v["key"]: v["verdict"] for v in all_verdicts({})} == dict.fromkeys(
         ("parallel", "quadratic", "streaming", "recall", "linear_time"), INCONCLUSIVE)
+
+
+def _per_sequence_exponent(exponent):
+    """Step times at fixed tokens per step whose time per sequence grows as n^exponent between 512 and 1024."""
+    return _speed({128: 1.0, 512: 1.0, 1024: 2 ** exponent / 2})
+
+
+def test_linear_time_is_never_judged_within_the_margin_of_attention():
+    """A recurrence measured superlinear (fewer sequences per step at longer lengths) loosens what counts as linear,
+    but a model that scales like the transformer must not count: here the LSTM grows as n^1.35, the transformer as
+    n^1.60, and a mamba2 at n^1.60 was called linear."""
+    recall = dict(mqar=dict(accuracy={"128": 0.9}), selective_copying=dict(accuracy=0.9))
+    archs = {
+        "transformer": dict(training_speed=_per_sequence_exponent(1.60), **recall),
+        "lstm": dict(training_speed=_per_sequence_exponent(1.35), mqar=dict(accuracy={"128": 0.1}),
+                     selective_copying=dict(accuracy=0.1)),
+        "mamba2": dict(training_speed=_per_sequence_exponent(1.60), decode=_decode({128: 20, 1024: 20}), **recall),
+    }
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
+    assert verdict["verdict"] == NOT_SUPPORTED and "time exponent <= 1.35" in verdict["evidence"]
+    archs["mamba2"]["training_speed"] = _per_sequence_exponent(1.30)  # as linear as the LSTM measured
+    assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == SUPPORTED
+
+
+def test_linear_time_says_which_model_its_recall_test_lacks():
+    archs = {"mamba2": dict(training_speed=_per_sequence_exponent(1.0), decode=_decode({128: 20, 1024: 20}),
+                            mqar=dict(accuracy={"128": 0.9}))}
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
+    assert verdict["verdict"] == INCONCLUSIVE and "needs the transformer's recall measured" in verdict["evidence"]
+    archs["transformer"] = dict(mqar=dict(accuracy={"128": 0.9}))
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
+    assert "needs an LSTM/GRU's recall measured" in verdict["evidence"]
