@@ -168,9 +168,9 @@ def test_unwritable_output_dir(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--mixers", "lstm,atention"], r"Unknown mixer type\(s\) \['atention'\]"),
+        (["--mixers", "lstm, atention"], r"Unknown mixer type\(s\) \['atention'\]"),  # spaces stripped
         (["--output-dir", "{file}"], "Cannot write to output directory"),
-        (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "0"], r"(?s)usage: hf-seqarch demo.*--steps: must be at least 1, got 0"),
     ],
 )
 def test_demo_bad_input_is_a_clear_error_before_training(tmp_path, capsys, extra, message):

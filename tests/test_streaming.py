@@ -180,7 +180,8 @@ def test_bad_input_is_a_clear_error(tmp_path):
         StreamingSession.load(causal_lm("gru"), path)
 
 
-@pytest.mark.parametrize("other", [dict(sliding_window=5), dict(num_key_value_heads=4), dict(mamba_conv_kernel=2)])
+@pytest.mark.parametrize("other", [dict(sliding_window=5), dict(num_key_value_heads=4), dict(mamba_conv_kernel=2),
+                                   dict(hidden_size=64)])  # also shapes attention_head_dim: the first field is named
 def test_a_state_loads_only_into_a_model_of_the_same_layout(other, tmp_path):
     """Every config field that shapes a state is checked on load (a different window or conv kernel once loaded
     and gave wrong logits; other head counts failed inside torch)."""
@@ -188,7 +189,7 @@ def test_a_state_loads_only_into_a_model_of_the_same_layout(other, tmp_path):
     session = StreamingSession(tiny_model(SeqArchForCausalLM, stack))
     session.feed(random_ids(1, 6))
     session.save(tmp_path / "state.safetensors")
-    with pytest.raises(ValueError, match=f"{next(iter(other))}="):
+    with pytest.raises(ValueError, match=f"with {next(iter(other))}="):
         StreamingSession.load(tiny_model(SeqArchForCausalLM, stack, **other), tmp_path / "state.safetensors")
 
 

@@ -11,7 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="outputs/demo", help="where the checkpoint is saved (default: %(default)s)")
     demo.add_argument("--mixers", default="lstm,attention,sliding_attention,gru",
                       help="comma-separated mixer per layer (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=30, help="training steps, at least 1 (default: %(default)s)")
+    demo.add_argument("--steps", type=_positive_int, default=30, help="training steps, at least 1 (default: %(default)s)")
     compare = sub.add_parser("compare", help="the architectures side by side on this machine: speed, memory, "
                              "decoding, recall, text; writes report.md, results.json, plots, checkpoints")
     compare.add_argument("--preset", default="quick", help="quick (default, <= 10 min on a 2-core CPU), full (GPU) or test")
@@ -25,16 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run_demo
 
-        if args.steps < 1:
-            parser.error(f"demo: --steps must be at least 1, got {args.steps}")
+        mixers = [name.strip() for name in args.mixers.split(",") if name.strip()]  # "lstm, gru" as "lstm,gru"
         try:
-            run_demo(args.output_dir, args.mixers.split(","), args.steps)
+            run_demo(args.output_dir, mixers, args.steps)
         except ValueError as err:  # a bad mixer name, an output directory that cannot be written
             print(f"hf-seqarch demo: error: {err}", file=sys.stderr)
             return 2

@@ -159,7 +159,7 @@ class StreamingSession:
         expected = session._fingerprint()
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a saved stream state (format {metadata.get('format')!r}).")
-        for key in expected.keys() & metadata.keys():  # every field that shapes a state (older files: fewer)
+        for key in [key for key in expected if key in metadata]:  # each field that shapes a state (older files: fewer)
             if metadata[key] != expected[key]:
                 raise ValueError(
                     f"The stream state in {path} was saved from a model with {key}={metadata[key]}, "
