@@ -59,7 +59,8 @@ def load_config(preset: str, overrides: str | None, tokenizer):
     config = AutoConfig.from_pretrained(folder)
     if overrides:
         config.update_from_string(overrides)
-    # The byte tokenizer puts 3 special ids (pad, eos, unk) before the 256 bytes: the presets' 256 ids are too few.
+    # The byte tokenizer has 384 ids (pad, eos, unk, the 256 bytes, 125 sentinel ids): the presets' 256 are too few,
+    # so parameter counts printed here exceed the configs/ table's by (384 - 256) x hidden_size.
     config.vocab_size = len(tokenizer)
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     config.validate_seqarch()
