@@ -2,6 +2,8 @@
 
 import functools
 import json
+import math
+import os
 import re
 
 import pytest
@@ -13,6 +15,7 @@ from hf_seqarch.tools import cli
 from hf_seqarch.tools.compare import run as compare_run
 from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_TOLERANCE, missing_mixers
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker
+from hf_seqarch.tools.compare.plots import write_plots
 from hf_seqarch.tools.compare.presets import PRESETS
 from hf_seqarch.tools.compare.tasks import IGNORE, copying_batch, generator, mqar_batch
 from hf_seqarch.tools.compare.verdicts import CLAIMS, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, all_verdicts
@@ -38,6 +41,23 @@ def test_writes_report_results_plots_and_checkpoints(run):
         assert (out / name).is_file(), name
     pytest.importorskip("matplotlib")
     assert set(results["plots"]) == {"throughput.png", "memory.png", "decode.png", "recall.png"}
+
+
+def test_recall_plot_leaves_an_unmeasured_accuracy_out(run, tmp_path, monkeypatch):
+    """An architecture without a recall score (its task failed) gets no bar there, not a 0% one."""
+    figure = pytest.importorskip("matplotlib.figure")
+    _, results = run
+    results = json.loads(json.dumps(results))
+    name = next(iter(results["architectures"]))
+    results["architectures"][name].pop("selective_copying")
+    saved = {}
+    monkeypatch.setattr(figure.Figure, "savefig",
+                        lambda fig, path, **kw: saved.__setitem__(os.path.basename(path), fig))
+    write_plots(results, str(tmp_path))
+    bars = saved["recall.png"].axes[0].patches  # each architecture's bars in turn, its selective copying last
+    groups = len(bars) // len([a for a in results["architectures"].values() if a.get("mqar")])
+    heights = [bar.get_height() for bar in bars]
+    assert math.isnan(heights[groups - 1]) and not any(math.isnan(h) for h in heights[groups:])
 
 
 def test_results_hold_every_figure(run):

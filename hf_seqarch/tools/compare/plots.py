@@ -1,5 +1,6 @@
 """PNG plots of the results (matplotlib, the `plots` extra). Returns the file names written."""
 
+import math
 import os
 
 PLOTS_MISSING = "matplotlib is not installed: no plots (pip install 'hf-seqarch[plots]')"
@@ -60,8 +61,9 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(scored)
         for i, (name, arch) in enumerate(scored.items()):
-            values = [arch.get("mqar", {}).get("accuracy", {}).get(str(n), 0.0) for n in lengths]
-            values.append(arch.get("selective_copying", {}).get("accuracy", 0.0))
+            # NaN where unmeasured (e.g. a task that failed): no bar, where 0.0 would draw a 0% one
+            values = [arch.get("mqar", {}).get("accuracy", {}).get(str(n), math.nan) for n in lengths]
+            values.append(arch.get("selective_copying", {}).get("accuracy", math.nan))
             ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
         preset = results["preset"]
         chance = [1 / (preset["mqar_vocab"] // 2)] * len(lengths) + [1 / (preset["copy_alphabet"] - 2)]
