@@ -455,12 +455,15 @@ def _refuse_packed_sequences(position_ids, token_mask):
         )
 
 
-def _refuse_cache(head, kwargs):
-    """The classification heads read whole sequences: a cache passed to them would be silently ignored."""
+def _check_classification_inputs(head, input_ids, attention_mask, kwargs):
+    """The classification heads run whole sequences: a cache passed to them would be silently ignored (refused), and
+    pad ids without a mask are read as tokens, every output of an encoder seeing them (warned, as transformers does)."""
     for name in ("cache", "past_key_values"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
                              "SeqArchForCausalLM or SeqArchModel to continue from one.")
+    if input_ids is not None:
+        head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
 
 def _check_labels(labels, num_classes, name):
@@ -593,9 +596,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        _refuse_cache(self, kwargs)
-        if input_ids is not None:  # pads without a mask are read as tokens (an encoder's every output sees them)
-            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+        _check_classification_inputs(self, input_ids, attention_mask, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -659,9 +660,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        _refuse_cache(self, kwargs)
-        if input_ids is not None:  # pads without a mask are read as tokens (an encoder's every output sees them)
-            self.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
+        _check_classification_inputs(self, input_ids, attention_mask, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

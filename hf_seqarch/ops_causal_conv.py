@@ -14,6 +14,8 @@ where u is the input x (B, T, C) preceded by `past` (B, K-1, C): the cached conv
 import torch
 import torch.nn.functional as F
 
+from .ops_rms_norm import gradients_through
+
 
 def _taps(kernel, length):
     """For each tap k: its shift s = K-1-k, and how many outputs take that tap from x (the rest from past)."""
@@ -38,7 +40,7 @@ class _CausalDepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, past = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True (a double backward): a gradient that is itself differentiable
-            return _differentiable_grads(ctx, (x, weight, bias, past), grad)
+            return gradients_through(causal_conv_reference, ctx, (x, weight, bias, past), grad)
         taps = weight.t().contiguous()  # (K, C)
         kernel, length = taps.shape[0], x.shape[1]
         grad = grad.contiguous()
@@ -65,16 +67,6 @@ class _CausalDepthwiseConv(torch.autograd.Function):
                 head = min(shift, length)
                 grad_past[:, k : k + head].addcmul_(grad[:, :head], taps[k])
         return grad_x, grad_weight, grad_bias, grad_past
-
-
-def _differentiable_grads(ctx, inputs, grad):
-    """The gradients of (x, weight, bias, past) through `causal_conv_reference`, recomputed under autograd from the
-    saved inputs themselves so that they join those tensors' graph: the backward above builds no graph (its taps are
-    a copy of the weight), and a second differentiation (e.g. a gradient penalty) would otherwise see constants."""
-    wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
-    out = causal_conv_reference(*inputs)
-    grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-    return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
 
 
 def causal_conv(x, weight, bias, past=None):

@@ -34,7 +34,8 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         x, weight, r = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True (a double backward): a gradient that is itself differentiable
-            return (*_differentiable_grads(ctx, x, weight, grad_output), None)
+            reference = lambda x, weight: F.rms_norm(x, (x.shape[-1],), weight, ctx.eps)  # noqa: E731
+            return (*gradients_through(reference, ctx, (x, weight), grad_output), None)
         width = x.shape[-1]
         # Work on the rows in x's memory order (an LSTM stack keeps its activations time-major, see
         # modeling_seqarch): a permuted view, so nothing is copied and the gradient comes out laid out like x.
@@ -76,14 +77,15 @@ def fast_path_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     )
 
 
-def _differentiable_grads(ctx, x, weight, grad_output):
-    """The gradients of x and weight through torch's own rms_norm, recomputed under autograd from the saved x and
-    weight themselves, so that they join those tensors' graph: the backward above builds no graph, and a second
-    differentiation (create_graph=True, e.g. a gradient penalty) would otherwise see constants."""
-    wanted = [t for t, needed in zip((x, weight), ctx.needs_input_grad[:2]) if needed]
-    y = F.rms_norm(x, (x.shape[-1],), weight, ctx.eps)
-    grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True))
-    return [next(grads) if needed else None for needed in ctx.needs_input_grad[:2]]
+def gradients_through(reference, ctx, inputs, grad_output):
+    """For a double backward (create_graph=True, e.g. a gradient penalty) through a hand-written backward, which builds
+    no graph: the gradients of `inputs` (those ctx needs) through reference(*inputs), recomputed under autograd from
+    the saved inputs themselves so that they join those tensors' graph; the second differentiation would otherwise
+    see constants."""
+    needed = ctx.needs_input_grad[: len(inputs)]
+    wanted = [t for t, need in zip(inputs, needed) if need]
+    grads = iter(torch.autograd.grad(reference(*inputs), wanted, grad_output, create_graph=True))
+    return tuple(next(grads) if need else None for need in needed)
 
 
 class RMSNorm(nn.RMSNorm):
