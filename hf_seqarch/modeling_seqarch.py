@@ -467,10 +467,14 @@ def _check_classification_inputs(head, input_ids, attention_mask, kwargs):
 
 
 def _check_labels(labels, num_classes, name):
-    if torch.compiler.is_compiling():
+    """Class-id labels in [0, num_classes) or -100. One device sync (a GPU waits for the work queued before it: the
+    causal LM checks before running its layers)."""
+    if torch.compiler.is_compiling() or not labels.numel():
         return  # reading the labels' values would break torch.compile's graph
-    valid = labels[labels != -100]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
+    ignored = labels == -100
+    low, high = torch.stack(torch.aminmax(labels.masked_fill(ignored, 0))).tolist()  # ignored ones read as class 0
+    if low < 0 or high >= num_classes:
+        valid = labels[~ignored]
         raise ValueError(f"labels must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
                          f"[{int(valid.min())}, {int(valid.max())}].")
 
@@ -516,6 +520,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
+        if labels is not None:  # before the layers run, so that its device sync does not stall a GPU mid-step
+            _check_labels(labels, self.config.vocab_size, "vocab_size")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -533,7 +539,6 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T or logits_to_keep, vocab)
         loss = None
         if labels is not None:
-            _check_labels(labels, self.config.vocab_size, "vocab_size")
             if labels.shape[:2] != logits.shape[:2]:
                 raise ValueError(
                     f"labels {tuple(labels.shape)} need a logit at every position, but there are logits for "
@@ -597,6 +602,8 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         **kwargs,
     ):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
+        if labels is not None and self.num_labels > 1 and not labels.is_floating_point():  # class ids (not regression
+            _check_labels(labels, self.num_labels, "num_labels")  # or multi-label), before the layers run
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -619,8 +626,6 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         logits = self.score(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
-            if self.num_labels > 1 and not labels.is_floating_point():  # class ids (not regression or multi-label)
-                _check_labels(labels, self.num_labels, "num_labels")
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
             num_items = kwargs.get("num_items_in_batch")
             if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
@@ -661,6 +666,8 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         **kwargs,
     ):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
+        if labels is not None:  # before the layers run
+            _check_labels(labels, self.num_labels, "num_labels")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -674,7 +681,6 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
-            _check_labels(labels, self.num_labels, "num_labels")
             loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions

@@ -1,5 +1,7 @@
 """Bad input gets a ValueError that says what was wrong and what is allowed."""
 
+import re
+
 import pytest
 import torch
 
@@ -114,11 +116,21 @@ def test_labels_without_a_logit_at_every_position(labels_length, logits_to_keep)
         model(input_ids=ids, labels=ids[:, :labels_length], logits_to_keep=logits_to_keep)
 
 
-def test_labels_out_of_range():
+@pytest.mark.parametrize("labels,values", [([VOCAB] * 4, f"[{VOCAB}, {VOCAB}]"), ([-100, 5, -3, -100], "[-3, 5]"),
+                                           ([-100, 7, VOCAB + 2, 6], f"[6, {VOCAB + 2}]")])
+def test_labels_out_of_range(labels, values):
+    """Any label outside [0, vocab) other than -100 is refused; the message gives the range of the labels not ignored."""
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    with pytest.raises(ValueError, match=re.escape(f"labels must be in [0, vocab_size={VOCAB}) or -100 (ignored); "
+                                                   f"got values in {values}")):
+        model(input_ids=random_ids(1, 4), labels=torch.tensor([labels]))
+
+
+def test_labels_all_ignored_or_in_range_are_accepted():
     model = tiny_model(SeqArchForCausalLM, ["gru"])
     ids = random_ids(1, 4)
-    with pytest.raises(ValueError, match="labels must be in"):
-        model(input_ids=ids, labels=torch.full_like(ids, VOCAB))
+    assert model(input_ids=ids, labels=torch.full_like(ids, -100)).loss is not None
+    assert model(input_ids=ids, labels=torch.tensor([[-100, 0, VOCAB - 1, -100]])).loss.isfinite()
 
 
 @pytest.mark.parametrize("label", [3, -1])
