@@ -1,0 +1,123 @@
+"""The GPU paths against the CPU ones, on the same weights and inputs: cuDNN's LSTM/GRU (packed sequences for
+padding), the exact chunked scan (the factorised one is CPU-only), sdpa's and flex's CUDA kernels, the cache on
+the device. Marked `cuda`: skipped without a GPU; benchmarks/gpu_check.sh runs them.
+
+TF32 is turned off for these tests: with it, CUDA float32 matmuls (cuDNN's RNNs included) round to 10 mantissa
+bits and could not be held to the CPU's float32."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
+from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference
+from tester import STACKS, random_ids, tiny_model
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(autouse=True)
+def full_float32_precision():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def padded_batch():
+    """ids (3, 11) with left padding in row 0 and right padding in row 1, their mask, and labels (-100 at pads)."""
+    ids = random_ids(3, 11)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, 7:] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def step_on(model, device, inputs):
+    """A training step's forward and backward on `device`: (outputs at the real tokens, loss, parameter grads), on
+    the CPU."""
+    model = model.to(device).train()
+    inputs = {name: value.to(device) for name, value in inputs.items()}
+    output = model(**inputs)
+    output.loss.backward()
+    logits = output.logits[inputs["attention_mask"].bool()] if output.logits.dim() == 3 else output.logits
+    grads = {name: p.grad.cpu() for name, p in model.named_parameters()}
+    return logits.detach().cpu(), output.loss.detach().cpu(), grads
+
+
+def assert_same_step(cpu, cuda):
+    (cpu_logits, cpu_loss, cpu_grads), (cuda_logits, cuda_loss, cuda_grads) = cpu, cuda
+    torch.testing.assert_close(cuda_logits, cpu_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cuda_loss, cpu_loss, rtol=1e-4, atol=1e-6)
+    assert cuda_grads.keys() == cpu_grads.keys()
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(cuda_grads[name], grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_causal_lm_step_on_cuda_matches_cpu(stack):
+    """Logits at the real tokens, loss and every gradient of a padded batch: the CUDA step gives the CPU's."""
+    ids, mask, labels = padded_batch()
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_same_step(step_on(copy.deepcopy(model), "cpu", inputs), step_on(model, "cuda", inputs))
+
+
+@pytest.mark.parametrize("stack", ["lstm", "gru+sliding+attention", "mamba2+attention", "lstm+linear+sliding"])
+def test_bidirectional_classifier_step_on_cuda_matches_cpu(stack):
+    """Encoders: bidirectional cuDNN RNNs, both scans' directions, non-causal attention, the masked mean."""
+    ids, mask, _ = padded_batch()
+    model = tiny_model(SeqArchForSequenceClassification, STACKS[stack], bidirectional=True)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    assert_same_step(step_on(copy.deepcopy(model), "cpu", inputs), step_on(model, "cuda", inputs))
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_generate_on_cuda_matches_cpu(stack):
+    """Greedy generation from a left-padded batch, cache on the device: the same tokens and step scores as on the CPU
+    (float64, so that no near-tie between two tokens can go either way)."""
+    ids, mask, _ = padded_batch()
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack], initializer_range=0.3).double()
+    results = {}
+    for device, copy_of_model in (("cpu", copy.deepcopy(model)), ("cuda", model.cuda())):
+        out = copy_of_model.generate(ids[:1].to(device), attention_mask=mask[:1].to(device), max_new_tokens=6,
+                                     min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
+                                     return_dict_in_generate=True)
+        results[device] = out.sequences.cpu(), torch.stack(out.scores).cpu()
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=0, atol=0)
+    # Not to float64's precision where attention is: RoPE's tables are computed in float32, as transformers' Llama
+    # computes them, and the CPU's and CUDA's float32 sin and cos differ in the last bit.
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("log_decay_scale", [0.5, 30.0], ids=["gentle", "strong"])
+def test_chunked_scan_on_cuda_matches_reference(log_decay_scale):
+    """The exact chunked scan (the one GPUs run) against the loop over time on the GPU: outputs, final state and the
+    gradients of every input, q and k shared by groups of 2 heads, a length that is not a multiple of the chunk."""
+    generator = torch.Generator().manual_seed(0)
+    batch, length, groups, heads, size = 2, 37, 2, 4, 8
+    leaves = [torch.randn(*shape, generator=generator) for shape in
+              ((batch, length, groups, size), (batch, length, groups, size), (batch, length, heads, size))]
+    leaves.append(-torch.rand(batch, length, heads, generator=generator) * log_decay_scale)
+    leaves.append(torch.randn(batch, heads, size, size, generator=generator))  # the initial state
+    dy, dstate = torch.randn(batch, length, heads, size).cuda(), torch.randn(batch, heads, size, size).cuda()
+    results = []
+    for scan in (lambda q, k, v, a, s: chunked_scan(q, k, v, a, chunk_size=16, initial_state=s), scan_reference):
+        inputs = [leaf.cuda().requires_grad_() for leaf in leaves]
+        y, state = scan(*inputs)
+        torch.autograd.backward((y, state), (dy, dstate))
+        results.append([y, state, *(x.grad for x in inputs)])
+    for chunked, reference in zip(*results):
+        torch.testing.assert_close(chunked, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_attention_trains_on_cuda_like_sdpa():
+    """flex_attention's CUDA kernels (forward and backward; the CPU has no backward) with padding and a window."""
+    ids, mask, labels = padded_batch()
+    steps = {}
+    for implementation in ("sdpa", "flex_attention"):
+        model = tiny_model(SeqArchForCausalLM, ["attention", "sliding_attention"], hidden_size=64,
+                           attn_implementation=implementation)  # head size 16: flex's kernels want >= 16
+        steps[implementation] = step_on(model, "cuda", dict(input_ids=ids, attention_mask=mask, labels=labels))
+    assert_same_step(steps["sdpa"], steps["flex_attention"])
