@@ -48,6 +48,9 @@ class SeqArchCache:
         self._made_from = weakref.ref(config) if self.layout is not None else None
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
+        # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
+        # of the past tokens (generate() and forwards pass it; a StreamingSession, which has none, refuses the cache).
+        self.holds_padding = False
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
         self._kv_room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -97,7 +100,12 @@ class SeqArchCache:
 
     # -- what the mixers use -----------------------------------------------------------------------
     def get_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
-        return self.layers[layer_idx]
+        state = self.layers[layer_idx]
+        if state is not None and torch.is_grad_enabled() and any(t.is_inference() for t in state.values()):
+            # Filled under inference_mode (a StreamingSession, or the caller's): autograd cannot save such tensors
+            # for a backward, and the recurrent mixers' ops would. Copies made here are ordinary tensors.
+            state = {name: t.clone() for name, t in state.items()}
+        return state
 
     def set_state(self, layer_idx: int, state: dict[str, torch.Tensor]):
         self.layers[layer_idx] = state

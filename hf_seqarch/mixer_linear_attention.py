@@ -86,7 +86,7 @@ class LinearAttentionMixer(nn.Module):
             if cache is not None:
                 cached = cache.get_state(self.layer_idx)
                 if cached is not None:
-                    state = cached["state"]
+                    state = cached["state"].to(scan_dtype)  # (filled before the model was cast: another dtype)
                 else:  # the first forward of a cache starts from the zero state, kept in float32 (float64 models: 64)
                     state = q.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=scan_dtype)
             if cache is not None and length == 1:

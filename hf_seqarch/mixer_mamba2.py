@@ -198,7 +198,9 @@ class Mamba2Mixer(nn.Module):
         B = B.view(batch, length, self.n_groups, self.state_size)  # (B, T, G, N)
         C = C.view(batch, length, self.n_groups, self.state_size)
         A = -torch.exp(self.A_log.to(dt.dtype))  # (H,), < 0; dt is in the scan's dtype (float32 or float64)
-        if keep_state and ssm_state is None:
+        if ssm_state is not None:
+            ssm_state = ssm_state.to(dt.dtype)  # (filled before the model was cast: another dtype)
+        elif keep_state:
             ssm_state = x.new_zeros(batch, self.num_heads, self.head_dim, self.state_size, dtype=dt.dtype)
 
         if decode:

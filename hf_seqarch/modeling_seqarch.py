@@ -345,6 +345,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
+        if use_cache and context.padding_mask is not None and not torch.compiler.is_compiling():
+            cache.holds_padding = True
         if positions_given and length > 1 and not torch.compiler.is_compiling():  # (reading them breaks a graph)
             _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
@@ -500,8 +502,13 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def generate(self, *args, **kwargs):
-        """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below)."""
-        _refuse_assisted_decoding(self, args, kwargs)
+        """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below). Prefill
+        chunking (prefill_chunk_size) gets the cache it needs: transformers makes none for these models."""
+        arguments, generation_config = _generate_arguments(self, args, kwargs)
+        _refuse_assisted_decoding(arguments, generation_config)
+        chunked_prefill = arguments.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None)
+        if chunked_prefill and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
         return super().generate(*args, **kwargs)
 
     @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
@@ -562,13 +569,18 @@ def _has_hooks(module: nn.Module) -> bool:
 ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 
-def _refuse_assisted_decoding(model, args, kwargs):
+def _generate_arguments(model, args, kwargs):
+    """generate(*args, **kwargs)'s arguments by name (its **kwargs options flat among them), and the generation
+    config in force (the one passed, else the model's)."""
+    arguments = inspect.signature(GenerationMixin.generate).bind_partial(model, *args, **kwargs).arguments
+    arguments = {**arguments.pop("kwargs", {}), **arguments}
+    return arguments, arguments.get("generation_config") or model.generation_config
+
+
+def _refuse_assisted_decoding(arguments, config):
     """Assisted decoding (a draft model, prompt lookup, early exit) drafts tokens and then drops the rejected ones
     from the cache. A recurrent state cannot drop tokens once read, so SeqArchCache cannot; transformers would
     fail later with an error about a missing cache or method."""
-    arguments = inspect.signature(GenerationMixin.generate).bind_partial(model, *args, **kwargs).arguments
-    arguments = {**arguments.pop("kwargs", {}), **arguments}  # generate(..., **kwargs) options: flat
-    config = arguments.get("generation_config") or model.generation_config
     asked = [name for name in ASSISTED_DECODING_OPTIONS
              if arguments.get(name) is not None or getattr(config, name, None) is not None]
     if asked:

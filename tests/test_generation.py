@@ -95,6 +95,9 @@ def test_left_padded_batch_generates_like_each_prompt_alone(stack):
         chunked = model.generate(ids, attention_mask=mask, do_sample=False, prefill_chunk_size=2,
                                  **{CACHE_FIELD: SeqArchCache(model.config)}, **NEW)
         torch.testing.assert_close(chunked, batched, rtol=0, atol=0)
+        # without a cache passed: the model gives chunked prefill one (transformers makes none for it)
+        chunked = model.generate(ids, attention_mask=mask, do_sample=False, prefill_chunk_size=2, **NEW)
+        torch.testing.assert_close(chunked, batched, rtol=0, atol=0)
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], do_sample=False, **NEW)
         torch.testing.assert_close(batched[row, width:], alone[0, len(prompt) :], rtol=0, atol=0)

@@ -8,7 +8,13 @@ import textwrap
 import pytest
 import torch
 
-from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel, StreamingSession
+from hf_seqarch import (
+    SeqArchCache,
+    SeqArchForCausalLM,
+    SeqArchForSequenceClassification,
+    SeqArchModel,
+    StreamingSession,
+)
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import STACKS, VOCAB, random_ids, tiny_model
 
@@ -193,11 +199,57 @@ def test_a_state_loads_only_into_a_model_of_the_same_layout(other, tmp_path):
         StreamingSession.load(tiny_model(SeqArchForCausalLM, stack, **other), tmp_path / "state.safetensors")
 
 
-@pytest.mark.parametrize("stack", ["lstm", "gru", "sliding", "attention"])
-def test_a_cache_follows_the_model_to_another_dtype(stack):
-    """A cache filled in float32 continues in a model cast afterwards (its states are read in the model's dtype)."""
+@pytest.mark.parametrize("stack", ["lstm", "gru", "sliding", "attention", "mamba2", "linear_attention"])
+@pytest.mark.parametrize("tokens_per_call", [1, 3], ids=["decode", "chunk"])
+def test_a_cache_follows_the_model_to_another_dtype(stack, tokens_per_call):
+    """A cache filled in float32 continues in a model cast afterwards: its states are read in the model's dtype, so
+    it continues exactly as the same cache cast to float64 by hand (mamba2's and linear attention's states once
+    stayed float32 for good, rounding every later update to float32)."""
     model, ids = causal_lm(stack), random_ids(2, 9)
     cache = getattr(model(input_ids=ids[:, :6], use_cache=True), CACHE_FIELD)
+    cast_by_hand = SeqArchCache.from_state_dict(
+        {name: t.double() if t.is_floating_point() else t for name, t in cache.state_dict().items()}, len(cache)
+    )
     model = model.double()
-    continued = torch.cat([model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(6, 9)], 1)
-    torch.testing.assert_close(continued, model(input_ids=ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
+
+    def continued(from_cache):
+        calls = range(6, 9, tokens_per_call)
+        return torch.cat([model(input_ids=ids[:, t : t + tokens_per_call], cache=from_cache).logits for t in calls], 1)
+
+    logits = continued(cache)
+    torch.testing.assert_close(logits, continued(cast_by_hand), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits, model(input_ids=ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
+    assert {t.dtype for state in cache.layers for t in state.values()} == {torch.float64}
+
+
+@pytest.mark.parametrize("stack", ["lstm", "gru", "mamba2", "linear_attention", "attention", "lstm+linear+sliding"])
+def test_a_session_cache_continues_under_autograd(stack):
+    """session.cache, filled under inference_mode, continued by a forward with autograd on (fine-tuning from a
+    streamed context): the logits of one forward over everything, and a backward runs (the recurrent mixers once
+    raised: inference tensors cannot be saved for a backward)."""
+    model, ids = causal_lm(stack), random_ids(1, 9)
+    session = StreamingSession(model)
+    session.feed(ids[:, :6])
+    # a decode step, then a chunk (which continues the step's graph: one backward through both)
+    logits = torch.cat([model(input_ids=ids[:, start:stop], cache=session.cache).logits for start, stop in ((6, 7), (7, 9))], 1)
+    torch.testing.assert_close(logits, model(input_ids=ids).logits[:, 6:], rtol=1e-5, atol=1e-5)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("stack", ["attention", "lstm+linear+sliding", "lstm"])
+def test_a_session_refuses_a_cache_of_padded_rows_where_attention_would_read_the_pads(stack):
+    """A cache from a padded generate() holds the pads' keys in its attention layers; the session decodes without a
+    mask (and with positions that count the pads), so it once attended to them silently. Recurrent layers never
+    take pads into their state: a cache of those alone continues, as each row alone would."""
+    model = causal_lm(stack)
+    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    ids[1, :4], mask[1, :4] = 0, 0  # row 1: two tokens, left-padded
+    cache = getattr(model(input_ids=ids, attention_mask=mask, use_cache=True), CACHE_FIELD)
+    if model.config.has_attention:
+        with pytest.raises(ValueError, match="This cache holds padded positions"):
+            StreamingSession(model, cache=cache)
+        return
+    step = StreamingSession(model, cache=cache).step(torch.tensor([5, 7]))
+    alone = model(input_ids=torch.cat([ids[1, 4:], torch.tensor([7])])[None]).logits[0, -1]
+    torch.testing.assert_close(step[1], alone, rtol=1e-5, atol=1e-5)

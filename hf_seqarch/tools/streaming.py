@@ -33,7 +33,8 @@ class StreamingSession:
     Args:
         model: a causal `SeqArchForCausalLM` (outputs are logits) or `SeqArchModel` (outputs are the
             final hidden states). Put it in eval mode yourself, as for generate().
-        cache: a `SeqArchCache` to continue from (e.g. one returned by a forward or generate()), or None.
+        cache: a `SeqArchCache` to continue from (e.g. one returned by a forward or generate() of unpadded rows; one
+            that holds padding is refused where attention layers would read it), or None.
 
     To continue a stream with transformers' generate(), pass it `session.cache` and the ids of the whole stream
     plus the new prompt: generate() feeds only the ids past the cache's length (given just the stream, it would
@@ -61,6 +62,12 @@ class StreamingSession:
             raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
         if cache is not None:
             cache.check_usable_by(self.config)
+            if cache.holds_padding and self.config.has_attention:
+                raise ValueError(
+                    "This cache holds padded positions (it was filled from a padded batch), and its attention layers "
+                    "keep their keys: the session decodes without a mask and would attend to them. Continue it with "
+                    "generate() or a forward given the attention_mask of the past tokens too."
+                )
         self.cache = cache if cache is not None else SeqArchCache(self.config)
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
         self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
