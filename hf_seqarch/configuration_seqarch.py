@@ -23,6 +23,7 @@ class SeqArchConfig(PretrainedConfig):
         sliding_window: span of `"sliding_attention"` layers (the query itself included).
         bidirectional: encoder mode for the classification heads (non-causal attention,
             bidirectional recurrences, forward+backward scans). Causal LMs refuse it.
+        classifier_dropout: dropout before the token-classification head (None: 0).
         mamba_*: Mamba-2 settings, named as in transformers' `Mamba2Config`.
         linear_attention_*: linear attention settings.
     """
@@ -91,7 +92,8 @@ class SeqArchConfig(PretrainedConfig):
         self.bidirectional = bidirectional
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
-        self.classifier_dropout = classifier_dropout
+        # None is what transformers' configs write for "the model's dropout", which is 0 here
+        self.classifier_dropout = 0.0 if classifier_dropout is None else classifier_dropout
         self.use_cache = use_cache
         self.mamba_state_size = mamba_state_size
         self.mamba_head_dim = mamba_head_dim
@@ -180,8 +182,19 @@ class SeqArchConfig(PretrainedConfig):
         if pad is not None and (not _is_int(pad) or not 0 <= pad < self.vocab_size):
             raise ValueError(f"pad_token_id must be None or a token id in [0, vocab_size={self.vocab_size}), got {pad!r}.")
         eps = self.rms_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        if not _is_number(eps) or eps < 0:
             raise ValueError(f"rms_norm_eps must be a number >= 0, got {eps!r}.")
+        if not _is_number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be a number >= 0 (the std of the initial weights), got "
+                             f"{self.initializer_range!r}.")
+        for name in ("attention_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}.")
+        if not _is_int(self.num_labels) or self.num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer (1: regression), got {self.num_labels!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
                              "'gelu', 'relu'.")
@@ -200,6 +213,8 @@ class SeqArchConfig(PretrainedConfig):
                     f"num_key_value_heads={self.num_key_value_heads} must divide "
                     f"num_attention_heads={self.num_attention_heads} (grouped-query attention)."
                 )
+            if not _is_number(self.rope_theta) or self.rope_theta <= 0:
+                raise ValueError(f"rope_theta must be a number > 0 (the rotary embeddings' base), got {self.rope_theta!r}.")
             if self.attention_head_dim % 2 != 0:
                 raise ValueError(f"The attention head dim must be even for rotary embeddings, got {self.attention_head_dim}.")
         if "sliding_attention" in self.mixer_types and (not _is_int(self.sliding_window) or self.sliding_window < 1):
@@ -241,3 +256,7 @@ def _mixer_list(mixer_types) -> list:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -165,7 +165,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                 raise
             raise explained from error
         prefix = cls.base_model_prefix + "."
-        _untie_lm_head_left_out(model, info)
+        from_checkpoint = kwargs.get("config") is None and "tie_word_embeddings" not in kwargs  # (a kwarg sets it)
+        _untie_lm_head_left_out(model, info, source, config_is_the_checkpoints=from_checkpoint)
 
         def body(keys):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
@@ -216,13 +217,21 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                                        revision=revision)
 
 
-def _untie_lm_head_left_out(model, info):
+def _untie_lm_head_left_out(model, info, source, config_is_the_checkpoints):
     """An untied lm_head the checkpoint has no weight for (it was saved tied, and transformers stored only the
-    embeddings; or it is a model body alone) starts from the input embeddings, what a tied head is, not random."""
+    embeddings; or it is a model body alone) starts from the input embeddings, what a tied head is, not random.
+    Unless the checkpoint's own config says it is an untied causal LM: then its head is lost, and loading refuses."""
     missing = info.get("missing_keys", [])
     head = getattr(model, "lm_head", None)
     if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings or head.weight.is_meta:
         return
+    if config_is_the_checkpoints and "SeqArchForCausalLM" in (model.config.architectures or []):
+        raise ValueError(
+            f"The checkpoint {source!r} was saved as a SeqArchForCausalLM with untied embeddings "
+            "(tie_word_embeddings=False in its config.json) but has no lm_head.weight: its weights are incomplete, "
+            "and the head would not be the one trained. Save the model again; or, to start the head afresh from the "
+            "input embeddings, pass config= with tie_word_embeddings=False yourself."
+        )
     with torch.no_grad():
         head.weight.copy_(model.get_input_embeddings().weight)
     info["missing_keys"] = type(missing)(key for key in missing if key != "lm_head.weight")
@@ -401,6 +410,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
         return True
 
     def _check_token_ids(self, input_ids):
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         if torch.compiler.is_compiling():
             return  # reading the ids' values would break torch.compile's graph; the embedding still bounds-checks
         if not input_ids.numel():
@@ -470,7 +481,9 @@ def _check_classification_inputs(head, input_ids, attention_mask, kwargs):
 
 def _check_labels(labels, num_classes, name):
     """Class-id labels in [0, num_classes) or -100. One device sync (a GPU waits for the work queued before it: the
-    causal LM checks before running its layers)."""
+    heads check before running their layers)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got {labels.dtype}.")
     if torch.compiler.is_compiling() or not labels.numel():
         return  # reading the labels' values would break torch.compile's graph
     ignored = labels == -100
@@ -614,8 +627,9 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         **kwargs,
     ):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
-        if labels is not None and self.num_labels > 1 and not labels.is_floating_point():  # class ids (not regression
-            _check_labels(labels, self.num_labels, "num_labels")  # or multi-label), before the layers run
+        tokens = _batch_and_length(input_ids, inputs_embeds)
+        if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
+            _check_sequence_labels(labels, tokens[0], self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -656,6 +670,39 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
 
 
+def _batch_and_length(input_ids, inputs_embeds):
+    """(B, T) of the inputs given, or None when they are not one (B, T) or (B, T, width) tensor (the model says so)."""
+    inputs = input_ids if input_ids is not None else inputs_embeds
+    return tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
+
+
+def _sequence_problem(config, labels) -> str:
+    """The problem transformers' sequence-classification loss takes `labels` for: config.problem_type, else the one
+    it infers (and then sets) as it does."""
+    if config.problem_type is not None:
+        return config.problem_type
+    if config.num_labels == 1:
+        return "regression"
+    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+
+def _check_sequence_labels(labels, batch, config):
+    """Labels of the shape (and kind) the problem takes: transformers' losses would fail inside torch, or (MSE on
+    other shapes) broadcast into a wrong loss."""
+    problem, num_labels = _sequence_problem(config, labels), config.num_labels
+    if problem == "single_label_classification":
+        if tuple(labels.shape) not in ((batch,), (batch, 1)):
+            raise ValueError(f"{problem} takes one class id per sequence: labels of shape ({batch},), got "
+                             f"{tuple(labels.shape)}.")
+        _check_labels(labels, num_labels, "num_labels")
+        return
+    expected = [(batch,), (batch, 1)] if problem == "regression" and num_labels == 1 else [(batch, num_labels)]
+    if tuple(labels.shape) not in expected or (problem == "multi_label_classification" and not labels.is_floating_point()):
+        what = "one target per label" if problem == "regression" else "float 0/1 targets, one per label"
+        raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape "
+                         f"{' or '.join(map(str, expected))}, got {tuple(labels.shape)} ({labels.dtype}).")
+
+
 class SeqArchForTokenClassification(SeqArchPreTrainedModel):
     def __init__(self, config: SeqArchConfig):
         super().__init__(config)
@@ -678,7 +725,11 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         **kwargs,
     ):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
-        if labels is not None:  # before the layers run
+        tokens = _batch_and_length(input_ids, inputs_embeds)
+        if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
+            if tuple(labels.shape) != tokens:
+                raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
+                                 f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
             _check_labels(labels, self.num_labels, "num_labels")
         outputs = self.model(
             input_ids=input_ids,

@@ -191,6 +191,8 @@ def test_unwritable_output_dir(tmp_path, capsys):
         (["--mixers", "lstm, atention"], r"Unknown mixer type\(s\) \['atention'\]"),  # spaces stripped
         (["--output-dir", "{file}"], "Cannot write to output directory"),
         (["--steps", "0"], r"(?s)usage: hf-seqarch demo.*--steps: must be at least 1, got 0"),
+        (["--steps", "abc"], r"--steps: must be a whole number, at least 1, got 'abc'"),
+        (["--output-dir", "{file}", "--steps", "1"], "it is a file, not a directory"),
     ],
 )
 def test_demo_bad_input_is_a_clear_error_before_training(tmp_path, capsys, extra, message):
@@ -203,6 +205,11 @@ def test_demo_bad_input_is_a_clear_error_before_training(tmp_path, capsys, extra
     assert code == 2
     captured = capsys.readouterr()
     assert re.search(message, captured.err) and "loss" not in captured.out  # nothing was trained
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "{demo,compare}" in capsys.readouterr().err
 
 
 # -- the pieces --------------------------------------------------------------------------------------------

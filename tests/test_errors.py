@@ -38,6 +38,13 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(pad_token_id=VOCAB), r"pad_token_id must be None or a token id in \[0, vocab_size"),
         (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a number >= 0"),
         (dict(hidden_act="bogus"), "hidden_act='bogus' is not an activation"),
+        (dict(rope_theta=0), "rope_theta must be a number > 0"),  # NaN tables: finite, wrong outputs under sdpa
+        (dict(rope_theta="1e4"), "rope_theta must be a number > 0"),
+        (dict(initializer_range=-0.02), "initializer_range must be a number >= 0"),
+        (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\]"),
+        (dict(classifier_dropout=-0.1), r"classifier_dropout must be a probability in \[0, 1\]"),
+        (dict(bidirectional="false"), "bidirectional must be True or False, got 'false'"),  # a string once built an encoder
+        (dict(num_labels=0), "num_labels must be a positive integer"),
     ],
 )
 def test_bad_config(overrides, message):
@@ -140,16 +147,52 @@ def test_sequence_class_labels_out_of_range(label):
         model(input_ids=random_ids(2, 4), labels=torch.tensor([0, label]))
 
 
+def test_classifier_dropout_none_means_none():
+    """None, what transformers' configs write for "the model's dropout", once failed inside nn.Dropout."""
+    model = tiny_model(SeqArchForTokenClassification, ["gru"], classifier_dropout=None)
+    assert model(input_ids=random_ids(2, 4)).logits.shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "head,config,labels,message",
+    [
+        (SeqArchForCausalLM, {}, torch.rand(2, 4), "labels must be integer ids"),
+        (SeqArchForTokenClassification, {}, torch.tensor([0, 1]), r"one label per token: labels of shape \(2, 4\)"),
+        (SeqArchForTokenClassification, {}, torch.zeros(2, 5, dtype=torch.long), r"got \(2, 5\)"),
+        (SeqArchForSequenceClassification, {}, torch.zeros(2, 4, dtype=torch.long),
+         r"single_label_classification takes one class id per sequence: labels of shape \(2,\), got \(2, 4\)"),
+        (SeqArchForSequenceClassification, dict(problem_type="multi_label_classification"), torch.tensor([0, 2]),
+         "multi_label_classification with num_labels=3 takes float 0/1 targets"),
+        # MSE would broadcast (2,) against (2, 2): a loss, silently wrong
+        (SeqArchForSequenceClassification, dict(num_labels=1), torch.rand(2, 2),
+         r"regression with num_labels=1 takes one target per label: labels of shape \(2,\) or \(2, 1\)"),
+    ],
+)
+def test_labels_of_the_wrong_shape_or_kind(head, config, labels, message):
+    """The heads say what labels they take, before transformers' losses fail inside torch (or broadcast)."""
+    model = tiny_model(head, ["gru"], **config)
+    with pytest.raises(ValueError, match=message):
+        model(input_ids=random_ids(2, 4), labels=labels)
+
+
+def test_regression_takes_integer_targets():
+    """problem_type='regression' with integer targets is a regression, as for transformers' models (the class-id
+    check once refused it, saying they must be in [0, num_labels))."""
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"], problem_type="regression")  # num_labels=3
+    assert model(input_ids=random_ids(2, 4), labels=torch.tensor([[5, 0, 7], [1, 2, 9]])).loss.isfinite()
+
+
 @pytest.mark.parametrize(
     "inputs,message",
     [
         (dict(input_ids=random_ids(1, 4)[0]), r"input_ids must be \(batch, length\)"),
+        (dict(input_ids=random_ids(1, 4).float()), "input_ids must be integer token ids, got torch.float32"),
         (dict(inputs_embeds=torch.randn(4, 32)), r"inputs_embeds must be \(batch, length, hidden_size=32\)"),
         (dict(inputs_embeds=torch.randn(1, 4, 16)), r"inputs_embeds must be"),
         (dict(input_ids=random_ids(2, 4), position_ids=torch.arange(4)), r"position_ids must be \(2 or 1, 4\)"),
         (dict(input_ids=random_ids(2, 4), position_ids=torch.arange(3)[None]), r"position_ids must be"),
     ],
-    ids=["1d_ids", "2d_embeds", "embeds_width", "1d_positions", "short_positions"],
+    ids=["1d_ids", "float_ids", "2d_embeds", "embeds_width", "1d_positions", "short_positions"],
 )
 def test_inputs_of_wrong_shape(inputs, message):
     model = tiny_model(SeqArchModel, ["attention"])

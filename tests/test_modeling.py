@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -61,6 +62,22 @@ def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
     ids = random_ids(2, 6)
     torch.testing.assert_close(untied(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
+
+
+def test_an_untied_checkpoint_that_lost_its_head_is_refused(tmp_path):
+    """Saved untied (its config.json says so), a causal LM's lm_head.weight is a trained weight of its own: a file
+    without it is incomplete, not a tied checkpoint, and once loaded with the embeddings as its head, silently."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], tie_word_embeddings=False)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="saved as a SeqArchForCausalLM with untied embeddings .* no lm_head.weight"):
+        SeqArchForCausalLM.from_pretrained(tmp_path)
+    # asked for explicitly (the caller's own config), the head starts from the embeddings
+    config = SeqArchConfig.from_pretrained(tmp_path)
+    started = SeqArchForCausalLM.from_pretrained(tmp_path, config=config)
+    assert torch.equal(started.lm_head.weight, started.model.embed_tokens.weight)
 
 
 def test_auto_classes_build_and_load_our_models(tmp_path):

@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, at least 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -49,8 +52,9 @@ def main(argv=None):
         from .compare.run import main_compare
 
         return main_compare(args)
-    else:
-        parser.print_help()
+    else:  # no command: what there is, and a usage error's status (as argparse gives for a missing argument)
+        parser.print_help(sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,21 +1,18 @@
 """The smoke run behind `hf-seqarch demo`: build, train a few steps, save, reload, generate."""
 
-import os
 import pydoc_data.topics
 
 import torch
 
 from .. import SeqArchConfig, SeqArchForCausalLM
+from .output_dir import prepare_output_dir
 
 
 def run_demo(output_dir: str, mixer_types: list[str], steps: int = 30):
     """Raises ValueError, before any training, for bad mixers or an output directory that cannot be made."""
     config = SeqArchConfig(vocab_size=256, hidden_size=128, mixer_types=mixer_types, num_attention_heads=4,
                            intermediate_size=256, sliding_window=64)
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"Cannot write to output directory {output_dir!r}: {err.strerror or err}.") from None
+    output_dir = prepare_output_dir(output_dir)
     torch.manual_seed(0)
     text = " ".join(pydoc_data.topics.topics.values()).encode("utf-8")
     data = torch.tensor(list(text[:200_000]), dtype=torch.long)

@@ -17,6 +17,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ... import __version__
+from ..output_dir import prepare_output_dir
 from .architectures import matched_configs, resolve_architectures
 from .measure import decode_costs, memory_method, training_step_costs
 from .plots import PLOTS_MISSING, write_plots
@@ -50,19 +51,6 @@ def resolve_device(name: str) -> torch.device:
                          f"CUDA_VISIBLE_DEVICES={index} and --device cuda.")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
-
-
-def prepare_output_dir(path: str) -> str:
-    path = os.path.abspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"Cannot write to output directory {path!r}: {err.strerror or err}.") from None
-    return path
 
 
 def environment(device: torch.device) -> dict:
