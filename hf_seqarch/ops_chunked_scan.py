@@ -20,9 +20,10 @@ causal mask is applied with tril rather than exp(-inf): float32 denormals, exp(-
 all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 from anything smaller,
 and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
-On CPU, for the heads whose log decays span at most 60 in every chunk (all but strongly gated heads),
-exp(cs_i - cs_j) is computed as exp(cs_i) * exp(-cs_j), folded into the values and outputs, and the L x L decay
-matrix is never formed (`_FactorizedChunkedScan`); the other heads take the exact segment sums above
+On CPU, for the heads whose log decays span at most 60 in every chunk and are at most 4 in size at every step (all
+but strongly gated heads), exp(cs_i - cs_j) is computed as exp(cs_i) * exp(-cs_j), folded into the values and
+outputs, and the L x L decay matrix is never formed (`_FactorizedChunkedScan`); the other heads take the exact
+segment sums above
 (`_ChunkedScan`), and a call with both kinds runs each on its own path (`_scan`). Tests hold both to the
 reference.
 
@@ -46,6 +47,10 @@ import torch.nn.functional as F
 
 _CACHE_BYTES = 3 << 20  # 3 MiB: the q, k and v of one set of chunks in the factorised scan (see _chunk_groups)
 LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
+# The largest |log decay| of one step that the factorised scan takes: its log-decay gradient is a difference of O(1)
+# terms whose true value is ~exp(-|a_t|) times smaller, so float32 rounding grows as exp(|a_t|) relative to it
+# (measured on a head's summed gradient: 1.5e-4 at 4, 1e-2 at 8, 1.5x at 14; the exact path stays near 1e-6).
+FACTORISED_MAX_STEP = 4.0
 
 
 def autocast_off(fn):
@@ -214,8 +219,10 @@ class _ChunkedScan(torch.autograd.Function):
 class _FactorizedChunkedScan(torch.autograd.Function):
     """`_ChunkedScan` for inputs whose decays factor: in every chunk the log decays from its start (cs, with
     the 0 before the first step) span at most 60, so exp(cs_i - cs_j) = exp(cs_i) * exp(-cs_j) with both
-    factors within [e^-60, e^60], each exact to float32 rounding. The decays then move off the L x L products
-    onto the values and outputs: with v'_j = exp(-cs_j) v_j, a chunk gives
+    factors within [e^-60, e^60], each exact to float32 rounding; and no step decays by more than e^-4
+    (FACTORISED_MAX_STEP: the log-decay gradient's identity in the backward cancels terms up to that much larger
+    than its result). The decays then move off the L x L products onto the values and outputs: with
+    v'_j = exp(-cs_j) v_j, a chunk gives
 
         y_i = exp(cs_i) (sum_{j <= i} (q_i . k_j) v'_j + S_in q_i)        S_out = exp(cs_L) (S_in + sum_j v'_j k_j^T)
 
@@ -353,13 +360,16 @@ def _chunk_groups(q, k, v, L):
 def _factorised_heads(a, L):
     """Which heads `_FactorizedChunkedScan` applies to, for log decays a (B, T, H): (H,) bool, True where in every
     chunk of L steps (of every batch row) the cumulative sums, with the 0 at the chunk's start, span at most
-    -LOG_DECAY_FLOOR. None (no head) on GPUs and under torch.compile: reading the values would cost a GPU a device
-    sync and a compiled graph a break, where the exact path needs neither."""
+    -LOG_DECAY_FLOOR (its factors exp(+-cs) stay normal floats), and no step's |a| exceeds FACTORISED_MAX_STEP (its
+    log-decay gradient stays accurate). None (no head) on GPUs and under torch.compile: reading the values would
+    cost a GPU a device sync and a compiled graph a break, where the exact path needs neither."""
     if a.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    cs = _chunks(a.detach()[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
+    a = a.detach()
+    cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
     spread = cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)  # (C, B, H)
-    return (spread <= -LOG_DECAY_FLOOR).flatten(0, 1).all(0)  # (H,)
+    mild_steps = (a.abs() <= FACTORISED_MAX_STEP).flatten(0, 1).all(0)  # (H,)
+    return (spread <= -LOG_DECAY_FLOOR).flatten(0, 1).all(0) & mild_steps  # (H,)
 
 
 def _factorised_path_heads(a, L):

@@ -126,16 +126,47 @@ def test_factorized_path_in_groups_of_chunks(monkeypatch, chunks_per_group):
 
 
 def test_factorised_heads_only_within_the_exponent_range():
-    L = 4
+    L = 16
 
-    def factors(per_step):  # one chunk, every step the same log decay
-        return bool(ops_chunked_scan._factorised_heads(torch.full((1, L, 1), per_step, dtype=torch.float64), L))
+    def factors(per_step, length=L):  # every step the same log decay
+        return bool(ops_chunked_scan._factorised_heads(torch.full((1, length, 1), per_step, dtype=torch.float64), L))
 
-    assert factors(-15.0)  # spread 60: exp(+-60) is still a normal float32
-    assert not factors(-15.5)
-    assert factors(15.0) and not factors(15.5)  # growth (log decay > 0) counts as well
+    assert factors(-3.75)  # spread 60: exp(+-60) is still a normal float32
+    assert not factors(-3.8)
+    assert factors(3.75) and not factors(3.8)  # growth (log decay > 0) counts as well
     # the spread is per chunk: the cumulative sum restarts at each chunk's start
-    assert ops_chunked_scan._factorised_heads(torch.full((1, 10 * L, 1), -10.0, dtype=torch.float64), L)
+    assert factors(-3.75, length=10 * L)
+
+
+def test_factorised_heads_only_with_mild_steps():
+    """One step decaying by more than e^-4 puts its head on the exact path, whatever the spread: the factorised
+    log-decay gradient would lose float32 precision there (see the next test)."""
+    a = torch.full((2, 128, 3), -0.1, dtype=torch.float64)
+    a[1, 70, 1] = -4.5
+    a[0, 3, 2] = -4.0
+    assert ops_chunked_scan._factorised_heads(a, 64).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("chunk_size,pads", [(4, False), (64, True)], ids=["short_chunks", "gated_steps_among_pads"])
+def test_strong_gates_keep_a_heads_log_decay_gradient_exact(chunk_size, pads):
+    """A head whose steps decay by e^-14 (within the factorised path's spread of 60 per chunk: short chunks, or few
+    gated steps among pads of decay 1 and v = k = 0). The true gradient of its log decay is tiny; the factorised
+    path's identity once left float32 rounding noise of O(1) terms in it: its sum (what a decay parameter gets)
+    came out 90% off (short chunks) and 1.5x off with the wrong sign (among pads)."""
+    q, k, v, a, s0 = make_inputs(B=2, T=128, H=2, N=8, P=8)
+    a[..., 0] = -14.0  # head 0 strongly gated, head 1 gentle
+    if pads:
+        pad = torch.ones(2, 128, dtype=torch.bool)
+        for start in range(0, 128, 64):
+            pad[:, start + 10 : start + 14] = False
+        a = a.masked_fill(pad[..., None], 0.0)
+        q, k, v = (x.masked_fill(pad[..., None, None], 0.0) for x in (q, k, v))
+    got = outputs_and_grads(chunked_scan, *(x.float() for x in (q, k, v, a, s0)), chunk_size=chunk_size)
+    want = outputs_and_grads(scan_reference, q, k, v, a, s0)
+    gated = a != 0
+    da_got, da_want = got[NAMES.index("dlog_decay")], want[NAMES.index("dlog_decay")]
+    per_head_got, per_head_want = ((x.double() * gated).sum((0, 1)) for x in (da_got, da_want))
+    torch.testing.assert_close(per_head_got, per_head_want, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
