@@ -209,7 +209,8 @@ def main():
     # 1. chunked vs reference, each mixer's core
     T = args.ref_length
     print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians; target >= 20x; path: the"
-          " chunked scan's per head, factorised where every chunk's log decays span <= 60 and every step's is <= 4 in size, else exact):")
+          " chunked scan's per head, factorised where every chunk's log decays span <= 60 and every step's is <= 4"
+          " in size, else exact):")
     print(f"  {'core':<17} {'path':>10} {'chunked ms':>10} {'reference ms':>13} {'ratio':>7}")
     cores = {  # name: chunked, reference, inputs, the log decays (B, T, H) of those inputs
         "linear attention": (chunked_scan, scan_reference, make_inputs, lambda inputs: inputs[3]),
