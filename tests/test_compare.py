@@ -325,6 +325,35 @@ def test_linear_time_is_never_judged_within_the_margin_of_attention():
     assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == SUPPORTED
 
 
+def test_linear_time_bounds_follow_the_printed_thresholds():
+    """Attention's exponent caps what counts as linear only where it is over LINEAR_EXPONENT + EXPONENT_MARGIN (as
+    THRESHOLDS prints): below, a model that scales exactly like the LSTM was called "not supported". Where the cap
+    falls below the LSTM's own exponent, linear cost cannot be told from attention's: inconclusive."""
+    recall = dict(mqar=dict(accuracy={"128": 0.9}), selective_copying=dict(accuracy=0.9))
+    lstm_recall = dict(mqar=dict(accuracy={"128": 0.1}), selective_copying=dict(accuracy=0.1))
+    archs = {
+        "transformer": dict(training_speed=_per_sequence_exponent(1.45), **recall),
+        "lstm": dict(training_speed=_per_sequence_exponent(1.31), **lstm_recall),
+        "mamba2": dict(training_speed=_per_sequence_exponent(1.31), decode=_decode({128: 20, 1024: 20}), **recall),
+    }
+    assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == SUPPORTED
+    archs["transformer"]["training_speed"] = _per_sequence_exponent(1.62)  # cap 1.37, below the LSTM's 1.45
+    archs["lstm"]["training_speed"] = archs["mamba2"]["training_speed"] = _per_sequence_exponent(1.45)
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
+    assert verdict["verdict"] == INCONCLUSIVE and "linear cost untestable" in verdict["evidence"]
+
+
+def test_parallel_training_says_why_it_is_inconclusive():
+    """Within the margin at every length is not "mixed" (it once said which is faster depends on length)."""
+    archs = {"transformer": dict(training_speed=_speed({128: 1.0, 512: 1.0})),
+             "lstm": dict(training_speed=_speed({128: 1.02, 512: 1.06}))}
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["parallel"]
+    assert verdict["verdict"] == INCONCLUSIVE and "within 10% of each other at every length" in verdict["evidence"]
+    archs["lstm"]["training_speed"] = _speed({128: 1.02, 512: 1.5})
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["parallel"]
+    assert verdict["verdict"] == INCONCLUSIVE and "clearly faster at some lengths only" in verdict["evidence"]
+
+
 def test_linear_time_says_which_model_its_recall_test_lacks():
     archs = {"mamba2": dict(training_speed=_per_sequence_exponent(1.0), decode=_decode({128: 20, 1024: 20}),
                             mqar=dict(accuracy={"128": 0.9}))}

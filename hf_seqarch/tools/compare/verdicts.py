@@ -98,7 +98,10 @@ def parallel_training(archs, environment=None):
         return _verdict("parallel", SUPPORTED, evidence)
     if all(r <= 1 / SPEED_MARGIN for r in ratios.values()):
         return _verdict("parallel", NOT_SUPPORTED, evidence + f" (the {rec} is faster at every length on this device)")
-    return _verdict("parallel", INCONCLUSIVE, evidence + " (mixed: which is faster depends on length)")
+    if all(1 / SPEED_MARGIN < r < SPEED_MARGIN for r in ratios.values()):
+        return _verdict("parallel", INCONCLUSIVE, evidence + f" (within {SPEED_MARGIN - 1:.0%} of each other at every "
+                                                             "length)")
+    return _verdict("parallel", INCONCLUSIVE, evidence + " (clearly faster at some lengths only)")
 
 
 def quadratic_cost(archs):
@@ -167,6 +170,7 @@ def linear_time(archs):
         return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was measured")
     rec = _recurrence(archs)
     linear_bound = _linear_bound(archs, rec)
+    rec_exponent = cost_exponent(archs[rec]["training_speed"]) if rec else None
     # Recall: on every task attention learned, an accuracy closer to attention's than to the recurrence's.
     learned = learned_tasks(archs, rec)
     att, rnn = recall_scores(archs.get("transformer", {})), recall_scores(archs.get(rec or "", {}))
@@ -190,6 +194,9 @@ def linear_time(archs):
     evidence = "; ".join(parts) + f" [{bar}]"
     if winners:
         return _verdict("linear_time", SUPPORTED, evidence + f"; both reached by {', '.join(winners)}")
+    if rec_exponent is not None and linear_bound < rec_exponent:
+        return _verdict("linear_time", INCONCLUSIVE, evidence + f" (linear cost untestable: the transformer's cost grows "
+                                                                f"no clearer than the {rec}'s at these lengths)")
     if not bars:
         if not att or not rnn:
             missing = "the transformer's" if not att else "an LSTM/GRU's"
@@ -206,8 +213,8 @@ def _linear_bound(archs, rec) -> float:
     rec_exponent = cost_exponent(archs[rec]["training_speed"]) if rec else None
     bound = max(rec_exponent, 1.0) + EXPONENT_MARGIN if rec_exponent is not None else LINEAR_EXPONENT
     attention_exponent = cost_exponent(archs.get("transformer", {}).get("training_speed"))
-    if attention_exponent is not None:
-        bound = min(bound, max(attention_exponent - EXPONENT_MARGIN, LINEAR_EXPONENT))
+    if attention_exponent is not None and attention_exponent > LINEAR_EXPONENT + EXPONENT_MARGIN:
+        bound = min(bound, attention_exponent - EXPONENT_MARGIN)
     return bound
 
 
