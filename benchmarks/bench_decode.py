@@ -149,9 +149,13 @@ def part_one(mixers, contexts, new_tokens, repeats):
         generate_cost(model, 32, 4, **generate_kwargs)
     times = {(name, c): [] for name in models for c in contexts}
     footprint = {}
+    names = list(models)
     for repeat in range(repeats):
+        # interleaved at each length, each model first in turn: the same load (and warmth) for all
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
         for context in contexts:
-            for name, (model, generate_kwargs) in models.items():  # interleaved at each length: the same load for all
+            for name in order:
+                model, generate_kwargs = models[name]
                 seconds, footprint[name, context] = generate_cost(model, context, new_tokens, seed=repeat,
                                                                   **generate_kwargs)
                 times[name, context].append(seconds)
@@ -176,8 +180,8 @@ def part_one(mixers, contexts, new_tokens, repeats):
         for anchor_name, _ in ANCHORS_OF.get(mixer, []):
             ratios = [ms[mixer, c] / ms[anchor_name, c] for c in contexts]
             verdict = "meets" if max(ratios) <= 1.0 else "MISSES"
-            print(f"  {mixer} / {anchor_name}: " + ", ".join(f"{c}: {r:.3f}" for c, r in zip(contexts, ratios))
-                  + f" (worst {max(ratios):.3f}, {verdict} <= 1.0)")
+            print(f"  {mixer} / {anchor_name}: " + ", ".join(f"{c}: {r:.4f}" for c, r in zip(contexts, ratios))
+                  + f" (worst {max(ratios):.4f}, {verdict} <= 1.0)")
 
 
 def median_interval(stamps) -> float:

@@ -46,8 +46,10 @@ class BareLSTMLM(nn.Module):
 
     def forward(self, input_ids, labels):
         logits = self.head(self.lstm(self.embed(input_ids))[0])  # (B, T, vocab)
-        # Next-token loss, shifted as transformers' ForCausalLMLoss does.
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        # Next-token loss as transformers' ForCausalLMLoss computes ours: the labels shifted (the last position
+        # ignored), the logits flattened as they are (slicing them instead would copy them).
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
 
 
 def attention_pair():
