@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_seqarch  # noqa: F401  (registers the seqarch model type)
 from hf_seqarch.tools import cli
+from hf_seqarch.tools.compare import report as report_module
 from hf_seqarch.tools.compare import run as compare_run
 from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_TOLERANCE, missing_mixers
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker
@@ -92,6 +93,14 @@ def test_report_has_one_computed_verdict_per_claim(run):
         assert verdict["verdict"] in (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE)
         assert f"- **{verdict['claim']}**: **{verdict['verdict']}**" in report
     assert "## Architectures at matched size" in report and "non-embedding" in report
+    assert "(Preset `test`: miniature end-to-end run" in report  # its verdicts are no findings, and it says so
+
+
+def test_report_marks_recall_near_chance():
+    """An accuracy below twice chance is marked, so that a model that learned nothing does not read as a result."""
+    assert report_module._recall(0.05, 1 / 32) == "5.0% *(near chance)*"  # MQAR over 32 values: chance 3.1%
+    assert report_module._recall(0.07, 1 / 32) == "7.0%"
+    assert report_module._recall(None, 1 / 32) == "-"
 
 
 def test_checkpoints_load_with_auto_classes(run):

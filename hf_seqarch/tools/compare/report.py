@@ -11,6 +11,11 @@ def _kib(size):
     return f"{size / 1024:.1f}"
 
 
+def _recall(accuracy, chance):
+    """An accuracy cell, marked where it is below twice chance (nothing learned)."""
+    return _pct(accuracy) + (" *(near chance)*" if accuracy is not None and accuracy < 2 * chance else "")
+
+
 def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -34,6 +39,9 @@ def render(results: dict, plots: list[str]) -> str:
         "## Verdicts",
         "",
     ]
+    if preset["name"] == "test":
+        out += [f"(Preset `test`: {preset['description']}. The verdicts below show the report's format, not findings.)",
+                ""]
     for v in results.get("verdicts", []):
         out.append(f"- **{v['claim']}**: **{v['verdict']}**. {v['evidence']}.")
     out += ["", f"Thresholds: {THRESHOLDS}.", ""]
@@ -73,6 +81,7 @@ def render(results: dict, plots: list[str]) -> str:
                    for n, a in archs.items()])
 
     mqar = [length for length, _ in preset["mqar"]]
+    mqar_chance, copy_chance = 1 / (preset["mqar_vocab"] // 2), 1 / (preset["copy_alphabet"] - 2)  # a uniform guess
     out += ["", "## Recall and language modelling after the same training budget", "",
             "Each task trains a fresh model per architecture through the Trainer: the same steps, batches, seed and "
             f"optimiser for all (AdamW, lr {preset['learning_rate']}, warm-up {preset['warmup_ratio']:.0%}, cosine decay).",
@@ -82,16 +91,19 @@ def render(results: dict, plots: list[str]) -> str:
             f"{', '.join(f'({n}, {k})' for n, k in preset['mqar'])}; {preset['mqar_steps']} steps of "
             f"{preset['mqar_batch_size']} sequences, one length per batch, in the same shuffled order for every "
             f"architecture; scored on {preset['mqar_eval_examples']} "
-            f"held-out sequences per length. Chance: {1 / (preset['mqar_vocab'] // 2):.1%}.",
+            f"held-out sequences per length. Chance: {mqar_chance:.1%}.",
             f"- Selective copying: {preset['copy_tokens']} tokens scattered in {preset['copy_length']} positions, "
             f"alphabet {preset['copy_alphabet']}; {preset['copy_steps']} steps of {preset['copy_batch_size']}. "
-            f"Chance: {1 / (preset['copy_alphabet'] - 2):.1%}.",
+            f"Chance: {copy_chance:.1%}.",
+            "- An accuracy below twice chance is marked *(near chance)*: the model learned (almost) nothing of that "
+            "task within the budget.",
             f"- Text: bits per byte on held-out pydoc text (the last 10% of `pydoc_data.topics`), windows of "
             f"{preset['text_length']} bytes; {preset['text_steps']} steps of {preset['text_batch_size']}. "
             "A uniform guess: 8 bits per byte.", ""]
     out += _table(["architecture"] + [f"MQAR @{n}" for n in mqar] + ["selective copying", "text bits/byte", "training s (MQAR / copy / text)"],
-                  [[n] + [_pct(a.get("mqar", {}).get("accuracy", {}).get(str(length))) for length in mqar]
-                   + [_pct(a.get("selective_copying", {}).get("accuracy")), _num(a.get("text", {}).get("bits_per_byte")),
+                  [[n] + [_recall(a.get("mqar", {}).get("accuracy", {}).get(str(length)), mqar_chance) for length in mqar]
+                   + [_recall(a.get("selective_copying", {}).get("accuracy"), copy_chance),
+                      _num(a.get("text", {}).get("bits_per_byte")),
                       " / ".join(_num(a.get(t, {}).get("train", {}).get("wall_seconds"), "{:.0f}")
                                  for t in ("mqar", "selective_copying", "text"))]
                    for n, a in archs.items()])
