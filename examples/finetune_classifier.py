@@ -67,6 +67,10 @@ def main():
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph walk
     )
     script_args, training_args = parser.parse_args_into_dataclasses()
+    # The accuracy before fine-tuning, measured inside train() (its first log entry): a trainer.evaluate() before
+    # train() would leave the model unwrapped by DDP for the training itself (accelerate takes it as prepared), and
+    # two processes would each train their own copy, never averaging their gradients.
+    training_args.eval_on_start = True
     sections = script_args.sections.split(",")
 
     try:
@@ -96,8 +100,8 @@ def main():
         processing_class=tokenizer,
         compute_metrics=accuracy,
     )
-    before = trainer.evaluate()["eval_accuracy"]
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    before = next(entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry)
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)

@@ -171,7 +171,7 @@ class SeqArchCache:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat dict of tensors (safetensors-friendly) from which `from_state_dict` rebuilds the cache."""
-        tensors = {"seen_tokens": torch.tensor(self.seen_tokens)}
+        tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
         for i, state in enumerate(self.layers):
             for name, tensor in (state or {}).items():
                 tensors[f"layers.{i}.{name}"] = tensor.contiguous()  # safetensors takes contiguous tensors only
@@ -182,6 +182,7 @@ class SeqArchCache:
         """The cache `state_dict` wrote; with `config`, it is checked against that model's layout when used."""
         cache = cls(config, num_layers=num_layers)
         cache.seen_tokens = int(tensors["seen_tokens"])
+        cache.holds_padding = bool(tensors.get("holds_padding", False))  # (absent from states saved before it)
         for key, tensor in tensors.items():
             if key.startswith("layers."):
                 _, index, name = key.split(".", 2)

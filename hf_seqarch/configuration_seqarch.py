@@ -1,5 +1,7 @@
 """SeqArchConfig: one token mixer per layer, chosen by name, plus the usual transformers fields."""
 
+import numbers
+
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
@@ -89,11 +91,13 @@ class SeqArchConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_dropout = attention_dropout
         self.sliding_window = sliding_window
+        # 0 / 1 (older configs, numpy bools) as the bool they mean; anything else is left for validation to refuse
+        if not isinstance(bidirectional, str) and bidirectional in (0, 1):
+            bidirectional = bool(bidirectional)
         self.bidirectional = bidirectional
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
-        # None is what transformers' configs write for "the model's dropout", which is 0 here
-        self.classifier_dropout = 0.0 if classifier_dropout is None else classifier_dropout
+        self.classifier_dropout = classifier_dropout  # None (transformers' "the model's dropout"): 0 here
         self.use_cache = use_cache
         self.mamba_state_size = mamba_state_size
         self.mamba_head_dim = mamba_head_dim
@@ -189,11 +193,14 @@ class SeqArchConfig(PretrainedConfig):
                              f"{self.initializer_range!r}.")
         for name in ("attention_dropout", "classifier_dropout"):
             value = getattr(self, name)
+            if name == "classifier_dropout" and value is None:
+                continue
             if not _is_number(value) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
+                raise ValueError(f"{name} must be a probability in [0, 1]" + (" or None" if name == "classifier_dropout"
+                                 else "") + f", got {value!r}.")
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}.")
-        if not _is_int(self.num_labels) or self.num_labels < 1:
+        if not isinstance(self.num_labels, numbers.Integral) or isinstance(self.num_labels, bool) or self.num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer (1: regression), got {self.num_labels!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
@@ -259,4 +266,5 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -165,8 +165,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                 raise
             raise explained from error
         prefix = cls.base_model_prefix + "."
-        from_checkpoint = kwargs.get("config") is None and "tie_word_embeddings" not in kwargs  # (a kwarg sets it)
-        _untie_lm_head_left_out(model, info, source, config_is_the_checkpoints=from_checkpoint)
+        _untie_lm_head_left_out(model, info, source, kwargs)
 
         def body(keys):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
@@ -217,26 +216,42 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                                        revision=revision)
 
 
-def _untie_lm_head_left_out(model, info, source, config_is_the_checkpoints):
+def _untie_lm_head_left_out(model, info, source, load_kwargs):
     """An untied lm_head the checkpoint has no weight for (it was saved tied, and transformers stored only the
     embeddings; or it is a model body alone) starts from the input embeddings, what a tied head is, not random.
-    Unless the checkpoint's own config says it is an untied causal LM: then its head is lost, and loading refuses."""
+    Unless the checkpoint's own config.json says it is an untied causal LM: then its trained head is lost (whatever
+    config the caller passed, as the Auto classes always pass one), and loading refuses."""
     missing = info.get("missing_keys", [])
     head = getattr(model, "lm_head", None)
     if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings or head.weight.is_meta:
         return
-    if config_is_the_checkpoints and "SeqArchForCausalLM" in (model.config.architectures or []):
+    saved = _saved_config(source, load_kwargs)
+    if saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or []):
         raise ValueError(
             f"The checkpoint {source!r} was saved as a SeqArchForCausalLM with untied embeddings "
-            "(tie_word_embeddings=False in its config.json) but has no lm_head.weight: its weights are incomplete, "
-            "and the head would not be the one trained. Save the model again; or, to start the head afresh from the "
-            "input embeddings, pass config= with tie_word_embeddings=False yourself."
+            "(tie_word_embeddings=false in its config.json) but has no lm_head.weight: its weights are incomplete, "
+            "and the head would not be the one trained. Save the model again; or load the body alone "
+            "(SeqArchModel.from_pretrained) and put a head of your own on it."
         )
     with torch.no_grad():
         head.weight.copy_(model.get_input_embeddings().weight)
     info["missing_keys"] = type(missing)(key for key in missing if key != "lm_head.weight")
     logger.warning("The checkpoint has no lm_head.weight (saved with tied embeddings, or a model body alone): the "
                    "untied lm_head starts from the input embeddings, the head a tied model has.")
+
+
+# from_pretrained's arguments that say where and how its files are fetched (and so its config.json)
+HUB_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _saved_config(source, load_kwargs) -> dict:
+    """The checkpoint's own config.json as a dict ({} where it cannot be read: a config passed for a folder without
+    one), fetched as from_pretrained fetched the weights."""
+    where = {name: load_kwargs[name] for name in HUB_DOWNLOAD_ARGUMENTS if name in load_kwargs}
+    try:
+        return SeqArchConfig.get_config_dict(source, **where)[0]
+    except (OSError, ValueError):
+        return {}
 
 
 def _explain_load_error(error, source):
@@ -346,8 +361,15 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"position_ids must be ({batch} or 1, {length}) for inputs of {length} tokens, got shape "
                 f"{tuple(position_ids.shape)}."
             )
+        padding_mask = self._padding_mask(attention_mask, batch, length, past_length)
+        if padding_mask is None and past_length and cache.holds_padding and self.config.has_attention:
+            raise ValueError(
+                "This cache holds padded positions (it was filled from a padded batch), which its attention layers "
+                f"keep: pass the attention_mask of the past and new tokens, ({batch}, {past_length + length}), with 0 "
+                "at those pads, so that attention skips them (without one, or with all ones, it would attend to them)."
+            )
         context = MixerContext(
-            padding_mask=self._padding_mask(attention_mask, batch, length, past_length),
+            padding_mask=padding_mask,
             position_ids=position_ids,
             past_length=past_length,
             cache=cache if use_cache else None,
@@ -479,19 +501,22 @@ def _check_classification_inputs(head, input_ids, attention_mask, kwargs):
         head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
 
-def _check_labels(labels, num_classes, name):
-    """Class-id labels in [0, num_classes) or -100. One device sync (a GPU waits for the work queued before it: the
-    heads check before running their layers)."""
+def _class_ids(labels, num_classes, name):
+    """Class-id labels checked to be in [0, num_classes) or -100, as int64: what cross_entropy takes (int32, int16 or
+    uint8 ids fail inside it). One device sync (a GPU waits for the work queued before it: the heads check before
+    running their layers)."""
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got {labels.dtype}.")
+    labels = labels.long()
     if torch.compiler.is_compiling() or not labels.numel():
-        return  # reading the labels' values would break torch.compile's graph
+        return labels  # reading the labels' values would break torch.compile's graph
     ignored = labels == -100
     low, high = torch.stack(torch.aminmax(labels.masked_fill(ignored, 0))).tolist()  # ignored ones read as class 0
     if low < 0 or high >= num_classes:
         valid = labels[~ignored]
         raise ValueError(f"labels must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
                          f"[{int(valid.min())}, {int(valid.max())}].")
+    return labels
 
 
 class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
@@ -520,8 +545,12 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         arguments, generation_config = _generate_arguments(self, args, kwargs)
         _refuse_assisted_decoding(arguments, generation_config)
         chunked_prefill = arguments.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None)
-        if chunked_prefill and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
-            kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
+        use_cache = arguments.get("use_cache", getattr(generation_config, "use_cache", True))
+        if chunked_prefill and use_cache is not False:  # (without a cache transformers says it needs one)
+            if CACHE_FIELD != "cache" and kwargs.get("cache") is not None:  # transformers 4.x knows our name not
+                kwargs[CACHE_FIELD] = kwargs.pop("cache")
+            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
         return super().generate(*args, **kwargs)
 
     @can_return_tuple  # return_dict=False (argument or config): a tuple, as transformers' models give
@@ -540,8 +569,17 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
-        if labels is not None:  # before the layers run, so that its device sync does not stall a GPU mid-step
-            _check_labels(labels, self.config.vocab_size, "vocab_size")
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        tokens = _batch_and_length(input_ids, inputs_embeds)
+        if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step
+            logits_shape = (tokens[0], len(range(tokens[1])[keep]) if isinstance(keep, slice) else keep.shape[-1])
+            if tuple(labels.shape[:2]) != logits_shape or labels.dim() != 2:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} need a logit at every position, but there are logits for "
+                    f"{logits_shape} (logits_to_keep={logits_to_keep!r}): pass labels (batch, length) for the whole "
+                    "input, without logits_to_keep."
+                )
+            labels = _class_ids(labels, self.config.vocab_size, "vocab_size")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -555,16 +593,9 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T or logits_to_keep, vocab)
         loss = None
         if labels is not None:
-            if labels.shape[:2] != logits.shape[:2]:
-                raise ValueError(
-                    f"labels {tuple(labels.shape)} need a logit at every position, but there are logits for "
-                    f"{tuple(logits.shape[:2])} (logits_to_keep={logits_to_keep!r}): pass labels (batch, length) for "
-                    "the whole input, without logits_to_keep."
-                )
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -629,7 +660,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
-            _check_sequence_labels(labels, tokens[0], self.config)
+            labels = _sequence_labels(labels, tokens[0], self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -678,29 +709,34 @@ def _batch_and_length(input_ids, inputs_embeds):
 
 def _sequence_problem(config, labels) -> str:
     """The problem transformers' sequence-classification loss takes `labels` for: config.problem_type, else the one
-    it infers (and then sets) as it does."""
+    it infers (and then sets) as it does; integer labels of any width count as class ids (it would take int16 or
+    uint8 ones for multi-label targets and fail inside BCE)."""
     if config.problem_type is not None:
         return config.problem_type
     if config.num_labels == 1:
         return "regression"
-    return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+    integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+    return "single_label_classification" if integer else "multi_label_classification"
 
 
-def _check_sequence_labels(labels, batch, config):
-    """Labels of the shape (and kind) the problem takes: transformers' losses would fail inside torch, or (MSE on
-    other shapes) broadcast into a wrong loss."""
+def _sequence_labels(labels, batch, config):
+    """`labels` checked to have the shape (and kind) the problem takes, class ids as int64: transformers' losses would
+    fail inside torch, or (MSE on other shapes) broadcast into a wrong loss. One per sequence, in any shape with
+    `batch` elements, as transformers' loss flattens them; (batch, num_labels) where there are several."""
     problem, num_labels = _sequence_problem(config, labels), config.num_labels
     if problem == "single_label_classification":
-        if tuple(labels.shape) not in ((batch,), (batch, 1)):
+        if labels.numel() != batch:
             raise ValueError(f"{problem} takes one class id per sequence: labels of shape ({batch},), got "
                              f"{tuple(labels.shape)}.")
-        _check_labels(labels, num_labels, "num_labels")
-        return
-    expected = [(batch,), (batch, 1)] if problem == "regression" and num_labels == 1 else [(batch, num_labels)]
-    if tuple(labels.shape) not in expected or (problem == "multi_label_classification" and not labels.is_floating_point()):
+        return _class_ids(labels, num_labels, "num_labels")
+    one_each = problem == "regression" and num_labels == 1
+    fits = labels.numel() == batch if one_each else tuple(labels.shape) == (batch, num_labels)
+    if not fits or (problem == "multi_label_classification" and not labels.is_floating_point()):
         what = "one target per label" if problem == "regression" else "float 0/1 targets, one per label"
-        raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape "
-                         f"{' or '.join(map(str, expected))}, got {tuple(labels.shape)} ({labels.dtype}).")
+        shape = f"({batch},)" if one_each else str((batch, num_labels))
+        raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape {shape}, got "
+                         f"{tuple(labels.shape)} ({labels.dtype}).")
+    return labels
 
 
 class SeqArchForTokenClassification(SeqArchPreTrainedModel):
@@ -708,7 +744,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = SeqArchModel(config)
-        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.dropout = nn.Dropout(config.classifier_dropout or 0.0)  # None: transformers' "the model's", 0 here
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -727,10 +763,10 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
-            if tuple(labels.shape) != tokens:
+            if tuple(labels.shape) not in (tokens, (tokens[0] * tokens[1],)):  # (transformers' loss flattens them)
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
                                  f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
-            _check_labels(labels, self.num_labels, "num_labels")
+            labels = _class_ids(labels, self.num_labels, "num_labels")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

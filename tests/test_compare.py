@@ -349,7 +349,10 @@ def test_linear_time_bounds_follow_the_printed_thresholds():
     archs["transformer"]["training_speed"] = _per_sequence_exponent(1.62)  # cap 1.37, below the LSTM's 1.45
     archs["lstm"]["training_speed"] = archs["mamba2"]["training_speed"] = _per_sequence_exponent(1.45)
     verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
-    assert verdict["verdict"] == INCONCLUSIVE and "linear cost untestable" in verdict["evidence"]
+    assert verdict["verdict"] == INCONCLUSIVE and "mamba2: constant state and recall, but linear cost untestable" in \
+        verdict["evidence"]
+    archs["mamba2"]["decode"] = _decode({128: 20, 1024: 160})  # a state that grows: not linear-time, whatever the cost
+    assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == NOT_SUPPORTED
 
 
 def test_parallel_training_says_why_it_is_inconclusive():
@@ -360,7 +363,8 @@ def test_parallel_training_says_why_it_is_inconclusive():
     assert verdict["verdict"] == INCONCLUSIVE and "within 10% of each other at every length" in verdict["evidence"]
     archs["lstm"]["training_speed"] = _speed({128: 1.02, 512: 1.5})
     verdict = {v["key"]: v for v in all_verdicts(archs)}["parallel"]
-    assert verdict["verdict"] == INCONCLUSIVE and "clearly faster at some lengths only" in verdict["evidence"]
+    assert verdict["verdict"] == INCONCLUSIVE and "(clearly faster: the transformer at 512; within 10% elsewhere)" in \
+        verdict["evidence"]
 
 
 def test_linear_time_says_which_model_its_recall_test_lacks():

@@ -79,9 +79,9 @@ def test_generate_on_cuda_matches_cpu(stack):
     (float64, so that no near-tie between two tokens can go either way)."""
     ids, mask, _ = padded_batch()
     model = tiny_model(SeqArchForCausalLM, STACKS[stack], initializer_range=0.3).double()
-    results = {}
+    rows, results = [0, 2], {}  # a left-padded prompt and a whole one (row 1 is right-padded: not for generation)
     for device, copy_of_model in (("cpu", copy.deepcopy(model)), ("cuda", model.cuda())):
-        out = copy_of_model.generate(ids[:1].to(device), attention_mask=mask[:1].to(device), max_new_tokens=6,
+        out = copy_of_model.generate(ids[rows].to(device), attention_mask=mask[rows].to(device), max_new_tokens=6,
                                      min_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True,
                                      return_dict_in_generate=True)
         results[device] = out.sequences.cpu(), torch.stack(out.scores).cpu()

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+from transformers import AutoModelForTokenClassification
 
 from hf_seqarch import (
     SeqArchConfig,
@@ -147,10 +148,15 @@ def test_sequence_class_labels_out_of_range(label):
         model(input_ids=random_ids(2, 4), labels=torch.tensor([0, label]))
 
 
-def test_classifier_dropout_none_means_none():
-    """None, what transformers' configs write for "the model's dropout", once failed inside nn.Dropout."""
-    model = tiny_model(SeqArchForTokenClassification, ["gru"], classifier_dropout=None)
+def test_classifier_dropout_none_means_none(tmp_path):
+    """None, what transformers' configs write for "the model's dropout", once failed inside nn.Dropout; it stays
+    None through save and load and as a from_pretrained override. bidirectional=0 (older configs) reads as False."""
+    model = tiny_model(SeqArchForTokenClassification, ["gru"], classifier_dropout=None, bidirectional=0)
+    assert model.config.bidirectional is False and model.config.classifier_dropout is None
     assert model(input_ids=random_ids(2, 4)).logits.shape == (2, 4, 3)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForTokenClassification.from_pretrained(tmp_path, classifier_dropout=None)
+    assert loaded.config.classifier_dropout is None
 
 
 @pytest.mark.parametrize(
@@ -165,14 +171,44 @@ def test_classifier_dropout_none_means_none():
          "multi_label_classification with num_labels=3 takes float 0/1 targets"),
         # MSE would broadcast (2,) against (2, 2): a loss, silently wrong
         (SeqArchForSequenceClassification, dict(num_labels=1), torch.rand(2, 2),
-         r"regression with num_labels=1 takes one target per label: labels of shape \(2,\) or \(2, 1\)"),
+         r"regression with num_labels=1 takes one target per label: labels of shape \(2,\), got \(2, 2\)"),
     ],
 )
 def test_labels_of_the_wrong_shape_or_kind(head, config, labels, message):
-    """The heads say what labels they take, before transformers' losses fail inside torch (or broadcast)."""
+    """The heads say what labels they take before their layers run (a GPU is not stalled mid-step by the check's
+    device sync, and nothing is computed for nothing), not after, where transformers' losses fail inside torch (or
+    broadcast)."""
     model = tiny_model(head, ["gru"], **config)
+    ran = []
+    model.base_model.layers[0].register_forward_pre_hook(lambda *_: ran.append(True))
     with pytest.raises(ValueError, match=message):
         model(input_ids=random_ids(2, 4), labels=labels)
+    assert not ran
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize(
+    "head,config,shape",
+    [(SeqArchForCausalLM, {}, (2, 4)), (SeqArchForTokenClassification, {}, (2, 4)),
+     (SeqArchForTokenClassification, {}, (8,)),  # flattened, as transformers' loss reads them
+     (SeqArchForSequenceClassification, {}, (2,)), (SeqArchForSequenceClassification, {}, (2, 1))],
+)
+def test_class_ids_of_any_integer_type_and_accepted_shape(head, config, shape, dtype):
+    """Class ids of any integer dtype give the int64 ids' loss (int32 / int16 / uint8 ones failed inside
+    cross_entropy, int16 ones were read as multi-label targets); shapes transformers' losses accept stay accepted."""
+    model = tiny_model(head, ["gru"], **config)
+    ids = random_ids(2, 4)
+    labels = torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(model(input_ids=ids, labels=labels.to(dtype)).loss, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_labels,problem_type", [(3, None), (1, None)], ids=["class_id", "regression"])
+def test_one_sequence_takes_a_scalar_label(num_labels, problem_type):
+    """Batch 1: a 0-d label, as transformers' loss (which flattens) accepts."""
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"], num_labels=num_labels, problem_type=problem_type)
+    label = torch.tensor(2) if num_labels > 1 else torch.tensor(0.5)
+    assert model(input_ids=random_ids(1, 4), labels=label).loss.isfinite()
 
 
 def test_regression_takes_integer_targets():

@@ -249,6 +249,16 @@ def test_a_session_refuses_a_cache_of_padded_rows_where_attention_would_read_the
     if model.config.has_attention:
         with pytest.raises(ValueError, match="This cache holds padded positions"):
             StreamingSession(model, cache=cache)
+        session = StreamingSession(model)
+        session.cache = cache  # set directly, as load() does: refused at the next call
+        with pytest.raises(ValueError, match="This cache holds padded positions"):
+            session.step(torch.tensor([5, 7]))
+        restored = SeqArchCache.from_state_dict(cache.state_dict(), len(cache))  # (saved and loaded: still known)
+        assert restored.holds_padding
+        # a forward that does not say where the past's pads are (no mask, or all ones) would attend to them
+        for no_pads in (None, torch.ones(2, 7, dtype=torch.long)):
+            with pytest.raises(ValueError, match=r"pass the attention_mask of the past and new tokens, \(2, 7\)"):
+                model(input_ids=torch.tensor([[5], [7]]), attention_mask=no_pads, cache=cache)
         return
     step = StreamingSession(model, cache=cache).step(torch.tensor([5, 7]))
     alone = model(input_ids=torch.cat([ids[1, 4:], torch.tensor([7])])[None]).logits[0, -1]

@@ -44,11 +44,15 @@ def single_process_run(tmp_path_factory):
     return output_dir, stdout
 
 
+def ddp_launch():
+    """`accelerate launch` of two processes. The command of the issue, as is: the examples turn the CPU-only launch
+    into gloo DDP (not 2 lone runs)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
+
+
 def ddp_run(tiny_run, output_dir):
-    # The command of the issue, as is: the script turns the CPU-only launch into gloo DDP (not 2 lone runs).
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
-    stdout = run_script([*launch, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
+    stdout = run_script([*ddp_launch(), PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
     assert "2 process(es) on cpu, global batch 8" in stdout
 
 
@@ -76,6 +80,21 @@ def test_linear_time_mixers_under_ddp_match_one_process(preset, tmp_path):
     run_script([sys.executable, PRETRAIN, *tiny_run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
     ddp_run(tiny_run, ddp_dir)
     assert_same_losses(ddp_dir, single_dir)
+
+
+def test_finetuning_under_ddp_matches_one_process(single_process_run, tmp_path):
+    """The classifier example on two DDP processes against one with the same global batch. It once measured its
+    accuracy before fine-tuning with trainer.evaluate() before train(), after which accelerate did not wrap the model
+    in DDP: each process trained its own copy, gradients never averaged, and the losses drifted apart."""
+    pretrained, _ = single_process_run
+    run = [FINETUNE, "--model_name_or_path", pretrained, "--max_steps", "4", "--max_length", "48", "--logging_steps",
+           "1", "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true"]
+    single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run_script([sys.executable, *run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
+    run_script([*ddp_launch(), *run, "--per_device_train_batch_size", "4", "--output_dir", ddp_dir])
+    ddp, single = losses(ddp_dir), losses(single_dir)
+    assert len(ddp) == len(single) == 4
+    assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4
 
 
 def test_pretrain_then_finetune_a_classifier(single_process_run, tmp_path):

@@ -62,13 +62,8 @@ class StreamingSession:
             raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
         if cache is not None:
             cache.check_usable_by(self.config)
-            if cache.holds_padding and self.config.has_attention:
-                raise ValueError(
-                    "This cache holds padded positions (it was filled from a padded batch), and its attention layers "
-                    "keep their keys: the session decodes without a mask and would attend to them. Continue it with "
-                    "generate() or a forward given the attention_mask of the past tokens too."
-                )
         self.cache = cache if cache is not None else SeqArchCache(self.config)
+        self._refuse_padded_cache()
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
         self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
 
@@ -107,6 +102,7 @@ class StreamingSession:
             raise ValueError("greedy decoding needs logits: build the session from a SeqArchForCausalLM.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        self._refuse_padded_cache()
         if input_ids is not None:
             logits = self.feed(input_ids)[:, -1]
         elif self._last_logits is not None:
@@ -129,7 +125,17 @@ class StreamingSession:
             self._last_logits = output
         return output
 
+    def _refuse_padded_cache(self):
+        """At construction and at every call (session.cache may be set directly, as load() does)."""
+        if self.cache.holds_padding and self.config.has_attention:
+            raise ValueError(
+                "This cache holds padded positions (it was filled from a padded batch), and its attention layers "
+                "keep their keys: the session decodes without a mask and would attend to them. Continue it with "
+                "generate() or a forward given the attention_mask of the past tokens too."
+            )
+
     def _check_ids(self, ids, name):
+        self._refuse_padded_cache()
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point:
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name} must be an integer tensor (batch, tokens) with at least one token, got {shape}.")

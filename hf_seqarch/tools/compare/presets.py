@@ -19,7 +19,8 @@ class Preset:
     num_heads: int = 4
     width_step: int = 8  # candidate widths are multiples of this (divisible by the heads, even head dims)
     vocab_size: int = 256  # bytes for the text; the MQAR and copying tokens are ids inside it
-    sliding_window: int = 32  # shorter than the recall tasks' sequences (64, 128): what the window cannot reach shows
+    # Shorter than the recall tasks' longest sequences (the verdicts read those): what the window cannot reach shows.
+    sliding_window: int = 32
     mamba: dict = field(default_factory=lambda: dict(mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=32))
     linear_attention: dict = field(default_factory=lambda: dict(linear_attention_chunk_size=32))
     # Speed and memory: a training step at a fixed number of tokens, batch = tokens // length.
