@@ -178,7 +178,9 @@ def main():
     p.add_argument("--dim", type=int, default=64, help="P, value size (Mamba-2 head dim)")
     p.add_argument("--state", type=int, default=64, help="N, key/query size (Mamba-2 state size)")
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=None,
+                   help="timed runs per length (default: 5 on CPU; 25 on CUDA, where a run takes milliseconds and one "
+                        "slow launch would move a median of 5)")
     p.add_argument("--ref-length", type=int, default=2048)
     p.add_argument("--ref-runs", type=int, default=7, help="runs of the reference (each paired with one chunked run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -188,6 +190,7 @@ def main():
                    help="CPU: run with glibc malloc keeping freed memory (no page faults on reused blocks)")
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.runs = args.runs or (25 if args.device == "cuda" else 5)
     if args.keep_freed_memory:
         restart_keeping_freed_memory()
     if args.device == "cuda" and not torch.cuda.is_available():
