@@ -67,9 +67,9 @@ def main():
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph walk
     )
     script_args, training_args = parser.parse_args_into_dataclasses()
-    # The accuracy before fine-tuning, measured inside train() (its first log entry): a trainer.evaluate() before
-    # train() would leave the model unwrapped by DDP for the training itself (accelerate takes it as prepared), and
-    # two processes would each train their own copy, never averaging their gradients.
+    # The accuracy before fine-tuning, measured inside train() (its step-0 log entry), whatever --eval_on_start says:
+    # a trainer.evaluate() before train() would leave the model unwrapped by DDP for the training itself (accelerate
+    # takes it as prepared), and two processes would each train their own copy, never averaging their gradients.
     training_args.eval_on_start = True
     sections = script_args.sections.split(",")
 
@@ -101,7 +101,8 @@ def main():
         compute_metrics=accuracy,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    before = next(entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry)
+    # (a run resumed from a checkpoint of an older script may have none)
+    before = next((e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e and e["step"] == 0), None)
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
@@ -110,7 +111,7 @@ def main():
 
     if trainer.is_world_process_zero():
         print(f"\naccuracy on {len(eval_examples)} held-out paragraphs: {metrics['eval_accuracy']:.1%} "
-              f"(before fine-tuning {before:.1%}, chance {1 / len(sections):.1%})")
+              f"(before fine-tuning {'n/a' if before is None else f'{before:.1%}'}, chance {1 / len(sections):.1%})")
         print(f"classifier, config and tokenizer: {training_args.output_dir} "
               "(AutoModelForSequenceClassification.from_pretrained)")
         print(f"metrics: {Path(training_args.output_dir) / 'eval_results.json'}")

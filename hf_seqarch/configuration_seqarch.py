@@ -1,7 +1,5 @@
 """SeqArchConfig: one token mixer per layer, chosen by name, plus the usual transformers fields."""
 
-import numbers
-
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
@@ -91,8 +89,7 @@ class SeqArchConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_dropout = attention_dropout
         self.sliding_window = sliding_window
-        # 0 / 1 (older configs, numpy bools) as the bool they mean; anything else is left for validation to refuse
-        if not isinstance(bidirectional, str) and bidirectional in (0, 1):
+        if type(bidirectional) is int and bidirectional in (0, 1):  # as the bool it means; other values are refused
             bidirectional = bool(bidirectional)
         self.bidirectional = bidirectional
         self.rms_norm_eps = rms_norm_eps
@@ -200,7 +197,7 @@ class SeqArchConfig(PretrainedConfig):
                                  else "") + f", got {value!r}.")
         if not isinstance(self.bidirectional, bool):
             raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}.")
-        if not isinstance(self.num_labels, numbers.Integral) or isinstance(self.num_labels, bool) or self.num_labels < 1:
+        if not _is_int(self.num_labels) or self.num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer (1: regression), got {self.num_labels!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
@@ -266,5 +263,5 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    """A real number (numpy's too), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A Python int or float, not a bool (numpy scalars would pass here and then fail to save as JSON)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -145,7 +145,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         A missing or resized task head (e.g. `score` when a causal-LM checkpoint is loaded for
         classification) is the usual fine-tuning start and is only warned about, as in transformers.
         A causal LM loaded untied (tie_word_embeddings=False) from a checkpoint without lm_head.weight (saved
-        tied, or a body alone) starts its lm_head from the input embeddings, the head a tied model has.
+        tied, or a body alone) starts its lm_head from the input embeddings, the head a tied model has; a checkpoint
+        whose own config.json says it is an untied causal LM has lost its trained head, and is refused.
         """
         return_info = kwargs.pop("output_loading_info", False)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
@@ -547,8 +548,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         chunked_prefill = arguments.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None)
         use_cache = arguments.get("use_cache", getattr(generation_config, "use_cache", True))
         if chunked_prefill and use_cache is not False:  # (without a cache transformers says it needs one)
-            if CACHE_FIELD != "cache" and kwargs.get("cache") is not None:  # transformers 4.x knows our name not
-                kwargs[CACHE_FIELD] = kwargs.pop("cache")
+            if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
             if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
                 kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
         return super().generate(*args, **kwargs)

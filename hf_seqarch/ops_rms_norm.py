@@ -66,9 +66,11 @@ def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
 
 def fast_path_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Where RMSNormFunction is used: float32 training on CPU outside autocast (which would run its
-    products in bf16). Everywhere else torch's own rms_norm is as fast."""
+    products in bf16) and outside torch.compile (which fuses torch's own norm, and cannot trace the
+    backward's layout logic under dynamic shapes). Everywhere else torch's own rms_norm is as fast."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
         and weight is not None
         and x.dtype == weight.dtype == torch.float32
         and torch.is_grad_enabled()

@@ -365,6 +365,9 @@ def test_parallel_training_says_why_it_is_inconclusive():
     verdict = {v["key"]: v for v in all_verdicts(archs)}["parallel"]
     assert verdict["verdict"] == INCONCLUSIVE and "(clearly faster: the transformer at 512; within 10% elsewhere)" in \
         verdict["evidence"]
+    archs["lstm"]["training_speed"] = _speed({128: 0.5, 512: 1.5})  # a crossover, nothing in between
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["parallel"]
+    assert "(clearly faster: the transformer at 512; the lstm at 128)" in verdict["evidence"]
 
 
 def test_linear_time_says_which_model_its_recall_test_lacks():

@@ -233,6 +233,25 @@ def test_torch_compile_fullgraph_with_a_padding_mask():
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compile_fullgraph_training_step():
+    """A compiled training step (backward included) of a classification head at two lengths, the second compiled
+    with dynamic shapes: the loss and gradients of eager mode. The CPU norm's hand-written backward once failed to
+    trace there (it orders dims by their strides); compiled, torch's own norm runs instead."""
+    model = tiny_model(SeqArchForSequenceClassification, ["attention", "mamba2"]).train()
+    labels = torch.tensor([0, 2])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for length in (6, 9):
+        ids = random_ids(2, length)
+        grads = []
+        for run in (compiled, model):
+            model.zero_grad()
+            run(input_ids=ids, labels=labels).loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for got, want in zip(*grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_torch_compile_fullgraph_before_any_eager_call(monkeypatch):
     """A mamba2 model compiled before it ever ran eagerly: the once-per-backend log of kernels_mamba2 would be traced
     (a graph break, so fullgraph=True failed); it is skipped while compiling."""

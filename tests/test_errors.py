@@ -115,6 +115,14 @@ def test_packed_sequences_are_refused():
     assert model(input_ids=random_ids(2, 5), attention_mask=mask, position_ids=positions).logits.shape == (2, 5, VOCAB)
 
 
+@pytest.mark.parametrize("logits_to_keep", [0, 9, torch.arange(4)], ids=["all", "more_than_there_are", "indices"])
+def test_labels_with_a_logit_at_every_position(logits_to_keep):
+    """logits_to_keep that keeps every position (0, more than the length, all the indices) takes labels as usual."""
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    ids = random_ids(2, 4)
+    assert model(input_ids=ids, labels=ids, logits_to_keep=logits_to_keep).loss.isfinite()
+
+
 @pytest.mark.parametrize("labels_length,logits_to_keep", [(4, 1), (3, 0)])
 def test_labels_without_a_logit_at_every_position(labels_length, logits_to_keep):
     """logits_to_keep (or labels of another length) with labels: a clear error, not one from inside cross_entropy."""
@@ -163,6 +171,7 @@ def test_classifier_dropout_none_means_none(tmp_path):
     "head,config,labels,message",
     [
         (SeqArchForCausalLM, {}, torch.rand(2, 4), "labels must be integer ids"),
+        (SeqArchForCausalLM, {}, torch.zeros(2, 5, dtype=torch.long), "need a logit at every position"),
         (SeqArchForTokenClassification, {}, torch.tensor([0, 1]), r"one label per token: labels of shape \(2, 4\)"),
         (SeqArchForTokenClassification, {}, torch.zeros(2, 5, dtype=torch.long), r"got \(2, 5\)"),
         (SeqArchForSequenceClassification, {}, torch.zeros(2, 4, dtype=torch.long),

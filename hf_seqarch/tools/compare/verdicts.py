@@ -104,8 +104,9 @@ def parallel_training(archs, environment=None):
     clearly = {"the transformer": [n for n, r in ratios.items() if r >= SPEED_MARGIN],
                f"the {rec}": [n for n, r in ratios.items() if r <= 1 / SPEED_MARGIN]}
     faster = "; ".join(f"{who} at {', '.join(map(str, lengths))}" for who, lengths in clearly.items() if lengths)
-    return _verdict("parallel", INCONCLUSIVE, evidence + f" (clearly faster: {faster}; within {SPEED_MARGIN - 1:.0%} "
-                                                         "elsewhere)")
+    within = sum(map(len, clearly.values())) < len(ratios)
+    return _verdict("parallel", INCONCLUSIVE, evidence + f" (clearly faster: {faster}"
+                                                         + (f"; within {SPEED_MARGIN - 1:.0%} elsewhere)" if within else ")"))
 
 
 def quadratic_cost(archs):
