@@ -49,7 +49,7 @@ class SeqArchCache:
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
         # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
-        # of the past tokens (generate() and forwards pass it; a StreamingSession, which has none, refuses the cache).
+        # of the past tokens (generate() passes it; a forward without one, and a StreamingSession, are refused).
         self.holds_padding = False
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
         self._kv_room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
