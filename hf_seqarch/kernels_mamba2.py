@@ -1,10 +1,12 @@
 """Optional CUDA kernels for the mamba2 mixer, and the visible choice between them and PyTorch.
 
 mamba_ssm's fused SSD scan (`mamba_chunk_scan_combined`) and causal_conv1d's depthwise conv
-(`causal_conv1d_fn`) are used when they import and the tensors are on CUDA; everything else runs the
-pure-PyTorch path (`ops_chunked_scan.chunked_scan`, `F.conv1d`). The choice is never silent: it is
-logged once per backend and device type, and `mamba2_backend(device)` / `conv1d_backend(device)`
-say which one a forward on that device uses.
+(`causal_conv1d_fn`) are used when they import, the tensors are on CUDA in a dtype they compute in (not
+float64: causal_conv1d refuses it, and the scan would compute in float32), and, for the conv, its width is
+one causal_conv1d has (2, 3 or 4); everything else runs the pure-PyTorch path
+(`ops_chunked_scan.chunked_scan`, `F.conv1d`). The choice is never silent: it is logged once per backend,
+device type and reason, and `mamba2_backend(device, dtype)` / `conv1d_backend(device, dtype, width)` say
+which one a forward uses.
 """
 
 import torch
@@ -22,40 +24,52 @@ try:  # optional: pip install causal-conv1d (CUDA)
 except Exception:
     causal_conv1d_fn = None
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CONV_KERNEL_WIDTHS = (2, 3, 4)  # causal_conv1d's
+
 _announced = set()
 
 
-def _announce(kind: str, backend: str, device_type: str):
-    """Log each (kernel kind, backend, device type) once, so the path a model runs is always on record. Not while
-    torch.compile traces: a log call would break the graph (fullgraph=True fails); the first eager call logs."""
-    key = (kind, backend, device_type)
+def _announce(kind: str, backend: str, device_type: str, why_not: str | None):
+    """Log each (kernel kind, backend, device type, reason) once, so the path a model runs is always on record. Not
+    while torch.compile traces: a log call would break the graph (fullgraph=True fails); the first eager call logs."""
+    key = (kind, backend, device_type, why_not)
     if key in _announced or torch.compiler.is_compiling():
         return
     _announced.add(key)
-    if backend == "torch" and device_type == "cuda":
-        package = "mamba-ssm" if kind == "scan" else "causal-conv1d"
-        logger.warning(
-            f"mamba2 {kind}: {package} is not importable, so CUDA tensors run the pure-PyTorch path "
-            f"(correct but slower). `pip install {package}` to use its kernel."
-        )
+    if why_not is not None:
+        logger.warning(f"mamba2 {kind}: {why_not}, so these CUDA tensors run the pure-PyTorch path (correct but "
+                       "slower).")
     else:
         logger.info(f"mamba2 {kind}: using the {backend!r} backend on {device_type}.")
 
 
-def mamba2_backend(device) -> str:
-    """The SSD scan backend for tensors on `device`: "mamba_ssm" (CUDA kernel) or "torch"."""
+def _choose(kind, kernel, package, device, dtype, extra_reason=None):
+    """The kernel's backend name where it applies, else "torch", announced with the reason on CUDA."""
     device_type = torch.device(device).type
-    backend = "mamba_ssm" if mamba_chunk_scan_combined is not None and device_type == "cuda" else "torch"
-    _announce("scan", backend, device_type)
+    why_not = None
+    if device_type == "cuda":
+        if kernel is None:
+            why_not = f"{package} is not importable (`pip install {package}` to use its kernel)"
+        elif dtype not in KERNEL_DTYPES:
+            why_not = f"{package}'s kernel does not compute in {dtype}"
+        else:
+            why_not = extra_reason
+    backend = package.replace("-", "_") if device_type == "cuda" and why_not is None else "torch"
+    _announce(kind, backend, device_type, why_not)
     return backend
 
 
-def conv1d_backend(device) -> str:
-    """The depthwise conv backend for tensors on `device`: "causal_conv1d" (CUDA kernel) or "torch"."""
-    device_type = torch.device(device).type
-    backend = "causal_conv1d" if causal_conv1d_fn is not None and device_type == "cuda" else "torch"
-    _announce("conv", backend, device_type)
-    return backend
+def mamba2_backend(device, dtype=torch.float32) -> str:
+    """The SSD scan backend for tensors of `dtype` on `device`: "mamba_ssm" (CUDA kernel) or "torch"."""
+    return _choose("scan", mamba_chunk_scan_combined, "mamba-ssm", device, dtype)
+
+
+def conv1d_backend(device, dtype=torch.float32, width=4) -> str:
+    """The depthwise conv backend for tensors of `dtype` on `device` and a conv `width` wide: "causal_conv1d" (CUDA
+    kernel) or "torch"."""
+    other_width = None if width in CONV_KERNEL_WIDTHS else f"causal-conv1d has no kernel {width} wide"
+    return _choose("conv", causal_conv1d_fn, "causal-conv1d", device, dtype, other_width)
 
 
 def ssd_kernel(x, dt, A, B, C, chunk_size, initial_state):
@@ -72,4 +86,11 @@ def ssd_kernel(x, dt, A, B, C, chunk_size, initial_state):
 
 def conv1d_kernel(x, weight, bias):
     """causal_conv1d's depthwise causal conv + SiLU, zero initial state. x (B, C, T), weight (C, K)."""
-    return causal_conv1d_fn(x.contiguous(), weight, bias, activation="silu")
+    return causal_conv1d_fn(channels_first(x), weight, bias, activation="silu")
+
+
+def channels_first(x):
+    """x (B, C, T) with stride 1 along T, the layout causal_conv1d reads as channels-first. .contiguous() is not
+    enough: a (B, C, 1) transpose already counts as contiguous with T's stride C, which causal_conv1d would take
+    for its channels-last layout (and refuse unless C is a multiple of 8)."""
+    return x if x.stride(-1) == 1 and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)

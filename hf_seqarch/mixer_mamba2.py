@@ -94,7 +94,7 @@ class ShortCausalConv(nn.Conv1d):
         weight, bias, kernel = self.weight[:, 0], self.bias, self.kernel_size[0]  # weight (C, K)
 
         past = None if conv_state is None else conv_state.transpose(1, 2).to(xBC.dtype)  # (B, K-1, C)
-        if past is None and mask is None and conv1d_backend(xBC.device) == "causal_conv1d":
+        if past is None and mask is None and conv1d_backend(xBC.device, xBC.dtype, kernel) == "causal_conv1d":
             out = conv1d_kernel(xBC.transpose(1, 2), weight, bias).transpose(1, 2)  # (B, T, C)
         else:
             out = F.silu(causal_conv(xBC, weight, bias, past))  # (B, T, C)
@@ -206,7 +206,7 @@ class Mamba2Mixer(nn.Module):
         if decode:
             y, ssm_state = self._ssm_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm_state)
             y = y[:, None]  # (B, 1, H, P)
-        elif mamba2_backend(x.device) == "mamba_ssm":
+        elif mamba2_backend(x.device, x.dtype) == "mamba_ssm":
             y, ssm_state = ssd_kernel(x, dt, A, B, C, self.chunk_size, ssm_state)
         else:
             y, ssm_state = ssd_chunked(x, dt, A, B, C, self.chunk_size, ssm_state)

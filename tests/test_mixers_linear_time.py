@@ -306,6 +306,37 @@ def test_backend_choice_is_queryable_and_torch_on_cpu():
     assert mamba2_backend("cpu") == "torch" and conv1d_backend("cpu") == "torch"
 
 
+def test_kernels_only_where_they_apply(monkeypatch):
+    """With the kernel packages installed (stand-ins here: only the choice is tested), CUDA tensors take them only in
+    a dtype they compute in and, for causal_conv1d, a width it has: float64 would fail there (the conv) or be computed
+    in float32 (the scan), and causal_conv1d has no kernel wider than 4. Each refusal is announced with its reason."""
+    from hf_seqarch import kernels_mamba2
+
+    monkeypatch.setattr(kernels_mamba2, "mamba_chunk_scan_combined", object())
+    monkeypatch.setattr(kernels_mamba2, "causal_conv1d_fn", object())
+    monkeypatch.setattr(kernels_mamba2, "_announced", set())
+    assert kernels_mamba2.mamba2_backend("cuda", torch.bfloat16) == "mamba_ssm"
+    assert kernels_mamba2.mamba2_backend("cuda", torch.float64) == "torch"
+    assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "causal_conv1d"
+    assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 5) == "torch"
+    assert kernels_mamba2.conv1d_backend("cuda", torch.float64, 4) == "torch"
+    reasons = {why for *_, why in kernels_mamba2._announced if why}
+    assert reasons == {"mamba-ssm's kernel does not compute in torch.float64", "causal-conv1d has no kernel 5 wide",
+                       "causal-conv1d's kernel does not compute in torch.float64"}
+
+
+def test_conv_kernel_input_is_channels_first():
+    """One token of batch 1: x (1, C, 1) transposed from (1, 1, C) counts as contiguous with T's stride C, which
+    causal_conv1d takes for its channels-last layout (and refuses unless C is a multiple of 8)."""
+    from hf_seqarch.kernels_mamba2 import channels_first
+
+    x = torch.randn(1, 1, 230).transpose(1, 2)  # (B, C, T) = (1, 230, 1)
+    assert x.is_contiguous() and x.stride(-1) == 230
+    assert channels_first(x).stride() == (230, 1, 1) and torch.equal(channels_first(x), x)
+    y = torch.randn(2, 230, 5)
+    assert channels_first(y) is y
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "left_padded"])
 def test_mamba2_kernels_match_pytorch_path(monkeypatch, masked):
