@@ -545,11 +545,11 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         chunking (prefill_chunk_size) gets the cache it needs: transformers makes none for these models."""
         arguments, generation_config = _generate_arguments(self, args, kwargs)
         _refuse_assisted_decoding(arguments, generation_config)
+        if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
         chunked_prefill = arguments.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None)
         use_cache = arguments.get("use_cache", getattr(generation_config, "use_cache", True))
         if chunked_prefill and use_cache is not False:  # (without a cache transformers says it needs one)
-            if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
-                kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
             if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
                 kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
         return super().generate(*args, **kwargs)

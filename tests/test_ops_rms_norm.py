@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from hf_seqarch import SeqArchForCausalLM, ops_rms_norm
 from hf_seqarch.ops_rms_norm import RMSNorm, RMSNormFunction
+from tester import random_ids, tiny_model
 
 
 def outputs_and_grads(norm, x, grad_output):
@@ -89,3 +91,19 @@ def test_double_backward_matches_torch_rms_norm(frozen_weight):
 
     for got, want in zip(penalty_grads(fast), penalty_grads(reference)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_hand_written_backward_runs_where_it_applies(monkeypatch):
+    """Float32 training on CPU takes RMSNormFunction (each norm of a block stack), torch.compile does not: without
+    this, every other test here would pass with the fast path never taken."""
+    calls = []
+    original = ops_rms_norm.RMSNormFunction.apply
+    monkeypatch.setattr(ops_rms_norm.RMSNormFunction, "apply", lambda *args: calls.append(1) or original(*args))
+    model = tiny_model(SeqArchForCausalLM, ["attention", "mamba2"]).train()
+    ids = random_ids(2, 6)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) >= 3  # two pre-norms and the final norm (and mamba2's gated norm)
+    calls.clear()
+    torch._dynamo.reset()
+    torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
+    assert not calls

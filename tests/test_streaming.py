@@ -91,9 +91,11 @@ def test_step_follows_weight_updates_and_keeps_hooked_modules(stack):
 
 
 @stack_params
-def test_generate_continues_a_streamed_cache(stack):
-    # The session's state (made under inference_mode) is an ordinary SeqArchCache for generate(), passed
-    # as this transformers release names the cache (`cache`, or `past_key_values` before 5.24).
+@pytest.mark.parametrize("name", ["cache", "release"], ids=["cache=", "release's name"])
+def test_generate_continues_a_streamed_cache(stack, name):
+    # The session's state (made under inference_mode) is an ordinary SeqArchCache for generate(), passed as the
+    # README does (`cache=`, which transformers 4.x does not know: the model passes it on as past_key_values) or as
+    # this transformers release names the cache (`cache`, or `past_key_values` before 5.24).
     model = causal_lm(stack)
     ids = random_ids(1, 12)
     session = StreamingSession(model)
@@ -101,7 +103,7 @@ def test_generate_continues_a_streamed_cache(stack):
     session.feed(ids[:, 7:11])
     new = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, pad_token_id=0)
     # ids: the stream so far plus the prompt (here its last token); generate() feeds what the cache has not seen
-    continued = model.generate(ids, **{CACHE_FIELD: session.cache}, **new)
+    continued = model.generate(ids, **{"cache" if name == "cache" else CACHE_FIELD: session.cache}, **new)
     torch.testing.assert_close(continued, model.generate(ids, **new), rtol=0, atol=0)
 
 
