@@ -362,15 +362,9 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"position_ids must be ({batch} or 1, {length}) for inputs of {length} tokens, got shape "
                 f"{tuple(position_ids.shape)}."
             )
-        padding_mask = self._padding_mask(attention_mask, batch, length, past_length)
-        if padding_mask is None and past_length and cache.holds_padding and self.config.has_attention:
-            raise ValueError(
-                "This cache holds padded positions (it was filled from a padded batch), which its attention layers "
-                f"keep: pass the attention_mask of the past and new tokens, ({batch}, {past_length + length}), with 0 "
-                "at those pads, so that attention skips them (without one, or with all ones, it would attend to them)."
-            )
         context = MixerContext(
-            padding_mask=padding_mask,
+            padding_mask=self._padding_mask(attention_mask, batch, length, past_length,
+                                            past_padded=past_length > 0 and cache.holds_padding),
             position_ids=position_ids,
             past_length=past_length,
             cache=cache if use_cache else None,
@@ -433,7 +427,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         return True
 
     def _check_token_ids(self, input_ids):
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        if not _is_integer(input_ids):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         if torch.compiler.is_compiling():
             return  # reading the ids' values would break torch.compile's graph; the embedding still bounds-checks
@@ -443,10 +437,20 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
 
-    def _padding_mask(self, attention_mask, batch, length, past_length):
-        """2-D mask -> (B, past + T) bool, or None when every position is real."""
-        if attention_mask is None:
-            return None
+    def _padding_mask(self, attention_mask, batch, length, past_length, past_padded=False):
+        """2-D mask -> (B, past + T) bool, or None when every position is real. past_padded: the cache holds pads,
+        which only a mask with 0 at them keeps attention layers from reading."""
+        mask = None if attention_mask is None else self._checked_mask(attention_mask, batch, length, past_length)
+        if mask is None and past_padded and self.config.has_attention:
+            raise ValueError(
+                "This cache holds padded positions (it was filled from a padded batch), which its attention layers "
+                f"keep: pass the attention_mask of the past and new tokens, ({batch}, {past_length + length}), with 0 "
+                "at those pads, so that attention skips them (without one, or with all ones, it would attend to them)."
+            )
+        return mask
+
+    def _checked_mask(self, attention_mask, batch, length, past_length):
+        """`_padding_mask` of a given mask: checked against the input and the cache, None when it is all ones."""
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
             length,
             past_length + length,
@@ -469,6 +473,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
             mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
         return mask
+
+
+def _is_integer(tensor) -> bool:
+    """Integer dtype (any width), not bool."""
+    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
 
 
 def _refuse_packed_sequences(position_ids, token_mask):
@@ -506,7 +515,7 @@ def _class_ids(labels, num_classes, name):
     """Class-id labels checked to be in [0, num_classes) or -100, as int64: what cross_entropy takes (int32, int16 or
     uint8 ids fail inside it). One device sync (a GPU waits for the work queued before it: the heads check before
     running their layers)."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not _is_integer(labels):
         raise ValueError(f"labels must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got {labels.dtype}.")
     labels = labels.long()
     if torch.compiler.is_compiling() or not labels.numel():
@@ -716,8 +725,7 @@ def _sequence_problem(config, labels) -> str:
         return config.problem_type
     if config.num_labels == 1:
         return "regression"
-    integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
-    return "single_label_classification" if integer else "multi_label_classification"
+    return "single_label_classification" if _is_integer(labels) else "multi_label_classification"
 
 
 def _sequence_labels(labels, batch, config):

@@ -3,6 +3,8 @@
 import math
 import os
 
+from .tasks import chance_levels
+
 PLOTS_MISSING = "matplotlib is not installed: no plots (pip install 'hf-seqarch[plots]')"
 
 
@@ -66,8 +68,8 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
             values.append(arch.get("selective_copying", {}).get("accuracy", math.nan))
             ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
         preset = results["preset"]
-        chance = [1 / (preset["mqar_vocab"] // 2)] * len(lengths) + [1 / (preset["copy_alphabet"] - 2)]
-        for g, level in enumerate(chance):  # guessing a value / a token uniformly
+        mqar_chance, copy_chance = chance_levels(preset)
+        for g, level in enumerate([mqar_chance] * len(lengths) + [copy_chance]):
             ax.hlines(level, g - width / 2, g + 0.8 - width / 2, colors="gray", linestyles="dotted",
                       label="chance" if g == 0 else None)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)

@@ -1,5 +1,6 @@
 """report.md: the verdicts first, then the tables they come from, the plots and the settings."""
 
+from .tasks import chance_levels
 from .verdicts import THRESHOLDS
 
 
@@ -81,7 +82,7 @@ def render(results: dict, plots: list[str]) -> str:
                    for n, a in archs.items()])
 
     mqar = [length for length, _ in preset["mqar"]]
-    mqar_chance, copy_chance = 1 / (preset["mqar_vocab"] // 2), 1 / (preset["copy_alphabet"] - 2)  # a uniform guess
+    mqar_chance, copy_chance = chance_levels(preset)
     out += ["", "## Recall and language modelling after the same training budget", "",
             "Each task trains a fresh model per architecture through the Trainer: the same steps, batches, seed and "
             f"optimiser for all (AdamW, lr {preset['learning_rate']}, warm-up {preset['warmup_ratio']:.0%}, cosine decay).",

@@ -13,6 +13,12 @@ from ..text_data import corpus_text
 IGNORE = -100
 
 
+def chance_levels(preset: dict) -> tuple[float, float]:
+    """The accuracy of a uniform guess: of an MQAR value (one of mqar_vocab / 2), of a copied token (the alphabet
+    without the noise and marker tokens)."""
+    return 1 / (preset["mqar_vocab"] // 2), 1 / (preset["copy_alphabet"] - 2)
+
+
 def generator(seed: int, *stream: int) -> torch.Generator:
     """A torch generator for one batch: independent streams for (seed, task, batch index) without collisions."""
     state = np.random.SeedSequence([seed, *stream]).generate_state(2)

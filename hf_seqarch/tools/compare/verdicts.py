@@ -174,8 +174,8 @@ def linear_time(archs):
     if not candidates:
         return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was measured")
     rec = _recurrence(archs)
-    linear_bound = _linear_bound(archs, rec)
     rec_exponent = cost_exponent(archs[rec]["training_speed"]) if rec else None
+    linear_bound = _linear_bound(archs, rec_exponent)
     # Recall: on every task attention learned, an accuracy closer to attention's than to the recurrence's.
     learned = learned_tasks(archs, rec)
     att, rnn = recall_scores(archs.get("transformer", {})), recall_scores(archs.get(rec or "", {}))
@@ -210,12 +210,11 @@ def linear_time(archs):
     return _verdict("linear_time", NOT_SUPPORTED, evidence)
 
 
-def _linear_bound(archs, rec) -> float:
+def _linear_bound(archs, rec_exponent) -> float:
     """The largest cost exponent a linear-time model may have and count as linear. Relative to a measured LSTM/GRU
     (within the margin of its exponent), as the method itself costs every model some growth (fewer sequences per step
     at longer lengths); but, where the transformer's grows clearly faster than linear, at least the margin below it,
     so that a model that scales like attention is not called linear."""
-    rec_exponent = cost_exponent(archs[rec]["training_speed"]) if rec else None
     bound = max(rec_exponent, 1.0) + EXPONENT_MARGIN if rec_exponent is not None else LINEAR_EXPONENT
     attention_exponent = cost_exponent(archs.get("transformer", {}).get("training_speed"))
     if attention_exponent is not None and attention_exponent > LINEAR_EXPONENT + EXPONENT_MARGIN:
