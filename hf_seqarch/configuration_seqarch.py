@@ -1,5 +1,7 @@
 """SeqArchConfig: one token mixer per layer, chosen by name, plus the usual transformers fields."""
 
+import math
+
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
@@ -89,13 +91,11 @@ class SeqArchConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_dropout = attention_dropout
         self.sliding_window = sliding_window
-        if type(bidirectional) is int and bidirectional in (0, 1):  # as the bool it means; other values are refused
-            bidirectional = bool(bidirectional)
-        self.bidirectional = bidirectional
+        self.bidirectional = _as_bool(bidirectional)
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.classifier_dropout = classifier_dropout  # None (transformers' "the model's dropout"): 0 here
-        self.use_cache = use_cache
+        self.use_cache = _as_bool(use_cache)
         self.mamba_state_size = mamba_state_size
         self.mamba_head_dim = mamba_head_dim
         self.mamba_expand = mamba_expand
@@ -105,18 +105,18 @@ class SeqArchConfig(PretrainedConfig):
         self.linear_attention_num_heads = linear_attention_num_heads
         self.linear_attention_head_dim = linear_attention_head_dim
         self.linear_attention_feature_map = linear_attention_feature_map
-        self.linear_attention_use_decay = linear_attention_use_decay
+        self.linear_attention_use_decay = _as_bool(linear_attention_use_decay)
         self.linear_attention_chunk_size = linear_attention_chunk_size
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
+            tie_word_embeddings=_as_bool(tie_word_embeddings),
             **kwargs,
         )
         # Set again after super(): some transformers releases reset these in the base __init__.
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-        self.tie_word_embeddings = tie_word_embeddings
+        self.tie_word_embeddings = _as_bool(tie_word_embeddings)
         self.validate_seqarch()
 
     def __setattr__(self, name, value):
@@ -183,10 +183,10 @@ class SeqArchConfig(PretrainedConfig):
         if pad is not None and (not _is_int(pad) or not 0 <= pad < self.vocab_size):
             raise ValueError(f"pad_token_id must be None or a token id in [0, vocab_size={self.vocab_size}), got {pad!r}.")
         eps = self.rms_norm_eps
-        if not _is_number(eps) or eps < 0:
-            raise ValueError(f"rms_norm_eps must be a number >= 0, got {eps!r}.")
+        if not _is_number(eps) or eps <= 0:  # 0 would make the norm of a zero vector (a pad's output) NaN
+            raise ValueError(f"rms_norm_eps must be a finite number > 0, got {eps!r}.")
         if not _is_number(self.initializer_range) or self.initializer_range < 0:
-            raise ValueError(f"initializer_range must be a number >= 0 (the std of the initial weights), got "
+            raise ValueError(f"initializer_range must be a finite number >= 0 (the std of the initial weights), got "
                              f"{self.initializer_range!r}.")
         for name in ("attention_dropout", "classifier_dropout"):
             value = getattr(self, name)
@@ -195,8 +195,10 @@ class SeqArchConfig(PretrainedConfig):
             if not _is_number(value) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1]" + (" or None" if name == "classifier_dropout"
                                  else "") + f", got {value!r}.")
-        if not isinstance(self.bidirectional, bool):
-            raise ValueError(f"bidirectional must be True or False, got {self.bidirectional!r}.")
+        for name in ("bidirectional", "linear_attention_use_decay", "tie_word_embeddings", "use_cache"):
+            # A string such as "false" (from a command line or a hand-edited config.json) would count as True.
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         if not _is_int(self.num_labels) or self.num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer (1: regression), got {self.num_labels!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
@@ -218,7 +220,7 @@ class SeqArchConfig(PretrainedConfig):
                     f"num_attention_heads={self.num_attention_heads} (grouped-query attention)."
                 )
             if not _is_number(self.rope_theta) or self.rope_theta <= 0:
-                raise ValueError(f"rope_theta must be a number > 0 (the rotary embeddings' base), got {self.rope_theta!r}.")
+                raise ValueError(f"rope_theta must be a finite number > 0 (the rotary embeddings' base), got {self.rope_theta!r}.")
             if self.attention_head_dim % 2 != 0:
                 raise ValueError(f"The attention head dim must be even for rotary embeddings, got {self.attention_head_dim}.")
         if "sliding_attention" in self.mixer_types and (not _is_int(self.sliding_window) or self.sliding_window < 1):
@@ -263,5 +265,11 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    """A Python int or float, not a bool (numpy scalars would pass here and then fail to save as JSON)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite Python int or float, not a bool (numpy scalars would pass here and then fail to save as JSON; NaN
+    would pass every range check, as NaN < 0 is False)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_bool(value):
+    """0 and 1 as the bools they mean; anything else unchanged (validate_seqarch refuses what is not a bool)."""
+    return bool(value) if type(value) is int and value in (0, 1) else value

@@ -507,7 +507,9 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     The backward may use y itself (as torch.exp's does its output): modifying y in place before the backward makes
     autograd raise, as it does for torch's own ops.
     """
-    _check_groups(q, k, v)
+    _check_inputs(q, k, v, log_decay, initial_state)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     B, T, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
@@ -537,7 +539,7 @@ def scan_step(q, k, v, log_decay, state):
     Returns:
         y: (B, H, P) in q's dtype; new_state: (B, H, P, N) in state's dtype.
     """
-    _check_groups(q, k, v)
+    _check_inputs(q, k, v, log_decay, state)
     if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
         q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
     return _step(q, k, v, log_decay, state)
@@ -552,12 +554,25 @@ def _step(q, k, v, log_decay, state):
     return y.to(out_dtype), new_state.to(state.dtype)
 
 
-def _check_groups(q, k, v):
-    """q and k (..., G, N) alike, with G dividing the H heads of v (..., H, P)."""
+def _check_inputs(q, k, v, log_decay, state):
+    """The shapes of `chunked_scan` (q, k (B, T, G, N), v (B, T, H, P), log_decay (B, T, H)) or of `scan_step` (the
+    same without T), with G dividing H and state None or (B, H, P, N): a clear error rather than one from deep in
+    the products, or (in the reference's loop) a silent truncation or broadcast."""
+    dims = v.dim()
     groups, heads = q.shape[-2], v.shape[-2]
-    if k.shape != q.shape or groups < 1 or heads % groups != 0:
-        raise ValueError(f"q and k must have the same shape (..., G, N) with G dividing v's H heads (..., H, P); got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    state_shape = (v.shape[0], heads, v.shape[-1], q.shape[-1])
+    if not (
+        dims in (3, 4) and q.dim() == k.dim() == dims and k.shape == q.shape and groups >= 1 and heads % groups == 0
+        and q.shape[:-2] == v.shape[:-2] and log_decay.shape == v.shape[:-1]
+        and (state is None or tuple(state.shape) == state_shape)
+    ):
+        lead = "B, T" if dims == 4 else "B"
+        raise ValueError(
+            f"Expected q and k ({lead}, G, N), v ({lead}, H, P) and log_decay ({lead}, H) with the same "
+            f"leading sizes, G dividing H, and a state (B, H, P, N); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}, log_decay {tuple(log_decay.shape)}, state "
+            f"{None if state is None else tuple(state.shape)}."
+        )
 
 
 def _heads_of_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -572,7 +587,7 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
 
     Same arguments and returns as `chunked_scan` (without chunk_size).
     """
-    _check_groups(q, k, v)
+    _check_inputs(q, k, v, log_decay, initial_state)
     B, T, _, N = q.shape
     H, P = v.shape[2], v.shape[3]
     q, k = _heads_of_groups(q, H), _heads_of_groups(k, H)

@@ -37,14 +37,23 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(mixer_types=["linear_attention"], linear_attention_head_dim=8.0), "linear_attention_head_dim must be"),
         (dict(mixer_types=["sliding_attention"], sliding_window=True), "sliding_window must be an integer"),
         (dict(pad_token_id=VOCAB), r"pad_token_id must be None or a token id in \[0, vocab_size"),
-        (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a number >= 0"),
+        (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number > 0"),
+        (dict(rms_norm_eps=0), "rms_norm_eps must be a finite number > 0"),  # a pad's zero output would norm to NaN
+        (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0"),
         (dict(hidden_act="bogus"), "hidden_act='bogus' is not an activation"),
-        (dict(rope_theta=0), "rope_theta must be a number > 0"),  # NaN tables: finite, wrong outputs under sdpa
-        (dict(rope_theta="1e4"), "rope_theta must be a number > 0"),
-        (dict(initializer_range=-0.02), "initializer_range must be a number >= 0"),
+        (dict(rope_theta=0), "rope_theta must be a finite number > 0"),  # NaN tables: finite, wrong outputs under sdpa
+        (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),  # (NaN < 0 is False)
+        (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0"),
+        (dict(rope_theta="1e4"), "rope_theta must be a finite number > 0"),
+        (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
+        (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
         (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\]"),
         (dict(classifier_dropout=-0.1), r"classifier_dropout must be a probability in \[0, 1\]"),
         (dict(bidirectional="false"), "bidirectional must be True or False, got 'false'"),  # a string once built an encoder
+        (dict(mixer_types=["linear_attention"], linear_attention_use_decay="false"),
+         "linear_attention_use_decay must be True or False, got 'false'"),
+        (dict(tie_word_embeddings="false"), "tie_word_embeddings must be True or False, got 'false'"),
+        (dict(use_cache="no"), "use_cache must be True or False, got 'no'"),
         (dict(num_labels=0), "num_labels must be a positive integer"),
     ],
 )

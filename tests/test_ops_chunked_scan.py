@@ -363,6 +363,31 @@ def test_groups_must_divide_heads(groups):
             call()
 
 
+@pytest.mark.parametrize("bad", ["v_longer", "decay_per_row", "state_batch_1", "k_shorter"])
+def test_mismatched_shapes_are_refused(bad):
+    """The reference once zipped over time (stopping at the shortest input) and broadcast a (B, T, 1) decay or a
+    batch-1 state: a silently wrong ground truth; the chunked scan failed deep inside its products."""
+    q, k, v, log_decay, s0 = make_inputs(H=3)
+    if bad == "v_longer":
+        v = torch.cat([v, v[:, :2]], 1)
+    elif bad == "decay_per_row":
+        log_decay = log_decay[..., :1]
+    elif bad == "state_batch_1":
+        s0 = s0[:1]
+    else:
+        k = k[:, :-1]
+    for call in (lambda: chunked_scan(q, k, v, log_decay, 4, s0), lambda: scan_reference(q, k, v, log_decay, s0)):
+        with pytest.raises(ValueError, match=r"Expected q and k \(B, T, G, N\), v \(B, T, H, P\).* got q"):
+            call()
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 4.0])
+def test_chunk_size_must_be_a_positive_integer(chunk_size):
+    q, k, v, log_decay, _ = make_inputs(H=3)
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive integer, got {chunk_size}"):
+        chunked_scan(q, k, v, log_decay, chunk_size)
+
+
 def test_compiled_backward_with_grouped_q_and_k():
     """Under torch.compile (the exact path: no data-dependent choice while tracing) forward and backward with q and k
     shared by groups of heads: AOTAutograd traces the hand-written backward's in-place writes into grouped views."""
