@@ -558,6 +558,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
         chunked_prefill = arguments.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None)
         use_cache = arguments.get("use_cache", getattr(generation_config, "use_cache", True))
+        cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
+        _refuse_cache_misuse(self.config, arguments, cache, use_cache, chunked_prefill)
         if chunked_prefill and use_cache is not False:  # (without a cache transformers says it needs one)
             if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
                 kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
@@ -643,6 +645,28 @@ def _refuse_assisted_decoding(arguments, config):
             "tokens from the cache, and recurrent states (LSTM, GRU, Mamba-2, linear attention) cannot be rolled "
             "back. Use greedy search, sampling or beam search."
         )
+
+
+def _refuse_cache_misuse(config, arguments, cache, use_cache, chunked_prefill):
+    """What transformers' generate() would get silently wrong (or fail on deep inside) with these models."""
+    ids = arguments.get("inputs") if arguments.get("inputs") is not None else arguments.get("input_ids")
+    if cache is not None and use_cache is False:
+        raise ValueError("generate() was given a cache and use_cache=False: without a cache, generate() feeds the "
+                         "whole sequence at every step, which the cache would read again on top of what it holds. "
+                         "Drop the cache, or use_cache=True.")
+    if isinstance(cache, SeqArchCache) and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 0:
+        if cache.get_seq_length() >= ids.shape[1]:
+            raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and input_ids has {ids.shape[1]}: "
+                             "generate() feeds only the ids past the cache's length, so pass the whole sequence so "
+                             "far (what the cache has read, then at least one new token).")
+    if chunked_prefill and arguments.get("inputs_embeds") is not None:
+        raise ValueError("prefill_chunk_size does not work with inputs_embeds (transformers splits the prompt's "
+                         "input_ids into chunks): pass input_ids, or drop prefill_chunk_size.")
+    mask = arguments.get("attention_mask")
+    if chunked_prefill and CACHE_FIELD != "cache" and config.has_attention and mask is not None and not bool(mask.all()):
+        # transformers 4.x's chunked prefill numbers the positions without the mask: padded rows get shifted RoPE.
+        raise ValueError("On transformers 4.x, prefill_chunk_size with a padded batch gives attention layers wrong "
+                         "positions; upgrade to transformers 5, or generate without prefill_chunk_size.")
 
 
 class SeqArchForSequenceClassification(SeqArchPreTrainedModel):

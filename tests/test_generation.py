@@ -90,8 +90,12 @@ def test_left_padded_batch_generates_like_each_prompt_alone(stack):
         ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
     batched = model.generate(ids, attention_mask=mask, do_sample=False, **NEW)
     # Prefilled in chunks of 2: the shorter prompts' first chunk is all padding (a row with no token yet).
-    # Not on transformers 4.x, whose chunked prefill mishandles left padding (LlamaForCausalLM's too).
-    if TRANSFORMERS_MAJOR >= 5:
+    # transformers 4.x's chunked prefill numbers positions without the mask (LlamaForCausalLM's too): refused there
+    # for stacks with attention, whose RoPE positions it would shift.
+    if TRANSFORMERS_MAJOR < 5 and model.config.has_attention:
+        with pytest.raises(ValueError, match="On transformers 4.x, prefill_chunk_size with a padded batch"):
+            model.generate(ids, attention_mask=mask, do_sample=False, prefill_chunk_size=2, **NEW)
+    else:
         chunked = model.generate(ids, attention_mask=mask, do_sample=False, prefill_chunk_size=2,
                                  **{CACHE_FIELD: SeqArchCache(model.config)}, **NEW)
         torch.testing.assert_close(chunked, batched, rtol=0, atol=0)
@@ -229,3 +233,19 @@ def test_generate_continues_a_user_cache(stack):
     from_scratch = model.generate(follow_up, attention_mask=mask, do_sample=False, **NEW)
     torch.testing.assert_close(continued, from_scratch, rtol=0, atol=0)
     assert cache.get_seq_length() == from_scratch.shape[1] - 1
+
+
+def test_generate_refuses_what_it_would_get_silently_wrong_with_a_cache():
+    model = causal_lm("mamba2+attention")
+    ids = random_ids(2, 6)
+    cache = SeqArchCache(model.config)
+    # Without a cache generate() feeds the whole sequence at each step: the cache read it again every time.
+    with pytest.raises(ValueError, match="a cache and use_cache=False"):
+        model.generate(ids, use_cache=False, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
+    # A cache holding all of ids: generate() would feed them again (transformers 4.x failed inside itself).
+    model(input_ids=ids, cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match="The cache holds 6 tokens and input_ids has 6"):
+        model.generate(ids, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
+    # transformers splits input_ids into prefill chunks, which are empty for a prompt given as embeddings
+    with pytest.raises(ValueError, match="prefill_chunk_size does not work with inputs_embeds"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(ids), prefill_chunk_size=2, do_sample=False, **NEW)

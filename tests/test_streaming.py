@@ -60,6 +60,17 @@ def test_step_path_equals_forward_and_greedy_equals_generate(stack):
         torch.testing.assert_close(stepped, full[:, 5:9], rtol=1e-5, atol=1e-5)
 
 
+def test_greedy_after_the_cache_is_replaced_needs_a_prompt():
+    """The next-token logits greedy(None) continues from belong to the replaced stream: they once picked the new
+    stream's first token."""
+    model = causal_lm("lstm")
+    session = StreamingSession(model)
+    session.greedy(random_ids(1, 5), max_new_tokens=2)
+    session.cache = SeqArchCache(model.config)
+    with pytest.raises(ValueError, match="Nothing to continue from"):
+        session.greedy(None, max_new_tokens=2)
+
+
 @stack_params
 def test_step_follows_weight_updates_and_keeps_hooked_modules(stack):
     # The decoder reads the parameters at every call (no stale copies) and bypasses only plain modules:

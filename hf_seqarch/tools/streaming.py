@@ -65,7 +65,16 @@ class StreamingSession:
         self.cache = cache if cache is not None else SeqArchCache(self.config)
         self._refuse_padded_cache()
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
-        self._last_logits = None  # next-token logits after the last token fed, where greedy() continues
+
+    @property
+    def cache(self) -> SeqArchCache:
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: SeqArchCache):
+        # The next-token logits where greedy(None) continues belong to the state that gave them: a cache set in its
+        # place (as load() does) starts without any, rather than continuing another stream's.
+        self._cache, self._last_logits = cache, None
 
     # -- feeding a stream ---------------------------------------------------------------------------
     @property
