@@ -195,6 +195,9 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         include `tags` and those of `add_model_tags`. push_to_hub=True then uploads that folder, card included.
         """
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_UPLOAD_ARGUMENTS if k in kwargs}
+        # A config changed since it was built (resize_token_embeddings below pad_token_id, a field set by hand) is
+        # checked now, not by the from_pretrained that would refuse it after the training that led here.
+        self.config.validate_seqarch()
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process:
@@ -224,7 +227,7 @@ def _untie_lm_head_left_out(model, info, source, load_kwargs):
     config the caller passed, as the Auto classes always pass one), and loading refuses."""
     missing = info.get("missing_keys", [])
     head = getattr(model, "lm_head", None)
-    if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings or head.weight.is_meta:
+    if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings:
         return
     saved = _saved_config(source, load_kwargs)
     if saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or []):
@@ -233,6 +236,12 @@ def _untie_lm_head_left_out(model, info, source, load_kwargs):
             "(tie_word_embeddings=false in its config.json) but has no lm_head.weight: its weights are incomplete, "
             "and the head would not be the one trained. Save the model again; or load the body alone "
             "(SeqArchModel.from_pretrained) and put a head of your own on it."
+        )
+    if head.weight.is_meta:  # offloaded (device_map put it on disk): accelerate's offload holds no weight for it
+        raise ValueError(
+            f"The checkpoint {source!r} has no lm_head.weight (it was saved tied), so the untied lm_head must start "
+            "from the input embeddings, but device_map offloads it and there is no weight to offload. Load it tied "
+            "(without tie_word_embeddings=False), or with lm_head on a device (device_map={'lm_head': 'cpu', ...})."
         )
     with torch.no_grad():
         head.weight.copy_(model.get_input_embeddings().weight)
@@ -347,7 +356,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
             logger.warning_once("Caching is incompatible with gradient checkpointing; setting use_cache=False.")
             use_cache, cache = False, None
         if cache is not None and not isinstance(cache, SeqArchCache):
-            raise TypeError(f"cache must be a SeqArchCache (as returned with use_cache=True), got {type(cache).__name__}.")
+            raise TypeError(
+                f"cache must be a SeqArchCache (as returned with use_cache=True), got {type(cache).__name__}. Caches "
+                "of other models, and key/value prefixes (PEFT's prefix tuning), do not fit recurrent layers; prompt "
+                "tuning, p-tuning and LoRA do."
+            )
         if cache is not None:
             cache.check_usable_by(self.config, batch)
         if use_cache and cache is None:

@@ -335,3 +335,12 @@ def test_a_cache_is_checked_only_on_what_shapes_its_states():
     output = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])(input_ids=random_ids(2, 5), use_cache=True)
     other = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], sliding_window=np.int64(7), mamba_state_size=4)
     assert other(input_ids=random_ids(2, 1), cache=getattr(output, CACHE_FIELD)).logits.shape == (2, 1, VOCAB)
+
+
+def test_a_cache_of_another_kind_is_refused_with_what_fits():
+    """PEFT's prefix tuning passes a DynamicCache of key/value prefixes: the message says what works instead."""
+    from transformers import DynamicCache
+
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    with pytest.raises(TypeError, match="got DynamicCache.*prefix tuning.*prompt tuning, p-tuning and LoRA do"):
+        model(input_ids=random_ids(2, 4), past_key_values=DynamicCache(), use_cache=True)

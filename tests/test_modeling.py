@@ -64,6 +64,25 @@ def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 
+def test_a_tied_checkpoint_loaded_untied_with_its_head_offloaded_is_refused(tmp_path):
+    """Offloaded to disk, the untied head has no weight to start from (the checkpoint stores none): it once failed
+    at the first forward, with a KeyError inside accelerate."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "tied")
+    device_map = {"model": "cpu", "lm_head": "disk"}
+    with pytest.raises(ValueError, match="untied lm_head must start from the input embeddings, but device_map offloads"):
+        SeqArchForCausalLM.from_pretrained(tmp_path / "tied", tie_word_embeddings=False, device_map=device_map,
+                                           offload_folder=str(tmp_path / "offload"))
+
+
+def test_save_checks_a_config_changed_since_it_was_built(tmp_path):
+    """Resized below its pad_token_id, a model trained and saved, and then from_pretrained refused its own checkpoint."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"], pad_token_id=VOCAB - 1)
+    model.resize_token_embeddings(VOCAB - 2)
+    with pytest.raises(ValueError, match="pad_token_id must be None or a token id"):
+        model.save_pretrained(tmp_path)
+
+
 def test_an_untied_checkpoint_that_lost_its_head_is_refused(tmp_path):
     """Saved untied (its config.json says so), a causal LM's lm_head.weight is a trained weight of its own: a file
     without it is incomplete, not a tied checkpoint, and once loaded with the embeddings as its head, silently."""

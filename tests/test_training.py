@@ -293,3 +293,17 @@ def test_loading_a_model_with_damaged_weights_is_a_clear_error(uninterrupted_run
     damage(folder / "model.safetensors", how)
     with pytest.raises(OSError, match="model.safetensors" if how == "missing" else "truncated or corrupted"):
         SeqArchForCausalLM.from_pretrained(folder)
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_a_clear_error(uninterrupted_run, tmp_path):
+    """The index counted as the weights, so a shard lost from it passed the check (and failed later, in the load)."""
+    source, _ = uninterrupted_run
+    checkpoint = shutil.copytree(source / "checkpoint-3", tmp_path / "checkpoint-3")
+    (checkpoint / "model.safetensors").unlink()
+    SeqArchForCausalLM.from_pretrained(source / "checkpoint-3").save_pretrained(checkpoint, max_shard_size="20KB")
+    shards = sorted(checkpoint.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    check_resume_checkpoint(checkpoint)  # whole, it passes
+    shards[1].unlink()
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json lists {len(shards)} shard.*{shards[1].name} is missing"):
+        check_resume_checkpoint(checkpoint)

@@ -46,6 +46,16 @@ def check_resume_checkpoint(folder) -> Path:
                 f"would not continue where it stopped; the checkpoint was probably cut short while being written."
                 f"{_siblings(folder)}"
             )
+    for index in sorted(folder.glob("*.index.json")):  # a sharded file: every shard it lists must be there
+        if _unreadable(index):
+            continue  # reported below as truncated
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        absent = [name for name in shards if not (folder / name).exists()]
+        if absent:
+            raise CheckpointError(
+                f"Cannot resume from {str(folder)!r}: {index.name} lists {len(shards)} shard(s), and {', '.join(absent)} "
+                f"{'is' if len(absent) == 1 else 'are'} missing.{_siblings(folder)}"
+            )
     for path in sorted(folder.iterdir()):
         problem = _unreadable(path)
         if problem:
