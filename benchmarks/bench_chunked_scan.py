@@ -18,7 +18,8 @@
    /proc/self/clear_refs: ru_maxrss alone would not do, as a process keeps its parent's ru_maxrss
    across fork+exec (the subprocess would start at this process's peak and show no growth).
 
-Times (2.) are the median of --runs runs after a warm-up; the upstream gradients are random dense tensors
+Times (2.) are the median of --runs runs after a warm-up, taken --rounds times (each length in turn) and the
+median of those kept; the upstream gradients are random dense tensors
 (as the layers above give; y.sum()'s stride-0 gradient is a special case for autograd's bmm). On a shared,
 busy machine wall times of multi-threaded runs are meaningless (OpenMP threads wait on descheduled
 peers); use `--threads 1 --clock cpu` (process CPU time of a single-threaded run) there.
@@ -169,6 +170,17 @@ def measure_in_subprocess(T):
     return peak, seconds
 
 
+def measure_in_rounds(args):
+    """{T: (peak bytes, seconds)}, each the median over --rounds rounds that measure every length once, in turn (the
+    order reversed every other round): a machine whose speed drifts then slows every length alike, rather than those
+    measured while it was slow, which would show as a step in the growth."""
+    samples = {T: [] for T in args.lengths}
+    for round_index in range(args.rounds):
+        for T in args.lengths if round_index % 2 == 0 else args.lengths[::-1]:
+            samples[T].append(measure_length(args, T) if args.device == "cuda" else measure_in_subprocess(T))
+    return {T: tuple(statistics.median(values) for values in zip(*runs)) for T, runs in samples.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -181,6 +193,8 @@ def main():
     p.add_argument("--runs", type=int, default=None,
                    help="timed runs per length (default: 5 on CPU; 25 on CUDA, where a run takes milliseconds and one "
                         "slow launch would move a median of 5)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measurements of each length (2.), taken in turn with the other lengths; the median")
     p.add_argument("--ref-length", type=int, default=2048)
     p.add_argument("--ref-runs", type=int, default=7, help="runs of the reference (each paired with one chunked run)")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -239,8 +253,9 @@ def main():
     print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}):")
     print(f"  {'T':>6} {'time ms':>9} {'x prev':>7} {'peak MiB':>9} {'x prev':>7}")
     prev, growths = None, []
+    results = measure_in_rounds(args)
     for T in args.lengths:
-        peak, seconds = measure_length(args, T) if args.device == "cuda" else measure_in_subprocess(T)
+        peak, seconds = results[T]
         t_growth = f"{seconds / prev[1]:6.2f}x" if prev else ""
         m_growth = f"{peak / max(prev[0], 1):6.2f}x" if prev else ""
         print(f"  {T:>6} {seconds * 1e3:9.1f} {t_growth:>7} {peak / 2**20:9.1f} {m_growth:>7}")

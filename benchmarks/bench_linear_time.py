@@ -9,7 +9,9 @@
    Target: ours >= 1.5x the anchor's throughput.
 2. Time and peak memory of one training step at batch 1 for T = 1024 ... 16384, for mamba2,
    linear_attention, attention (sdpa and eager) and lstm stacks (4 layers, hidden 256, no MLP), and the
-   growth per doubling of T. Target for the linear-time mixers: time x <= 2.2 per doubling.
+   growth per doubling of T. Target for the linear-time mixers: time x <= 2.2 per doubling. Each length is
+   measured in 3 rounds (--scaling-rounds), the lengths in turn within each, and the medians are compared: on a
+   shared machine one slow spell would otherwise show as a step in the growth.
    Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU, each (mixer, T) runs in a fresh
    subprocess and reports the growth of its peak resident set (VmHWM, reset just before) over the step.
 
@@ -174,6 +176,23 @@ def measure_in_subprocess(args, name, length):
     return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+def measure_in_rounds(args, name, device, clock):
+    """{length: (seconds, peak bytes)} of the `name` stack, each the median over --scaling-rounds rounds that
+    measure every length once, in turn (the order reversed every other round): a machine whose speed drifts (shared,
+    or throttling) then slows every length alike, rather than the lengths measured while it was slow."""
+    lengths = [length for length in args.scaling_lengths
+               if name != "attention_eager" or eager_attention_bytes(length) <= args.max_eager_gb * 2**30]
+    samples = {length: [] for length in lengths}
+    for round_index in range(args.scaling_rounds):
+        for length in lengths if round_index % 2 == 0 else lengths[::-1]:
+            if device.type == "cuda":
+                samples[length].append(measure(args, name, length, device, clock))
+                torch.cuda.empty_cache()
+            else:
+                samples[length].append(measure_in_subprocess(args, name, length))
+    return {length: tuple(statistics.median(values) for values in zip(*runs)) for length, runs in samples.items()}
+
+
 def scaling(args, device, clock):
     note = "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM growth, fresh process"
     if device.type == "cpu":
@@ -183,16 +202,14 @@ def scaling(args, device, clock):
     worst = {}
     for name in args.mixers:
         previous = None
+        results = measure_in_rounds(args, name, device, clock)
         for length in args.scaling_lengths:
-            if name == "attention_eager" and eager_attention_bytes(length) > args.max_eager_gb * 2**30:
+            if length not in results:
                 print(f"{name:>17} {length:>6}   skipped: eager attention would hold "
                       f"{eager_attention_bytes(length) / 2**30:.0f} GiB of scores (--max-eager-gb {args.max_eager_gb})")
                 previous = None
                 continue
-            if device.type == "cuda":
-                seconds, peak = measure(args, name, length, device, clock)
-            else:
-                seconds, peak = measure_in_subprocess(args, name, length)
+            seconds, peak = results[length]
             time_x = seconds / previous[0] if previous else None
             memory_x = peak / max(previous[1], 1) if previous else None
             if time_x is not None:
@@ -202,8 +219,6 @@ def scaling(args, device, clock):
             print(f"{name:>17} {length:>6} {seconds * 1e3:>9.1f} {time_growth:>6} {peak / 2**20:>9.1f} {memory_growth:>6}",
                   flush=True)
             previous = (seconds, peak)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     for name in LINEAR_TIME:
         if name in worst:
             verdict = "meets" if worst[name] <= GROWTH_TARGET else "MISSES"
@@ -223,7 +238,10 @@ def main():
     parser.add_argument("--skip", choices=["throughput", "scaling"], default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="throughput repeats (median)")
-    parser.add_argument("--scaling-repeats", type=int, default=None)
+    parser.add_argument("--scaling-repeats", type=int, default=None, help="timed steps per measurement (median)")
+    parser.add_argument("--scaling-rounds", type=int, default=None,
+                        help="measurements of each length, taken in turn with the other lengths (median; default 3, "
+                             "1 with --quick)")
     parser.add_argument("--max-eager-gb", type=float, default=6.0, help="skip eager attention above this much scores")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="CPU scaling: run each child with GLIBC_TUNABLES set so that malloc keeps freed blocks "
@@ -249,6 +267,7 @@ def main():
     args.warmup = args.warmup or (1 if quick else 2)
     args.repeats = args.repeats or (3 if quick else 5)
     args.scaling_repeats = args.scaling_repeats or (2 if quick else 5)
+    args.scaling_rounds = args.scaling_rounds or (1 if quick else 3)
     logging.set_verbosity_error()  # the anchor warns at every call that it runs without mamba_ssm
 
     if args._child is not None:  # one (mixer, length) in a fresh process: CPU peak memory

@@ -3,7 +3,8 @@
 # (mamba_ssm / causal_conv1d are used if already installed, and the output says whether they were).
 # Sized to finish in under 8 minutes on one H100 (2026-11-27: 160 s on an H100 with --quick training steps, 173 s
 # on an H200 with tests/test_cuda.py and full ones; steps 35 / 53 / 28 / 36 s): each step has a time limit, together
-# 7.3 minutes, so a hang fails loudly instead of eating the GPU's time.
+# 7.3 minutes, so a hang fails loudly instead of eating the GPU's time. The growth per doubling is measured in one
+# round (--scaling-rounds / --rounds 1), as in those runs: three, the CPU default, would not fit.
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root, in the environment to check
 #     PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -46,9 +47,9 @@ step() {  # step <seconds> <title> <command...>
 # -rs lists the skipped tests with their reasons (e.g. a kernel package that is not installed).
 step 120 "cuda-marked tests" "$PYTHON" -m pytest -q -rs -m cuda tests/
 step 120 "bench_linear_time: mamba2 vs transformers Mamba2, growth per doubling" \
-    "$PYTHON" benchmarks/bench_linear_time.py --device cuda --max-eager-gb 16
+    "$PYTHON" benchmarks/bench_linear_time.py --device cuda --max-eager-gb 16 --scaling-rounds 1
 step 80 "bench_chunked_scan: chunked vs sequential reference, growth per doubling" \
-    "$PYTHON" benchmarks/bench_chunked_scan.py --device cuda
+    "$PYTHON" benchmarks/bench_chunked_scan.py --device cuda --rounds 1
 # The full 11 repeats (~50 s on an H100): --quick's 3 read 1.089 for an LSTM ratio that full runs put at 1.00-1.03.
 step 120 "bench_train_step: attention and lstm vs their anchors" \
     "$PYTHON" benchmarks/bench_train_step.py --device cuda

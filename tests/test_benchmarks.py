@@ -18,12 +18,12 @@ RUNS = {
     ),
     "bench_chunked_scan.py": (
         ["--ref-length", "64", "--ref-runs", "1", "--lengths", "64", "128", "--runs", "1", "--batch", "1", "--heads", "2",
-         "--dim", "8", "--state", "8", "--chunk", "16"],
+         "--dim", "8", "--state", "8", "--chunk", "16", "--rounds", "2"],
         ["linear attention", "mamba2 (SSD)", "worst time growth", ">= 20x"],
     ),
     "bench_linear_time.py": (
         ["--throughput-lengths", "64", "--tokens", "64", "--repeats", "1", "--warmup", "1", "--scaling-lengths", "64",
-         "128", "--scaling-repeats", "1", "--mixers", "mamba2"],
+         "128", "--scaling-repeats", "1", "--scaling-rounds", "2", "--mixers", "mamba2"],
         ["worst speed-up", "mamba2: worst time growth"],
     ),
     "bench_decode.py": (
