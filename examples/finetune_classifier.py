@@ -71,7 +71,9 @@ def main():
     # a trainer.evaluate() before train() would leave the model unwrapped by DDP for the training itself (accelerate
     # takes it as prepared), and two processes would each train their own copy, never averaging their gradients.
     training_args.eval_on_start = True
-    sections = script_args.sections.split(",")
+    sections = [name.strip() for name in script_args.sections.split(",")]
+    if len(set(sections)) != len(sections) or len(sections) < 2:
+        parser.error(f"--sections needs two or more different sections, got {sections}.")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
@@ -100,6 +102,9 @@ def main():
         processing_class=tokenizer,
         compute_metrics=accuracy,
     )
+    # With --push_to_hub, Trainer.push_to_hub writes its generic model card over the one save_pretrained wrote (the
+    # mixers, parameter count and how to load it without hf_seqarch): keep ours.
+    trainer.create_model_card = lambda *args, **kwargs: None
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     # (a run resumed from a checkpoint of an older script may have none)
     before = next((e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e and e["step"] == 0), None)
@@ -107,7 +112,7 @@ def main():
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_state()
-    trainer.save_model()  # weights, config (with the label names) and tokenizer in output_dir
+    trainer.save_model()  # weights, config (with the label names), tokenizer and our model card in output_dir
 
     if trainer.is_world_process_zero():
         print(f"\naccuracy on {len(eval_examples)} held-out paragraphs: {metrics['eval_accuracy']:.1%} "

@@ -88,6 +88,8 @@ def main():
         ddp_find_unused_parameters=False,  # every parameter gets a gradient: skip DDP's extra graph walk
     )
     script_args, training_args = parser.parse_args_into_dataclasses()
+    if script_args.sample_tokens < 1:  # checked now, not after the training
+        parser.error(f"--sample_tokens must be >= 1, got {script_args.sample_tokens}.")
 
     tokenizer = ByT5Tokenizer()
     train_blocks, eval_blocks = lm_blocks(tokenizer, script_args.block_size, script_args.max_chars)
@@ -104,6 +106,9 @@ def main():
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),  # labels = inputs; the model shifts
         processing_class=tokenizer,  # saved beside the weights, so the folder loads with AutoTokenizer
     )
+    # With --push_to_hub, Trainer.push_to_hub writes its generic model card over the one save_pretrained wrote (the
+    # mixers, parameter count and how to load it without hf_seqarch): keep ours.
+    trainer.create_model_card = lambda *args, **kwargs: None
     if trainer.is_world_process_zero():
         global_batch = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
         print(f"{script_args.preset}: {model.num_parameters():,} parameters, mixers {config.mixer_types}; "

@@ -52,14 +52,17 @@ def main():
     parser.add_argument("--output-dir", default="outputs/streaming")
     parser.add_argument("--threads", type=int, default=1, help="a model this small gains nothing from more threads")
     args = parser.parse_args()
-    if args.chunk < 1 or args.stream_bytes < 2 * args.chunk:
+    if args.threads < 1 or args.steps < 0:
+        parser.error(f"--threads must be >= 1 and --steps >= 0, got {args.threads} and {args.steps}")
+    text = corpus_text().encode("utf-8")
+    if args.chunk < 1 or min(args.stream_bytes, len(text)) < 2 * args.chunk:
         # the state is saved after the first half of the chunks and resumed for the second: two chunks at least
-        parser.error(f"--stream-bytes ({args.stream_bytes}) must be at least twice --chunk ({args.chunk}), and --chunk >= 1")
+        parser.error(f"--stream-bytes ({args.stream_bytes}; the corpus has {len(text):,}) must be at least twice "
+                     f"--chunk ({args.chunk}), and --chunk >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     os.makedirs(args.output_dir, exist_ok=True)
 
-    text = corpus_text().encode("utf-8")
     data = torch.tensor(list(text), dtype=torch.long)
     config = SeqArchConfig(vocab_size=256, hidden_size=128, mixer_types=args.mixers.split(","), intermediate_size=256,
                            mamba_head_dim=32, mamba_state_size=32, mamba_chunk_size=64, num_attention_heads=4,

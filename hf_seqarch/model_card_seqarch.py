@@ -55,7 +55,7 @@ def _growth(config, mixer: str) -> str:
     return f"{constant:,} values, constant (independent of the length)"
 
 
-def _memory_summary(config) -> str:
+def _memory_summary(config, head: str) -> str:
     if config.bidirectional:
         return "This is an encoder (`bidirectional=True`): it reads whole sequences and keeps no decoding state."
     states = [layer_decoding_state(config, m) for m in config.mixer_types]
@@ -64,14 +64,15 @@ def _memory_summary(config) -> str:
     constant = sum(c for _, _, c in states)
     parts = []
     if growing:
-        parts.append(f"grows by {growing:,} values per generated token (the attention layers' keys and values)")
+        parts.append(f"grows by {growing:,} values per token (the attention layers' keys and values)")
     if bounded:
         parts.append(f"holds at most {bounded:,} values in the sliding-window layers")
     if constant:
         parts.append(f"keeps {constant:,} values of recurrent state whatever the length")
     if not growing:
         parts.append("so it does not grow with the length of the text")
-    return "While decoding, the cache of one sequence " + ", ".join(parts) + " (a value is 2 bytes in bf16, 4 in fp32)."
+    reading = "While decoding" if head == "SeqArchForCausalLM" else "Read with a cache (use_cache=True)"
+    return f"{reading}, the cache of one sequence " + ", ".join(parts) + "; a value is 2 bytes in bf16, 4 in fp32."
 
 
 def model_card_text(model, repo_id: str | None = None, title: str | None = None, tags=None) -> str:
@@ -106,7 +107,7 @@ residual blocks, each a token mixer and a {mlp}; hidden size {config.hidden_size
 |---|---|---|
 {rows}
 
-{_memory_summary(config)}
+{_memory_summary(config, head)}
 
 ## How to load it
 
@@ -142,7 +143,8 @@ def write_model_card(model, folder: str, repo_id: str | None = None, tags=None) 
     if os.path.exists(path) and not is_our_card(path):
         return False
     with open(path, "w", encoding="utf-8") as f:
-        f.write(model_card_text(model, repo_id, title=os.path.basename(os.path.normpath(folder)), tags=tags))
+        # (the folder's own name: "." or "" would give the title "# .")
+        f.write(model_card_text(model, repo_id, title=os.path.basename(os.path.abspath(folder)), tags=tags))
     return True
 
 

@@ -378,3 +378,25 @@ def test_linear_time_says_which_model_its_recall_test_lacks():
     archs["transformer"] = dict(mqar=dict(accuracy={"128": 0.9}))
     verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
     assert "needs an LSTM/GRU's recall measured" in verdict["evidence"]
+
+
+def test_linear_time_is_inconclusive_while_a_candidate_was_not_fully_measured():
+    """A candidate whose decode (say) failed may still have both properties: it once made the claim "not supported"
+    on no evidence but "not fully measured"."""
+    recall = dict(mqar=dict(accuracy={"128": 0.9}), selective_copying=dict(accuracy=0.9))
+    archs = {
+        "transformer": dict(training_speed=_per_sequence_exponent(1.60), **recall),
+        "lstm": dict(training_speed=_per_sequence_exponent(1.0), mqar=dict(accuracy={"128": 0.1}),
+                     selective_copying=dict(accuracy=0.1)),
+        "mamba2": dict(training_speed=_per_sequence_exponent(1.0)),  # its decode and recall never ran
+    }
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
+    assert verdict["verdict"] == INCONCLUSIVE and verdict["evidence"].endswith("(mamba2 not fully measured)")
+    # and beside one measured that fails
+    archs["linear_attention"] = dict(training_speed=_per_sequence_exponent(1.0), decode=_decode({128: 20, 1024: 160}),
+                                     **recall)
+    verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
+    assert verdict["verdict"] == INCONCLUSIVE and "linear_attention: time n^1.00, state x8.00 over x8 context, MQAR at 128 90.0%" \
+        in verdict["evidence"]
+    archs["mamba2"] = archs["linear_attention"]  # both measured, neither constant: now it is decided
+    assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == NOT_SUPPORTED

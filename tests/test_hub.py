@@ -256,9 +256,23 @@ def test_model_card_states_mixers_parameters_memory_and_loading(tmp_path):
     assert 'AutoModelForCausalLM.from_pretrained("<org>/<name>", trust_remote_code=True)' in card.text
     assert "import hf_seqarch" in card.text
     if "attention" in ALL_MIXERS:
-        assert "per generated token" in card.text
+        assert "While decoding, the cache of one sequence grows by" in card.text
     if any(m in ("lstm", "gru", "mamba2", "linear_attention") for m in ALL_MIXERS):
         assert "constant" in card.text
+
+
+def test_card_of_a_head_that_does_not_generate_and_of_an_unnamed_folder(tmp_path, monkeypatch):
+    """A classifier's card spoke of generated tokens; a model saved to "." got the title "# ."."""
+    from huggingface_hub import ModelCard
+
+    model = tiny_model(SeqArchForSequenceClassification, ["attention"])
+    folder = tmp_path / "my-classifier"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    model.save_pretrained(".")
+    card = ModelCard.load(folder / "README.md")
+    assert "# my-classifier" in card.text and "generated token" not in card.text
+    assert "Read with a cache (use_cache=True), the cache of one sequence grows by" in card.text
 
 
 @pytest.mark.parametrize("mixer", ALL_MIXERS)

@@ -71,11 +71,18 @@ def section_classification(
 ):
     """(train, eval) lists of {"input_ids", "label"}: which section does a paragraph come from?
 
-    Paragraphs are truncated to `max_length` tokens, shuffled with `seed` and split; classes are balanced.
+    Paragraphs are truncated to `max_length` tokens, shuffled with `seed` and split class by class, so that both
+    sets are balanced (chance is 1 / len(sections) in each).
     """
     texts, labels = section_paragraphs(sections, per_section=per_section)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    examples = [{"input_ids": ids, "label": label} for ids, label in zip(encoded, labels)]
-    random.Random(seed).shuffle(examples)
-    num_eval = int(len(examples) * eval_fraction)
-    return examples[num_eval:], examples[:num_eval]
+    rng, train, held_out = random.Random(seed), [], []
+    for label in range(len(sections)):
+        of_class = [{"input_ids": ids, "label": label} for ids, y in zip(encoded, labels) if y == label]
+        rng.shuffle(of_class)
+        num_eval = int(len(of_class) * eval_fraction)
+        held_out += of_class[:num_eval]
+        train += of_class[num_eval:]
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train, held_out

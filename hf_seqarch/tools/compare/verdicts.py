@@ -180,15 +180,16 @@ def linear_time(archs):
     learned = learned_tasks(archs, rec)
     att, rnn = recall_scores(archs.get("transformer", {})), recall_scores(archs.get(rec or "", {}))
     bars = {task: (att[task] + rnn[task]) / 2 for task in learned}
-    parts, winners, but_for_cost = [], [], []
+    parts, winners, but_for_cost, unmeasured = [], [], [], []
     for name in candidates:
         exponent, growth = cost_exponent(archs[name]["training_speed"]), cache_growth(archs[name].get("decode"))
         scores = recall_scores(archs[name])
         if exponent is None or growth is None or any(task not in scores for task in bars):
             parts.append(f"{name}: not fully measured")
+            unmeasured.append(name)
             continue
-        parts.append(f"{name}: time n^{exponent:.2f}, state x{growth[0]:.2f} over x{growth[1]:.0f} context, "
-                     + ", ".join(f"{task} {acc:.1%}" for task, acc in scores.items()))
+        parts.append(", ".join([f"{name}: time n^{exponent:.2f}", f"state x{growth[0]:.2f} over x{growth[1]:.0f} context",
+                                *(f"{task} {acc:.1%}" for task, acc in scores.items())]))
         if growth[0] <= CONSTANT_GROWTH and bars and all(scores[task] >= bar for task, bar in bars.items()):
             (winners if exponent <= linear_bound else but_for_cost).append(name)
     bar = f"linear: time exponent <= {linear_bound:.2f} and constant state"
@@ -207,6 +208,8 @@ def linear_time(archs):
         return _verdict("linear_time", INCONCLUSIVE, evidence + f" ({', '.join(but_for_cost)}: constant state and recall, "
                                                                 f"but linear cost untestable: the transformer's cost "
                                                                 f"grows no clearer than the {rec}'s at these lengths)")
+    if unmeasured:  # one of them might still have both
+        return _verdict("linear_time", INCONCLUSIVE, evidence + f" ({', '.join(unmeasured)} not fully measured)")
     return _verdict("linear_time", NOT_SUPPORTED, evidence)
 
 
