@@ -400,3 +400,23 @@ def test_linear_time_is_inconclusive_while_a_candidate_was_not_fully_measured():
         in verdict["evidence"]
     archs["mamba2"] = archs["linear_attention"]  # both measured, neither constant: now it is decided
     assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == NOT_SUPPORTED
+
+
+def test_a_failed_stage_costs_only_itself(tmp_path, monkeypatch):
+    """A decode that fails (say, out of GPU memory at the longest context) once skipped the architecture's recall and
+    text stages too, and its checkpoint."""
+    decode = compare_run.PHASE_FUNCTIONS["decode"]
+
+    def failing_decode(config, *args):
+        if config.mixer_types[0] == "lstm":
+            raise RuntimeError("out of memory")
+        return decode(config, *args)
+
+    monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, "decode", failing_decode)
+    assert cli.main(["compare", "--preset", "test", "--architectures", "lstm,transformer", "--output-dir",
+                     str(tmp_path)]) == 1
+    lstm = json.loads((tmp_path / "results.json").read_text())["architectures"]["lstm"]
+    assert lstm["error"] == "decode: RuntimeError: out of memory" and "decode" not in lstm
+    assert {"training_speed", "mqar", "selective_copying", "text"} <= set(lstm)
+    assert (tmp_path / "checkpoints" / "lstm" / "config.json").is_file()
+    assert "Failed: lstm: decode: RuntimeError: out of memory" in (tmp_path / "report.md").read_text()

@@ -179,13 +179,13 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
             arch = results["architectures"][name]
             bar.set_postfix_str(f"{phase}: {name}")
             ctx["progress"] = lambda step, total, label=f"{phase}: {name}": bar.set_postfix_str(f"{label} step {step}/{total}")
-            if not arch.get("error"):
-                began = time.perf_counter()
-                try:
-                    arch[phase] = PHASE_FUNCTIONS[phase](sizes[name]["config"], preset, device, dict(ctx, name=name))
-                except Exception as err:  # one broken architecture must not cost the others their results
-                    arch["error"] = f"{phase}: {type(err).__name__}: {err}"
-                arch.setdefault("stage_seconds", {})[phase] = time.perf_counter() - began
+            began = time.perf_counter()
+            try:
+                arch[phase] = PHASE_FUNCTIONS[phase](sizes[name]["config"], preset, device, dict(ctx, name=name))
+            except Exception as err:  # a broken stage costs neither the other architectures nor this one's other stages
+                failure = f"{phase}: {type(err).__name__}: {err}"  # (each stage builds its own model: they are independent)
+                arch["error"] = f"{arch['error']}; {failure}" if arch.get("error") else failure
+            arch.setdefault("stage_seconds", {})[phase] = time.perf_counter() - began
             results["wall_seconds"] = time.perf_counter() - start
             _write_json(results, output_dir)
             bar.update()
