@@ -205,6 +205,8 @@ def main():
     p.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.runs = args.runs or (25 if args.device == "cuda" else 5)
+    if args.runs < 1 or args.rounds < 1 or args.ref_runs < 1:
+        p.error("--runs, --rounds and --ref-runs must be >= 1")
     if args.keep_freed_memory:
         restart_keeping_freed_memory()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -268,6 +268,8 @@ def main():
     args.repeats = args.repeats or (3 if quick else 5)
     args.scaling_repeats = args.scaling_repeats or (2 if quick else 5)
     args.scaling_rounds = args.scaling_rounds or (1 if quick else 3)
+    if min(args.warmup, args.repeats, args.scaling_repeats, args.scaling_rounds) < 1:  # (0 reads as the default)
+        parser.error("--warmup, --repeats, --scaling-repeats and --scaling-rounds must be >= 1")
     logging.set_verbosity_error()  # the anchor warns at every call that it runs without mamba_ssm
 
     if args._child is not None:  # one (mixer, length) in a fresh process: CPU peak memory

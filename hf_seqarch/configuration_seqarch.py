@@ -8,6 +8,7 @@ from transformers.activations import ACT2FN
 MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention")
 RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer
 ATTENTION_MIXERS = ("attention", "sliding_attention")  # keys/values per token
+BOOL_FIELDS = ("bidirectional", "linear_attention_use_decay", "tie_word_embeddings", "use_cache")
 
 
 class SeqArchConfig(PretrainedConfig):
@@ -91,11 +92,11 @@ class SeqArchConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.attention_dropout = attention_dropout
         self.sliding_window = sliding_window
-        self.bidirectional = _as_bool(bidirectional)
+        self.bidirectional = bidirectional
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.classifier_dropout = classifier_dropout  # None (transformers' "the model's dropout"): 0 here
-        self.use_cache = _as_bool(use_cache)
+        self.use_cache = use_cache
         self.mamba_state_size = mamba_state_size
         self.mamba_head_dim = mamba_head_dim
         self.mamba_expand = mamba_expand
@@ -105,18 +106,18 @@ class SeqArchConfig(PretrainedConfig):
         self.linear_attention_num_heads = linear_attention_num_heads
         self.linear_attention_head_dim = linear_attention_head_dim
         self.linear_attention_feature_map = linear_attention_feature_map
-        self.linear_attention_use_decay = _as_bool(linear_attention_use_decay)
+        self.linear_attention_use_decay = linear_attention_use_decay
         self.linear_attention_chunk_size = linear_attention_chunk_size
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
-            tie_word_embeddings=_as_bool(tie_word_embeddings),
+            tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
         # Set again after super(): some transformers releases reset these in the base __init__.
         self.pad_token_id, self.bos_token_id, self.eos_token_id = pad_token_id, bos_token_id, eos_token_id
-        self.tie_word_embeddings = _as_bool(tie_word_embeddings)
+        self.tie_word_embeddings = tie_word_embeddings
         self.validate_seqarch()
 
     def __setattr__(self, name, value):
@@ -129,6 +130,8 @@ class SeqArchConfig(PretrainedConfig):
             )
         if name == "mixer_types":
             value = _mixer_list(value)
+        if name in BOOL_FIELDS:
+            value = _as_bool(value)  # 0 and 1, as older configs and command lines write them
         super().__setattr__(name, value)
         if name == "mixer_types":
             super().__setattr__("num_hidden_layers", len(value))
@@ -195,7 +198,7 @@ class SeqArchConfig(PretrainedConfig):
             if not _is_number(value) or not 0 <= value <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1]" + (" or None" if name == "classifier_dropout"
                                  else "") + f", got {value!r}.")
-        for name in ("bidirectional", "linear_attention_use_decay", "tie_word_embeddings", "use_cache"):
+        for name in BOOL_FIELDS:
             # A string such as "false" (from a command line or a hand-edited config.json) would count as True.
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -267,7 +270,12 @@ def _is_int(value) -> bool:
 def _is_number(value) -> bool:
     """A finite Python int or float, not a bool (numpy scalars would pass here and then fail to save as JSON; NaN
     would pass every range check, as NaN < 0 is False)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _as_bool(value):

@@ -58,6 +58,9 @@ def _growth(config, mixer: str) -> str:
 def _memory_summary(config, head: str) -> str:
     if config.bidirectional:
         return "This is an encoder (`bidirectional=True`): it reads whole sequences and keeps no decoding state."
+    if head not in ("SeqArchForCausalLM", "SeqArchModel"):  # the classification heads take no cache
+        return ("It reads whole sequences and keeps no state between calls (the table gives what its layers would "
+                "hold per sequence in a causal LM decoding).")
     states = [layer_decoding_state(config, m) for m in config.mixer_types]
     growing = sum(p for p, cap, _ in states if cap is None)
     bounded = sum(p * cap for p, cap, _ in states if p and cap is not None)
@@ -71,7 +74,7 @@ def _memory_summary(config, head: str) -> str:
         parts.append(f"keeps {constant:,} values of recurrent state whatever the length")
     if not growing:
         parts.append("so it does not grow with the length of the text")
-    reading = "While decoding" if head == "SeqArchForCausalLM" else "Read with a cache (use_cache=True)"
+    reading = "While decoding" if head == "SeqArchForCausalLM" else "Run with a cache (use_cache=True)"
     return f"{reading}, the cache of one sequence " + ", ".join(parts) + "; a value is 2 bytes in bf16, 4 in fp32."
 
 

@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -60,11 +60,8 @@ MIXER_CLASSES = {
 # transformers 5.24 renamed the output's `past_key_values` to `cache`; fill whichever this release has.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # A dict {target: source} in transformers 5, a list of targets in 4.x.
-TIED_LM_HEAD = (
-    {"lm_head.weight": "model.embed_tokens.weight"}
-    if int(__import__("transformers").__version__.split(".")[0]) >= 5
-    else ["lm_head.weight"]
-)
+TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
+TIED_LM_HEAD = {"lm_head.weight": "model.embed_tokens.weight"} if TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
 
 
 class SeqArchMLP(nn.Module):
@@ -203,7 +200,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         if is_main_process:
             write_model_card(self, save_directory, repo_id=hub_kwargs.get("repo_id"), tags=tags)
             if push_to_hub:
-                repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+                repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
                 return upload_saved_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     def push_to_hub(self, repo_id, *, commit_message=None, commit_description=None, private=None, token=None,
@@ -237,11 +234,11 @@ def _untie_lm_head_left_out(model, info, source, load_kwargs):
             "and the head would not be the one trained. Save the model again; or load the body alone "
             "(SeqArchModel.from_pretrained) and put a head of your own on it."
         )
-    if head.weight.is_meta:  # offloaded (device_map put it on disk): accelerate's offload holds no weight for it
+    if head.weight.is_meta or model.get_input_embeddings().weight.is_meta:  # offloaded by device_map
         raise ValueError(
             f"The checkpoint {source!r} has no lm_head.weight (it was saved tied), so the untied lm_head must start "
-            "from the input embeddings, but device_map offloads it and there is no weight to offload. Load it tied "
-            "(without tie_word_embeddings=False), or with lm_head on a device (device_map={'lm_head': 'cpu', ...})."
+            "from the input embeddings, but device_map offloads one of them (to the CPU or disk), where they cannot "
+            "be copied. Load it tied (without tie_word_embeddings=False), or with both on the main device."
         )
     with torch.no_grad():
         head.weight.copy_(model.get_input_embeddings().weight)
@@ -569,10 +566,10 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         _refuse_assisted_decoding(arguments, generation_config)
         if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
             kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
-        chunked_prefill = arguments.get("prefill_chunk_size") or getattr(generation_config, "prefill_chunk_size", None)
-        use_cache = arguments.get("use_cache", getattr(generation_config, "use_cache", True))
+        chunked_prefill = _generation_option(self, arguments, "prefill_chunk_size")
+        use_cache = _generation_option(self, arguments, "use_cache")
         cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
-        _refuse_cache_misuse(self.config, arguments, cache, use_cache, chunked_prefill)
+        _refuse_cache_misuse(self, arguments, cache, use_cache, chunked_prefill)
         if chunked_prefill and use_cache is not False:  # (without a cache transformers says it needs one)
             if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
                 kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
@@ -646,6 +643,19 @@ def _generate_arguments(model, args, kwargs):
     return arguments, arguments.get("generation_config") or model.generation_config
 
 
+def _generation_option(model, arguments, name):
+    """The value of a generation option generate() will use: the argument, else the generation config passed, unless
+    it leaves the option at its default (transformers then takes the model's generation config's), else the model's."""
+    if arguments.get(name) is not None:
+        return arguments[name]
+    default = getattr(GenerationConfig(), name, None)
+    passed = getattr(arguments.get("generation_config"), name, None)
+    if passed is not None and passed != default:
+        return passed
+    own = getattr(model.generation_config, name, None)
+    return own if own is not None else default
+
+
 def _refuse_assisted_decoding(arguments, config):
     """Assisted decoding (a draft model, prompt lookup, early exit) drafts tokens and then drops the rejected ones
     from the cache. A recurrent state cannot drop tokens once read, so SeqArchCache cannot; transformers would
@@ -660,26 +670,38 @@ def _refuse_assisted_decoding(arguments, config):
         )
 
 
-def _refuse_cache_misuse(config, arguments, cache, use_cache, chunked_prefill):
+def _refuse_cache_misuse(model, arguments, cache, use_cache, chunked_prefill):
     """What transformers' generate() would get silently wrong (or fail on deep inside) with these models."""
     ids = arguments.get("inputs") if arguments.get("inputs") is not None else arguments.get("input_ids")
-    if cache is not None and use_cache is False:
-        raise ValueError("generate() was given a cache and use_cache=False: without a cache, generate() feeds the "
-                         "whole sequence at every step, which the cache would read again on top of what it holds. "
-                         "Drop the cache, or use_cache=True.")
+    embeds = arguments.get("inputs_embeds") is not None  # (transformers then always decodes with a cache)
+    if cache is not None and use_cache is False and not embeds:
+        raise ValueError("generate() was given a cache, and use_cache is False (passed, or in the model's "
+                         "generation_config): without a cache, generate() feeds the whole sequence at every step, "
+                         "which the cache would read again on top of what it holds. Pass use_cache=True, or no cache.")
     if isinstance(cache, SeqArchCache) and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 0:
         if cache.get_seq_length() >= ids.shape[1]:
             raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and input_ids has {ids.shape[1]}: "
                              "generate() feeds only the ids past the cache's length, so pass the whole sequence so "
                              "far (what the cache has read, then at least one new token).")
-    if chunked_prefill and arguments.get("inputs_embeds") is not None:
+    if chunked_prefill and embeds:
         raise ValueError("prefill_chunk_size does not work with inputs_embeds (transformers splits the prompt's "
                          "input_ids into chunks): pass input_ids, or drop prefill_chunk_size.")
-    mask = arguments.get("attention_mask")
-    if chunked_prefill and CACHE_FIELD != "cache" and config.has_attention and mask is not None and not bool(mask.all()):
+    if chunked_prefill and TRANSFORMERS_MAJOR < 5 and model.config.has_attention and _padded(model, arguments, ids):
         # transformers 4.x's chunked prefill numbers the positions without the mask: padded rows get shifted RoPE.
         raise ValueError("On transformers 4.x, prefill_chunk_size with a padded batch gives attention layers wrong "
                          "positions; upgrade to transformers 5, or generate without prefill_chunk_size.")
+
+
+def _padded(model, arguments, ids) -> bool:
+    """Whether generate() will see padding: zeros in the mask passed, or without one, as transformers makes it, the
+    pad token (when it is not also the end-of-sequence token) among the ids."""
+    mask = arguments.get("attention_mask")
+    if mask is not None:
+        return not bool(mask.all())
+    pad, eos = (_generation_option(model, arguments, name) for name in ("pad_token_id", "eos_token_id"))
+    if pad is None or not isinstance(ids, torch.Tensor) or pad in (eos if isinstance(eos, list) else [eos]):
+        return False
+    return bool((ids == pad).any())
 
 
 class SeqArchForSequenceClassification(SeqArchPreTrainedModel):

@@ -507,7 +507,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     The backward may use y itself (as torch.exp's does its output): modifying y in place before the backward makes
     autograd raise, as it does for torch's own ops.
     """
-    _check_inputs(q, k, v, log_decay, initial_state)
+    _check_inputs(q, k, v, log_decay, initial_state, dims=4)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     B, T, G, N = q.shape
@@ -539,7 +539,7 @@ def scan_step(q, k, v, log_decay, state):
     Returns:
         y: (B, H, P) in q's dtype; new_state: (B, H, P, N) in state's dtype.
     """
-    _check_inputs(q, k, v, log_decay, state)
+    _check_inputs(q, k, v, log_decay, state, dims=3)
     if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
         q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
     return _step(q, k, v, log_decay, state)
@@ -554,15 +554,15 @@ def _step(q, k, v, log_decay, state):
     return y.to(out_dtype), new_state.to(state.dtype)
 
 
-def _check_inputs(q, k, v, log_decay, state):
-    """The shapes of `chunked_scan` (q, k (B, T, G, N), v (B, T, H, P), log_decay (B, T, H)) or of `scan_step` (the
-    same without T), with G dividing H and state None or (B, H, P, N): a clear error rather than one from deep in
-    the products, or (in the reference's loop) a silent truncation or broadcast."""
-    dims = v.dim()
-    groups, heads = q.shape[-2], v.shape[-2]
-    state_shape = (v.shape[0], heads, v.shape[-1], q.shape[-1])
+def _check_inputs(q, k, v, log_decay, state, dims):
+    """The shapes of `chunked_scan` (dims=4: q, k (B, T, G, N), v (B, T, H, P), log_decay (B, T, H)) or of `scan_step`
+    (dims=3: the same without T), with G dividing H and state None or (B, H, P, N): a clear error rather than one from
+    deep in the products, or (in the reference's loop) a silent truncation or broadcast."""
+    ranks_ok = q.dim() == k.dim() == v.dim() == dims
+    groups, heads = (q.shape[-2], v.shape[-2]) if ranks_ok else (0, 0)
+    state_shape = (v.shape[0], heads, v.shape[-1], q.shape[-1]) if ranks_ok else None
     if not (
-        dims in (3, 4) and q.dim() == k.dim() == dims and k.shape == q.shape and groups >= 1 and heads % groups == 0
+        ranks_ok and k.shape == q.shape and groups >= 1 and heads % groups == 0
         and q.shape[:-2] == v.shape[:-2] and log_decay.shape == v.shape[:-1]
         and (state is None or tuple(state.shape) == state_shape)
     ):
@@ -587,7 +587,7 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
 
     Same arguments and returns as `chunked_scan` (without chunk_size).
     """
-    _check_inputs(q, k, v, log_decay, initial_state)
+    _check_inputs(q, k, v, log_decay, initial_state, dims=4)
     B, T, _, N = q.shape
     H, P = v.shape[2], v.shape[3]
     q, k = _heads_of_groups(q, H), _heads_of_groups(k, H)

@@ -391,13 +391,17 @@ def test_linear_time_is_inconclusive_while_a_candidate_was_not_fully_measured():
         "mamba2": dict(training_speed=_per_sequence_exponent(1.0)),  # its decode and recall never ran
     }
     verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
-    assert verdict["verdict"] == INCONCLUSIVE and verdict["evidence"].endswith("(mamba2 not fully measured)")
+    assert verdict["verdict"] == INCONCLUSIVE and verdict["evidence"].startswith("mamba2: not fully measured")
+    assert verdict["evidence"].endswith("(undecided while a candidate is not fully measured)")
     # and beside one measured that fails
     archs["linear_attention"] = dict(training_speed=_per_sequence_exponent(1.0), decode=_decode({128: 20, 1024: 160}),
                                      **recall)
     verdict = {v["key"]: v for v in all_verdicts(archs)}["linear_time"]
     assert verdict["verdict"] == INCONCLUSIVE and "linear_attention: time n^1.00, state x8.00 over x8 context, MQAR at 128 90.0%" \
         in verdict["evidence"]
+    archs["mamba2"] = dict(error="training_speed: RuntimeError: out of memory", decode=_decode({128: 20, 1024: 20}),
+                           **recall)  # its cost unmeasured: it may still have both
+    assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == INCONCLUSIVE
     archs["mamba2"] = archs["linear_attention"]  # both measured, neither constant: now it is decided
     assert {v["key"]: v["verdict"] for v in all_verdicts(archs)}["linear_time"] == NOT_SUPPORTED
 

@@ -7,6 +7,7 @@ picks are far from ties and the generated tokens vary, which makes token equalit
 import pytest
 import torch
 import transformers
+from transformers import GenerationConfig
 
 from hf_seqarch import SeqArchCache, SeqArchForCausalLM, StreamingSession
 from hf_seqarch.configuration_seqarch import ATTENTION_MIXERS, RECURRENT_MIXERS
@@ -240,7 +241,7 @@ def test_generate_refuses_what_it_would_get_silently_wrong_with_a_cache():
     ids = random_ids(2, 6)
     cache = SeqArchCache(model.config)
     # Without a cache generate() feeds the whole sequence at each step: the cache read it again every time.
-    with pytest.raises(ValueError, match="a cache and use_cache=False"):
+    with pytest.raises(ValueError, match="a cache, and use_cache is False"):
         model.generate(ids, use_cache=False, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
     # A cache holding all of ids: generate() would feed them again (transformers 4.x failed inside itself).
     model(input_ids=ids, cache=cache, use_cache=True)
@@ -249,3 +250,23 @@ def test_generate_refuses_what_it_would_get_silently_wrong_with_a_cache():
     # transformers splits input_ids into prefill chunks, which are empty for a prompt given as embeddings
     with pytest.raises(ValueError, match="prefill_chunk_size does not work with inputs_embeds"):
         model.generate(inputs_embeds=model.get_input_embeddings()(ids), prefill_chunk_size=2, do_sample=False, **NEW)
+    # use_cache=False from the model's generation config, with a generation config passed that leaves it unset:
+    # transformers fills it from the model's, and the refusal once read only the config passed.
+    model.generation_config.use_cache = False
+    with pytest.raises(ValueError, match="a cache, and use_cache is False"):
+        model.generate(ids, generation_config=GenerationConfig(do_sample=False, **NEW),
+                       **{CACHE_FIELD: SeqArchCache(model.config)})
+    # ... and the valid calls still pass: use_cache=True given, and a prompt as embeddings (always decoded cached)
+    model.generate(ids, use_cache=True, do_sample=False, **{CACHE_FIELD: SeqArchCache(model.config)}, **NEW)
+    model.generate(inputs_embeds=model.get_input_embeddings()(ids), do_sample=False,
+                   **{CACHE_FIELD: SeqArchCache(model.config)}, **NEW)
+
+
+@pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5 numbers chunked prefill's positions with the mask")
+def test_padded_chunked_prefill_through_attention_is_refused_on_transformers_4_without_a_mask_too():
+    """transformers 4.x makes the mask from the pad ids when none is passed: the padding was then not seen."""
+    model = causal_lm("lstm+attention")
+    ids = random_ids(2, 6)
+    ids[1, :2] = 0  # left padding with pad_token_id=0 (NEW)
+    with pytest.raises(ValueError, match="On transformers 4.x, prefill_chunk_size with a padded batch"):
+        model.generate(ids, do_sample=False, prefill_chunk_size=2, **NEW)

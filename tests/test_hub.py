@@ -272,7 +272,9 @@ def test_card_of_a_head_that_does_not_generate_and_of_an_unnamed_folder(tmp_path
     model.save_pretrained(".")
     card = ModelCard.load(folder / "README.md")
     assert "# my-classifier" in card.text and "generated token" not in card.text
-    assert "Read with a cache (use_cache=True), the cache of one sequence grows by" in card.text
+    assert "It reads whole sequences and keeps no state between calls" in card.text
+    SeqArchModel(model.config).save_pretrained(folder / "body")
+    assert "Run with a cache (use_cache=True), the cache of one sequence grows by" in (folder / "body" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("mixer", ALL_MIXERS)

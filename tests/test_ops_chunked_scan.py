@@ -381,6 +381,16 @@ def test_mismatched_shapes_are_refused(bad):
             call()
 
 
+def test_a_step_checks_its_shapes_too():
+    q, k, v, log_decay, s0 = make_inputs(H=3)
+    with pytest.raises(ValueError, match=r"Expected q and k \(B, G, N\), v \(B, H, P\) and log_decay \(B, H\)"):
+        scan_step(q, k, v, log_decay, s0)  # a whole sequence given to the one-step update
+    with pytest.raises(ValueError, match=r"Expected q and k \(B, T, G, N\)"):
+        chunked_scan(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0])  # one step given to the sequence scan
+    with pytest.raises(ValueError, match=r"a state \(B, H, P, N\); got .* state \(1, 3, 4, 5\)"):
+        scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], s0[:1])
+
+
 @pytest.mark.parametrize("chunk_size", [0, -3, 4.0])
 def test_chunk_size_must_be_a_positive_integer(chunk_size):
     q, k, v, log_decay, _ = make_inputs(H=3)

@@ -69,6 +69,11 @@ def test_greedy_after_the_cache_is_replaced_needs_a_prompt():
     session.cache = SeqArchCache(model.config)
     with pytest.raises(ValueError, match="Nothing to continue from"):
         session.greedy(None, max_new_tokens=2)
+    # a cache set is checked as one given at construction
+    with pytest.raises(ValueError, match="cache must be a SeqArchCache"):
+        session.cache = {}
+    with pytest.raises(ValueError, match="cache has 2 layers; the model has 1"):
+        session.cache = SeqArchCache(causal_lm("lstm+attention").config)
 
 
 @stack_params
@@ -263,7 +268,10 @@ def test_a_session_refuses_a_cache_of_padded_rows_where_attention_would_read_the
         with pytest.raises(ValueError, match="This cache holds padded positions"):
             StreamingSession(model, cache=cache)
         session = StreamingSession(model)
-        session.cache = cache  # set directly, as load() does: refused at the next call
+        with pytest.raises(ValueError, match="This cache holds padded positions"):
+            session.cache = cache  # set directly, as load() does
+        session.feed(torch.tensor([[5], [7]]))  # filled from a padded batch after it was set: refused at the next call
+        model(input_ids=ids, attention_mask=torch.cat([torch.ones(2, 1, dtype=torch.long), mask], 1), cache=session.cache)
         with pytest.raises(ValueError, match="This cache holds padded positions"):
             session.step(torch.tensor([5, 7]))
         restored = SeqArchCache.from_state_dict(cache.state_dict(), len(cache))  # (saved and loaded: still known)

@@ -49,7 +49,12 @@ def check_resume_checkpoint(folder) -> Path:
     for index in sorted(folder.glob("*.index.json")):  # a sharded file: every shard it lists must be there
         if _unreadable(index):
             continue  # reported below as truncated
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        weight_map = json.loads(index.read_text())
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"Cannot resume from {str(folder)!r}: {index.name} has no weight_map naming the shards."
+                                  f"{_siblings(folder)}")
+        shards = sorted(set(weight_map.values()))
         absent = [name for name in shards if not (folder / name).exists()]
         if absent:
             raise CheckpointError(

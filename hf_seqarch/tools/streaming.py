@@ -58,12 +58,7 @@ class StreamingSession:
         self.config = model.config
         if self.config.bidirectional:
             raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it cannot stream.")
-        if cache is not None and not isinstance(cache, SeqArchCache):
-            raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
-        if cache is not None:
-            cache.check_usable_by(self.config)
         self.cache = cache if cache is not None else SeqArchCache(self.config)
-        self._refuse_padded_cache()
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
 
     @property
@@ -72,8 +67,13 @@ class StreamingSession:
 
     @cache.setter
     def cache(self, cache: SeqArchCache):
-        # The next-token logits where greedy(None) continues belong to the state that gave them: a cache set in its
-        # place (as load() does) starts without any, rather than continuing another stream's.
+        """The stream's state; set it to continue another (as load() does)."""
+        if not isinstance(cache, SeqArchCache):
+            raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
+        cache.check_usable_by(self.config)
+        self._refuse_padded_cache(cache)
+        # The next-token logits where greedy(None) continues belong to the state that gave them: a new cache starts
+        # without any, rather than continuing another stream's.
         self._cache, self._last_logits = cache, None
 
     # -- feeding a stream ---------------------------------------------------------------------------
@@ -134,9 +134,9 @@ class StreamingSession:
             self._last_logits = output
         return output
 
-    def _refuse_padded_cache(self):
-        """At construction and at every call (session.cache may be set directly, as load() does)."""
-        if self.cache.holds_padding and self.config.has_attention:
+    def _refuse_padded_cache(self, cache=None):
+        """When a cache is set, and at every call: a forward elsewhere may have filled it from a padded batch since."""
+        if (cache if cache is not None else self.cache).holds_padding and self.config.has_attention:
             raise ValueError(
                 "This cache holds padded positions (it was filled from a padded batch), and its attention layers "
                 "keep their keys: the session decodes without a mask and would attend to them. Continue it with "

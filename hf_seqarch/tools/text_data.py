@@ -80,7 +80,7 @@ def section_classification(
     for label in range(len(sections)):
         of_class = [{"input_ids": ids, "label": label} for ids, y in zip(encoded, labels) if y == label]
         rng.shuffle(of_class)
-        num_eval = int(len(of_class) * eval_fraction)
+        num_eval = max(1, int(len(of_class) * eval_fraction)) if len(of_class) > 1 else 0  # (small sections: one)
         held_out += of_class[:num_eval]
         train += of_class[num_eval:]
     rng.shuffle(train)

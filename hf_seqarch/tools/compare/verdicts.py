@@ -170,8 +170,8 @@ def recall(archs):
 
 
 def linear_time(archs):
-    candidates = [n for n in LINEAR_TIME if archs.get(n, {}).get("training_speed")]
-    if not candidates:
+    candidates = [n for n in LINEAR_TIME if n in archs]  # run, if not necessarily measured (a stage may have failed)
+    if not any(archs[n].get("training_speed") for n in candidates):
         return _verdict("linear_time", INCONCLUSIVE, "neither mamba2 nor linear_attention was measured")
     rec = _recurrence(archs)
     rec_exponent = cost_exponent(archs[rec]["training_speed"]) if rec else None
@@ -182,7 +182,7 @@ def linear_time(archs):
     bars = {task: (att[task] + rnn[task]) / 2 for task in learned}
     parts, winners, but_for_cost, unmeasured = [], [], [], []
     for name in candidates:
-        exponent, growth = cost_exponent(archs[name]["training_speed"]), cache_growth(archs[name].get("decode"))
+        exponent, growth = cost_exponent(archs[name].get("training_speed")), cache_growth(archs[name].get("decode"))
         scores = recall_scores(archs[name])
         if exponent is None or growth is None or any(task not in scores for task in bars):
             parts.append(f"{name}: not fully measured")
@@ -208,8 +208,8 @@ def linear_time(archs):
         return _verdict("linear_time", INCONCLUSIVE, evidence + f" ({', '.join(but_for_cost)}: constant state and recall, "
                                                                 f"but linear cost untestable: the transformer's cost "
                                                                 f"grows no clearer than the {rec}'s at these lengths)")
-    if unmeasured:  # one of them might still have both
-        return _verdict("linear_time", INCONCLUSIVE, evidence + f" ({', '.join(unmeasured)} not fully measured)")
+    if unmeasured:
+        return _verdict("linear_time", INCONCLUSIVE, evidence + " (undecided while a candidate is not fully measured)")
     return _verdict("linear_time", NOT_SUPPORTED, evidence)
 
 
