@@ -58,12 +58,18 @@ def load_config(preset: str, overrides: str | None, tokenizer):
         raise SystemExit(f"No preset {preset!r}: give a folder with a config.json, or one of {known}.")
     config = AutoConfig.from_pretrained(folder)
     if overrides:
-        config.update_from_string(overrides)
+        try:
+            config.update_from_string(overrides)
+        except (ValueError, TypeError) as error:  # an unknown field, or a value of the wrong type
+            raise SystemExit(f"--config_overrides {overrides!r}: {error}") from None
     # The byte tokenizer has 384 ids (pad, eos, unk, the 256 bytes, 125 sentinel ids): the presets' 256 are too few,
     # so parameter counts printed here exceed the configs/ table's by (384 - 256) x hidden_size.
     config.vocab_size = len(tokenizer)
     config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    config.validate_seqarch()
+    try:
+        config.validate_seqarch()
+    except ValueError as error:
+        raise SystemExit(f"The config from {preset!r} with --config_overrides {overrides!r}: {error}") from None
     return config
 
 
@@ -90,6 +96,8 @@ def main():
     script_args, training_args = parser.parse_args_into_dataclasses()
     if script_args.sample_tokens < 1:  # checked now, not after the training
         parser.error(f"--sample_tokens must be >= 1, got {script_args.sample_tokens}.")
+    if script_args.block_size < 2:  # an LM predicts each token from the ones before it
+        parser.error(f"--block_size must be >= 2, got {script_args.block_size}.")
 
     tokenizer = ByT5Tokenizer()
     train_blocks, eval_blocks = lm_blocks(tokenizer, script_args.block_size, script_args.max_chars)

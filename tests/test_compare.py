@@ -424,3 +424,8 @@ def test_a_failed_stage_costs_only_itself(tmp_path, monkeypatch):
     assert {"training_speed", "mqar", "selective_copying", "text"} <= set(lstm)
     assert (tmp_path / "checkpoints" / "lstm" / "config.json").is_file()
     assert "Failed: lstm: decode: RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
+
+
+def test_any_cpu_device_name_is_the_cpu():
+    """"cpu:1" was kept as given, and the report's CPU notes (which compare the name with "cpu") then went missing."""
+    assert compare_run.resolve_device("cpu:1") == torch.device("cpu") and str(compare_run.resolve_device("cpu:1")) == "cpu"

@@ -125,3 +125,22 @@ def test_accelerate_configs_load_and_show_their_command(name, kind):
     assert load_config_from_file(path).distributed_type == kind
     with open(path) as f:
         assert f"accelerate launch --config_file configs/accelerate/{name}.yaml" in f.read()
+
+
+def test_bad_arguments_stop_the_examples_before_training(tmp_path):
+    """Each was a traceback, or (--sample_tokens 0) an error only after the whole training run."""
+    import subprocess
+
+    cases = [
+        (PRETRAIN, ["--sample_tokens", "0"], "--sample_tokens must be >= 1"),
+        (PRETRAIN, ["--block_size", "1"], "--block_size must be >= 2"),
+        (PRETRAIN, ["--config_overrides", "hidden_size=abc"], "--config_overrides 'hidden_size=abc': invalid literal"),
+        (PRETRAIN, ["--config_overrides", "num_attention_heads=3"], "does not divide hidden_size"),
+        (FINETUNE, ["--model_name_or_path", str(tmp_path), "--sections", "types,types"],
+         "--sections needs two or more different sections"),
+    ]
+    for script, arguments, message in cases:
+        result = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "out"), *arguments],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert not (tmp_path / "out" / "trainer_state.json").exists()

@@ -37,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"Unknown device {name!r} ({err}); use 'cpu' or 'cuda' (or 'cuda:N').") from None
     if device.type == "cpu":
-        return device
+        return torch.device("cpu")  # (torch has one CPU device: "cpu:1" is the same one)
     if device.type != "cuda":
         raise ValueError(f"Device {name!r} is not supported by compare; use 'cpu' or 'cuda'.")
     if not torch.cuda.is_available():
