@@ -164,6 +164,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
             raise explained from error
         prefix = cls.base_model_prefix + "."
         _untie_lm_head_left_out(model, info, source, kwargs)
+        _refuse_tying_a_trained_head(model, source, kwargs)
 
         def body(keys):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
@@ -245,6 +246,21 @@ def _untie_lm_head_left_out(model, info, source, load_kwargs):
     info["missing_keys"] = type(missing)(key for key in missing if key != "lm_head.weight")
     logger.warning("The checkpoint has no lm_head.weight (saved with tied embeddings, or a model body alone): the "
                    "untied lm_head starts from the input embeddings, the head a tied model has.")
+
+
+def _refuse_tying_a_trained_head(model, source, load_kwargs):
+    """A causal LM saved untied has a trained lm_head of its own: loaded with tie_word_embeddings=True, transformers
+    4.x replaced it by the input embeddings without a word, and 5.x kept it beside a config saying it is tied (whose
+    next save_pretrained drops it)."""
+    if getattr(model, "lm_head", None) is None or not model.config.tie_word_embeddings:
+        return
+    saved = _saved_config(source, load_kwargs)
+    if saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or []):
+        raise ValueError(
+            f"The checkpoint {source!r} is a causal LM saved with untied embeddings: its lm_head.weight is trained, "
+            "and tie_word_embeddings=True would replace it by the input embeddings. Load it as saved; to tie it "
+            "anyway, set model.config.tie_word_embeddings = True and call model.tie_weights() after loading."
+        )
 
 
 # from_pretrained's arguments that say where and how its files are fetched (and so its config.json)

@@ -64,6 +64,18 @@ def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 
+def test_an_untied_checkpoint_loaded_tied_is_refused(tmp_path):
+    """Its trained lm_head would go: transformers 4.x replaced it by the embeddings silently, and 5.x kept it under a
+    config saying tied, whose next save dropped it."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], tie_word_embeddings=False)
+    model.save_pretrained(tmp_path)
+    for load in (lambda: SeqArchForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=True),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path, tie_word_embeddings=True)):
+        with pytest.raises(ValueError, match="saved with untied embeddings: its lm_head.weight is trained"):
+            load()
+    SeqArchModel.from_pretrained(tmp_path, tie_word_embeddings=True)  # the body alone has no head to lose
+
+
 def test_a_tied_checkpoint_loaded_untied_with_its_head_offloaded_is_refused(tmp_path):
     """Offloaded to disk, the untied head has no weight to start from (the checkpoint stores none): it once failed
     at the first forward, with a KeyError inside accelerate."""
