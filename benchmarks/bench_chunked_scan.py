@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hf_seqarch.ops_chunked_scan import _factorised_path_heads, chunked_scan, scan_reference  # noqa: E402
 from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
+from step_timing import medians_over_rounds  # noqa: E402
 
 
 def make_inputs(args, T, device):
@@ -170,17 +171,6 @@ def measure_in_subprocess(T):
     return peak, seconds
 
 
-def measure_in_rounds(args):
-    """{T: (peak bytes, seconds)}, each the median over --rounds rounds that measure every length once, in turn (the
-    order reversed every other round): a machine whose speed drifts then slows every length alike, rather than those
-    measured while it was slow, which would show as a step in the growth."""
-    samples = {T: [] for T in args.lengths}
-    for round_index in range(args.rounds):
-        for T in args.lengths if round_index % 2 == 0 else args.lengths[::-1]:
-            samples[T].append(measure_length(args, T) if args.device == "cuda" else measure_in_subprocess(T))
-    return {T: tuple(statistics.median(values) for values in zip(*runs)) for T, runs in samples.items()}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -255,7 +245,8 @@ def main():
     print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}):")
     print(f"  {'T':>6} {'time ms':>9} {'x prev':>7} {'peak MiB':>9} {'x prev':>7}")
     prev, growths = None, []
-    results = measure_in_rounds(args)
+    measure = (lambda T: measure_length(args, T)) if args.device == "cuda" else measure_in_subprocess
+    results = medians_over_rounds(args.lengths, args.rounds, measure)  # {T: (peak bytes, seconds)}
     for T in args.lengths:
         peak, seconds = results[T]
         t_growth = f"{seconds / prev[1]:6.2f}x" if prev else ""

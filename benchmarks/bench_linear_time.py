@@ -43,7 +43,7 @@ from transformers.utils import logging  # noqa: E402
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E402
 from malloc_settings import env_keeping_freed_memory  # noqa: E402
-from step_timing import count, lm_loss, paired_step_times, step_seconds, sync  # noqa: E402
+from step_timing import count, lm_loss, medians_over_rounds, paired_step_times, step_seconds, sync  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS = 256, 256, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, groups=1)
@@ -177,20 +177,18 @@ def measure_in_subprocess(args, name, length):
 
 
 def measure_in_rounds(args, name, device, clock):
-    """{length: (seconds, peak bytes)} of the `name` stack, each the median over --scaling-rounds rounds that
-    measure every length once, in turn (the order reversed every other round): a machine whose speed drifts (shared,
-    or throttling) then slows every length alike, rather than the lengths measured while it was slow."""
+    """{length: (seconds, peak bytes)} of the `name` stack, medians over --scaling-rounds rounds."""
     lengths = [length for length in args.scaling_lengths
                if name != "attention_eager" or eager_attention_bytes(length) <= args.max_eager_gb * 2**30]
-    samples = {length: [] for length in lengths}
-    for round_index in range(args.scaling_rounds):
-        for length in lengths if round_index % 2 == 0 else lengths[::-1]:
-            if device.type == "cuda":
-                samples[length].append(measure(args, name, length, device, clock))
-                torch.cuda.empty_cache()
-            else:
-                samples[length].append(measure_in_subprocess(args, name, length))
-    return {length: tuple(statistics.median(values) for values in zip(*runs)) for length, runs in samples.items()}
+
+    def measure_length(length):
+        if device.type != "cuda":
+            return measure_in_subprocess(args, name, length)
+        figures = measure(args, name, length, device, clock)
+        torch.cuda.empty_cache()
+        return figures
+
+    return medians_over_rounds(lengths, args.scaling_rounds, measure_length)
 
 
 def scaling(args, device, clock):

@@ -1,4 +1,4 @@
-"""Timing one training step (forward, loss, backward), shared by the training benchmarks."""
+"""Timing shared by the benchmarks: one training step (forward, loss, backward), and measurements in rounds."""
 
 import statistics
 
@@ -43,3 +43,14 @@ def paired_step_times(ours, anchor, loss_of, ids, device, clock, warmup, repeats
                 times[label].append(seconds)
     ratio = statistics.median(o / a for o, a in zip(times["ours"], times["anchor"]))
     return statistics.median(times["ours"]), statistics.median(times["anchor"]), ratio
+
+
+def medians_over_rounds(keys, rounds, measure):
+    """{key: tuple of medians} of measure(key) (a tuple of figures) over `rounds` rounds that each measure every key
+    once, in turn (the order reversed every other round): a machine whose speed drifts (shared, or throttling) then
+    slows every key alike, rather than those measured while it was slow, which would show as a step in a growth."""
+    samples = {key: [] for key in keys}
+    for round_index in range(rounds):
+        for key in keys if round_index % 2 == 0 else keys[::-1]:
+            samples[key].append(measure(key))
+    return {key: tuple(statistics.median(values) for values in zip(*runs)) for key, runs in samples.items()}

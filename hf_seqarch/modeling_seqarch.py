@@ -227,8 +227,7 @@ def _untie_lm_head_left_out(model, info, source, load_kwargs):
     head = getattr(model, "lm_head", None)
     if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings:
         return
-    saved = _saved_config(source, load_kwargs)
-    if saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or []):
+    if _saved_as_untied_causal_lm(source, load_kwargs):
         raise ValueError(
             f"The checkpoint {source!r} was saved as a SeqArchForCausalLM with untied embeddings "
             "(tie_word_embeddings=false in its config.json) but has no lm_head.weight: its weights are incomplete, "
@@ -254,8 +253,7 @@ def _refuse_tying_a_trained_head(model, source, load_kwargs):
     next save_pretrained drops it)."""
     if getattr(model, "lm_head", None) is None or not model.config.tie_word_embeddings:
         return
-    saved = _saved_config(source, load_kwargs)
-    if saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or []):
+    if _saved_as_untied_causal_lm(source, load_kwargs):
         raise ValueError(
             f"The checkpoint {source!r} is a causal LM saved with untied embeddings: its lm_head.weight is trained, "
             "and tie_word_embeddings=True would replace it by the input embeddings. Load it as saved; to tie it "
@@ -265,6 +263,12 @@ def _refuse_tying_a_trained_head(model, source, load_kwargs):
 
 # from_pretrained's arguments that say where and how its files are fetched (and so its config.json)
 HUB_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:
+    """Whether the checkpoint's own config.json says it is a causal LM with an lm_head of its own (untied)."""
+    saved = _saved_config(source, load_kwargs)
+    return saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or [])
 
 
 def _saved_config(source, load_kwargs) -> dict:
