@@ -22,8 +22,10 @@
     python benchmarks/bench_linear_time.py --skip throughput --keep-freed-memory   # growth without page faults
 
 On CPU, glibc returns every freed block over 32 MiB to the OS, so a step whose tensors cross that size
-(mamba2 at T=16384, batch 1) pays page faults on every step: kernel time that the cpu clock counts.
---keep-freed-memory sets GLIBC_TUNABLES in the scaling children so that malloc keeps such blocks.
+pays page faults on every step: kernel time that the cpu clock counts. mamba2 keeps its activations under
+it by running long sequences in blocks of tokens (hf_seqarch/mixer_token_blocks.py); the other stacks' tensors
+cross it at longer lengths or wider layers. --keep-freed-memory sets GLIBC_TUNABLES in the scaling children so
+that malloc keeps such blocks.
 """
 
 import argparse

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .mixer_token_blocks import cpu_token_block, run_in_token_blocks
 from .ops_chunked_scan import chunked_scan, scan_step
 from .ops_rms_norm import RMSNorm
 
@@ -62,6 +63,14 @@ class LinearAttentionMixer(nn.Module):
                 self.decay_logit.copy_(logit)
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
+        bytes_per_token = self.num_heads * self.head_dim * max(hidden_states.element_size(), 4)  # q, k, v in scan dtype
+        block = cpu_token_block(hidden_states, bytes_per_token, self.chunk_size)
+        if block is not None and context.causal:
+            return run_in_token_blocks(self._forward, hidden_states, context, block)
+        return self._forward(hidden_states, context)
+
+    def _forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         shape = (batch, length, self.num_heads, self.head_dim)
         q = self.feature_map(self.q_proj(hidden_states).view(shape)) * self.head_dim**-0.5  # (B, T, H, N)

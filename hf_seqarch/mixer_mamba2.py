@@ -27,6 +27,7 @@ from torch import nn
 
 from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
 from .mixer_context import real_tokens_first
+from .mixer_token_blocks import cpu_token_block, run_in_token_blocks
 from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
 from .ops_rms_norm import RMSNormFunction, fast_path_applies
@@ -160,6 +161,13 @@ class Mamba2Mixer(nn.Module):
         init.zeros_(self.conv1d.bias)
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
+        # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
+        block = cpu_token_block(hidden_states, self.in_proj.out_features * hidden_states.element_size(), self.chunk_size)
+        if block is not None and context.causal:
+            return run_in_token_blocks(self._forward, hidden_states, context, block)
+        return self._forward(hidden_states, context)
+
+    def _forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         z, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)
         scan_dtype = torch.promote_types(dt.dtype, torch.float32)  # float32, or float64 for a float64 model
         dt = F.softplus(dt.to(scan_dtype) + self.dt_bias.to(scan_dtype))  # (B, T, H), > 0

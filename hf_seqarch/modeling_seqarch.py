@@ -36,6 +36,7 @@ from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backw
 # remote code from a local folder, copies only the files that this one imports directly (it recurses
 # for Hub repos, as 5.x always does). tests/test_hub.py checks that none is missing.
 from .kernels_mamba2 import mamba2_backend  # noqa: F401
+from .mixer_token_blocks import run_in_token_blocks  # noqa: F401
 from .ops_causal_conv import causal_conv  # noqa: F401
 from .ops_chunked_scan import chunked_scan  # noqa: F401
 from .ops_sliding_attention import sliding_window_attention  # noqa: F401

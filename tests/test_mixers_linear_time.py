@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_seqarch import SeqArchCache, SeqArchForCausalLM, SeqArchModel
+from hf_seqarch import mixer_token_blocks
 from hf_seqarch.mixer_context import MixerContext
+from hf_seqarch.mixer_token_blocks import cpu_token_block
 from tester import random_ids, tiny_config, tiny_model
 
 # name -> (mixer type, config overrides); every variant runs every property below.
@@ -221,6 +223,73 @@ def test_mamba2_conv_state_holds_the_last_real_inputs():
         xBC = mixer.in_proj(hidden).split([mixer.inner_size, mixer.conv_dim, mixer.num_heads], -1)[1]
     expected = xBC[0, 4 - (mixer.conv_kernel - 1) : 4].T  # (conv_dim, K-1)
     torch.testing.assert_close(cache.get_state(0)["conv"][0], expected)
+
+
+def largest_activation_bytes_per_token(mixer):
+    """What each mixer passes cpu_token_block, in float32: mamba2's in-projection, linear attention's q, k or v."""
+    features = mixer.in_proj.out_features if hasattr(mixer, "in_proj") else mixer.num_heads * mixer.head_dim
+    return features * 4
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "linear_elu_decay"])
+@pytest.mark.parametrize("padding", ["none", "left", "holes"])
+@pytest.mark.parametrize("with_cache", [False, True], ids=["no_cache", "cache"])
+def test_long_cpu_sequence_in_token_blocks_matches_one_block(monkeypatch, variant, padding, with_cache):
+    """On CPU a long sequence runs in blocks of tokens (mixer_token_blocks): outputs, final state and the gradients
+    of the input and every parameter are those of one forward over the whole sequence."""
+    mixer = make_mixer(variant)
+    hidden = random_hidden(2, 17)
+    mask = None if padding == "none" else torch.ones(2, 17, dtype=torch.bool)
+    if padding == "left":
+        mask[1, :5] = False
+    elif padding == "holes":
+        mask[1, [3, 7, 8, 9, 16]] = False  # across the block boundary at 8, and the one-token last block
+    weights = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
+    blocks = []
+
+    def forward_and_gradients():
+        cache = SeqArchCache(num_layers=1) if with_cache else None
+        inputs = hidden.clone().requires_grad_()
+        output = run(mixer, inputs, mask=mask, cache=cache)
+        gradients = torch.autograd.grad((output * weights).sum(), [inputs, *mixer.parameters()])
+        return output, cache, gradients
+
+    whole = forward_and_gradients()
+    bytes_per_token = largest_activation_bytes_per_token(mixer)
+    monkeypatch.setattr(mixer_token_blocks, "CPU_BLOCK_BYTES", 8 * 2 * bytes_per_token)  # 8 tokens at batch 2
+    assert cpu_token_block(hidden, bytes_per_token, mixer.chunk_size) == 8
+    unblocked_forward = mixer._forward
+    monkeypatch.setattr(mixer, "_forward", lambda h, context: blocks.append(h.shape[1]) or unblocked_forward(h, context))
+    blocked = forward_and_gradients()
+
+    assert blocks == [8, 8, 1]  # the last block takes the decode path
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-5)
+    if with_cache:
+        assert_states_equal(blocked[1].get_state(0), whole[1].get_state(0), rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(["input", *dict(mixer.named_parameters())], blocked[2], whole[2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_token_blocks_only_for_long_cpu_sequences(monkeypatch):
+    """Blocks are a multiple of the chunk size; none where one block holds the sequence, or off the CPU."""
+    row = 1000  # bytes per token and batch row
+    monkeypatch.setattr(mixer_token_blocks, "CPU_BLOCK_BYTES", 100 * row)
+    assert cpu_token_block(torch.empty(1, 101, 8), row, multiple=16) == 96
+    assert cpu_token_block(torch.empty(1, 96, 8), row, multiple=16) is None  # fits in one block
+    assert cpu_token_block(torch.empty(4, 101, 8), row, multiple=16) == 16  # at least one chunk, whatever the batch
+    assert cpu_token_block(torch.empty(1, 101, 8, device="meta"), row, multiple=16) is None
+
+
+@pytest.mark.parametrize("variant", ["mamba2", "linear_elu_decay"])
+def test_encoder_runs_whole_however_long(monkeypatch, variant):
+    """An encoder's backward scan starts from the end: no blocks, and it still matches the reference."""
+    mixer = make_mixer(variant, bidirectional=True)
+    hidden = random_hidden(2, 13)
+    bytes_per_token = largest_activation_bytes_per_token(mixer)
+    monkeypatch.setattr(mixer_token_blocks, "CPU_BLOCK_BYTES", 4 * 2 * bytes_per_token)
+    assert cpu_token_block(hidden, bytes_per_token, mixer.chunk_size) == 4
+    with torch.no_grad():
+        torch.testing.assert_close(run(mixer, hidden, causal=False), reference(mixer, hidden, True), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["mamba2", "linear_attention"])

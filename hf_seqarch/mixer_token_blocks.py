@@ -1,0 +1,68 @@
+"""Running a recurrent mixer over a long sequence in blocks of tokens, each from the state the last one left.
+
+Why: glibc's malloc hands every freed block over 32 MiB back to the OS, and the next allocation of that
+size is page-faulted in again, zeroed, page by page. A mamba2 layer's widest activation (its in-projection)
+holds 4.5 x hidden floats per token, so at hidden 256 and batch 1 it passes that size beyond ~7,000 tokens;
+at 16,384 tokens a training step on CPU took 4.2 s, 1.1 s of it in the kernel, and 3.1 s in blocks
+(benchmarks/bench_linear_time.py). Blocks whose activations stay under `CPU_BLOCK_BYTES` live on malloc's
+heap, which reuses them at every step.
+
+Nothing changes but the sizes: each block is the mixer's chunked-prefill path from the state of the
+block before (the path every mixer already has, held to the full forward by the tests), and gradients
+flow back through those states as through any other op.
+"""
+
+import dataclasses
+
+import torch
+
+CPU_BLOCK_BYTES = 16 << 20  # the largest activation of a block: half glibc's 32 MiB cap, malloc's heap reuses it
+
+
+def cpu_token_block(hidden_states: torch.Tensor, bytes_per_token: int, multiple: int) -> int | None:
+    """Tokens per block on CPU for a mixer whose largest activation takes `bytes_per_token` per batch row and
+    token, a multiple of `multiple` (the scan's chunk size, so blocks split no chunk); None where one block
+    would hold the whole sequence, or off the CPU (CUDA's caching allocator keeps what it frees)."""
+    if hidden_states.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    tokens = CPU_BLOCK_BYTES // (hidden_states.shape[0] * bytes_per_token)
+    block = max(multiple, tokens // multiple * multiple)
+    return block if hidden_states.shape[1] > block else None
+
+
+class _LayerStates:
+    """The two cache methods a mixer calls, where the caller passed no cache: the state goes from block to block."""
+
+    def __init__(self):
+        self.states = {}
+
+    def get_state(self, layer_idx):
+        return self.states.get(layer_idx)
+
+    def set_state(self, layer_idx, state):
+        self.states[layer_idx] = state
+
+
+def run_in_token_blocks(forward, hidden_states: torch.Tensor, context, block: int) -> torch.Tensor:
+    """forward(hidden_states, context) over (B, T, width) in blocks of `block` tokens; returns (B, T, width).
+
+    Each block runs from the state the one before left: in the caller's cache (which ends holding the
+    final state, as after one forward), or, without one, in a holder dropped at the end. The mixer must
+    be causal and keep its whole state through `cache.get_state` / `cache.set_state`.
+    """
+    mask = context.token_mask  # (B, T) or None
+    states = context.cache if context.cache is not None else _LayerStates()
+    outputs = []
+    for start in range(0, hidden_states.shape[1], block):
+        end = start + block
+        block_context = dataclasses.replace(
+            context,
+            padding_mask=None if mask is None else mask[:, start:end],
+            position_ids=context.position_ids[:, start:end],
+            past_length=0,  # the padding mask above covers this block's tokens only
+            cache=states,
+            position_embeddings=None,
+            memo={},
+        )
+        outputs.append(forward(hidden_states[:, start:end], block_context))
+    return torch.cat(outputs, dim=1)
