@@ -74,6 +74,8 @@ def main():
     sections = [name.strip() for name in script_args.sections.split(",")]
     if len(set(sections)) != len(sections) or len(sections) < 2:
         parser.error(f"--sections needs two or more different sections, got {sections}.")
+    if script_args.max_length < 1:  # the tokenizer would take 0 as "no truncation"
+        parser.error(f"--max_length must be >= 1, got {script_args.max_length}.")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)

@@ -98,6 +98,8 @@ def main():
         parser.error(f"--sample_tokens must be >= 1, got {script_args.sample_tokens}.")
     if script_args.block_size < 2:  # an LM predicts each token from the ones before it
         parser.error(f"--block_size must be >= 2, got {script_args.block_size}.")
+    if script_args.max_chars is not None and script_args.max_chars < 1:  # 0 would read as "the whole corpus"
+        parser.error(f"--max_chars must be >= 1 (leave it out for the whole corpus), got {script_args.max_chars}.")
 
     tokenizer = ByT5Tokenizer()
     train_blocks, eval_blocks = lm_blocks(tokenizer, script_args.block_size, script_args.max_chars)

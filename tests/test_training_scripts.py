@@ -128,16 +128,19 @@ def test_accelerate_configs_load_and_show_their_command(name, kind):
 
 
 def test_bad_arguments_stop_the_examples_before_training(tmp_path):
-    """Each was a traceback, or (--sample_tokens 0) an error only after the whole training run."""
+    """Each was a traceback, an error only after the whole training run (--sample_tokens 0), or silently meant no
+    limit (--max_chars 0, --max_length 0)."""
     import subprocess
 
     cases = [
         (PRETRAIN, ["--sample_tokens", "0"], "--sample_tokens must be >= 1"),
         (PRETRAIN, ["--block_size", "1"], "--block_size must be >= 2"),
+        (PRETRAIN, ["--max_chars", "0"], "--max_chars must be >= 1"),  # read as "the whole corpus"
         (PRETRAIN, ["--config_overrides", "hidden_size=abc"], "--config_overrides 'hidden_size=abc': invalid literal"),
         (PRETRAIN, ["--config_overrides", "num_attention_heads=3"], "does not divide hidden_size"),
         (FINETUNE, ["--model_name_or_path", str(tmp_path), "--sections", "types,types"],
          "--sections needs two or more different sections"),
+        (FINETUNE, ["--model_name_or_path", str(tmp_path), "--max_length", "0"], "--max_length must be >= 1"),
     ]
     for script, arguments, message in cases:
         result = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "out"), *arguments],

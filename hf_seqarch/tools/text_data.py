@@ -21,7 +21,7 @@ DEFAULT_SECTIONS = ("specialnames", "compound", "types", "string-methods")
 def corpus_text(max_chars: int | None = None) -> str:
     """All sections, sorted by name, separated by blank lines; the first `max_chars` characters if given."""
     text = "\n\n".join(body for _, body in sorted(pydoc_data.topics.topics.items()))
-    return text[:max_chars] if max_chars else text
+    return text if max_chars is None else text[:max_chars]
 
 
 def lm_blocks(tokenizer, block_size: int, max_chars: int | None = None, eval_fraction: float = 0.05):
