@@ -153,9 +153,9 @@ class AttentionMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        key = self.k_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        value = self.v_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         query, key = apply_rotary(query, key, *context.position_embeddings)
         if context.cache is not None:
             key, value = context.cache.update_key_value(self.layer_idx, key, value, self.sliding_window)
@@ -164,7 +164,7 @@ class AttentionMixer(nn.Module):
         dropout = self.config.attention_dropout if self.training else 0.0
         if self._banded_applies(context, length, key.shape[2], implementation):
             output = sliding_window_attention(query, key, value, self.sliding_window, self.scaling, dropout)
-            return self.o_proj(output.reshape(batch, length, -1))  # (B, T, width)
+            return self.o_proj(output.reshape(batch, length, self.num_heads * self.head_dim))  # (B, T, width)
         mask = build_attention_mask(
             context, length, key.shape[2], self.sliding_window, implementation, query.dtype, query.device
         )
@@ -181,7 +181,7 @@ class AttentionMixer(nn.Module):
         )
         if context.attentions is not None:  # output_attentions (eager only: the model checked)
             context.attentions.append(weights)
-        return self.o_proj(output.reshape(batch, length, -1))  # (B, T, width)
+        return self.o_proj(output.reshape(batch, length, self.num_heads * self.head_dim))  # (B, T, width)
 
     def _banded_applies(self, context, length, kv_length, implementation) -> bool:
         """Sliding-window sdpa over a whole unpadded sequence from its start (training, a first prefill) runs

@@ -64,10 +64,11 @@ class LinearAttentionMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
-        bytes_per_token = self.num_heads * self.head_dim * max(hidden_states.element_size(), 4)  # q, k, v in scan dtype
-        block = cpu_token_block(hidden_states, bytes_per_token, self.chunk_size)
-        if block is not None and context.causal:
-            return run_in_token_blocks(self._forward, hidden_states, context, block)
+        if context.causal:
+            bytes_per_token = self.num_heads * self.head_dim * max(hidden_states.element_size(), 4)  # q, k or v
+            block = cpu_token_block(hidden_states, bytes_per_token, self.chunk_size)
+            if block is not None:
+                return run_in_token_blocks(self._forward, hidden_states, context, block)
         return self._forward(hidden_states, context)
 
     def _forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
@@ -114,4 +115,4 @@ class LinearAttentionMixer(nn.Module):
         y = self.out_norm(y).to(hidden_states.dtype)  # (B, T, H, P)
         if mask is not None:
             y = y * mask[:, :, None, None].to(y.dtype)  # pads output zeros, as the other mixers' pads do
-        return self.o_proj(y.reshape(batch, length, -1))  # (B, T, width)
+        return self.o_proj(y.reshape(batch, length, self.num_heads * self.head_dim))  # (B, T, width)

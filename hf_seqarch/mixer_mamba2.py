@@ -162,9 +162,11 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
-        block = cpu_token_block(hidden_states, self.in_proj.out_features * hidden_states.element_size(), self.chunk_size)
-        if block is not None and context.causal:
-            return run_in_token_blocks(self._forward, hidden_states, context, block)
+        if context.causal:
+            bytes_per_token = self.in_proj.out_features * hidden_states.element_size()
+            block = cpu_token_block(hidden_states, bytes_per_token, self.chunk_size)
+            if block is not None:
+                return run_in_token_blocks(self._forward, hidden_states, context, block)
         return self._forward(hidden_states, context)
 
     def _forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:

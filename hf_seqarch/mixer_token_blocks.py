@@ -2,14 +2,16 @@
 
 Why: glibc's malloc hands every freed block over 32 MiB back to the OS, and the next allocation of that
 size is page-faulted in again, zeroed, page by page. A mamba2 layer's widest activation (its in-projection)
-holds 4.5 x hidden floats per token, so at hidden 256 and batch 1 it passes that size beyond ~7,000 tokens;
-at 16,384 tokens a training step on CPU took 4.2 s, 1.1 s of it in the kernel, and 3.1 s in blocks
-(benchmarks/bench_linear_time.py). Blocks whose activations stay under `CPU_BLOCK_BYTES` live on malloc's
-heap, which reuses them at every step.
+holds about 4.5 floats per token and unit of hidden size, so at hidden 256 and batch 1 it passes that size
+beyond ~7,000 tokens; at 16,384 tokens a training step on CPU took 4.2 s, 1.1 s of it in the kernel, and
+3.1 s in blocks (benchmarks/bench_linear_time.py). Blocks whose widest activation stays near
+`CPU_BLOCK_BYTES` live on malloc's heap, which reuses them at every step. (The residual stream and the
+logits are not blocked: at hidden 256 they pass 32 MiB beyond 32K tokens.)
 
-Nothing changes but the sizes: each block is the mixer's chunked-prefill path from the state of the
-block before (the path every mixer already has, held to the full forward by the tests), and gradients
-flow back through those states as through any other op.
+Each block is the mixer's chunked-prefill path from the state of the block before (a last block of one
+token, its decode path): the paths every mixer already has, which the tests hold to the full forward.
+Gradients flow back through those states as through any other op. Half-precision models run whole: each
+block's parameter gradients would be rounded to 16 bits and added in 16 bits, once per block.
 """
 
 import dataclasses
@@ -21,11 +23,18 @@ CPU_BLOCK_BYTES = 16 << 20  # the largest activation of a block: half glibc's 32
 
 def cpu_token_block(hidden_states: torch.Tensor, bytes_per_token: int, multiple: int) -> int | None:
     """Tokens per block on CPU for a mixer whose largest activation takes `bytes_per_token` per batch row and
-    token, a multiple of `multiple` (the scan's chunk size, so blocks split no chunk); None where one block
-    would hold the whole sequence, or off the CPU (CUDA's caching allocator keeps what it frees)."""
-    if hidden_states.device.type != "cpu" or torch.compiler.is_compiling():
+    token, a multiple of `multiple` (the scan's chunk size, so blocks split no chunk). None where one block
+    would hold the whole sequence, off the CPU (CUDA's caching allocator keeps what it frees), while
+    torch.compile traces (it plans its own buffers), for an empty batch, and in half precision (see above)."""
+    batch = hidden_states.shape[0]
+    if (
+        hidden_states.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or batch == 0
+        or hidden_states.dtype in (torch.float16, torch.bfloat16)
+    ):
         return None
-    tokens = CPU_BLOCK_BYTES // (hidden_states.shape[0] * bytes_per_token)
+    tokens = CPU_BLOCK_BYTES // (batch * bytes_per_token)
     block = max(multiple, tokens // multiple * multiple)
     return block if hidden_states.shape[1] > block else None
 

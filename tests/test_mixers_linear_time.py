@@ -231,24 +231,32 @@ def largest_activation_bytes_per_token(mixer):
     return features * 4
 
 
-@pytest.mark.parametrize("variant", ["mamba2", "linear_elu_decay"])
+@pytest.mark.parametrize("variant", ["mamba2", "linear_elu_decay", "linear_relu_nodecay"])
 @pytest.mark.parametrize("padding", ["none", "left", "holes"])
-@pytest.mark.parametrize("with_cache", [False, True], ids=["no_cache", "cache"])
-def test_long_cpu_sequence_in_token_blocks_matches_one_block(monkeypatch, variant, padding, with_cache):
+@pytest.mark.parametrize("cache_kind", ["no_cache", "cache", "filled_cache"])
+def test_long_cpu_sequence_in_token_blocks_matches_one_block(monkeypatch, variant, padding, cache_kind):
     """On CPU a long sequence runs in blocks of tokens (mixer_token_blocks): outputs, final state and the gradients
-    of the input and every parameter are those of one forward over the whole sequence."""
+    of the input and every parameter are those of one forward over the whole sequence, also when the cache already
+    holds tokens (pads among them: the padding mask covers the past too)."""
     mixer = make_mixer(variant)
-    hidden = random_hidden(2, 17)
+    hidden, prefix = random_hidden(2, 17), random_hidden(2, 3, seed=7)
     mask = None if padding == "none" else torch.ones(2, 17, dtype=torch.bool)
     if padding == "left":
         mask[1, :5] = False
     elif padding == "holes":
         mask[1, [3, 7, 8, 9, 16]] = False  # across the block boundary at 8, and the one-token last block
+    prefix_mask = torch.tensor([[True, True, True], [True, False, True]])
+    if cache_kind == "filled_cache":
+        mask = torch.cat([prefix_mask, torch.ones(2, 17, dtype=torch.bool) if mask is None else mask], 1)
     weights = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(5))
     blocks = []
 
     def forward_and_gradients():
-        cache = SeqArchCache(num_layers=1) if with_cache else None
+        cache = None if cache_kind == "no_cache" else SeqArchCache(num_layers=1)
+        if cache_kind == "filled_cache":
+            with torch.no_grad():
+                run(mixer, prefix, mask=prefix_mask, cache=cache)
+            blocks.clear()
         inputs = hidden.clone().requires_grad_()
         output = run(mixer, inputs, mask=mask, cache=cache)
         gradients = torch.autograd.grad((output * weights).sum(), [inputs, *mixer.parameters()])
@@ -264,20 +272,31 @@ def test_long_cpu_sequence_in_token_blocks_matches_one_block(monkeypatch, varian
 
     assert blocks == [8, 8, 1]  # the last block takes the decode path
     torch.testing.assert_close(blocked[0], whole[0], rtol=1e-5, atol=1e-5)
-    if with_cache:
+    if cache_kind != "no_cache":
         assert_states_equal(blocked[1].get_state(0), whole[1].get_state(0), rtol=1e-5, atol=1e-5)
     for name, got, want in zip(["input", *dict(mixer.named_parameters())], blocked[2], whole[2]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_token_blocks_only_for_long_cpu_sequences(monkeypatch):
-    """Blocks are a multiple of the chunk size; none where one block holds the sequence, or off the CPU."""
+    """Blocks are a multiple of the chunk size; none where one block holds the sequence, off the CPU, for an empty
+    batch, or in half precision (each block's parameter gradients would be added in 16 bits)."""
     row = 1000  # bytes per token and batch row
     monkeypatch.setattr(mixer_token_blocks, "CPU_BLOCK_BYTES", 100 * row)
     assert cpu_token_block(torch.empty(1, 101, 8), row, multiple=16) == 96
     assert cpu_token_block(torch.empty(1, 96, 8), row, multiple=16) is None  # fits in one block
     assert cpu_token_block(torch.empty(4, 101, 8), row, multiple=16) == 16  # at least one chunk, whatever the batch
     assert cpu_token_block(torch.empty(1, 101, 8, device="meta"), row, multiple=16) is None
+    assert cpu_token_block(torch.empty(0, 101, 8), row, multiple=16) is None
+    for dtype in (torch.float16, torch.bfloat16):
+        assert cpu_token_block(torch.empty(1, 101, 8, dtype=dtype), row, multiple=16) is None
+    assert cpu_token_block(torch.empty(1, 101, 8, dtype=torch.float64), row, multiple=16) == 96
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "linear_attention"])
+def test_empty_batch_runs(kind):
+    model = tiny_model(SeqArchForCausalLM, [kind])
+    assert model(input_ids=random_ids(2, 5)[:0]).logits.shape == (0, 5, model.config.vocab_size)
 
 
 @pytest.mark.parametrize("variant", ["mamba2", "linear_elu_decay"])
