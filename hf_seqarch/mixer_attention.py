@@ -153,9 +153,11 @@ class AttentionMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        key = self.k_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        value = self.v_proj(hidden_states).view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        # Sizes spelled out (no -1): an empty batch has none to infer them from.
+        heads, kv_heads, head_dim = self.num_heads, self.num_key_value_heads, self.head_dim
+        query = self.q_proj(hidden_states).view(batch, length, heads, head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        key = self.k_proj(hidden_states).view(batch, length, kv_heads, head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        value = self.v_proj(hidden_states).view(batch, length, kv_heads, head_dim).transpose(1, 2)
         query, key = apply_rotary(query, key, *context.position_embeddings)
         if context.cache is not None:
             key, value = context.cache.update_key_value(self.layer_idx, key, value, self.sliding_window)

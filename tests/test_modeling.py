@@ -519,3 +519,12 @@ def test_float64_models_keep_float64_states(stack):
     parts = [ids[:, :4]] + list(ids[:, 4:].split(1, dim=1))  # a prefill, then decode steps
     pieces = [model(input_ids=part, cache=cache).logits for part in parts]
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention"])
+def test_empty_batch_gives_empty_outputs(kind):
+    """A batch of 0 rows (the last shard of an uneven split). Eager attention: transformers' sdpa integration itself
+    cannot reshape an empty batch."""
+    model = tiny_model(SeqArchForCausalLM, [kind], attn_implementation="eager")
+    ids = random_ids(2, 5)[:0]
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (0, 5, VOCAB)
