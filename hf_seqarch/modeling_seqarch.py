@@ -786,6 +786,20 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
     def _real_token_mask(self, input_ids, attention_mask, hidden_states):
         if attention_mask is not None:
             return attention_mask.bool()
+        if not self.config.bidirectional and hidden_states.shape[0] > 1:
+            # Without a mask a row is pooled at its last non-pad id, or at position T - 1 when pads cannot be told:
+            # refused without a pad_token_id, warned about for inputs_embeds, as transformers' causal classifiers do.
+            if self.config.pad_token_id is None:
+                raise ValueError(
+                    "SeqArchForSequenceClassification pools each row's last real token: for a batch of more than one "
+                    "row it needs attention_mask, or config.pad_token_id to tell the padding. Pass attention_mask "
+                    "(all ones if no row is padded)."
+                )
+            if input_ids is None:
+                logger.warning_once(
+                    "inputs_embeds without attention_mask: padding cannot be told, every row is pooled at its last "
+                    "position. Pass attention_mask if the batch is padded."
+                )
         if input_ids is not None and self.config.pad_token_id is not None:
             return input_ids != self.config.pad_token_id
         return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)

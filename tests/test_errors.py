@@ -165,6 +165,19 @@ def test_sequence_class_labels_out_of_range(label):
         model(input_ids=random_ids(2, 4), labels=torch.tensor([0, label]))
 
 
+def test_causal_classifier_without_mask_or_pad_id_refuses_a_batch():
+    """Every row would be pooled at position T - 1, a pad for the shorter ones, silently (transformers' own causal
+    classifiers refuse it too). One row, a mask, or an encoder's masked mean are fine."""
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"], pad_token_id=None)
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match="needs attention_mask, or config.pad_token_id"):
+        model(input_ids=ids)
+    assert model(input_ids=ids[:1]).logits.shape == (1, 3)
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3)
+    encoder = tiny_model(SeqArchForSequenceClassification, ["gru"], pad_token_id=None, bidirectional=True)
+    assert encoder(input_ids=ids).logits.shape == (2, 3)
+
+
 def test_classifier_dropout_none_means_none(tmp_path):
     """None, what transformers' configs write for "the model's dropout", once failed inside nn.Dropout; it stays
     None through save and load and as a from_pretrained override. bidirectional=0 (older configs) reads as False."""
