@@ -178,6 +178,14 @@ def test_causal_classifier_without_mask_or_pad_id_refuses_a_batch():
     assert encoder(input_ids=ids).logits.shape == (2, 3)
 
 
+def test_causal_classifier_warns_that_embeddings_hide_the_padding(caplog):
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"])  # pad_token_id=0
+    embeds = model.get_input_embeddings()(random_ids(2, 5))
+    with caplog.at_level("WARNING"):
+        assert model(inputs_embeds=embeds).logits.shape == (2, 3)
+    assert "inputs_embeds without attention_mask: padding cannot be told" in caplog.text
+
+
 def test_classifier_dropout_none_means_none(tmp_path):
     """None, what transformers' configs write for "the model's dropout", once failed inside nn.Dropout; it stays
     None through save and load and as a from_pretrained override. bidirectional=0 (older configs) reads as False."""
