@@ -704,6 +704,13 @@ def _refuse_cache_misuse(model, arguments, cache, use_cache, chunked_prefill):
             raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and input_ids has {ids.shape[1]}: "
                              "generate() feeds only the ids past the cache's length, so pass the whole sequence so "
                              "far (what the cache has read, then at least one new token).")
+    embeds_tensor = arguments.get("inputs_embeds")
+    if isinstance(cache, SeqArchCache) and isinstance(embeds_tensor, torch.Tensor) and embeds_tensor.dim() == 3:
+        if cache.get_seq_length() >= embeds_tensor.shape[1]:  # (the same rule, for a prompt given as embeddings)
+            raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and inputs_embeds has "
+                             f"{embeds_tensor.shape[1]} positions: generate() feeds only the positions past the "
+                             "cache's length, so pass the embeddings of the whole sequence so far (what the cache has "
+                             "read, then at least one new position).")
     if chunked_prefill and embeds:
         raise ValueError("prefill_chunk_size does not work with inputs_embeds (transformers splits the prompt's "
                          "input_ids into chunks): pass input_ids, or drop prefill_chunk_size.")

@@ -247,6 +247,10 @@ def test_generate_refuses_what_it_would_get_silently_wrong_with_a_cache():
     model(input_ids=ids, cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="The cache holds 6 tokens and input_ids has 6"):
         model.generate(ids, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
+    # ... or given as embeddings of the new positions only: transformers fed them at wrong positions, or dropped some
+    with pytest.raises(ValueError, match="The cache holds 6 tokens and inputs_embeds has 2 positions"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(ids[:, :2]), do_sample=False,
+                       **{CACHE_FIELD: cache}, **NEW)
     # transformers splits input_ids into prefill chunks, which are empty for a prompt given as embeddings
     with pytest.raises(ValueError, match="prefill_chunk_size does not work with inputs_embeds"):
         model.generate(inputs_embeds=model.get_input_embeddings()(ids), prefill_chunk_size=2, do_sample=False, **NEW)

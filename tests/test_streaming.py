@@ -60,6 +60,19 @@ def test_step_path_equals_forward_and_greedy_equals_generate(stack):
         torch.testing.assert_close(stepped, full[:, 5:9], rtol=1e-5, atol=1e-5)
 
 
+def test_greedy_after_the_cache_read_more_elsewhere_needs_a_prompt():
+    """A forward outside the session (as the README's generate() continuation does) moves the cache past the logits
+    greedy(None) would continue from: refused (it once picked the next token from an earlier position)."""
+    model = causal_lm("lstm")
+    session = StreamingSession(model)
+    session.feed(random_ids(1, 6))
+    with torch.no_grad():
+        model(input_ids=random_ids(1, 4, seed=2), cache=session.cache, use_cache=True)
+    with pytest.raises(ValueError, match="has read 10 tokens, and the session's last logits were computed at 6"):
+        session.greedy(None, max_new_tokens=2)
+    assert session.greedy(random_ids(1, 1, seed=3), max_new_tokens=2).shape == (1, 2)  # feeds what comes next
+    assert session.greedy(None, max_new_tokens=1).shape == (1, 1)  # its own steps keep the logits current
+
 def test_greedy_after_the_cache_is_replaced_needs_a_prompt():
     """The next-token logits greedy(None) continues from belong to the replaced stream: they once picked the new
     stream's first token."""

@@ -74,7 +74,7 @@ class StreamingSession:
         self._refuse_padded_cache(cache)
         # The next-token logits where greedy(None) continues belong to the state that gave them: a new cache starts
         # without any, rather than continuing another stream's.
-        self._cache, self._last_logits = cache, None
+        self._cache, self._last_logits, self._last_logits_at = cache, None, None
 
     # -- feeding a stream ---------------------------------------------------------------------------
     @property
@@ -92,7 +92,7 @@ class StreamingSession:
             output = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
         if self.lm_head is None:
             return output.last_hidden_state
-        self._last_logits = output.logits[:, -1]
+        self._remember_logits(output.logits[:, -1])
         return output.logits
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -114,10 +114,17 @@ class StreamingSession:
         self._refuse_padded_cache()
         if input_ids is not None:
             logits = self.feed(input_ids)[:, -1]
-        elif self._last_logits is not None:
-            logits = self._last_logits
-        else:
+        elif self._last_logits is None:
             raise ValueError("Nothing to continue from: pass input_ids (the prompt) to the first greedy call.")
+        elif self._last_logits_at != self.cache.seen_tokens:
+            # A forward or generate() outside the session moved the cache on: these logits are of an earlier token.
+            raise ValueError(
+                f"The stream's cache has read {self.cache.seen_tokens} tokens, and the session's last logits were "
+                f"computed at {self._last_logits_at}: a forward or generate() outside the session read the others. "
+                "Pass greedy() the ids that come next (it feeds them first), or feed through the session only."
+            )
+        else:
+            logits = self._last_logits
         tokens = []
         with torch.inference_mode():
             for _ in range(max_new_tokens):
@@ -131,8 +138,12 @@ class StreamingSession:
         with torch.inference_mode():
             output = self._decoder(token_ids[:, 0], self.cache)  # (B, vocab) or (B, width)
         if self.lm_head is not None:
-            self._last_logits = output
+            self._remember_logits(output)
         return output
+
+    def _remember_logits(self, logits: torch.Tensor):
+        """The next-token logits (B, vocab) where greedy(None) continues, and how far the cache had read then."""
+        self._last_logits, self._last_logits_at = logits, self.cache.seen_tokens
 
     def _refuse_padded_cache(self, cache=None):
         """When a cache is set, and at every call: a forward elsewhere may have filled it from a padded batch since."""
