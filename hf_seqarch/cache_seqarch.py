@@ -51,6 +51,9 @@ class SeqArchCache:
         # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
         # of the past tokens (generate() passes it; a forward without one, and a StreamingSession, are refused).
         self.holds_padding = False
+        # Set while a forward's layers read new tokens into it, cleared by advance(): still set, a forward raised midway
+        # (an interrupt, out of memory) and left some layers past the others. Such a cache is refused.
+        self.mid_update = False
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
         self._kv_room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -83,6 +86,7 @@ class SeqArchCache:
         Not while torch.compile traces (the checks are Python on config values; they ran in eager mode before)."""
         if torch.compiler.is_compiling():
             return
+        self.refuse_if_half_updated()
         if len(self.layers) != config.num_hidden_layers:
             raise ValueError(f"This cache has {len(self.layers)} layers; the model has {config.num_hidden_layers}. "
                              "A cache is only valid for the model (configuration) that filled it.")
@@ -159,9 +163,21 @@ class SeqArchCache:
         room[0][:, :, past:total], room[1][:, :, past:total] = key, value
         return room[0][:, :, :total], room[1][:, :, :total]
 
+    def refuse_if_half_updated(self):
+        if self.mid_update:
+            raise ValueError("This cache was left half-updated by a forward that raised midway: some layers read its "
+                             "last input and others did not, so it holds no one sequence. Start from a fresh cache "
+                             "(or one saved before).")
+
+    def begin_update(self):
+        """Called by the model before its layers read new positions (see mid_update); advance() ends the update."""
+        if not torch.compiler.is_compiling():
+            self.mid_update = True
+
     def advance(self, num_tokens: int):
         """Called by the model once all layers have consumed `num_tokens` new positions."""
         self.seen_tokens += num_tokens
+        self.mid_update = False
 
     # -- inspection, save and restore --------------------------------------------------------------
     def get_memory_footprint(self) -> int:
@@ -171,6 +187,7 @@ class SeqArchCache:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat dict of tensors (safetensors-friendly) from which `from_state_dict` rebuilds the cache."""
+        self.refuse_if_half_updated()
         tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
         for i, state in enumerate(self.layers):
             for name, tensor in (state or {}).items():

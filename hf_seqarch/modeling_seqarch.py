@@ -415,6 +415,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if self.time_major and length > 1:  # a no-op for the time-major embeddings above
             hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
         all_hidden_states = () if output_hidden_states else None
+        if use_cache:
+            cache.begin_update()
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states.contiguous(),)

@@ -138,6 +138,7 @@ class SingleTokenDecoder:
                     context.position_embeddings = rotary_cos_sin(position_ids, *self.rotary, hidden.dtype)
             return context
 
+        cache.begin_update()
         for block in self.blocks:
             hidden = block(hidden, cache, context_of)
         cache.advance(1)

@@ -134,7 +134,8 @@ class StreamingSession:
         return torch.cat(tokens, dim=1)
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """One unpadded token per row (B, 1) through the single-token decoder; no checks."""
+        """One unpadded token per row (B, 1) through the single-token decoder; checks only that no step raised midway."""
+        self.cache.refuse_if_half_updated()
         with torch.inference_mode():
             output = self._decoder(token_ids[:, 0], self.cache)  # (B, vocab) or (B, width)
         if self.lm_head is not None:
