@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import signal
+import time
 
 import pytest
 import torch
@@ -60,6 +62,23 @@ def test_recall_plot_leaves_an_unmeasured_accuracy_out(run, tmp_path, monkeypatc
     heights = [bar.get_height() for bar in bars]
     assert math.isnan(heights[groups - 1]) and not any(math.isnan(h) for h in heights[groups:])
 
+
+def test_plots_keep_an_architecture_whose_training_speed_failed(run, tmp_path, monkeypatch):
+    """Its decode and recall were measured (and the report used them): the plots once left the whole architecture out."""
+    figure = pytest.importorskip("matplotlib.figure")
+    _, results = run
+    results = json.loads(json.dumps(results))
+    name = next(iter(results["architectures"]))
+    failed = results["architectures"][name]
+    failed.pop("training_speed")
+    failed["error"] = "training_speed: RuntimeError: out of memory"
+    saved = {}
+    monkeypatch.setattr(figure.Figure, "savefig",
+                        lambda fig, path, **kw: saved.__setitem__(os.path.basename(path), fig))
+    write_plots(results, str(tmp_path))
+    assert name in [line.get_label() for line in saved["decode.png"].axes[0].get_lines()]
+    assert name in saved["recall.png"].axes[0].get_legend_handles_labels()[1]
+    assert name not in [line.get_label() for line in saved["throughput.png"].axes[0].get_lines()]
 
 def test_results_hold_every_figure(run):
     _, results = run
@@ -168,6 +187,33 @@ def test_interrupted_run_leaves_finished_results(tmp_path, monkeypatch):
     assert all(len(a["training_speed"]) == len(PRESET.train_lengths) for a in results["architectures"].values())
     assert "decode" not in results["architectures"]["lstm"]
     assert "Status: interrupted" in (tmp_path / "report.md").read_text()
+
+
+
+def test_more_threads_than_cpus_are_cut_to_the_cpus(tmp_path, capsys, monkeypatch):
+    """Thousands of threads on 2 CPUs timed contention, not architectures (1600x slower); a huge number once
+    overflowed inside torch, after the output folder was made."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for phase in compare_run.PHASES:
+        monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, phase, lambda *args: {})
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm",
+                     "--threads", "99999999999"]) == 0
+    assert "--threads 99999999999 is more than the 2 CPU(s) this process may use; using 2" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["environment"]["torch_threads"] == 2
+
+
+def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(tmp_path, monkeypatch):
+    """`timeout` or a job's time limit sends SIGTERM: results.json once said "running" for good."""
+    def terminate(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, "decode", terminate)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    code = cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm"])
+    assert code == 130
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # set for the run only
 
 
 # -- bad input ---------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -137,6 +139,12 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     preset = get_preset(preset)
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}.")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads is not None and threads > usable:
+        # More threads than CPUs make every thread wait on the others: timings of contention, not of architectures.
+        print(f"hf-seqarch compare: --threads {threads} is more than the {usable} CPU(s) this process may use; "
+              f"using {usable}.", file=sys.stderr)
+        threads = usable
     if preset.mqar_vocab > preset.vocab_size:
         raise ValueError(f"Preset {preset.name!r}: mqar_vocab {preset.mqar_vocab} exceeds vocab_size {preset.vocab_size}.")
     for length, pairs in preset.mqar:
@@ -235,6 +243,10 @@ def _atomic_write(path, text):
     os.replace(tmp, path)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main_compare(args) -> int:
     """Entry point for the CLI: returns the process exit code."""
     command = f"hf-seqarch compare --preset {args.preset} --output-dir {args.output_dir} --device {args.device}"
@@ -242,6 +254,10 @@ def main_compare(args) -> int:
         command += f" --architectures {args.architectures}"
     if args.threads:
         command += f" --threads {args.threads}"
+    # A run stopped by SIGTERM (`timeout`, a job's time limit) is recorded as interrupted, as Ctrl-C is; otherwise
+    # results.json would say "running" for good.
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers can only be set there)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         results = run_compare(args.preset, args.output_dir, args.device, args.architectures, args.threads, command=command)
     except ValueError as err:
@@ -251,6 +267,9 @@ def main_compare(args) -> int:
         print(f"\nInterrupted: what finished is in {os.path.abspath(args.output_dir)} (results.json, report.md).",
               file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
     failed = [n for n, a in results["architectures"].items() if a.get("error")]
     print(f"Wrote {results['output_dir']}/report.md, results.json, {len(results['plots'])} plot(s) and checkpoints/ "
           f"({results['wall_seconds']:.0f} s).")
