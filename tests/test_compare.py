@@ -363,6 +363,16 @@ def _per_sequence_exponent(exponent):
     return _speed({128: 1.0, 512: 1.0, 1024: 2 ** exponent / 2})
 
 
+def test_streaming_reads_the_recurrence_whose_decoding_was_measured():
+    """The LSTM's decode failed and the GRU's did not: the verdict once said it needed an LSTM/GRU measured."""
+    archs = {
+        "transformer": dict(training_speed=_speed({128: 1.0, 1024: 2.5}), decode=_decode({128: 100, 1024: 800})),
+        "lstm": dict(training_speed=_speed({128: 2.0, 1024: 2.0}), error="decode: RuntimeError: out of memory"),
+        "gru": dict(training_speed=_speed({128: 2.0, 1024: 2.0}), decode=_decode({128: 10, 1024: 10})),
+    }
+    streaming = next(v for v in all_verdicts(archs) if v["key"] == "streaming")
+    assert streaming["verdict"] == SUPPORTED and "gru cache" in streaming["evidence"]
+
 def test_linear_time_is_never_judged_within_the_margin_of_attention():
     """A recurrence measured superlinear (fewer sequences per step at longer lengths) loosens what counts as linear,
     but a model that scales like the transformer must not count: here the LSTM grows as n^1.35, the transformer as

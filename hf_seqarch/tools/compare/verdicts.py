@@ -129,8 +129,8 @@ def quadratic_cost(archs):
 
 
 def streaming_memory(archs):
-    rec = _recurrence(archs) or next((n for n in RECURRENT if archs.get(n, {}).get("decode")), None)
-    if rec is None or not archs.get(rec, {}).get("decode") or not archs.get("transformer", {}).get("decode"):
+    rec = next((n for n in RECURRENT if archs.get(n, {}).get("decode")), None)  # the first with decoding measured
+    if rec is None or not archs.get("transformer", {}).get("decode"):
         return _verdict("streaming", INCONCLUSIVE, "needs decoding measured for the transformer and an LSTM/GRU")
     rnn, att = cache_growth(archs[rec]["decode"]), cache_growth(archs["transformer"]["decode"])
     if rnn is None or att is None:
