@@ -373,6 +373,17 @@ def test_streaming_reads_the_recurrence_whose_decoding_was_measured():
     streaming = next(v for v in all_verdicts(archs) if v["key"] == "streaming")
     assert streaming["verdict"] == SUPPORTED and "gru cache" in streaming["evidence"]
 
+def test_an_inconclusive_quadratic_verdict_says_why():
+    """It once said only "inconclusive" where the recurrence itself grew faster than linear."""
+    per_sequence = lambda exponent: _speed({512: 1.0, 1024: 2.0 ** (exponent - 1)})  # noqa: E731  (fixed tokens)
+    archs = {"transformer": dict(training_speed=per_sequence(2.0)), "lstm": dict(training_speed=per_sequence(1.3))}
+    quadratic = next(v for v in all_verdicts(archs) if v["key"] == "quadratic")
+    assert quadratic["verdict"] == INCONCLUSIVE and "the lstm's own cost grows faster than linear" in quadratic["evidence"]
+    archs = {"transformer": dict(training_speed=per_sequence(1.4)),  # 0.2 apart: between half the margin and it
+             "lstm": dict(training_speed=per_sequence(1.2))}
+    quadratic = next(v for v in all_verdicts(archs) if v["key"] == "quadratic")
+    assert quadratic["verdict"] == INCONCLUSIVE and "less than the margin of 0.25" in quadratic["evidence"]
+
 def test_linear_time_is_never_judged_within_the_margin_of_attention():
     """A recurrence measured superlinear (fewer sequences per step at longer lengths) loosens what counts as linear,
     but a model that scales like the transformer must not count: here the LSTM grows as n^1.35, the transformer as

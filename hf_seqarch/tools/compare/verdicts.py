@@ -125,7 +125,11 @@ def quadratic_cost(archs):
     if att - rnn < EXPONENT_MARGIN / 2:
         return _verdict("quadratic", NOT_SUPPORTED, evidence + " (attention's cost grows no faster than the "
                                                                f"{rec}'s at these lengths)")
-    return _verdict("quadratic", INCONCLUSIVE, evidence)
+    if rnn > LINEAR_EXPONENT:
+        return _verdict("quadratic", INCONCLUSIVE, evidence + f" (the {rec}'s own cost grows faster than linear: "
+                                                              f"above n^{LINEAR_EXPONENT} at these lengths)")
+    return _verdict("quadratic", INCONCLUSIVE, evidence + f" (attention's exponent exceeds the {rec}'s by "
+                                                          f"{att - rnn:.2f}, less than the margin of {EXPONENT_MARGIN})")
 
 
 def streaming_memory(archs):
