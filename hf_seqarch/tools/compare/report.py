@@ -33,8 +33,8 @@ def render(results: dict, plots: list[str]) -> str:
         f"- Device: {env['device_name']} (`{env['device']}`), {env['torch_threads']} torch threads, "
         f"{env['cpu_count']} CPUs; torch {env['torch']}, transformers {env['transformers']}, hf_seqarch {env['hf_seqarch']}.",
         f"- Wall time: {results.get('wall_seconds', 0):.0f} s ({_num(results.get('cpu_seconds'), '{:.0f}')} s of CPU time "
-        f"in this process). Machine load (1-min load average) at start {_load(load[0])}, at end {_load(load[1])}, "
-        f"on {env['cpu_count']} CPUs: on a busy machine timings are slower and noisier.",
+        f"in this process). 1-min load average at start {_load(load[0])}, at end {_load(load[1])} (in a container, "
+        f"the host's: compare it with the host's CPUs): on a busy machine timings are slower and noisier.",
         f"- Command: `{results['command']}`",
         "",
         "## Verdicts",
