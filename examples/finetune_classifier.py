@@ -29,7 +29,7 @@ from transformers import (
 )
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
-from hf_seqarch.tools.checkpoints import check_resume_checkpoint
+from hf_seqarch.tools.checkpoints import CheckpointError, check_resume_checkpoint
 from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
 from hf_seqarch.tools.text_data import DEFAULT_SECTIONS, section_classification
 
@@ -94,7 +94,10 @@ def main():
         pad_token_id=tokenizer.pad_token_id,
     )
     if training_args.resume_from_checkpoint:
-        check_resume_checkpoint(training_args.resume_from_checkpoint)
+        try:
+            check_resume_checkpoint(training_args.resume_from_checkpoint, model.config)
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from None
     trainer = Trainer(
         model=model,
         args=training_args,

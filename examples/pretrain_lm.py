@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
-from hf_seqarch.tools.checkpoints import check_resume_checkpoint
+from hf_seqarch.tools.checkpoints import CheckpointError, check_resume_checkpoint
 from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
 from hf_seqarch.tools.text_data import lm_blocks
 
@@ -107,7 +107,10 @@ def main():
     set_seed(training_args.seed)  # before building the model: the same --seed gives the same initial weights
     model = AutoModelForCausalLM.from_config(config)
     if training_args.resume_from_checkpoint:
-        check_resume_checkpoint(training_args.resume_from_checkpoint)
+        try:
+            check_resume_checkpoint(training_args.resume_from_checkpoint, model.config)
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from None
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -264,6 +264,22 @@ def damage(path, how):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.parametrize(
+    "stack,overrides,field",
+    [
+        (["attention", "mamba2", "lstm"], {}, "mixer_types"),  # once a segfault in fused Adam
+        (RESUME_STACK, dict(num_attention_heads=2, num_key_value_heads=2), "num_attention_heads"),  # resumed silently
+        (RESUME_STACK, dict(intermediate_size=128), "intermediate_size"),  # a size mismatch naming no cause
+    ],
+)
+def test_resuming_a_checkpoint_of_another_model_is_a_clear_error(uninterrupted_run, stack, overrides, field):
+    source, trainer = uninterrupted_run
+    checkpoint = source / "checkpoint-3"
+    check_resume_checkpoint(checkpoint, trainer.model.config)  # the same model, and chunk sizes may change:
+    check_resume_checkpoint(checkpoint, tiny_config(RESUME_STACK, mamba_chunk_size=8))
+    with pytest.raises(CheckpointError, match=f"it holds another model \\({field}: .* in the checkpoint"):
+        check_resume_checkpoint(checkpoint, tiny_config(stack, **overrides))
+
 # Every file a resume reads, missing or cut in half; a missing RNG state only loses dropout's random stream
 # (the Trainer warns about it itself), so it is the one damage that passes.
 DAMAGES = [

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import hf_seqarch  # noqa: F401  (registers the seqarch Auto classes)
+from safetensors.torch import save_file
 from tester import ROOT, run_script
 
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain_lm.py")
@@ -132,7 +133,17 @@ def test_bad_arguments_stop_the_examples_before_training(tmp_path):
     limit (--max_chars 0, --max_length 0)."""
     import subprocess
 
+    # A checkpoint whose files all read (headers only are checked) but whose model is the lstm preset's
+    other_model = tmp_path / "checkpoint-3"
+    other_model.mkdir()
+    config = json.loads(open(os.path.join(ROOT, "configs", "lstm-tiny", "config.json")).read())
+    (other_model / "config.json").write_text(json.dumps(config))
+    save_file({}, other_model / "model.safetensors")
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, other_model / name)
+    (other_model / "trainer_state.json").write_text("{}")
     cases = [
+        (PRETRAIN, ["--resume_from_checkpoint", str(other_model)], "it holds another model (vocab_size: 256 in the checkpoint, 384 in this run; mixer_types: "),
         (PRETRAIN, ["--sample_tokens", "0"], "--sample_tokens must be >= 1"),
         (PRETRAIN, ["--block_size", "1"], "--block_size must be >= 2"),
         (PRETRAIN, ["--max_chars", "0"], "--max_chars must be >= 1"),  # read as "the whole corpus"

@@ -27,12 +27,25 @@ REQUIRED = {
 }
 
 
+# The config fields that decide what the saved weights mean: resuming a model built otherwise either fails deep in
+# torch (another shape, or the optimizer's parameter groups) or, worse, silently reads the weights as another model
+# (num_attention_heads 2 for 4: the same shapes). Dropout, chunk sizes and token ids may change on resume.
+MODEL_FIELDS = (
+    "vocab_size", "hidden_size", "mixer_types", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "hidden_act", "rope_theta", "sliding_window", "bidirectional", "rms_norm_eps",
+    "tie_word_embeddings", "num_labels", "mamba_state_size", "mamba_head_dim", "mamba_expand", "mamba_conv_kernel",
+    "mamba_n_groups", "linear_attention_num_heads", "linear_attention_head_dim", "linear_attention_feature_map",
+    "linear_attention_use_decay",
+)
+
+
 class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be resumed from: a file is missing or unreadable."""
+    """A checkpoint folder that cannot be resumed from: a file is missing or unreadable, or holds another model."""
 
 
-def check_resume_checkpoint(folder) -> Path:
-    """Raise CheckpointError naming the missing or truncated file; return the folder's Path when it looks whole.
+def check_resume_checkpoint(folder, config=None) -> Path:
+    """Raise CheckpointError naming the missing or truncated file, or (given the `config` of the model the run
+    built) the MODEL_FIELDS in which the checkpoint's model differs; return the folder's Path when it looks whole.
 
     Reads only file headers (JSON parses, safetensors headers, torch zip directories), not the tensors.
     """
@@ -67,7 +80,24 @@ def check_resume_checkpoint(folder) -> Path:
             raise CheckpointError(
                 f"Cannot resume from {str(folder)!r}: {path.name} is truncated or corrupted ({problem}).{_siblings(folder)}"
             )
+    if config is not None:
+        _check_same_model(folder, config)
     return folder
+
+
+def _check_same_model(folder: Path, config):
+    saved = json.loads((folder / "config.json").read_text())
+    saved = type(config).from_dict(saved)  # with the class defaults that the file leaves out
+    differing = [
+        f"{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(config, name)!r} in this run"
+        for name in MODEL_FIELDS
+        if hasattr(config, name) and getattr(saved, name, None) != getattr(config, name)
+    ]
+    if differing:
+        raise CheckpointError(
+            f"Cannot resume from {str(folder)!r}: it holds another model ({'; '.join(differing)}). Resume with the "
+            "settings the checkpoint was trained with (the same --preset and --config_overrides), or start afresh."
+        )
 
 
 def _unreadable(path: Path) -> str | None:
