@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
-from hf_seqarch.tools.checkpoints import CheckpointError, check_resume_checkpoint
+from hf_seqarch.tools.checkpoints import CheckpointError, check_fresh_output_dir, check_resume_checkpoint
 from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
 from hf_seqarch.tools.text_data import lm_blocks
 
@@ -106,11 +106,13 @@ def main():
     config = load_config(script_args.preset, script_args.config_overrides, tokenizer)
     set_seed(training_args.seed)  # before building the model: the same --seed gives the same initial weights
     model = AutoModelForCausalLM.from_config(config)
-    if training_args.resume_from_checkpoint:
-        try:
+    try:
+        if training_args.resume_from_checkpoint:
             check_resume_checkpoint(training_args.resume_from_checkpoint, model.config)
-        except CheckpointError as error:
-            raise SystemExit(str(error)) from None
+        else:
+            check_fresh_output_dir(training_args.output_dir)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -100,6 +100,19 @@ def _check_same_model(folder: Path, config):
         )
 
 
+def check_fresh_output_dir(output_dir):
+    """Raise CheckpointError if `output_dir` holds another run's checkpoints: a new run there deletes them as it rotates
+    its own (save_total_limit counts theirs too) and saves its model over that run's."""
+    folder = Path(output_dir)
+    others = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
+    if others:
+        raise CheckpointError(
+            f"{str(folder)!r} holds the checkpoints of another run ({', '.join(others)}): a new run there would delete "
+            f"them and save over its model. Continue it with --resume_from_checkpoint {str(folder / others[-1])!r}, "
+            "or give another --output_dir (or delete that folder)."
+        )
+
+
 def _unreadable(path: Path) -> str | None:
     """Why the file cannot be read, or None. Cheap: headers and zip directories only."""
     try:
