@@ -30,7 +30,7 @@ from transformers import (
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
 from hf_seqarch.tools.checkpoints import CheckpointError, check_fresh_output_dir, check_resume_checkpoint
-from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
+from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator, whole_global_batches
 from hf_seqarch.tools.text_data import DEFAULT_SECTIONS, section_classification
 
 
@@ -85,6 +85,7 @@ def main():
             "with its tokenizer, e.g. the output_dir of examples/pretrain_lm.py."
         ) from None
     train_examples, eval_examples = section_classification(tokenizer, sections, max_length=script_args.max_length)
+    train_examples = whole_global_batches(train_examples, training_args)  # the same in one process or several
     set_seed(training_args.seed)  # the new classification layer starts the same for the same --seed
     model = AutoModelForSequenceClassification.from_pretrained(
         script_args.model_name_or_path,

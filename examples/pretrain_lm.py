@@ -31,7 +31,7 @@ from transformers import (
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
 from hf_seqarch.tools.checkpoints import CheckpointError, check_fresh_output_dir, check_resume_checkpoint
-from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
+from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator, whole_global_batches
 from hf_seqarch.tools.text_data import lm_blocks
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -103,11 +103,7 @@ def main():
 
     tokenizer = ByT5Tokenizer()
     train_blocks, eval_blocks = lm_blocks(tokenizer, script_args.block_size, script_args.max_chars)
-    # Whole global batches only: an epoch's last, short one would, under several processes, be filled by accelerate
-    # with blocks from the epoch's start (trained twice), and the run would stop matching a one-process run there.
-    global_batch = training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
-    if len(train_blocks) >= global_batch:
-        train_blocks = train_blocks[: len(train_blocks) - len(train_blocks) % global_batch]
+    train_blocks = whole_global_batches(train_blocks, training_args)  # the same blocks in one process or several
     config = load_config(script_args.preset, script_args.config_overrides, tokenizer)
     set_seed(training_args.seed)  # before building the model: the same --seed gives the same initial weights
     model = AutoModelForCausalLM.from_config(config)
@@ -130,6 +126,7 @@ def main():
     # mixers, parameter count and how to load it without hf_seqarch): keep ours.
     trainer.create_model_card = lambda *args, **kwargs: None
     if trainer.is_world_process_zero():
+        global_batch = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
         print(f"{script_args.preset}: {model.num_parameters():,} parameters, mixers {config.mixer_types}; "
               f"{training_args.world_size} process(es) on {training_args.device.type}, global batch {global_batch} "
               f"x {script_args.block_size} bytes, {len(train_blocks)} training blocks")
