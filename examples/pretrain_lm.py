@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
-from hf_seqarch.tools.checkpoints import CheckpointError, check_fresh_output_dir, check_resume_checkpoint
+from hf_seqarch.tools.checkpoints import check_before_training
 from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator, whole_global_batches
 from hf_seqarch.tools.text_data import lm_blocks
 
@@ -107,13 +107,7 @@ def main():
     config = load_config(script_args.preset, script_args.config_overrides, tokenizer)
     set_seed(training_args.seed)  # before building the model: the same --seed gives the same initial weights
     model = AutoModelForCausalLM.from_config(config)
-    try:
-        if training_args.resume_from_checkpoint:
-            check_resume_checkpoint(training_args.resume_from_checkpoint, model.config)
-        else:
-            check_fresh_output_dir(training_args.output_dir)
-    except CheckpointError as error:
-        raise SystemExit(str(error)) from None
+    check_before_training(training_args, model.config)  # the checkpoint to resume, or a free output_dir
     trainer = Trainer(
         model=model,
         args=training_args,

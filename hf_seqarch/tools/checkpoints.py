@@ -100,6 +100,18 @@ def _check_same_model(folder: Path, config):
         )
 
 
+def check_before_training(training_args, config):
+    """What the example scripts check before training: the checkpoint to resume from (whole, and of this model), or
+    else an output_dir free of another run's checkpoints. SystemExit with the message, as for a bad argument."""
+    try:
+        if training_args.resume_from_checkpoint:
+            check_resume_checkpoint(training_args.resume_from_checkpoint, config)
+        else:
+            check_fresh_output_dir(training_args.output_dir)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
+
+
 def check_fresh_output_dir(output_dir):
     """Raise CheckpointError if `output_dir` holds another run's checkpoints: a new run there deletes them as it rotates
     its own (save_total_limit counts theirs too) and saves its model over that run's."""
