@@ -155,8 +155,10 @@ def test_bad_arguments_stop_the_examples_before_training(tmp_path):
          "--sections needs two or more different sections"),
         (FINETUNE, ["--model_name_or_path", str(tmp_path), "--max_length", "0"], "--max_length must be >= 1"),
     ]
-    (tmp_path / "earlier_run" / "checkpoint-6").mkdir(parents=True)  # a new run there once deleted it
-    cases.append((PRETRAIN, ["--output_dir", str(tmp_path / "earlier_run")], "holds the checkpoints of another run"))
+    for step in (9, 10):  # a new run there once deleted them
+        (tmp_path / "earlier_run" / f"checkpoint-{step}").mkdir(parents=True)
+    cases.append((PRETRAIN, ["--output_dir", str(tmp_path / "earlier_run")],
+                  "holds the checkpoints of another run (checkpoint-9, checkpoint-10)"))
     for script, arguments, message in cases:
         result = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "out"), *arguments],
                                 capture_output=True, text=True, timeout=300)

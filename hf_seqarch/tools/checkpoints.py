@@ -1,4 +1,4 @@
-"""Check a Trainer checkpoint folder before resuming from it.
+"""Check a Trainer checkpoint folder before resuming from it (and, for a new run, that its output_dir holds none).
 
 Why: the Trainer resumes *silently* without optimizer.pt or scheduler.pt (a fresh Adam and schedule, so the
 run is no longer the one that was checkpointed), and a truncated file surfaces as an unclear low-level error
@@ -116,12 +116,12 @@ def check_fresh_output_dir(output_dir):
     """Raise CheckpointError if `output_dir` holds another run's checkpoints: a new run there deletes them as it rotates
     its own (save_total_limit counts theirs too) and saves its model over that run's."""
     folder = Path(output_dir)
-    others = sorted(p.name for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
+    others = _by_step(p for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
     if others:
         raise CheckpointError(
-            f"{str(folder)!r} holds the checkpoints of another run ({', '.join(others)}): a new run there would delete "
-            f"them and save over its model. Continue it with --resume_from_checkpoint {str(folder / others[-1])!r}, "
-            "or give another --output_dir (or delete that folder)."
+            f"{str(folder)!r} holds the checkpoints of another run ({', '.join(p.name for p in others)}): a new run "
+            f"there would delete them and save over its model. Continue it with --resume_from_checkpoint "
+            f"{str(others[-1])!r}, or give another --output_dir (or delete that folder)."
         )
 
 
@@ -143,11 +143,13 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+def _by_step(checkpoints) -> list[Path]:
+    """checkpoint-N folders in step order (checkpoint-10 after checkpoint-9)."""
+    return sorted(checkpoints, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+
+
 def _siblings(folder: Path) -> str:
-    others = sorted(
-        (p for p in folder.parent.glob("checkpoint-*") if p != folder and p.is_dir()),
-        key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-    )
+    others = _by_step(p for p in folder.parent.glob("checkpoint-*") if p != folder and p.is_dir())
     if not others:
         return " Start the run afresh (without resume_from_checkpoint)."
     return f" Resume from another checkpoint instead, e.g. {str(others[-1])!r}, or start afresh."
