@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
 from hf_seqarch.modeling_seqarch import MIXER_CLASSES
-from hf_seqarch.tools.checkpoints import CheckpointError, check_resume_checkpoint
+from hf_seqarch.tools.checkpoints import CheckpointError, check_before_training, check_resume_checkpoint
 from tester import VOCAB, tiny_config
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -279,6 +280,16 @@ def test_resuming_a_checkpoint_of_another_model_is_a_clear_error(uninterrupted_r
     check_resume_checkpoint(checkpoint, tiny_config(RESUME_STACK, mamba_chunk_size=8))
     with pytest.raises(CheckpointError, match=f"it holds another model \\({field}: .* in the checkpoint"):
         check_resume_checkpoint(checkpoint, tiny_config(stack, **overrides))
+
+def test_resume_true_takes_the_last_checkpoint_of_the_output_dir(uninterrupted_run, tmp_path):
+    """The Trainer's resume_from_checkpoint=True, which the command line passes as the string "True" (the examples
+    once looked for a folder named True)."""
+    source, trainer = uninterrupted_run
+    arguments = SimpleNamespace(resume_from_checkpoint="True", output_dir=str(source))
+    check_before_training(arguments, trainer.model.config)
+    assert arguments.resume_from_checkpoint == str(source / "checkpoint-6")
+    with pytest.raises(SystemExit, match="holds no checkpoint-N folder to resume from"):
+        check_before_training(SimpleNamespace(resume_from_checkpoint="true", output_dir=str(tmp_path)), trainer.model.config)
 
 # Every file a resume reads, missing or cut in half; a missing RNG state only loses dropout's random stream
 # (the Trainer warns about it itself), so it is the one damage that passes.

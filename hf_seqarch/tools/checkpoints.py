@@ -102,14 +102,28 @@ def _check_same_model(folder: Path, config):
 
 def check_before_training(training_args, config):
     """What the example scripts check before training: the checkpoint to resume from (whole, and of this model), or
-    else an output_dir free of another run's checkpoints. SystemExit with the message, as for a bad argument."""
+    else an output_dir free of another run's checkpoints. SystemExit with the message, as for a bad argument.
+
+    `--resume_from_checkpoint True` (the Trainer's "the last checkpoint in output_dir", which the command line can
+    only pass as a string) is set to that folder here."""
     try:
+        if str(training_args.resume_from_checkpoint).lower() == "true":
+            training_args.resume_from_checkpoint = _last_checkpoint(training_args.output_dir)
         if training_args.resume_from_checkpoint:
             check_resume_checkpoint(training_args.resume_from_checkpoint, config)
         else:
             check_fresh_output_dir(training_args.output_dir)
     except CheckpointError as error:
         raise SystemExit(str(error)) from None
+
+
+def _last_checkpoint(output_dir) -> str:
+    folder = Path(output_dir)
+    checkpoints = _by_step(p for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
+    if not checkpoints:
+        raise CheckpointError(f"--resume_from_checkpoint True: {str(folder)!r} holds no checkpoint-N folder to resume "
+                              "from. Give the checkpoint's folder, or the --output_dir of the run to continue.")
+    return str(checkpoints[-1])
 
 
 def check_fresh_output_dir(output_dir):
