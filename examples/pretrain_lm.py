@@ -31,7 +31,7 @@ from transformers import (
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
 from hf_seqarch.tools.checkpoints import check_before_training
-from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator, whole_global_batches
+from hf_seqarch.tools.distributed import global_batch_size, use_cpu_ddp_if_no_accelerator, whole_global_batches
 from hf_seqarch.tools.text_data import lm_blocks
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -120,10 +120,9 @@ def main():
     # mixers, parameter count and how to load it without hf_seqarch): keep ours.
     trainer.create_model_card = lambda *args, **kwargs: None
     if trainer.is_world_process_zero():
-        global_batch = training_args.train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
         print(f"{script_args.preset}: {model.num_parameters():,} parameters, mixers {config.mixer_types}; "
-              f"{training_args.world_size} process(es) on {training_args.device.type}, global batch {global_batch} "
-              f"x {script_args.block_size} bytes, {len(train_blocks)} training blocks")
+              f"{training_args.world_size} process(es) on {training_args.device.type}, global batch "
+              f"{global_batch_size(training_args)} x {script_args.block_size} bytes, {len(train_blocks)} training blocks")
 
     train_metrics = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics
     # Every block has block_size tokens; samples/s counts all processes, over this session's wall time

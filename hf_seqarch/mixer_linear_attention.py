@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer_token_blocks import cpu_token_block, run_in_token_blocks
+from .mixer_token_blocks import forward_in_cpu_token_blocks
 from .ops_chunked_scan import chunked_scan, scan_step
 from .ops_rms_norm import RMSNorm
 
@@ -64,12 +64,8 @@ class LinearAttentionMixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
-        if context.causal:
-            bytes_per_token = self.num_heads * self.head_dim * max(hidden_states.element_size(), 4)  # q, k or v
-            block = cpu_token_block(hidden_states, bytes_per_token, self.chunk_size)
-            if block is not None:
-                return run_in_token_blocks(self._forward, hidden_states, context, block)
-        return self._forward(hidden_states, context)
+        bytes_per_token = self.num_heads * self.head_dim * max(hidden_states.element_size(), 4)  # q, k or v
+        return forward_in_cpu_token_blocks(self._forward, hidden_states, context, bytes_per_token, self.chunk_size)
 
     def _forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         batch, length, _ = hidden_states.shape

@@ -27,7 +27,7 @@ from torch import nn
 
 from .kernels_mamba2 import conv1d_backend, conv1d_kernel, mamba2_backend, ssd_kernel
 from .mixer_context import real_tokens_first
-from .mixer_token_blocks import cpu_token_block, run_in_token_blocks
+from .mixer_token_blocks import forward_in_cpu_token_blocks
 from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
 from .ops_rms_norm import RMSNormFunction, fast_path_applies
@@ -162,12 +162,8 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
-        if context.causal:
-            bytes_per_token = self.in_proj.out_features * hidden_states.element_size()
-            block = cpu_token_block(hidden_states, bytes_per_token, self.chunk_size)
-            if block is not None:
-                return run_in_token_blocks(self._forward, hidden_states, context, block)
-        return self._forward(hidden_states, context)
+        bytes_per_token = self.in_proj.out_features * hidden_states.element_size()  # the widest activation
+        return forward_in_cpu_token_blocks(self._forward, hidden_states, context, bytes_per_token, self.chunk_size)
 
     def _forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         z, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, self.num_heads], dim=-1)

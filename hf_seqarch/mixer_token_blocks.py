@@ -52,6 +52,15 @@ class _LayerStates:
         self.states[layer_idx] = state
 
 
+def forward_in_cpu_token_blocks(forward, hidden_states: torch.Tensor, context, bytes_per_token: int, multiple: int):
+    """forward(hidden_states, context), in blocks of tokens where `cpu_token_block` gives some and the mixer is causal
+    (an encoder's backward scan starts from the end: it runs whole)."""
+    block = cpu_token_block(hidden_states, bytes_per_token, multiple) if context.causal else None
+    if block is None:
+        return forward(hidden_states, context)
+    return run_in_token_blocks(forward, hidden_states, context, block)
+
+
 def run_in_token_blocks(forward, hidden_states: torch.Tensor, context, block: int) -> torch.Tensor:
     """forward(hidden_states, context) over (B, T, width) in blocks of `block` tokens; returns (B, T, width).
 

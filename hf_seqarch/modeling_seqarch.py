@@ -36,7 +36,7 @@ from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backw
 # remote code from a local folder, copies only the files that this one imports directly (it recurses
 # for Hub repos, as 5.x always does). tests/test_hub.py checks that none is missing.
 from .kernels_mamba2 import mamba2_backend  # noqa: F401
-from .mixer_token_blocks import run_in_token_blocks  # noqa: F401
+from .mixer_token_blocks import forward_in_cpu_token_blocks  # noqa: F401
 from .ops_causal_conv import causal_conv  # noqa: F401
 from .ops_chunked_scan import chunked_scan  # noqa: F401
 from .ops_sliding_attention import sliding_window_attention  # noqa: F401
@@ -701,18 +701,13 @@ def _refuse_cache_misuse(model, arguments, cache, use_cache, chunked_prefill):
         raise ValueError("generate() was given a cache, and use_cache is False (passed, or in the model's "
                          "generation_config): without a cache, generate() feeds the whole sequence at every step, "
                          "which the cache would read again on top of what it holds. Pass use_cache=True, or no cache.")
-    if isinstance(cache, SeqArchCache) and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] > 0:
-        if cache.get_seq_length() >= ids.shape[1]:
-            raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and input_ids has {ids.shape[1]}: "
-                             "generate() feeds only the ids past the cache's length, so pass the whole sequence so "
-                             "far (what the cache has read, then at least one new token).")
-    embeds_tensor = arguments.get("inputs_embeds")
-    if isinstance(cache, SeqArchCache) and isinstance(embeds_tensor, torch.Tensor) and embeds_tensor.dim() == 3:
-        if cache.get_seq_length() >= embeds_tensor.shape[1]:  # (the same rule, for a prompt given as embeddings)
-            raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and inputs_embeds has "
-                             f"{embeds_tensor.shape[1]} positions: generate() feeds only the positions past the "
-                             "cache's length, so pass the embeddings of the whole sequence so far (what the cache has "
-                             "read, then at least one new position).")
+    for name, prompt, rank in (("input_ids", ids, 2), ("inputs_embeds", arguments.get("inputs_embeds"), 3)):
+        if not (isinstance(cache, SeqArchCache) and isinstance(prompt, torch.Tensor) and prompt.dim() == rank):
+            continue
+        if 0 < prompt.shape[1] <= cache.get_seq_length():
+            raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and {name} has {prompt.shape[1]} "
+                             "positions: generate() feeds only the positions past the cache's length, so pass the "
+                             "whole sequence so far (what the cache has read, then at least one new position).")
     if chunked_prefill and embeds:
         raise ValueError("prefill_chunk_size does not work with inputs_embeds (transformers splits the prompt's "
                          "input_ids into chunks): pass input_ids, or drop prefill_chunk_size.")

@@ -11,6 +11,8 @@ import json
 import zipfile
 from pathlib import Path
 
+from transformers.trainer_utils import get_last_checkpoint
+
 # What a resumable checkpoint needs; each entry lists the names the file may have (plain, sharded, FSDP).
 REQUIRED = {
     "the model config": ("config.json",),
@@ -118,12 +120,11 @@ def check_before_training(training_args, config):
 
 
 def _last_checkpoint(output_dir) -> str:
-    folder = Path(output_dir)
-    checkpoints = _by_step(p for p in folder.glob("checkpoint-*") if p.is_dir()) if folder.is_dir() else []
-    if not checkpoints:
-        raise CheckpointError(f"--resume_from_checkpoint True: {str(folder)!r} holds no checkpoint-N folder to resume "
-                              "from. Give the checkpoint's folder, or the --output_dir of the run to continue.")
-    return str(checkpoints[-1])
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None  # what the Trainer's True reads
+    if last is None:
+        raise CheckpointError(f"--resume_from_checkpoint True: {str(output_dir)!r} holds no checkpoint-N folder to "
+                              "resume from. Give the checkpoint's folder, or the --output_dir of the run to continue.")
+    return last
 
 
 def check_fresh_output_dir(output_dir):

@@ -21,11 +21,16 @@ def use_cpu_ddp_if_no_accelerator() -> bool:
     return False
 
 
+def global_batch_size(training_args) -> int:
+    """Examples per optimizer step, over all processes: per device x processes x accumulation."""
+    return training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+
+
 def whole_global_batches(examples: list, training_args) -> list:
-    """The first examples that fill whole global batches (per device x processes x accumulation), or all of them when
-    there are fewer than one batch. Why: an epoch's last, short batch is, under several processes, filled by accelerate
-    with examples from the epoch's start (trained twice), and the run stops matching a one-process run there."""
-    global_batch = training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    """The first examples that fill whole global batches, or all of them when there are fewer than one batch.
+    Why: an epoch's last, short batch is, under several processes, filled by accelerate with examples from the
+    epoch's start (trained twice), and the run stops matching a one-process run there."""
+    global_batch = global_batch_size(training_args)
     if len(examples) < global_batch:
         return examples
     return examples[: len(examples) - len(examples) % global_batch]
