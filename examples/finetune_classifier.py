@@ -41,6 +41,10 @@ class ScriptArguments:
     )
     sections: str = field(default=",".join(DEFAULT_SECTIONS), metadata={"help": "Comma-separated section names."})
     max_length: int = field(default=256, metadata={"help": "Paragraphs are cut to this many tokens."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Start a new classification layer when the checkpoint's has another number of labels."},
+    )
 
 
 def accuracy(eval_prediction):
@@ -93,6 +97,7 @@ def main():
         id2label=dict(enumerate(sections)),
         label2id={name: i for i, name in enumerate(sections)},
         pad_token_id=tokenizer.pad_token_id,
+        ignore_mismatched_sizes=script_args.ignore_mismatched_sizes,
     )
     check_before_training(training_args, model.config)  # the checkpoint to resume, or a free output_dir
     trainer = Trainer(

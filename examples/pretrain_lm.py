@@ -70,6 +70,10 @@ def load_config(preset: str, overrides: str | None, tokenizer):
         config.validate_seqarch()
     except ValueError as error:
         raise SystemExit(f"The config from {preset!r} with --config_overrides {overrides!r}: {error}") from None
+    if config.bidirectional:
+        raise SystemExit(f"The config from {preset!r} with --config_overrides {overrides!r} is bidirectional (an "
+                         "encoder): a causal language model must not see the tokens it predicts. Pretrain it causal; a "
+                         "classifier can load the checkpoint as an encoder: from_pretrained(..., bidirectional=True).")
     return config
 
 

@@ -31,6 +31,13 @@ def state_layout(config) -> dict[str, str]:
             for name, value in ((name, getattr(config, name)) for name in names)}
 
 
+def _refuse_other_layout(layout: dict[str, str], config):
+    for name, value in state_layout(config).items():
+        if layout.get(name) != value:
+            raise ValueError(f"This cache was made for a model with {name}={layout.get(name)}; this model has "
+                             f"{name}={value}. A cache is only valid for the model that filled it.")
+
+
 class SeqArchCache:
     """Cache returned by a forward with `use_cache=True`; pass it back as `cache=` (or `past_key_values=`)."""
 
@@ -43,7 +50,8 @@ class SeqArchCache:
         if num_layers is None:
             num_layers = config.num_hidden_layers
         # The model layout it was made for (None if unknown, or made inside torch.compile, which would break its graph
-        # on this Python): a model checks it before reading the cache, unless it is the config it was made from.
+        # on this Python): a model checks it before reading the cache, unless it is the config it was made from. A
+        # cache made without one takes the layout of the first model that uses it.
         self.layout = state_layout(config) if config is not None and not torch.compiler.is_compiling() else None
         self._made_from = weakref.ref(config) if self.layout is not None else None
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
@@ -90,11 +98,11 @@ class SeqArchCache:
         if len(self.layers) != config.num_hidden_layers:
             raise ValueError(f"This cache has {len(self.layers)} layers; the model has {config.num_hidden_layers}. "
                              "A cache is only valid for the model (configuration) that filled it.")
-        if self.layout is not None and self._made_from() is not config:  # (every decode step passes its own config)
-            for name, value in state_layout(config).items():
-                if self.layout.get(name) != value:
-                    raise ValueError(f"This cache was made for a model with {name}={self.layout.get(name)}; this "
-                                     f"model has {name}={value}. A cache is only valid for the model that filled it.")
+        if self.layout is None:  # made without a config: it takes the layout of the first model that uses it
+            self.layout = state_layout(config)
+        elif self._made_from is None or self._made_from() is not config:  # (every decode step passes its own config)
+            _refuse_other_layout(self.layout, config)
+        self._made_from = weakref.ref(config)
         cached = next((t.shape[0] for state in self.layers if state for t in state.values()), None)
         if cached is not None and batch_size is not None and cached != batch_size:
             raise ValueError(f"This cache holds {cached} sequence(s); the input has {batch_size}. Continue each "
@@ -189,6 +197,8 @@ class SeqArchCache:
         """Flat dict of tensors (safetensors-friendly) from which `from_state_dict` rebuilds the cache."""
         self.refuse_if_half_updated()
         tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
+        if self.layout is not None:  # the model layout it belongs to, as JSON bytes (a dict of tensors holds no strings)
+            tensors["layout"] = torch.tensor(list(json.dumps(self.layout).encode()), dtype=torch.uint8)
         for i, state in enumerate(self.layers):
             for name, tensor in (state or {}).items():
                 tensors[f"layers.{i}.{name}"] = tensor.contiguous()  # safetensors takes contiguous tensors only
@@ -196,8 +206,15 @@ class SeqArchCache:
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], num_layers: int, config=None) -> "SeqArchCache":
-        """The cache `state_dict` wrote; with `config`, it is checked against that model's layout when used."""
+        """The cache `state_dict` wrote. Its layout (saved with it) is checked against `config` now if given, else
+        against each model that uses it."""
         cache = cls(config, num_layers=num_layers)
+        if "layout" in tensors:
+            saved_layout = json.loads(bytes(tensors["layout"].tolist()).decode())
+            if config is not None:
+                _refuse_other_layout(saved_layout, config)
+            else:
+                cache.layout = saved_layout  # no model yet: _made_from stays None, so the first user is checked
         cache.seen_tokens = int(tensors["seen_tokens"])
         cache.holds_padding = bool(tensors.get("holds_padding", False))  # (absent from states saved before it)
         for key, tensor in tensors.items():

@@ -9,6 +9,7 @@ MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linea
 RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer
 ATTENTION_MIXERS = ("attention", "sliding_attention")  # keys/values per token
 BOOL_FIELDS = ("bidirectional", "linear_attention_use_decay", "tie_word_embeddings", "use_cache")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")  # as transformers'
 
 
 class SeqArchConfig(PretrainedConfig):
@@ -71,6 +72,9 @@ class SeqArchConfig(PretrainedConfig):
         linear_attention_chunk_size=64,
         **kwargs,
     ):
+        if "num_labels" in kwargs:  # checked before transformers' __init__ makes id2label from it
+            kwargs["num_labels"] = _plain_scalar(kwargs["num_labels"])
+            _check_num_labels(kwargs["num_labels"])
         if mixer_types is None:
             mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
         mixer_types = _mixer_list(mixer_types)
@@ -128,6 +132,7 @@ class SeqArchConfig(PretrainedConfig):
                 f"num_hidden_layers={value} does not match len(mixer_types)={len(self.mixer_types)}; "
                 "set mixer_types instead (num_hidden_layers is derived from it)."
             )
+        value = _plain_scalar(value)
         if name == "mixer_types":
             value = _mixer_list(value)
         if name in BOOL_FIELDS:
@@ -165,13 +170,19 @@ class SeqArchConfig(PretrainedConfig):
         """Raise a ValueError that names the bad field and what is allowed."""
         if not self.mixer_types:
             raise ValueError("mixer_types must name at least one layer, e.g. ['attention', 'lstm'].")
+        if self.num_hidden_layers != len(self.mixer_types):  # the list changed in place (append), past __setattr__
+            raise ValueError(
+                f"mixer_types has {len(self.mixer_types)} entries but num_hidden_layers={self.num_hidden_layers}: "
+                "mixer_types was changed in place. Assign a new list instead (config.mixer_types = [...]), which "
+                "keeps num_hidden_layers in step."
+            )
         unknown = [m for m in self.mixer_types if m not in MIXER_TYPES]
         if unknown:
             raise ValueError(
                 f"Unknown mixer type(s) {unknown} in mixer_types; allowed: {list(MIXER_TYPES)}. If this config "
                 "comes from a newer hf_seqarch release, upgrade it: pip install -U hf-seqarch."
             )
-        positive = ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
+        positive = ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"]
         if "mamba2" in self.mixer_types:
             positive += ["mamba_head_dim", "mamba_expand", "mamba_n_groups", "mamba_state_size", "mamba_chunk_size",
                          "mamba_conv_kernel"]
@@ -202,8 +213,10 @@ class SeqArchConfig(PretrainedConfig):
             # A string such as "false" (from a command line or a hand-edited config.json) would count as True.
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if not _is_int(self.num_labels) or self.num_labels < 1:
-            raise ValueError(f"num_labels must be a positive integer (1: regression), got {self.num_labels!r}.")
+        _check_num_labels(self.num_labels)
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be None (inferred from num_labels and the labels) or one of "
+                             f"{list(PROBLEM_TYPES[1:])}, got {self.problem_type!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
                              "'gelu', 'relu'.")
@@ -261,6 +274,19 @@ def _mixer_list(mixer_types) -> list:
         raise ValueError(f"mixer_types must be a list with one mixer name per layer, e.g. [{mixer_types!r}]; got the "
                          f"string {mixer_types!r}.")
     return list(mixer_types)
+
+
+def _plain_scalar(value):
+    """A numpy scalar (np.int64 from a sweep, np.float32) as the Python number it holds: what the checks accept and
+    JSON can save. Anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _check_num_labels(num_labels):
+    if not _is_int(num_labels) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive integer (1: regression), got {num_labels!r}.")
 
 
 def _is_int(value) -> bool:

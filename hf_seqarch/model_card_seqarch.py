@@ -97,13 +97,14 @@ def model_card_text(model, repo_id: str | None = None, title: str | None = None,
     rows = "\n".join(f"| {i} | `{m}` | {_growth(config, m) if not config.bidirectional else 'none (encoder)'} |"
                      for i, m in enumerate(mixers))
     mlp = f"SwiGLU MLP of width {config.intermediate_size}" if config.intermediate_size else "no MLP"
+    blocks = "one pre-norm residual block" if len(mixers) == 1 else f"{len(mixers)} pre-norm residual blocks"
     body = f"""
 {CARD_MARKER}
 
 # {repo_id.split("/")[-1] if repo_id else (title or head)}
 
-A `{head}` made with [hf_seqarch](https://pypi.org/project/hf-seqarch/): {len(mixers)} pre-norm
-residual blocks, each a token mixer and a {mlp}; hidden size {config.hidden_size}, vocabulary
+A `{head}` made with [hf_seqarch](https://pypi.org/project/hf-seqarch/): {blocks}, each a token
+mixer and a {mlp}; hidden size {config.hidden_size}, vocabulary
 {config.vocab_size}. **{model.num_parameters():,} parameters.**
 
 | layer | mixer | decoding state per sequence |

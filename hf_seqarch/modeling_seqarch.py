@@ -344,18 +344,23 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
-            self._check_token_ids(input_ids)
+            input_ids = self._checked_token_ids(input_ids)
             if self.time_major and input_ids.shape[1] > 1 and not _has_hooks(self.embed_tokens):
                 # embedded time-major: no layout copy (see below). Not where a hook (NEFTune's noise, scaled by the
                 # output's shape) would see (T, B, width).
                 inputs_embeds = self.embed_tokens(input_ids.t()).transpose(0, 1)  # (B, T, width), time-major
             else:
                 inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+        elif (
+            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
+            or not inputs_embeds.is_floating_point()
+        ):
             raise ValueError(
-                f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}), "
-                f"got shape {tuple(inputs_embeds.shape)}."
+                f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}) floating-point "
+                f"values, got shape {tuple(inputs_embeds.shape)} of {inputs_embeds.dtype}."
             )
+        else:  # in the embeddings' dtype, as input_ids would give them
+            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
         batch, length = inputs_embeds.shape[:2]
         if length == 0:
             raise ValueError(f"The input has no tokens (shape {(batch, length)}): pass at least one per row.")
@@ -370,7 +375,16 @@ class SeqArchModel(SeqArchPreTrainedModel):
             if cache is not None:
                 raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it takes no cache.")
             use_cache = False
-        if self.training and self.layers[0].gradient_checkpointing and use_cache:
+        if self.training and self.layers[0].gradient_checkpointing and torch.is_grad_enabled() and use_cache:
+            # The backward re-runs each layer's forward, which would read and advance the cache a second time.
+            # (Without gradients, as in generate() from a model left in train mode, nothing is re-run.)
+            if isinstance(cache, SeqArchCache) and cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"This cache holds {cache.get_seq_length()} tokens of context, which a training forward under "
+                    "gradient checkpointing cannot read (the backward re-runs the layers). Call "
+                    "model.gradient_checkpointing_disable() to train from a cached context, or model.eval() (or "
+                    "torch.no_grad()) to only run it."
+                )
             logger.warning_once("Caching is incompatible with gradient checkpointing; setting use_cache=False.")
             use_cache, cache = False, None
         if cache is not None and not isinstance(cache, SeqArchCache):
@@ -388,10 +402,13 @@ class SeqArchModel(SeqArchPreTrainedModel):
         positions_given = position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
-        elif position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
+        elif (
+            position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch)
+            or position_ids.dtype == torch.bool or position_ids.is_complex()
+        ):
             raise ValueError(
-                f"position_ids must be ({batch} or 1, {length}) for inputs of {length} tokens, got shape "
-                f"{tuple(position_ids.shape)}."
+                f"position_ids must be ({batch} or 1, {length}) positions for inputs of {length} tokens, got shape "
+                f"{tuple(position_ids.shape)} of {position_ids.dtype}."
             )
         context = MixerContext(
             padding_mask=self._padding_mask(attention_mask, batch, length, past_length,
@@ -459,16 +476,20 @@ class SeqArchModel(SeqArchPreTrainedModel):
             return False
         return True
 
-    def _check_token_ids(self, input_ids):
+    def _checked_token_ids(self, input_ids):
+        """input_ids, checked, as int64 if of a narrower integer dtype (nn.Embedding takes int32 and int64 only)."""
         if not _is_integer(input_ids):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            input_ids = input_ids.long()
         if torch.compiler.is_compiling():
-            return  # reading the ids' values would break torch.compile's graph; the embedding still bounds-checks
+            return input_ids  # reading the ids' values would break torch.compile's graph; the embedding bounds-checks
         if not input_ids.numel():
-            return
+            return input_ids
         low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one device sync
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
+        return input_ids
 
     def _padding_mask(self, attention_mask, batch, length, past_length, past_padded=False):
         """2-D mask -> (B, past + T) bool, or None when every position is real. past_padded: the cache holds pads,
@@ -500,8 +521,16 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"shape ({batch}, {past_length + length})."
             )
         mask = attention_mask.bool()
-        if not torch.compiler.is_compiling() and bool(mask.all()):  # (compiled: the masked paths, no graph break)
-            return None
+        if not torch.compiler.is_compiling():  # (compiled: the masked paths, no graph break)
+            not_binary = (attention_mask != mask).any() if attention_mask.dtype != torch.bool else mask.new_zeros(())
+            all_real, not_binary = torch.stack([mask.all(), not_binary]).tolist()  # one device sync
+            if not_binary:
+                raise ValueError(
+                    "attention_mask must hold 1 at real tokens and 0 at padding (bool, int or float); got other values. "
+                    "Additive masks (0 to keep, -inf or a large negative number to drop) are not taken here."
+                )
+            if all_real:
+                return None
         if mask.shape[1] == length and past_length:
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
             mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
@@ -614,8 +643,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         tokens = _batch_and_length(input_ids, inputs_embeds)
+        keep = _positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
         if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step
             logits_shape = (tokens[0], len(range(tokens[1])[keep]) if isinstance(keep, slice) else keep.shape[-1])
             if tuple(labels.shape[:2]) != logits_shape or labels.dim() != 2:
@@ -649,6 +678,28 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+
+
+def _positions_to_keep(logits_to_keep, length, with_labels):
+    """logits_to_keep as an index of the positions (transformers' meaning): an int n, the last n (0: all), or a 1-D
+    tensor of positions. With labels, a tensor must keep every position in order: the loss pairs logits with labels
+    by place."""
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
+        return slice(-logits_to_keep, None)
+    if not isinstance(logits_to_keep, torch.Tensor) or logits_to_keep.dim() != 1 or not _is_integer(logits_to_keep):
+        raise ValueError("logits_to_keep must be an int (the last n positions; 0 keeps all) or a 1-D integer tensor "
+                         f"of positions, got {logits_to_keep!r}.")
+    if length is None or torch.compiler.is_compiling():
+        return logits_to_keep
+    low, high = torch.stack(torch.aminmax(logits_to_keep)).tolist() if len(logits_to_keep) else (0, 0)
+    if low < -length or high >= length:
+        raise ValueError(f"logits_to_keep holds positions in [{low}, {high}]; the input has {length} tokens.")
+    if with_labels and not torch.equal(logits_to_keep.remainder(length).cpu(), torch.arange(length)):
+        raise ValueError(
+            "With labels, logits_to_keep must keep every position in order (the loss pairs each logit with the label "
+            "at its place): pass labels (batch, length) for the whole input, without logits_to_keep."
+        )
+    return logits_to_keep
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -494,7 +494,8 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
         q, k: (B, T, G, N): per head (G = H), or shared by groups of H / G heads (head h uses group h // (H / G)),
             as Mamba-2's C and B are.
         v: (B, T, H, P).
-        log_decay: (B, T, H), finite, normally <= 0 (log of the decay in (0, 1]).
+        log_decay: (B, T, H), <= 0: the log of a decay in [0, 1] (-inf: 0, which forgets the state). Positive values
+            are refused on CPU; elsewhere they are not checked (that would cost a device sync), and wrong.
         chunk_size: L, the length of a chunk; T need not be a multiple of it.
         initial_state: (B, H, P, N) or None (zeros).
 
@@ -510,6 +511,9 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     _check_inputs(q, k, v, log_decay, initial_state, dims=4)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if log_decay.device.type == "cpu" and not torch.compiler.is_compiling() and bool((log_decay > 0).any()):
+        raise ValueError("log_decay must be <= 0 (the log of a decay in [0, 1]); got positive values, which the "
+                         "chunked algorithm cannot take (scan_reference can).")
     B, T, G, N = q.shape
     H, P = v.shape[2], v.shape[3]
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
@@ -523,7 +527,8 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     def padded(x):  # (B, T, H, D) -> (B, C * L, H, D): the tail padded with q = k = v = 0, log_decay = 0
         return F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) if pad else x.to(dtype)
 
-    log_decay = padded(log_decay[..., None])[..., 0]  # (B, C * L, H)
+    # (B, C * L, H). Clamped: -inf (or below) would make inf - inf in the segment sums; exp(-60) is 0 to them anyway.
+    log_decay = padded(log_decay[..., None])[..., 0].clamp(min=LOG_DECAY_FLOOR)
     y, state = _scan(padded(q), padded(k), padded(v), log_decay, state, L)  # y (B, C * L, H, P)
     y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
@@ -558,11 +563,16 @@ def _check_inputs(q, k, v, log_decay, state, dims):
     """The shapes of `chunked_scan` (dims=4: q, k (B, T, G, N), v (B, T, H, P), log_decay (B, T, H)) or of `scan_step`
     (dims=3: the same without T), with G dividing H and state None or (B, H, P, N): a clear error rather than one from
     deep in the products, or (in the reference's loop) a silent truncation or broadcast."""
+    tensors = [t for t in (q, k, v, log_decay, state) if t is not None]
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+        raise ValueError("q, k, v, log_decay and the state must be real floating-point tensors, got "
+                         f"{[t.dtype if isinstance(t, torch.Tensor) else type(t).__name__ for t in tensors]}.")
     ranks_ok = q.dim() == k.dim() == v.dim() == dims
     groups, heads = (q.shape[-2], v.shape[-2]) if ranks_ok else (0, 0)
     state_shape = (v.shape[0], heads, v.shape[-1], q.shape[-1]) if ranks_ok else None
     if not (
         ranks_ok and k.shape == q.shape and groups >= 1 and heads % groups == 0
+        and min(heads, q.shape[-1], v.shape[-1]) >= 1
         and q.shape[:-2] == v.shape[:-2] and log_decay.shape == v.shape[:-1]
         and (state is None or tuple(state.shape) == state_shape)
     ):

@@ -132,19 +132,26 @@ def test_checkpoints_load_with_auto_classes(run):
     assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, PRESET.vocab_size)
 
 
-def test_report_names_only_this_runs_checkpoints(run, tmp_path):
+def test_report_names_only_this_runs_checkpoints(run, tmp_path, capsys):
     out, results = run
     report = (out / "report.md").read_text()
     for arch in results["architectures"].values():
         assert f"`{arch['text']['checkpoint']}/`" in report
     # A subset without the transformer, into a folder holding another run's checkpoints: the snippet loads one of
-    # this run's, and the other folders are not listed.
+    # this run's, the other folders are not listed but named on stderr, and a rewritten one keeps no earlier file.
     (tmp_path / "checkpoints" / "transformer").mkdir(parents=True)
-    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm"]) == 0
+    (tmp_path / "checkpoints" / "lstm").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "lstm" / "model-00002-of-00002.safetensors").write_text("an earlier run's shard")
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm, "]) == 0
+    assert "checkpoints of an earlier run that this one does not replace and its report will not mention: " \
+           "['transformer']" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints" / "lstm" / "model-00002-of-00002.safetensors").exists()
     report = (tmp_path / "report.md").read_text()
     checkpoints_section = report.split("## Checkpoints")[1].split("## Settings")[0]
     assert f'from_pretrained("{tmp_path}/checkpoints/lstm")' in checkpoints_section
     assert "checkpoints/transformer" not in checkpoints_section
+    # the command as a shell would take it back: "lstm, " is one argument
+    assert json.loads((tmp_path / "results.json").read_text())["command"].endswith("--architectures 'lstm, '")
 
 
 def test_training_uses_one_device_when_several_gpus_are_visible(monkeypatch):

@@ -56,6 +56,9 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(tie_word_embeddings="false"), "tie_word_embeddings must be True or False, got 'false'"),
         (dict(use_cache="no"), "use_cache must be True or False, got 'no'"),
         (dict(num_labels=0), "num_labels must be a positive integer"),
+        (dict(num_labels=3.0), "num_labels must be a positive integer"),  # once a TypeError inside transformers
+        (dict(problem_type="regresion"), "problem_type must be None .* or one of"),  # once accepted
+        (dict(max_position_embeddings=-1), "max_position_embeddings must be a positive integer"),
     ],
 )
 def test_bad_config(overrides, message):
@@ -70,6 +73,30 @@ def test_mixer_types_as_a_string_is_refused():
     config = tiny_config(["lstm"])
     with pytest.raises(ValueError, match="one mixer name per layer"):
         config.mixer_types = "gru"
+
+
+def test_mixer_types_changed_in_place_is_refused(tmp_path):
+    """config.mixer_types.append() passes no setter: the model was built with the old number of layers and saved a
+    checkpoint that would not load."""
+    config = tiny_config(["lstm"])
+    config.mixer_types.append("gru")
+    with pytest.raises(ValueError, match="mixer_types has 2 entries but num_hidden_layers=1.*Assign a new list"):
+        SeqArchForCausalLM(config)
+    config.mixer_types = ["lstm", "gru"]
+    assert len(SeqArchForCausalLM(config).model.layers) == 2
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(tmp_path):
+    """Values from a numpy sweep: validated fields once refused np.int64(32) as not an integer, and the others
+    (sliding_window outside sliding stacks) made save_pretrained fail in JSON."""
+    import numpy as np
+
+    config = tiny_config(["lstm"], hidden_size=np.int64(32), sliding_window=np.int64(7), rms_norm_eps=np.float32(1e-5))
+    assert type(config.hidden_size) is int and type(config.sliding_window) is int and type(config.rms_norm_eps) is float
+    config.vocab_size = np.int32(VOCAB)
+    assert type(config.vocab_size) is int
+    SeqArchForCausalLM(config).save_pretrained(tmp_path)
+    assert SeqArchConfig.from_pretrained(tmp_path).sliding_window == 7
 
 
 @pytest.mark.parametrize("mixer", ["lstm", "attention", "linear_attention", "mamba2"])
@@ -97,6 +124,43 @@ def test_mask_of_wrong_shape(shape):
     model = tiny_model(SeqArchModel, ["attention"])
     with pytest.raises(ValueError, match="attention_mask must be 2-D"):
         model(input_ids=random_ids(2, 4), attention_mask=torch.ones(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mask", [[[0.0, 0, 0, 0], [-1e9, -1e9, 0, 0]], [[1, 1, 1, 1], [0, 0, 2, 1]], [[1, 0.5, 1, 1]] * 2],
+                         ids=["additive", "two", "half"])
+def test_mask_of_other_values_than_0_and_1_is_refused(mask):
+    """An additive mask (0 keep, -1e9 drop) was read with .bool(): inverted, silently."""
+    model = tiny_model(SeqArchForSequenceClassification, ["lstm", "attention"], pad_token_id=0)
+    with pytest.raises(ValueError, match="1 at real tokens and 0 at padding.*Additive masks"):
+        model(input_ids=random_ids(2, 4), attention_mask=torch.tensor(mask))
+    bool_mask = torch.tensor([[True] * 4, [False, False, True, True]])
+    for same in (bool_mask.float(), bool_mask.to(torch.int8)):  # 0/1 of any dtype is the bool mask
+        torch.testing.assert_close(model(input_ids=random_ids(2, 4), attention_mask=same).logits,
+                                   model(input_ids=random_ids(2, 4), attention_mask=bool_mask).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_token_ids_of_any_integer_type(dtype):
+    """nn.Embedding takes int32 and int64 only: uint8/int16 ids crashed inside it (forward, generate, session)."""
+    from hf_seqarch.tools.streaming import StreamingSession
+
+    model, ids = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]), random_ids(1, 5)
+    torch.testing.assert_close(model(input_ids=ids.to(dtype)).logits, model(input_ids=ids).logits)
+    generated = model.generate(ids.to(dtype), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0))
+    torch.testing.assert_close(StreamingSession(model).feed(ids.to(dtype)), StreamingSession(model).feed(ids))
+    with pytest.raises(ValueError, match="must be an integer tensor"):
+        StreamingSession(model).feed(ids.to(torch.complex64))
+
+
+def test_embeddings_of_another_dtype_are_cast_and_integers_refused():
+    """float64 embeddings for a float32 model crashed in F.linear (attention) or the RNN; as input_ids give them."""
+    model = tiny_model(SeqArchModel, ["attention", "mamba2", "lstm"])
+    embeds = torch.randn(2, 4, model.config.hidden_size)
+    torch.testing.assert_close(model(inputs_embeds=embeds.double()).last_hidden_state,
+                               model(inputs_embeds=embeds).last_hidden_state)
+    with pytest.raises(ValueError, match="floating-point values, got shape .* of torch.int64"):
+        model(inputs_embeds=embeds.long())
 
 
 @pytest.mark.parametrize("short_mask", [[[1], [1]], [[1], [0]]], ids=["all_ones", "with_a_pad"])
@@ -131,6 +195,29 @@ def test_labels_with_a_logit_at_every_position(logits_to_keep):
     model = tiny_model(SeqArchForCausalLM, ["gru"])
     ids = random_ids(2, 4)
     assert model(input_ids=ids, labels=ids, logits_to_keep=logits_to_keep).loss.isfinite()
+
+
+@pytest.mark.parametrize("logits_to_keep", [torch.tensor([3, 2, 1, 0]), torch.zeros(4, dtype=torch.long)],
+                         ids=["permuted", "repeated"])
+def test_labels_with_logits_of_other_positions_are_refused(logits_to_keep):
+    """The loss pairs logits and labels by place: a permutation passed the shape check and gave a wrong loss."""
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    ids = random_ids(2, 4)
+    with pytest.raises(ValueError, match="must keep every position in order"):
+        model(input_ids=ids, labels=ids, logits_to_keep=logits_to_keep)
+    assert model(input_ids=ids, logits_to_keep=logits_to_keep).logits.shape == (2, 4, VOCAB)  # without labels: fine
+
+
+@pytest.mark.parametrize("logits_to_keep,message", [(1.5, "must be an int"), (torch.tensor([[0, 1]]), "1-D integer"),
+                                                   (torch.tensor([7]), r"positions in \[7, 7\]; the input has 4")])
+def test_logits_to_keep_of_another_kind_is_refused(logits_to_keep, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(SeqArchForCausalLM, ["gru"])(input_ids=random_ids(2, 4), logits_to_keep=logits_to_keep)
+
+
+def test_position_ids_of_bools_are_refused():
+    with pytest.raises(ValueError, match="position_ids must be .* of torch.bool"):
+        tiny_model(SeqArchModel, ["attention"])(input_ids=random_ids(1, 4), position_ids=torch.ones(1, 4, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("labels_length,logits_to_keep", [(4, 1), (3, 0)])
@@ -394,3 +481,38 @@ def test_a_cache_left_half_updated_by_an_error_is_refused():
     with pytest.raises(ValueError, match="left half-updated"):
         session.step(ids[:, 0])
     assert model(input_ids=ids, cache=SeqArchCache(model.config), use_cache=True).logits.shape == (1, 6, VOCAB)
+
+
+@pytest.mark.parametrize("restore", ["empty", "state_dict"])
+def test_a_cache_made_without_a_config_is_checked_too(restore):
+    """SeqArchCache(num_layers=...) and from_state_dict(..., config=None) held no layout and were never checked: an
+    LSTM's state continued in a GRU model (garbage logits), a full-attention one in a sliding-window layer."""
+    lstm, gru = tiny_model(SeqArchForCausalLM, ["lstm"]), tiny_model(SeqArchForCausalLM, ["gru"])
+    if restore == "empty":  # the first model to use it gives it its layout
+        cache = SeqArchCache(num_layers=1)
+        lstm(input_ids=random_ids(2, 5), cache=cache, use_cache=True)
+    else:  # the layout is saved with the states
+        filled = getattr(lstm(input_ids=random_ids(2, 5), use_cache=True), CACHE_FIELD)
+        cache = SeqArchCache.from_state_dict(filled.state_dict(), num_layers=1)
+        with pytest.raises(ValueError, match='made for a model with mixer_types=\\["lstm"\\]'):  # at load, with a config
+            SeqArchCache.from_state_dict(filled.state_dict(), num_layers=1, config=gru.config)
+    with pytest.raises(ValueError, match='made for a model with mixer_types=\\["lstm"\\]; this model has .*"gru"'):
+        gru(input_ids=random_ids(2, 1), cache=cache)
+    assert lstm(input_ids=random_ids(2, 1), cache=cache).logits.shape == (2, 1, VOCAB)
+
+
+def test_training_under_gradient_checkpointing_refuses_a_cached_context():
+    """The checkpointed backward re-runs the layers: the cache was dropped, silently training on the new tokens
+    without their context (positions from 0). Without gradients (generate from a model left in train mode) nothing is
+    re-run, and the cache is used: it was dropped there too, and each token generated from the last one alone."""
+    model, ids = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]), random_ids(1, 6)
+    expected = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), expected)
+    cache = getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)  # (no cache made under checkpointing)
+    assert cache is None
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)
+    with pytest.raises(ValueError, match="holds 4 tokens of context.*gradient_checkpointing_disable"):
+        model(input_ids=ids[:, 4:], labels=ids[:, 4:], cache=cache)

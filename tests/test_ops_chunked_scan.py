@@ -391,6 +391,36 @@ def test_a_step_checks_its_shapes_too():
         scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], s0[:1])
 
 
+@pytest.mark.parametrize("bad", ["int_v", "complex_q", "int_state", "no_heads", "no_state_size"])
+def test_inputs_of_other_kinds_are_refused(bad):
+    """Integer v or state came back truncated, a complex q lost its imaginary part; no heads failed in a reshape."""
+    q, k, v, log_decay, s0 = make_inputs(H=3)
+    if bad == "int_v":
+        v = v.round().long()
+    elif bad == "complex_q":
+        q = torch.complex(q, q)
+    elif bad == "int_state":
+        s0 = s0.round().long()
+    elif bad == "no_heads":
+        q, k, v, log_decay, s0 = q[:, :, :0], k[:, :, :0], v[:, :, :0], log_decay[..., :0], None
+    else:
+        q, k, s0 = q[..., :0], k[..., :0], None
+    with pytest.raises(ValueError, match="real floating-point tensors|Expected q and k"):
+        chunked_scan(q, k, v, log_decay, 4, s0)
+
+
+def test_positive_log_decay_is_refused_and_minus_infinity_resets():
+    """Decays above 1 were clamped in the segment sums (96% off at log_decay 1); a decay of 0 (-inf) gave NaN. The
+    reference takes both."""
+    q, k, v, log_decay, s0 = make_inputs(T=20, H=3)
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        chunked_scan(q, k, v, log_decay.abs(), 4, s0)
+    log_decay[:, 9] = -torch.inf  # the state is forgotten at step 9
+    for chunk_size in (4, 64):
+        for got, want in zip(chunked_scan(q, k, v, log_decay, chunk_size, s0), scan_reference(q, k, v, log_decay, s0)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk_size", [0, -3, 4.0])
 def test_chunk_size_must_be_a_positive_integer(chunk_size):
     q, k, v, log_decay, _ = make_inputs(H=3)

@@ -151,6 +151,7 @@ def test_bad_arguments_stop_the_examples_before_training(tmp_path):
         (PRETRAIN, ["--max_chars", "0"], "--max_chars must be >= 1"),  # read as "the whole corpus"
         (PRETRAIN, ["--config_overrides", "hidden_size=abc"], "--config_overrides 'hidden_size=abc': invalid literal"),
         (PRETRAIN, ["--config_overrides", "num_attention_heads=3"], "does not divide hidden_size"),
+        (PRETRAIN, ["--config_overrides", "bidirectional=true"], "is bidirectional (an encoder)"),  # was a traceback
         (FINETUNE, ["--model_name_or_path", str(tmp_path), "--sections", "types,types"],
          "--sections needs two or more different sections"),
         (FINETUNE, ["--model_name_or_path", str(tmp_path), "--max_length", "0"], "--max_length must be >= 1"),

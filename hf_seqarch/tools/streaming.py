@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..cache_seqarch import SeqArchCache, state_layout
+from ..modeling_seqarch import _is_integer
 from .single_token_decoder import SingleTokenDecoder
 
 _FORMAT = "hf_seqarch.stream/1"
@@ -109,8 +110,8 @@ class StreamingSession:
         `max_new_tokens` times. Returns the new tokens (B, max_new_tokens); the state has consumed all of them."""
         if self.lm_head is None:
             raise ValueError("greedy decoding needs logits: build the session from a SeqArchForCausalLM.")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
         self._refuse_padded_cache()
         if input_ids is not None:
             logits = self.feed(input_ids)[:, -1]
@@ -157,9 +158,11 @@ class StreamingSession:
 
     def _check_ids(self, ids, name):
         self._refuse_padded_cache()
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or ids.dtype.is_floating_point:
-            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or not _is_integer(ids):
+            shape = f"{tuple(ids.shape)} of {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name} must be an integer tensor (batch, tokens) with at least one token, got {shape}.")
+        if ids.dtype not in (torch.int32, torch.int64):  # nn.Embedding takes no other
+            ids = ids.long()
         batch = self._state_batch_size()
         if batch is not None and ids.shape[0] != batch:
             raise ValueError(f"{name} has batch size {ids.shape[0]}, but the stream's state holds {batch} rows.")
