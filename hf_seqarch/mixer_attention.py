@@ -17,9 +17,11 @@ from .ops_sliding_attention import sliding_window_attention
 
 
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """Rotary tables for the given positions: cos, sin each (B, T, head_dim)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    """Rotary tables for the given positions: cos, sin each (B, T, head_dim). Computed in float32 (as Llama's) or, for
+    a float64 model, in float64: float32 angles would put ~1e-7 between a row and the same row shifted by pads."""
+    table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=position_ids.device, dtype=table_dtype) / head_dim)
+    freqs = position_ids[..., None].to(table_dtype) * inv_freq  # (B, T, head_dim/2)
     angles = torch.cat([freqs, freqs], dim=-1)  # (B, T, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 

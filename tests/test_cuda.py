@@ -86,8 +86,8 @@ def test_generate_on_cuda_matches_cpu(stack):
                                      return_dict_in_generate=True)
         results[device] = out.sequences.cpu(), torch.stack(out.scores).cpu()
     torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=0, atol=0)
-    # Not to float64's precision where attention is: RoPE's tables are computed in float32, as transformers' Llama
-    # computes them, and the CPU's and CUDA's float32 sin and cos differ in the last bit.
+    # Not to float64's last bits where attention is: the CPU's and CUDA's sin and cos (RoPE's tables) differ there,
+    # and each step's scores go through a softmax and a log.
     torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-5, atol=1e-6)
 
 

@@ -509,6 +509,19 @@ def test_float64_models_pass_gradcheck(stack):
     assert torch.autograd.gradcheck(lambda e: model(inputs_embeds=e).last_hidden_state, (embeds,))
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_float64_attention_shifted_by_pads_is_exact(attn_implementation):
+    """Left pads without position_ids shift a row's positions, not their differences: in float64 the row gives what
+    it gives alone to float64 precision (float32 RoPE tables once put ~8e-7 between them)."""
+    model = tiny_model(SeqArchModel, ["attention", "lstm"], attn_implementation=attn_implementation,
+                       initializer_range=0.3).double()
+    ids = random_ids(1, 5)
+    padded = torch.cat([torch.zeros(1, 7, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], 1)
+    shifted = model(input_ids=padded, attention_mask=mask).last_hidden_state[:, 7:]
+    torch.testing.assert_close(shifted, model(input_ids=ids).last_hidden_state, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("stack", ["linear_attention", "mamba2"])
 def test_float64_models_keep_float64_states(stack):
     from hf_seqarch import SeqArchCache
