@@ -82,6 +82,11 @@ class SeqArchCache:
         """Beam search: pick the batch rows `beam_idx` in every state."""
         self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
+    def to(self, device) -> "SeqArchCache":
+        """Move every cached state to `device` (in place; returns the cache), as a model moved with .to(device)."""
+        self._map_states(lambda t: t.to(device))
+        return self
+
     def batch_repeat_interleave(self, repeats: int):
         self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
 
@@ -89,9 +94,10 @@ class SeqArchCache:
         self._map_states(lambda t: t[indices])
 
     # -- checks before use --------------------------------------------------------------------------
-    def check_usable_by(self, config, batch_size: int | None = None):
-        """Raise ValueError if this cache was made for a model of another layout, or holds another batch size.
-        Not while torch.compile traces (the checks are Python on config values; they ran in eager mode before)."""
+    def check_usable_by(self, config, batch_size: int | None = None, device: torch.device | None = None):
+        """Raise ValueError if this cache was made for a model of another layout, or holds another batch size, or
+        (given `device`, the input's) is on another device. Not while torch.compile traces (the checks are Python on
+        config values; they ran in eager mode before)."""
         if torch.compiler.is_compiling():
             return
         self.refuse_if_half_updated()
@@ -103,7 +109,11 @@ class SeqArchCache:
         elif self._made_from is None or self._made_from() is not config:  # (every decode step passes its own config)
             _refuse_other_layout(self.layout, config)
         self._made_from = weakref.ref(config)
-        cached = next((t.shape[0] for state in self.layers if state for t in state.values()), None)
+        first = next((t for state in self.layers if state for t in state.values()), None)
+        if first is not None and device is not None and first.device != device:
+            raise ValueError(f"This cache is on {first.device}; the input is on {device}. Move the cache with the model: "
+                             f"cache.to({str(device)!r}).")
+        cached = None if first is None else first.shape[0]
         if cached is not None and batch_size is not None and cached != batch_size:
             raise ValueError(f"This cache holds {cached} sequence(s); the input has {batch_size}. Continue each "
                              "cached sequence with one row, or reshape the cache first: batch_repeat_interleave(n) "

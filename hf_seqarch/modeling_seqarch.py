@@ -394,7 +394,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 "tuning, p-tuning and LoRA do."
             )
         if cache is not None:
-            cache.check_usable_by(self.config, batch)
+            cache.check_usable_by(self.config, batch, inputs_embeds.device)
         if use_cache and cache is None:
             cache = SeqArchCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0

@@ -516,3 +516,18 @@ def test_training_under_gradient_checkpointing_refuses_a_cached_context():
         cache = getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)
     with pytest.raises(ValueError, match="holds 4 tokens of context.*gradient_checkpointing_disable"):
         model(input_ids=ids[:, 4:], labels=ids[:, 4:], cache=cache)
+
+
+def test_a_cache_on_another_device_is_refused_with_how_to_move_it():
+    """A cache left on another device than the model's input failed inside a mixer (torch's device mismatch)."""
+    from hf_seqarch.tools.streaming import StreamingSession
+
+    model, ids = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]), random_ids(2, 5)
+    cache = getattr(model(input_ids=ids, use_cache=True), CACHE_FIELD)
+    elsewhere = SeqArchCache.from_state_dict(cache.state_dict(), 2).to("meta")  # (no other device on a CPU machine)
+    assert {t.device.type for state in elsewhere.layers for t in state.values()} == {"meta"}
+    with pytest.raises(ValueError, match=r"This cache is on meta; the input is on cpu.*cache.to\('cpu'\)"):
+        model(input_ids=ids[:, :2], cache=elsewhere)
+    with pytest.raises(ValueError, match="This cache is on meta"):
+        StreamingSession(model, cache=elsewhere)
+    assert model(input_ids=ids[:, :2], cache=cache.to("cpu")).logits.shape == (2, 2, VOCAB)

@@ -71,7 +71,7 @@ class StreamingSession:
         """The stream's state; set it to continue another (as load() does)."""
         if not isinstance(cache, SeqArchCache):
             raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
-        cache.check_usable_by(self.config)
+        cache.check_usable_by(self.config, device=self.base.embed_tokens.weight.device)
         self._refuse_padded_cache(cache)
         # The next-token logits where greedy(None) continues belong to the state that gave them: a new cache starts
         # without any, rather than continuing another stream's.
