@@ -261,8 +261,18 @@ def test_sigkill_after_checkpoint_then_resume_gives_the_same_weights(uninterrupt
 def damage(path, how):
     if how == "missing":
         path.unlink()
-    else:  # truncated, as a run killed while writing it leaves it
+    elif how == "truncated":  # as a run killed while writing it leaves it
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a byte of torch's largest stored tensor or pickle changed: torch.load would read it silently
+        import struct
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            entry = max(archive.infolist(), key=lambda info: info.file_size)
+        data = bytearray(path.read_bytes())
+        name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26 : entry.header_offset + 30])
+        data[entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2] ^= 0xFF  # (its local header)
+        path.write_bytes(bytes(data))
 
 
 @pytest.mark.parametrize(
@@ -291,13 +301,14 @@ def test_resume_true_takes_the_last_checkpoint_of_the_output_dir(uninterrupted_r
     with pytest.raises(SystemExit, match="holds no checkpoint-N folder to resume from"):
         check_before_training(SimpleNamespace(resume_from_checkpoint="true", output_dir=str(tmp_path)), trainer.model.config)
 
-# Every file a resume reads, missing or cut in half; a missing RNG state only loses dropout's random stream
-# (the Trainer warns about it itself), so it is the one damage that passes.
+# Every file a resume reads, missing or cut in half, and torch's files with a byte changed (their zip CRCs; safetensors
+# and JSON hold no checksum); a missing RNG state only loses dropout's random stream (the Trainer warns about it
+# itself), so it is the one damage that passes.
 DAMAGES = [
     (name, how)
     for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.json", "rng_state.pth")
-    for how in ("missing", "truncated")
-    if (name, how) != ("rng_state.pth", "missing")
+    for how in ("missing", "truncated", "changed")
+    if (name, how) != ("rng_state.pth", "missing") and (how != "changed" or name.endswith((".pt", ".pth")))
 ]
 
 
@@ -309,7 +320,7 @@ def test_resuming_from_a_damaged_checkpoint_is_a_clear_error(uninterrupted_run, 
     damage(checkpoint / name, how)
     with pytest.raises(CheckpointError) as error:
         check_resume_checkpoint(checkpoint)
-    expected = "truncated or corrupted" if how == "truncated" else "no file holds"
+    expected = "no file holds" if how == "missing" else "truncated or corrupted"
     assert name in str(error.value) and expected in str(error.value)
 
 

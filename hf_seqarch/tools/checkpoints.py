@@ -49,7 +49,8 @@ def check_resume_checkpoint(folder, config=None) -> Path:
     """Raise CheckpointError naming the missing or truncated file, or (given the `config` of the model the run
     built) the MODEL_FIELDS in which the checkpoint's model differs; return the folder's Path when it looks whole.
 
-    Reads only file headers (JSON parses, safetensors headers, torch zip directories), not the tensors.
+    Reads file headers (JSON parses, safetensors headers) and torch's zip files whole (their CRCs), not safetensors'
+    tensors.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -141,7 +142,8 @@ def check_fresh_output_dir(output_dir):
 
 
 def _unreadable(path: Path) -> str | None:
-    """Why the file cannot be read, or None. Cheap: headers and zip directories only."""
+    """Why the file cannot be read, or None. JSON parsed, safetensors headers read; torch's zip files are read
+    whole, for their CRCs (the optimizer state: about twice the weights' size, once per resume)."""
     try:
         if path.suffix == ".json":
             json.loads(path.read_text())
@@ -151,8 +153,12 @@ def _unreadable(path: Path) -> str | None:
             with safe_open(path, framework="pt"):  # parses the header and checks the file covers it
                 pass
         elif path.suffix in (".pt", ".pth", ".bin"):
-            with zipfile.ZipFile(path):  # torch.save writes a zip; a cut file loses its directory at the end
-                pass
+            # torch.save writes a zip: a cut file loses its directory at the end, and a changed byte inside fails its
+            # entry's CRC (torch.load itself would load the changed value silently).
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                return f"the CRC of {damaged} does not match its data"
     except Exception as error:  # noqa: BLE001 - any failure to parse is the answer we want to report
         return f"{type(error).__name__}: {error}"
     return None
