@@ -106,13 +106,13 @@ class SeqArchCache:
                              "A cache is only valid for the model (configuration) that filled it.")
         if self.layout is None:  # made without a config: it takes the layout of the first model that uses it
             self.layout = state_layout(config)
-        elif self._made_from is None or self._made_from() is not config:  # (every decode step passes its own config)
+        elif self._made_from is None or self._made_from() is not config:  # (not for each decode step of one model)
             _refuse_other_layout(self.layout, config)
-        self._made_from = weakref.ref(config)
+        self._made_from = weakref.ref(config)  # the config checked last: the next call with it skips the comparison
         first = next((t for state in self.layers if state for t in state.values()), None)
         if first is not None and device is not None and first.device != device:
-            raise ValueError(f"This cache is on {first.device}; the input is on {device}. Move the cache with the model: "
-                             f"cache.to({str(device)!r}).")
+            raise ValueError(f"This cache is on {first.device}; the input is on {device}. Move the cache with the "
+                             f"model: cache.to({str(device)!r}).")
         cached = None if first is None else first.shape[0]
         if cached is not None and batch_size is not None and cached != batch_size:
             raise ValueError(f"This cache holds {cached} sequence(s); the input has {batch_size}. Continue each "
@@ -207,7 +207,7 @@ class SeqArchCache:
         """Flat dict of tensors (safetensors-friendly) from which `from_state_dict` rebuilds the cache."""
         self.refuse_if_half_updated()
         tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
-        if self.layout is not None:  # the model layout it belongs to, as JSON bytes (a dict of tensors holds no strings)
+        if self.layout is not None:  # its model's layout, as JSON bytes (a dict of tensors holds no strings)
             tensors["layout"] = torch.tensor(list(json.dumps(self.layout).encode()), dtype=torch.uint8)
         for i, state in enumerate(self.layers):
             for name, tensor in (state or {}).items():
@@ -220,7 +220,7 @@ class SeqArchCache:
         against each model that uses it."""
         cache = cls(config, num_layers=num_layers)
         if "layout" in tensors:
-            saved_layout = json.loads(bytes(tensors["layout"].tolist()).decode())
+            saved_layout = json.loads(bytes(tensors["layout"].to(torch.uint8).tolist()).decode())  # (even if cast)
             if config is not None:
                 _refuse_other_layout(saved_layout, config)
             else:

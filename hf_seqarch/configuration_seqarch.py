@@ -72,9 +72,12 @@ class SeqArchConfig(PretrainedConfig):
         linear_attention_chunk_size=64,
         **kwargs,
     ):
-        if "num_labels" in kwargs:  # checked before transformers' __init__ makes id2label from it
+        # Checked before transformers' __init__, which makes id2label from num_labels and (4.x) checks problem_type
+        # with a message of its own.
+        if "num_labels" in kwargs:
             kwargs["num_labels"] = _plain_scalar(kwargs["num_labels"])
             _check_num_labels(kwargs["num_labels"])
+        _check_problem_type(kwargs.get("problem_type"))
         if mixer_types is None:
             mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
         mixer_types = _mixer_list(mixer_types)
@@ -133,6 +136,8 @@ class SeqArchConfig(PretrainedConfig):
                 "set mixer_types instead (num_hidden_layers is derived from it)."
             )
         value = _plain_scalar(value)
+        if name == "num_labels":  # (from_pretrained's keyword): before transformers' setter makes id2label from it
+            _check_num_labels(value)
         if name == "mixer_types":
             value = _mixer_list(value)
         if name in BOOL_FIELDS:
@@ -182,7 +187,7 @@ class SeqArchConfig(PretrainedConfig):
                 f"Unknown mixer type(s) {unknown} in mixer_types; allowed: {list(MIXER_TYPES)}. If this config "
                 "comes from a newer hf_seqarch release, upgrade it: pip install -U hf-seqarch."
             )
-        positive = ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings"]
+        positive = ["vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
         if "mamba2" in self.mixer_types:
             positive += ["mamba_head_dim", "mamba_expand", "mamba_n_groups", "mamba_state_size", "mamba_chunk_size",
                          "mamba_conv_kernel"]
@@ -214,9 +219,12 @@ class SeqArchConfig(PretrainedConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         _check_num_labels(self.num_labels)
-        if self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type must be None (inferred from num_labels and the labels) or one of "
-                             f"{list(PROBLEM_TYPES[1:])}, got {self.problem_type!r}.")
+        _check_problem_type(self.problem_type)
+        if self.max_position_embeddings is not None and (
+            not _is_int(self.max_position_embeddings) or self.max_position_embeddings < 1
+        ):  # (no mixer reads it: it only records the longest trained length, as transformers' configs do)
+            raise ValueError(f"max_position_embeddings must be None or a positive integer, got "
+                             f"{self.max_position_embeddings!r}.")
         if self.intermediate_size and not (isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN):
             raise ValueError(f"hidden_act={self.hidden_act!r} is not an activation transformers knows; e.g. 'silu', "
                              "'gelu', 'relu'.")
@@ -260,8 +268,9 @@ class SeqArchConfig(PretrainedConfig):
             heads = self.linear_attention_heads_in_use
             if self.linear_attention_head_dim is None and self.hidden_size % heads != 0:
                 raise ValueError(
-                    f"linear attention heads ({heads}) do not divide hidden_size={self.hidden_size}; "
-                    "set linear_attention_num_heads or linear_attention_head_dim."
+                    f"linear attention heads ({heads}) do not divide hidden_size={self.hidden_size}; set "
+                    + ("linear_attention_num_heads to a divisor of it" if self.linear_attention_num_heads
+                       else "linear_attention_num_heads") + " or set linear_attention_head_dim."
                 )
             if self.linear_attention_feature_map not in ("elu", "relu", "identity"):
                 raise ValueError(
@@ -282,6 +291,12 @@ def _plain_scalar(value):
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         return value.item()
     return value
+
+
+def _check_problem_type(problem_type):
+    if problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"problem_type must be None (inferred from num_labels and the labels) or one of "
+                         f"{list(PROBLEM_TYPES[1:])}, got {problem_type!r}.")
 
 
 def _check_num_labels(num_labels):

@@ -5,6 +5,7 @@ Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base
 
 import inspect
 import math
+import operator
 import os
 import tempfile
 
@@ -378,12 +379,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if self.training and self.layers[0].gradient_checkpointing and torch.is_grad_enabled() and use_cache:
             # The backward re-runs each layer's forward, which would read and advance the cache a second time.
             # (Without gradients, as in generate() from a model left in train mode, nothing is re-run.)
-            if isinstance(cache, SeqArchCache) and cache.get_seq_length() > 0:
+            if cache is not None:  # dropping it would silently train without (or, empty, never fill) the context
                 raise ValueError(
-                    f"This cache holds {cache.get_seq_length()} tokens of context, which a training forward under "
-                    "gradient checkpointing cannot read (the backward re-runs the layers). Call "
-                    "model.gradient_checkpointing_disable() to train from a cached context, or model.eval() (or "
-                    "torch.no_grad()) to only run it."
+                    "A training forward under gradient checkpointing cannot read or fill a cache (the backward re-runs "
+                    "the layers). Call model.gradient_checkpointing_disable() to train from a cached context, or "
+                    "model.eval() (or torch.no_grad()) to only run it."
                 )
             logger.warning_once("Caching is incompatible with gradient checkpointing; setting use_cache=False.")
             use_cache, cache = False, None
@@ -486,7 +486,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             return input_ids  # reading the ids' values would break torch.compile's graph; the embedding bounds-checks
         if not input_ids.numel():
             return input_ids
-        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one pass, one device sync
+        low, high = _value_range(input_ids)
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
         return input_ids
@@ -523,11 +523,13 @@ class SeqArchModel(SeqArchPreTrainedModel):
         mask = attention_mask.bool()
         if not torch.compiler.is_compiling():  # (compiled: the masked paths, no graph break)
             not_binary = (attention_mask != mask).any() if attention_mask.dtype != torch.bool else mask.new_zeros(())
-            all_real, not_binary = torch.stack([mask.all(), not_binary]).tolist()  # one device sync
-            if not_binary:
+            none_real = ~mask.any() if mask.numel() else mask.new_zeros(())  # (an empty batch has no tokens to mask)
+            all_real, none_real, not_binary = torch.stack([mask.all(), none_real, not_binary]).tolist()  # one sync
+            if not_binary or none_real:
                 raise ValueError(
-                    "attention_mask must hold 1 at real tokens and 0 at padding (bool, int or float); got other values. "
-                    "Additive masks (0 to keep, -inf or a large negative number to drop) are not taken here."
+                    "attention_mask must hold 1 at real tokens and 0 at padding (bool, int or float); got "
+                    + ("other values" if not_binary else "no 1 at all (no real token in the batch)")
+                    + ". Additive masks (0 to keep, -inf or a large negative number to drop) are not taken here."
                 )
             if all_real:
                 return None
@@ -583,7 +585,7 @@ def _class_ids(labels, num_classes, name):
     if torch.compiler.is_compiling() or not labels.numel():
         return labels  # reading the labels' values would break torch.compile's graph
     ignored = labels == -100
-    low, high = torch.stack(torch.aminmax(labels.masked_fill(ignored, 0))).tolist()  # ignored ones read as class 0
+    low, high = _value_range(labels.masked_fill(ignored, 0))  # ignored ones read as class 0
     if low < 0 or high >= num_classes:
         valid = labels[~ignored]
         raise ValueError(f"labels must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
@@ -681,25 +683,36 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
 
 
 def _positions_to_keep(logits_to_keep, length, with_labels):
-    """logits_to_keep as an index of the positions (transformers' meaning): an int n, the last n (0: all), or a 1-D
-    tensor of positions. With labels, a tensor must keep every position in order: the loss pairs logits with labels
-    by place."""
-    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
-        return slice(-logits_to_keep, None)
+    """logits_to_keep as an index of the positions (transformers' meaning): an int n >= 0, the last n (0: all), or a
+    1-D tensor of positions. With labels, a tensor must name the positions an int would (the last n, in order): the
+    loss pairs logits with labels by place."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0 and _is_integer(logits_to_keep):
+        logits_to_keep = int(logits_to_keep)
+    if not isinstance(logits_to_keep, (torch.Tensor, bool)) and hasattr(logits_to_keep, "__index__"):  # numpy ints too
+        if operator.index(logits_to_keep) < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (the last n positions; 0 keeps all), got {logits_to_keep}.")
+        return slice(-operator.index(logits_to_keep), None)
     if not isinstance(logits_to_keep, torch.Tensor) or logits_to_keep.dim() != 1 or not _is_integer(logits_to_keep):
         raise ValueError("logits_to_keep must be an int (the last n positions; 0 keeps all) or a 1-D integer tensor "
                          f"of positions, got {logits_to_keep!r}.")
+    keep = logits_to_keep.long()  # (a uint8 tensor would index as a boolean mask)
     if length is None or torch.compiler.is_compiling():
-        return logits_to_keep
-    low, high = torch.stack(torch.aminmax(logits_to_keep)).tolist() if len(logits_to_keep) else (0, 0)
+        return keep
+    low, high = _value_range(keep) if len(keep) else (0, 0)
     if low < -length or high >= length:
         raise ValueError(f"logits_to_keep holds positions in [{low}, {high}]; the input has {length} tokens.")
-    if with_labels and not torch.equal(logits_to_keep.remainder(length).cpu(), torch.arange(length)):
+    if with_labels and not torch.equal(keep.remainder(length).cpu(), torch.arange(length - len(keep), length)):
         raise ValueError(
-            "With labels, logits_to_keep must keep every position in order (the loss pairs each logit with the label "
-            "at its place): pass labels (batch, length) for the whole input, without logits_to_keep."
+            "With labels, logits_to_keep must keep the last positions in order (the loss pairs each logit with the "
+            "label at its place): pass labels (batch, length) for the whole input, without logits_to_keep."
         )
-    return logits_to_keep
+    return keep
+
+
+def _value_range(tensor) -> tuple:
+    """(min, max) of a non-empty tensor as Python numbers: one pass, one device sync."""
+    low, high = torch.stack(torch.aminmax(tensor)).tolist()
+    return low, high
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -819,8 +832,11 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         hidden_states = outputs.last_hidden_state  # (B, T, width)
         mask = self._real_token_mask(input_ids, attention_mask, hidden_states)  # (B, T) bool
         if self.config.bidirectional:
-            weights = mask[..., None].to(hidden_states.dtype)
-            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, width)
+            # Summed in float32 at least: a float16 count passes its largest value (65,504) at that many tokens.
+            sum_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+            weights = mask[..., None].to(sum_dtype)
+            pooled = (hidden_states * weights).sum(1, dtype=sum_dtype) / weights.sum(1).clamp(min=1)  # (B, width)
+            pooled = pooled.to(hidden_states.dtype)
         else:
             positions = torch.arange(mask.shape[1], device=mask.device)
             last_real = (positions * mask).argmax(dim=-1)  # (B,), works for left and right padding
@@ -828,7 +844,9 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         logits = self.score(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+            # in float32 (as transformers' causal LM loss is): a bf16 cross-entropy is off in the second digit
+            loss = self.loss_function(logits=logits.float(), labels=labels, pooled_logits=logits.float(),
+                                      config=self.config, **kwargs)
             num_items = kwargs.get("num_items_in_batch")
             if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
                 # transformers' MSE / BCE losses return this micro-batch's mean and ignore num_items_in_batch, while

@@ -57,8 +57,8 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(use_cache="no"), "use_cache must be True or False, got 'no'"),
         (dict(num_labels=0), "num_labels must be a positive integer"),
         (dict(num_labels=3.0), "num_labels must be a positive integer"),  # once a TypeError inside transformers
-        (dict(problem_type="regresion"), "problem_type must be None .* or one of"),  # once accepted
-        (dict(max_position_embeddings=-1), "max_position_embeddings must be a positive integer"),
+        (dict(problem_type="regresion"), "problem_type must be None .* or one of"),  # transformers 5 accepts it
+        (dict(max_position_embeddings=-1), "max_position_embeddings must be None or a positive integer"),
     ],
 )
 def test_bad_config(overrides, message):
@@ -84,6 +84,15 @@ def test_mixer_types_changed_in_place_is_refused(tmp_path):
         SeqArchForCausalLM(config)
     config.mixer_types = ["lstm", "gru"]
     assert len(SeqArchForCausalLM(config).model.layers) == 2
+
+
+def test_num_labels_given_to_from_pretrained_is_checked(tmp_path):
+    """A float num_labels passed to from_pretrained (set after the config is built) failed inside transformers 4.x."""
+    tiny_model(SeqArchForSequenceClassification, ["gru"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_labels must be a positive integer"):
+        SeqArchForSequenceClassification.from_pretrained(tmp_path, num_labels=2.0)
+    config = tiny_config(["gru"], max_position_embeddings=None)  # (read by no mixer: may be left unset)
+    assert config.max_position_embeddings is None
 
 
 def test_numpy_numbers_are_taken_as_python_numbers(tmp_path):
@@ -126,10 +135,11 @@ def test_mask_of_wrong_shape(shape):
         model(input_ids=random_ids(2, 4), attention_mask=torch.ones(shape, dtype=torch.long))
 
 
-@pytest.mark.parametrize("mask", [[[0.0, 0, 0, 0], [-1e9, -1e9, 0, 0]], [[1, 1, 1, 1], [0, 0, 2, 1]], [[1, 0.5, 1, 1]] * 2],
-                         ids=["additive", "two", "half"])
+@pytest.mark.parametrize("mask", [[[0.0, 0, 0, 0], [-1e9, -1e9, 0, 0]], [[0.0] * 4] * 2, [[1, 1, 1, 1], [0, 0, 2, 1]],
+                                  [[1, 0.5, 1, 1]] * 2], ids=["additive", "additive_without_pads", "two", "half"])
 def test_mask_of_other_values_than_0_and_1_is_refused(mask):
-    """An additive mask (0 keep, -1e9 drop) was read with .bool(): inverted, silently."""
+    """An additive mask (0 keep, -1e9 drop) was read with .bool(): inverted, silently (with no pads, all zeros: every
+    token a pad)."""
     model = tiny_model(SeqArchForSequenceClassification, ["lstm", "attention"], pad_token_id=0)
     with pytest.raises(ValueError, match="1 at real tokens and 0 at padding.*Additive masks"):
         model(input_ids=random_ids(2, 4), attention_mask=torch.tensor(mask))
@@ -203,16 +213,31 @@ def test_labels_with_logits_of_other_positions_are_refused(logits_to_keep):
     """The loss pairs logits and labels by place: a permutation passed the shape check and gave a wrong loss."""
     model = tiny_model(SeqArchForCausalLM, ["gru"])
     ids = random_ids(2, 4)
-    with pytest.raises(ValueError, match="must keep every position in order"):
+    with pytest.raises(ValueError, match="must keep the last positions in order"):
         model(input_ids=ids, labels=ids, logits_to_keep=logits_to_keep)
     assert model(input_ids=ids, logits_to_keep=logits_to_keep).logits.shape == (2, 4, VOCAB)  # without labels: fine
 
 
 @pytest.mark.parametrize("logits_to_keep,message", [(1.5, "must be an int"), (torch.tensor([[0, 1]]), "1-D integer"),
-                                                   (torch.tensor([7]), r"positions in \[7, 7\]; the input has 4")])
+                                                   (torch.tensor([7]), r"positions in \[7, 7\]; the input has 4"),
+                                                   (-1, "must be >= 0")])  # -1 dropped the first position
 def test_logits_to_keep_of_another_kind_is_refused(logits_to_keep, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(SeqArchForCausalLM, ["gru"])(input_ids=random_ids(2, 4), logits_to_keep=logits_to_keep)
+
+
+def test_logits_to_keep_as_any_integer_keeps_the_same_positions():
+    """numpy and 0-d tensor ints count as ints; a uint8 tensor was indexed as a boolean mask. With labels, a tensor
+    naming the last positions is taken as the int that keeps them."""
+    import numpy as np
+
+    model, ids = tiny_model(SeqArchForCausalLM, ["gru"]), random_ids(2, 4)
+    last_two = model(input_ids=ids, logits_to_keep=2).logits
+    for same in (np.int64(2), torch.tensor(2), torch.tensor([2, 3], dtype=torch.uint8), torch.tensor([-2, -1])):
+        torch.testing.assert_close(model(input_ids=ids, logits_to_keep=same).logits, last_two)
+    labels = ids[:, 2:]
+    torch.testing.assert_close(model(input_ids=ids, labels=labels, logits_to_keep=torch.tensor([2, 3])).loss,
+                               model(input_ids=ids, labels=labels, logits_to_keep=2).loss)
 
 
 def test_position_ids_of_bools_are_refused():
@@ -493,7 +518,8 @@ def test_a_cache_made_without_a_config_is_checked_too(restore):
         lstm(input_ids=random_ids(2, 5), cache=cache, use_cache=True)
     else:  # the layout is saved with the states
         filled = getattr(lstm(input_ids=random_ids(2, 5), use_cache=True), CACHE_FIELD)
-        cache = SeqArchCache.from_state_dict(filled.state_dict(), num_layers=1)
+        cast = {name: t.double() for name, t in filled.state_dict().items()}  # every tensor cast, the layout's too
+        cache = SeqArchCache.from_state_dict(cast, num_layers=1)
         with pytest.raises(ValueError, match='made for a model with mixer_types=\\["lstm"\\]'):  # at load, with a config
             SeqArchCache.from_state_dict(filled.state_dict(), num_layers=1, config=gru.config)
     with pytest.raises(ValueError, match='made for a model with mixer_types=\\["lstm"\\]; this model has .*"gru"'):
@@ -514,8 +540,9 @@ def test_training_under_gradient_checkpointing_refuses_a_cached_context():
     assert cache is None
     with torch.no_grad():
         cache = getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)
-    with pytest.raises(ValueError, match="holds 4 tokens of context.*gradient_checkpointing_disable"):
-        model(input_ids=ids[:, 4:], labels=ids[:, 4:], cache=cache)
+    for passed in (cache, SeqArchCache(model.config)):  # an empty one, passed on from chunk to chunk, never filled
+        with pytest.raises(ValueError, match="cannot read or fill a cache.*gradient_checkpointing_disable"):
+            model(input_ids=ids[:, 4:], labels=ids[:, 4:], cache=passed)
 
 
 def test_a_cache_on_another_device_is_refused_with_how_to_move_it():

@@ -13,7 +13,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchModel
+from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import HEADS, STACKS, VOCAB, main_output, random_ids, tiny_config, tiny_model
 
@@ -520,6 +520,26 @@ def test_float64_attention_shifted_by_pads_is_exact(attn_implementation):
     mask = torch.cat([torch.zeros(1, 7, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)], 1)
     shifted = model(input_ids=padded, attention_mask=mask).last_hidden_state[:, 7:]
     torch.testing.assert_close(shifted, model(input_ids=ids).last_hidden_state, rtol=1e-12, atol=1e-12)
+
+
+def test_float16_encoder_pools_more_tokens_than_float16_counts():
+    """The masked mean counted the real tokens in float16: past 65,504 tokens the count was inf and every logit 0."""
+    model = tiny_model(SeqArchForSequenceClassification, ["mamba2"], bidirectional=True, intermediate_size=0,
+                       num_labels=3, initializer_range=0.3).eval()
+    ids = random_ids(1, 66_000)
+    with torch.no_grad():
+        expected = model.double()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        half = model.half()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(half.double(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_bfloat16_sequence_classification_loss_is_computed_in_float32():
+    """A bf16 cross-entropy is off in the second digit (0.6875 for 0.6932)."""
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"], num_labels=3).to(torch.bfloat16)
+    labels = torch.tensor([0, 2])
+    output = model(input_ids=random_ids(2, 5), labels=labels)
+    assert output.loss.dtype == torch.float32
+    torch.testing.assert_close(output.loss, torch.nn.functional.cross_entropy(output.logits.float(), labels))
 
 
 @pytest.mark.parametrize("stack", ["linear_attention", "mamba2"])

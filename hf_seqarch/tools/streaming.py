@@ -161,17 +161,10 @@ class StreamingSession:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or not _is_integer(ids):
             shape = f"{tuple(ids.shape)} of {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name} must be an integer tensor (batch, tokens) with at least one token, got {shape}.")
-        if ids.dtype not in (torch.int32, torch.int64):  # nn.Embedding takes no other
-            ids = ids.long()
         batch = self._state_batch_size()
         if batch is not None and ids.shape[0] != batch:
             raise ValueError(f"{name} has batch size {ids.shape[0]}, but the stream's state holds {batch} rows.")
-        low, high = torch.aminmax(ids)
-        if int(low) < 0 or int(high) >= self.config.vocab_size:
-            raise ValueError(
-                f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{int(low)}, {int(high)}]."
-            )
-        return ids.to(self.base.embed_tokens.weight.device)
+        return self.base._checked_token_ids(ids).to(self.base.embed_tokens.weight.device)  # in range, int32 or int64
 
     def _state_batch_size(self):
         for state in self.cache.layers:

@@ -126,13 +126,25 @@ def phase_text(config, preset, device, ctx):
     model, summary = train(config, batch, preset.text_steps, preset, device, ctx.get("progress"))
     held_out, _ = text.eval_windows(preset.text_length, preset.text_eval_windows)
     folder = os.path.join(ctx["output_dir"], "checkpoints", ctx["name"])
-    shutil.rmtree(folder, ignore_errors=True)  # an earlier run's files (another preset's shards) must not stay beside it
     model.save_pretrained(folder)
     return dict(train=summary, bits_per_byte=bits_per_byte(model, held_out, device), held_out_bytes=held_out.numel(),
                 checkpoint=os.path.relpath(folder, ctx["output_dir"]))
 
 
 PHASE_FUNCTIONS = {name: globals()[f"phase_{name}"] for name in PHASES}
+
+
+def _clear_earlier_checkpoints(checkpoints: str, names: list[str]):
+    """An earlier run's checkpoints/<name> of the architectures this run trains are removed, so that none outlives
+    a failed stage or keeps stray files (another preset's shards); the others stay, and are named."""
+    if not os.path.isdir(checkpoints):
+        return
+    for name in names:
+        shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
+    kept = sorted(entry.name for entry in os.scandir(checkpoints) if entry.is_dir())
+    if kept:
+        print(f"hf-seqarch compare: {checkpoints} holds checkpoints of an earlier run that this one does not replace "
+              f"and its report will not mention: {kept}.", file=sys.stderr)
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -158,11 +170,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     if not names:
         raise ValueError(f"None of the architectures can run in this build: {skipped}.")
     output_dir = prepare_output_dir(output_dir)
-    checkpoints = os.path.join(output_dir, "checkpoints")
-    earlier = sorted(set(os.listdir(checkpoints)) - set(names)) if os.path.isdir(checkpoints) else []
-    if earlier:
-        print(f"hf-seqarch compare: {checkpoints} holds checkpoints of an earlier run that this one does not replace "
-              f"and its report will not mention: {earlier}.", file=sys.stderr)
+    _clear_earlier_checkpoints(os.path.join(output_dir, "checkpoints"), names)
     target, sizes = matched_configs(names, preset)
     previous_threads = torch.get_num_threads()
     threads = threads or (preset.cpu_threads if device.type == "cpu" else None)
@@ -262,7 +270,7 @@ def main_compare(args) -> int:
         words += ["--architectures", args.architectures]
     if args.threads:
         words += ["--threads", str(args.threads)]
-    command = shlex.join(words)  # quoted: pasted back into a shell, it runs the same ("lstm, gru" stays one argument)
+    command = shlex.join(map(str, words))  # quoted: pasted into a shell it runs the same ("lstm, gru" one argument)
     # A run stopped by SIGTERM (`timeout`, a job's time limit) is recorded as interrupted, as Ctrl-C is; otherwise
     # results.json would say "running" for good.
     in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers can only be set there)
