@@ -20,7 +20,7 @@ from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker
 from hf_seqarch.tools.compare.plots import write_plots
 from hf_seqarch.tools.compare.presets import PRESETS
-from hf_seqarch.tools.compare.tasks import IGNORE, copying_batch, generator, mqar_batch
+from hf_seqarch.tools.compare.tasks import IGNORE, chance_levels, copying_batch, generator, mqar_batch
 from hf_seqarch.tools.compare.verdicts import CLAIMS, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, all_verdicts
 
 PRESET = PRESETS["test"]
@@ -116,10 +116,14 @@ def test_report_has_one_computed_verdict_per_claim(run):
 
 
 def test_report_marks_recall_near_chance():
-    """An accuracy below twice chance is marked, so that a model that learned nothing does not read as a result."""
-    assert report_module._recall(0.05, 1 / 32) == "5.0% *(near chance)*"  # MQAR over 32 values: chance 3.1%
-    assert report_module._recall(0.07, 1 / 32) == "7.0%"
-    assert report_module._recall(None, 1 / 32) == "-"
+    """An accuracy below twice chance is marked, so that a model that learned nothing does not read as a result.
+    MQAR's chance is a guess among the values its sequence showed (1 / pairs): a model that recalls nothing but answers
+    with a value seen earlier scored 25% at 4 pairs, where a uniform guess over 32 values (3.1%) left it unmarked."""
+    mqar_chance, _ = chance_levels(dict(mqar=[(64, 4), (128, 8)], copy_alphabet=10))
+    assert mqar_chance == {64: 0.25, 128: 0.125}
+    assert report_module._recall(0.25, mqar_chance[64]) == "25.0% *(near chance)*"
+    assert report_module._recall(0.5, mqar_chance[64]) == "50.0%"
+    assert report_module._recall(None, mqar_chance[64]) == "-"
 
 
 def test_checkpoints_load_with_auto_classes(run):
@@ -207,6 +211,23 @@ def test_more_threads_than_cpus_are_cut_to_the_cpus(tmp_path, capsys, monkeypatc
                      "--threads", "99999999999"]) == 0
     assert "--threads 99999999999 is more than the 2 CPU(s) this process may use; using 2" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["environment"]["torch_threads"] == 2
+
+
+def test_every_architecture_is_timed_in_strict_float32(tmp_path, monkeypatch):
+    """cuDNN's recurrences may take TF32 by default while matmuls do not: off for the run, recorded, restored."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    seen = []
+    monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, "training_speed", lambda *args: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or {})
+    for phase in set(compare_run.PHASES) - {"training_speed"}:
+        monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, phase, lambda *args: {})
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm"]) == 0
+        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32
+        assert json.loads((tmp_path / "results.json").read_text())["environment"]["tf32"] is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(tmp_path, monkeypatch):
@@ -363,6 +384,10 @@ def test_verdicts_follow_the_numbers():
     assert verdicts["recall"] == INCONCLUSIVE and verdicts["linear_time"] == INCONCLUSIVE
     assert {v["key"]: v["verdict"] for v in all_verdicts({})} == dict.fromkeys(
         ("parallel", "quadratic", "streaming", "recall", "linear_time"), INCONCLUSIVE)
+
+    del archs["lstm"]["mqar"]  # its MQAR stage failed, its copying was scored: the verdicts once raised a KeyError
+    recall = next(v for v in all_verdicts(archs) if v["key"] == "recall")
+    assert "MQAR by length: transformer" in recall["evidence"] and "lstm 50.0% at 64" not in recall["evidence"]
 
 
 def _per_sequence_exponent(exponent):

@@ -69,7 +69,7 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
             ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
         preset = results["preset"]
         mqar_chance, copy_chance = chance_levels(preset)
-        for g, level in enumerate([mqar_chance] * len(lengths) + [copy_chance]):
+        for g, level in enumerate([mqar_chance.get(n, math.nan) for n in lengths] + [copy_chance]):
             ax.hlines(level, g - width / 2, g + 0.8 - width / 2, colors="gray", linestyles="dotted",
                       label="chance" if g == 0 else None)
         ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)

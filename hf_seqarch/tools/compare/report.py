@@ -92,7 +92,8 @@ def render(results: dict, plots: list[str]) -> str:
             f"{', '.join(f'({n}, {k})' for n, k in preset['mqar'])}; {preset['mqar_steps']} steps of "
             f"{preset['mqar_batch_size']} sequences, one length per batch, in the same shuffled order for every "
             f"architecture; scored on {preset['mqar_eval_examples']} "
-            f"held-out sequences per length. Chance: {mqar_chance:.1%}.",
+            f"held-out sequences per length. Chance (a guess among the values a sequence showed): "
+            f"{', '.join(f'{chance:.1%} at {length}' for length, chance in mqar_chance.items())}.",
             f"- Selective copying: {preset['copy_tokens']} tokens scattered in {preset['copy_length']} positions, "
             f"alphabet {preset['copy_alphabet']}; {preset['copy_steps']} steps of {preset['copy_batch_size']}. "
             f"Chance: {copy_chance:.1%}.",
@@ -103,7 +104,8 @@ def render(results: dict, plots: list[str]) -> str:
             f"steps of {preset['text_batch_size']}. "
             "A uniform guess: 8 bits per byte.", ""]
     out += _table(["architecture"] + [f"MQAR @{n}" for n in mqar] + ["selective copying", "text bits/byte", "training s (MQAR / copy / text)"],
-                  [[n] + [_recall(a.get("mqar", {}).get("accuracy", {}).get(str(length)), mqar_chance) for length in mqar]
+                  [[n] + [_recall(a.get("mqar", {}).get("accuracy", {}).get(str(length)), mqar_chance[length])
+                          for length in mqar]
                    + [_recall(a.get("selective_copying", {}).get("accuracy"), copy_chance),
                       _num(a.get("text", {}).get("bits_per_byte")),
                       " / ".join(_num(a.get(t, {}).get("train", {}).get("wall_seconds"), "{:.0f}")

@@ -65,7 +65,8 @@ def environment(device: torch.device) -> dict:
     return dict(device=str(device), device_name=name, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, transformers=transformers.__version__, hf_seqarch=__version__,
                 python=platform.python_version(), platform=platform.platform(),
-                cuda=torch.version.cuda if device.type == "cuda" else None, load_average_start=_load_average())
+                cuda=torch.version.cuda if device.type == "cuda" else None, load_average_start=_load_average(),
+                tf32=torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
 
 
 def _cpu_model():
@@ -176,6 +177,10 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     threads = threads or (preset.cpu_threads if device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)  # before environment() records it; restored at the end
+    # Strict float32 for every architecture: by default cuDNN's LSTM/GRU may take TF32 while matmuls do not, which
+    # would time the recurrences at a lower precision than the rest. Restored at the end.
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     results = dict(
         format_version=1, status="running", command=command or f"hf-seqarch compare --preset {preset.name}",
@@ -226,6 +231,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         bar.close()
         transformers.logging.set_verbosity(verbosity)
         torch.set_num_threads(previous_threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
         if inner_bars:
             transformers.logging.enable_progress_bar()
         results["wall_seconds"] = time.perf_counter() - start

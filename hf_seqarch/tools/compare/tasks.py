@@ -13,10 +13,11 @@ from ..text_data import corpus_text
 IGNORE = -100
 
 
-def chance_levels(preset: dict) -> tuple[float, float]:
-    """The accuracy of a uniform guess: of an MQAR value (one of mqar_vocab / 2), of a copied token (the alphabet
-    without the noise and marker tokens)."""
-    return 1 / (preset["mqar_vocab"] // 2), 1 / (preset["copy_alphabet"] - 2)
+def chance_levels(preset: dict) -> tuple[dict[int, float], float]:
+    """What a model that recalls nothing scores: for MQAR at each length, a guess among the values its sequence showed
+    (1 / pairs: any value seen earlier, where a uniform guess over the vocabulary's values would be far lower); for
+    selective copying, a uniform guess of a copied token (the alphabet without the noise and marker tokens)."""
+    return {length: 1 / pairs for length, pairs in preset["mqar"]}, 1 / (preset["copy_alphabet"] - 2)
 
 
 def generator(seed: int, *stream: int) -> torch.Generator:

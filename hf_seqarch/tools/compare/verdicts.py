@@ -158,8 +158,9 @@ def recall(archs):
         return _verdict("recall", INCONCLUSIVE, "needs MQAR or selective copying scored for the transformer and an LSTM/GRU")
     att, rnn = recall_scores(archs["transformer"]), recall_scores(archs[rec])
     evidence = "; ".join(f"{task}: transformer {att[task]:.1%}, {rec} {rnn[task]:.1%}" for task in att if task in rnn)
-    if "mqar" in archs["transformer"]:
-        evidence += f" (MQAR by length: transformer {_accuracies(archs['transformer'])}; {rec} {_accuracies(archs[rec])})"
+    by_length = [f"{name} {_accuracies(archs[name])}" for name in ("transformer", rec) if "mqar" in archs[name]]
+    if by_length:  # (either one's MQAR stage may have failed, the other task scored)
+        evidence += f" (MQAR by length: {'; '.join(by_length)})"
     learned = learned_tasks(archs, rec)
     if not learned:
         return _verdict("recall", INCONCLUSIVE, evidence + f"; attention reached {LEARNED:.0%} on no recall task: "
