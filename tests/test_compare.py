@@ -20,7 +20,7 @@ from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker
 from hf_seqarch.tools.compare.plots import write_plots
 from hf_seqarch.tools.compare.presets import PRESETS
-from hf_seqarch.tools.compare.tasks import IGNORE, chance_levels, copying_batch, generator, mqar_batch
+from hf_seqarch.tools.compare.tasks import IGNORE, ByteText, chance_levels, copying_batch, generator, mqar_batch
 from hf_seqarch.tools.compare.verdicts import CLAIMS, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, all_verdicts
 
 PRESET = PRESETS["test"]
@@ -312,6 +312,23 @@ def test_mqar_follows_zoology():
     # Power-law gaps: near queries are far more common than far ones.
     first = (labels[:, 2 * pairs :] != IGNORE).float().sum(0)
     assert first[: length // 4].sum() > first[length // 4 :].sum()
+
+
+def test_data_streams_are_distinct_for_any_index_tuple():
+    """numpy pads a seed sequence with zeros: (seed, 102) and (seed, 102, 0) drew the same numbers."""
+    draws = [torch.rand(4, generator=generator(0, *stream)) for stream in ((102,), (102, 0), (102, 0, 0))]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+
+
+def test_held_out_text_leaves_out_windows_the_training_text_holds():
+    """pydoc's topics repeat some passages: 7.9% of the full preset's held-out windows were in the training text
+    verbatim, where a model scores by memory."""
+    text = ByteText()
+    train_bytes = bytes(text.train.tolist())
+    windows, _ = text.eval_windows(128, 64)
+    assert len(windows) == 64 and not any(bytes(w.tolist()) in train_bytes for w in windows)
+    text.train, text.held_out = torch.arange(10), torch.arange(4, 12)  # the first window, 4..7, is in the training text
+    assert text.eval_windows(4, 2)[0].tolist() == [[8, 9, 10, 11]]
 
 
 def test_selective_copying_labels_are_the_scattered_tokens_in_order():

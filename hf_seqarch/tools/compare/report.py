@@ -100,7 +100,8 @@ def render(results: dict, plots: list[str]) -> str:
             "- An accuracy below twice chance is marked *(near chance)*: the model learned (almost) nothing of that "
             "task within the budget.",
             f"- Text: bits per byte on held-out pydoc text (the first {preset['text_eval_windows']} windows of "
-            f"{preset['text_length']} bytes, at most, of the last 10% of `pydoc_data.topics`); {preset['text_steps']} "
+            f"{preset['text_length']} bytes, at most, of the last 10% of `pydoc_data.topics`, leaving out those the "
+            f"training text also holds verbatim); {preset['text_steps']} "
             f"steps of {preset['text_batch_size']}. "
             "A uniform guess: 8 bits per byte.", ""]
     out += _table(["architecture"] + [f"MQAR @{n}" for n in mqar] + ["selective copying", "text bits/byte", "training s (MQAR / copy / text)"],

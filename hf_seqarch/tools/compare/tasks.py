@@ -5,6 +5,8 @@ loss shifts them, so `labels[t]` is what the logits at t-1 must predict). Every 
 function of (seed, task, index): all architectures see exactly the same data in the same order.
 """
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -22,7 +24,8 @@ def chance_levels(preset: dict) -> tuple[dict[int, float], float]:
 
 def generator(seed: int, *stream: int) -> torch.Generator:
     """A torch generator for one batch: independent streams for (seed, task, batch index) without collisions."""
-    state = np.random.SeedSequence([seed, *stream]).generate_state(2)
+    # (the count first: SeedSequence pads its entropy with zeros, so (seed, 3) and (seed, 3, 0) would be one stream)
+    state = np.random.SeedSequence([seed, len(stream), *stream]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -105,11 +108,16 @@ class ByteText:
         return inputs, inputs.clone()
 
     def eval_windows(self, length, max_windows):
-        """Non-overlapping held-out windows: every held-out byte but each window's first is scored once."""
-        count = min(max_windows, len(self.held_out) // length)
-        if count < 1:
-            raise ValueError(f"The held-out text has {len(self.held_out)} bytes, fewer than one window of {length}.")
-        inputs = self.held_out[: count * length].view(count, length)
+        """The first `max_windows` non-overlapping held-out windows (every byte of a window but its first is scored)
+        that do not also occur verbatim in the training text: the corpus repeats some passages, which a model that
+        memorised them would score on as if it had learned the language."""
+        train_bytes = bytes(self.train.tolist())
+        candidates = self.held_out[: len(self.held_out) // length * length].view(-1, length)  # (windows, length)
+        windows = list(itertools.islice((w for w in candidates if bytes(w.tolist()) not in train_bytes), max_windows))
+        if not windows:
+            raise ValueError(f"The held-out text has {len(self.held_out)} bytes: no window of {length} that the "
+                             "training text does not hold.")
+        inputs = torch.stack(windows)  # (count, length)
         return inputs, inputs.clone()
 
 
