@@ -201,6 +201,12 @@ class SeqArchConfig(PretrainedConfig):
         pad = self.pad_token_id
         if pad is not None and (not _is_int(pad) or not 0 <= pad < self.vocab_size):
             raise ValueError(f"pad_token_id must be None or a token id in [0, vocab_size={self.vocab_size}), got {pad!r}.")
+        for name in ("bos_token_id", "eos_token_id"):  # (generation could never stop on an eos it cannot produce)
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) else [] if value is None else [value]
+            if not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"{name} must be None or token id(s) in [0, vocab_size={self.vocab_size}), got "
+                                 f"{value!r}.")
         eps = self.rms_norm_eps
         if not _is_number(eps) or eps <= 0:  # 0 would make the norm of a zero vector (a pad's output) NaN
             raise ValueError(f"rms_norm_eps must be a finite number > 0, got {eps!r}.")

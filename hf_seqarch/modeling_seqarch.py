@@ -157,6 +157,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                     f"{str(folder)!r} has no config.json: the model's mixers and sizes are read from it. Save with "
                     f"save_pretrained (which writes it), or pass config=SeqArchConfig(...) to from_pretrained."
                 )
+        _refuse_recurrences_made_bidirectional(source, kwargs)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except Exception as error:
@@ -265,6 +266,24 @@ def _refuse_tying_a_trained_head(model, source, load_kwargs):
 
 # from_pretrained's arguments that say where and how its files are fetched (and so its config.json)
 HUB_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _refuse_recurrences_made_bidirectional(source, load_kwargs):
+    """A causal checkpoint loads as an encoder (bidirectional=True) where its mixers keep their weights: attention,
+    mamba2, linear attention. A bidirectional LSTM/GRU has other weights (two directions of half the width each): say
+    so, rather than fail on "other shapes"."""
+    config = load_kwargs.get("config")
+    if load_kwargs.get("bidirectional") is not True and getattr(config, "bidirectional", False) is not True:
+        return
+    saved = _saved_config(source, load_kwargs)
+    recurrences = sorted({"lstm", "gru"} & set(saved.get("mixer_types") or []))
+    if saved and not saved.get("bidirectional", False) and recurrences:
+        raise ValueError(
+            f"{source!r} is a causal model with {' and '.join(recurrences)} layers, which cannot load as an encoder "
+            "(bidirectional=True): a bidirectional LSTM/GRU has two directions of half the width, other weights than "
+            "the causal one's. Load it causal, or train the encoder from scratch (attention, mamba2 and linear "
+            "attention layers do load either way)."
+        )
 
 
 def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:

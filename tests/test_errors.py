@@ -38,6 +38,8 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(mixer_types=["linear_attention"], linear_attention_head_dim=8.0), "linear_attention_head_dim must be"),
         (dict(mixer_types=["sliding_attention"], sliding_window=True), "sliding_window must be an integer"),
         (dict(pad_token_id=VOCAB), r"pad_token_id must be None or a token id in \[0, vocab_size"),
+        (dict(eos_token_id=[1, VOCAB]), r"eos_token_id must be None or token id\(s\) in \[0, vocab_size"),
+        (dict(bos_token_id=-1), r"bos_token_id must be None or token id\(s\) in \[0, vocab_size"),
         (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number > 0"),
         (dict(rms_norm_eps=0), "rms_norm_eps must be a finite number > 0"),  # a pad's zero output would norm to NaN
         (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0"),
@@ -558,3 +560,17 @@ def test_a_cache_on_another_device_is_refused_with_how_to_move_it():
     with pytest.raises(ValueError, match="This cache is on meta"):
         StreamingSession(model, cache=elsewhere)
     assert model(input_ids=ids[:, :2], cache=cache.to("cpu")).logits.shape == (2, 2, VOCAB)
+
+
+def test_a_causal_recurrence_loaded_as_an_encoder_says_why_not(tmp_path):
+    """A bidirectional LSTM/GRU has other weights than a causal one: the error once only said "other shapes". The
+    mixers whose weights do not change load either way."""
+    tiny_model(SeqArchForCausalLM, ["attention", "mamba2"]).save_pretrained(tmp_path / "attention")
+    encoder = SeqArchForSequenceClassification.from_pretrained(tmp_path / "attention", bidirectional=True)
+    assert encoder.config.bidirectional
+    tiny_model(SeqArchForCausalLM, ["attention", "lstm"]).save_pretrained(tmp_path / "lstm")
+    for load in (lambda: SeqArchForSequenceClassification.from_pretrained(tmp_path / "lstm", bidirectional=True),
+                 lambda: SeqArchModel.from_pretrained(tmp_path / "lstm", config=tiny_config(["attention", "lstm"],
+                                                                                               bidirectional=True))):
+        with pytest.raises(ValueError, match="causal model with lstm layers, which cannot load as an encoder"):
+            load()

@@ -165,3 +165,17 @@ def test_bad_arguments_stop_the_examples_before_training(tmp_path):
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def test_an_fsdp_launch_without_gpus_says_it_trains_as_ddp(monkeypatch, capsys):
+    """accelerate's FSDP config on a CPU-only machine trained plain DDP with nothing said."""
+    from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator
+
+    if torch.cuda.is_available():
+        pytest.skip("about machines without a GPU")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("ACCELERATE_USE_FSDP", "true")):
+        monkeypatch.setenv(name, value)
+    assert use_cpu_ddp_if_no_accelerator()
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+    assert "FSDP was asked for, but this machine has no GPU: the 2 processes train as plain DDP" in capsys.readouterr().err

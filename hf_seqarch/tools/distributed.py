@@ -7,6 +7,7 @@ variable ACCELERATE_USE_CPU=true) makes them one DDP job over gloo; this turns i
 """
 
 import os
+import sys
 
 import torch
 
@@ -17,6 +18,10 @@ def use_cpu_ddp_if_no_accelerator() -> bool:
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     if launched_processes > 1 and not has_accelerator and "ACCELERATE_USE_CPU" not in os.environ:
         os.environ["ACCELERATE_USE_CPU"] = "true"
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and os.environ.get("RANK", "0") == "0":
+            # (the Trainer shards only on GPUs: say so, rather than let an FSDP config run unsharded unannounced)
+            print(f"FSDP was asked for, but this machine has no GPU: the {launched_processes} processes train as plain "
+                  "DDP over gloo (the same result, each holding the whole model).", file=sys.stderr)
         return True
     return False
 
