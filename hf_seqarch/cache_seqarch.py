@@ -83,8 +83,12 @@ class SeqArchCache:
         self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def to(self, device) -> "SeqArchCache":
-        """Move every cached state to `device` (in place; returns the cache), as a model moved with .to(device)."""
-        self._map_states(lambda t: t.to(device))
+        """Move every cached state to `device` (in place; returns the cache), as a model moved with .to(device).
+        States already there are left as they are (full attention keeps its spare room)."""
+        device = torch.device(device)
+        states = [t for state in self.layers if state for t in state.values()]
+        if any(t.device != device for t in states):
+            self._map_states(lambda t: t.to(device))
         return self
 
     def batch_repeat_interleave(self, repeats: int):

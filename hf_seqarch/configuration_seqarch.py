@@ -292,10 +292,12 @@ def _mixer_list(mixer_types) -> list:
 
 
 def _plain_scalar(value):
-    """A numpy scalar (np.int64 from a sweep, np.float32) as the Python number it holds: what the checks accept and
-    JSON can save. Anything else unchanged."""
+    """A numpy scalar (np.int64 from a sweep, np.float32) as the Python number it holds, also inside a list (eos
+    ids): what the checks accept and JSON can save. Anything else unchanged."""
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
         return value.item()
+    if isinstance(value, (list, tuple)) and any(type(item).__module__ == "numpy" for item in value):
+        return type(value)(_plain_scalar(item) for item in value)
     return value
 
 

@@ -5,6 +5,7 @@ Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base
 
 import inspect
 import math
+import numbers
 import operator
 import os
 import tempfile
@@ -107,6 +108,9 @@ class SeqArchPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SeqArchBlock"]
+    # accelerate's device_map hooks would move the cache with every forward's inputs (SeqArchCache.to), re-copying
+    # the whole past at each decode step; each layer's state stays where its layer wrote it.
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -542,12 +546,14 @@ class SeqArchModel(SeqArchPreTrainedModel):
         mask = attention_mask.bool()
         if not torch.compiler.is_compiling():  # (compiled: the masked paths, no graph break)
             not_binary = (attention_mask != mask).any() if attention_mask.dtype != torch.bool else mask.new_zeros(())
-            none_real = ~mask.any() if mask.numel() else mask.new_zeros(())  # (an empty batch has no tokens to mask)
+            # An all-zero float mask is an additive one without pads. (An all-zero integer one is a chunk of pads:
+            # chunked prefill of a left-padded batch passes such chunks.)
+            none_real = ~mask.any() if attention_mask.is_floating_point() and mask.numel() else mask.new_zeros(())
             all_real, none_real, not_binary = torch.stack([mask.all(), none_real, not_binary]).tolist()  # one sync
             if not_binary or none_real:
                 raise ValueError(
                     "attention_mask must hold 1 at real tokens and 0 at padding (bool, int or float); got "
-                    + ("other values" if not_binary else "no 1 at all (no real token in the batch)")
+                    + ("other values" if not_binary else "only zeros (read as padding everywhere)")
                     + ". Additive masks (0 to keep, -inf or a large negative number to drop) are not taken here."
                 )
             if all_real:
@@ -707,7 +713,7 @@ def _positions_to_keep(logits_to_keep, length, with_labels):
     loss pairs logits with labels by place."""
     if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0 and _is_integer(logits_to_keep):
         logits_to_keep = int(logits_to_keep)
-    if not isinstance(logits_to_keep, (torch.Tensor, bool)) and hasattr(logits_to_keep, "__index__"):  # numpy ints too
+    if isinstance(logits_to_keep, numbers.Integral) and not isinstance(logits_to_keep, bool):  # numpy ints too
         if operator.index(logits_to_keep) < 0:
             raise ValueError(f"logits_to_keep must be >= 0 (the last n positions; 0 keeps all), got {logits_to_keep}.")
         return slice(-operator.index(logits_to_keep), None)
@@ -853,9 +859,9 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         if self.config.bidirectional:
             # Summed in float32 at least: a float16 count passes its largest value (65,504) at that many tokens.
             sum_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-            weights = mask[..., None].to(sum_dtype)
-            pooled = (hidden_states * weights).sum(1, dtype=sum_dtype) / weights.sum(1).clamp(min=1)  # (B, width)
-            pooled = pooled.to(hidden_states.dtype)
+            weights = mask[..., None].to(hidden_states.dtype)  # (B, T, 1): 0/1, exact in any dtype
+            counts = mask.sum(1, dtype=sum_dtype)[:, None].clamp(min=1)  # (B, 1)
+            pooled = ((hidden_states * weights).sum(1, dtype=sum_dtype) / counts).to(hidden_states.dtype)  # (B, width)
         else:
             positions = torch.arange(mask.shape[1], device=mask.device)
             last_real = (positions * mask).argmax(dim=-1)  # (B,), works for left and right padding
@@ -864,7 +870,8 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         loss = None
         if labels is not None:
             # in float32 (as transformers' causal LM loss is): a bf16 cross-entropy is off in the second digit
-            loss = self.loss_function(logits=logits.float(), labels=labels, pooled_logits=logits.float(),
+            float_logits = logits.float()
+            loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits,
                                       config=self.config, **kwargs)
             num_items = kwargs.get("num_items_in_batch")
             if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):

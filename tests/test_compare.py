@@ -124,6 +124,8 @@ def test_report_marks_recall_near_chance():
     assert report_module._recall(0.25, mqar_chance[64]) == "25.0% *(near chance)*"
     assert report_module._recall(0.5, mqar_chance[64]) == "50.0%"
     assert report_module._recall(None, mqar_chance[64]) == "-"
+    assert report_module._recall(0.74, 0.5) == "74.0% *(near chance)*"  # 2 pairs: twice chance would be 100%
+    assert report_module._recall(0.8, 0.5) == "80.0%"
 
 
 def test_checkpoints_load_with_auto_classes(run):
@@ -214,20 +216,25 @@ def test_more_threads_than_cpus_are_cut_to_the_cpus(tmp_path, capsys, monkeypatc
 
 
 def test_every_architecture_is_timed_in_strict_float32(tmp_path, monkeypatch):
-    """cuDNN's recurrences may take TF32 by default while matmuls do not: off for the run, recorded, restored."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    """cuDNN's recurrences may take TF32 by default while matmuls do not: off for the run, recorded, restored; also
+    after TF32 was set with torch's newer per-backend API (TrainingArguments(tf32=True) uses it), whose use makes
+    reading the legacy flags raise."""
+    rnn, matmul = torch.backends.cudnn.rnn, torch.backends.cuda.matmul
+    if not hasattr(rnn, "fp32_precision"):
+        pytest.skip("torch before the per-backend fp32_precision settings")
+    before = rnn.fp32_precision, matmul.fp32_precision
     seen = []
     monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, "training_speed", lambda *args: seen.append(
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)) or {})
+        (rnn.fp32_precision, matmul.fp32_precision)) or {})
     for phase in set(compare_run.PHASES) - {"training_speed"}:
         monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, phase, lambda *args: {})
-    torch.backends.cudnn.allow_tf32 = True
+    rnn.fp32_precision = matmul.fp32_precision = "tf32"
     try:
         assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm"]) == 0
-        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32
+        assert seen == [("ieee", "ieee")] and (rnn.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
         assert json.loads((tmp_path / "results.json").read_text())["environment"]["tf32"] is False
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+        rnn.fp32_precision, matmul.fp32_precision = before
 
 
 def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(tmp_path, monkeypatch):

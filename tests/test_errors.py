@@ -105,7 +105,8 @@ def test_numpy_numbers_are_taken_as_python_numbers(tmp_path):
     config = tiny_config(["lstm"], hidden_size=np.int64(32), sliding_window=np.int64(7), rms_norm_eps=np.float32(1e-5))
     assert type(config.hidden_size) is int and type(config.sliding_window) is int and type(config.rms_norm_eps) is float
     config.vocab_size = np.int32(VOCAB)
-    assert type(config.vocab_size) is int
+    config.eos_token_id = [np.int64(1), 2]  # (a list of ids from a tokenizer's numpy arrays)
+    assert type(config.vocab_size) is int and [type(i) for i in config.eos_token_id] == [int, int]
     SeqArchForCausalLM(config).save_pretrained(tmp_path)
     assert SeqArchConfig.from_pretrained(tmp_path).sliding_window == 7
 
@@ -145,6 +146,8 @@ def test_mask_of_other_values_than_0_and_1_is_refused(mask):
     model = tiny_model(SeqArchForSequenceClassification, ["lstm", "attention"], pad_token_id=0)
     with pytest.raises(ValueError, match="1 at real tokens and 0 at padding.*Additive masks"):
         model(input_ids=random_ids(2, 4), attention_mask=torch.tensor(mask))
+    chunk_of_pads = torch.zeros(2, 4, dtype=torch.long)  # (chunked prefill of a left-padded batch passes such chunks)
+    assert model(input_ids=random_ids(2, 4), attention_mask=chunk_of_pads).logits.isfinite().all()
     bool_mask = torch.tensor([[True] * 4, [False, False, True, True]])
     for same in (bool_mask.float(), bool_mask.to(torch.int8)):  # 0/1 of any dtype is the bool mask
         torch.testing.assert_close(model(input_ids=random_ids(2, 4), attention_mask=same).logits,
@@ -237,6 +240,8 @@ def test_logits_to_keep_as_any_integer_keeps_the_same_positions():
     last_two = model(input_ids=ids, logits_to_keep=2).logits
     for same in (np.int64(2), torch.tensor(2), torch.tensor([2, 3], dtype=torch.uint8), torch.tensor([-2, -1])):
         torch.testing.assert_close(model(input_ids=ids, logits_to_keep=same).logits, last_two)
+    with pytest.raises(ValueError, match="must be an int"):
+        model(input_ids=ids, logits_to_keep=np.array([2, 3]))
     labels = ids[:, 2:]
     torch.testing.assert_close(model(input_ids=ids, labels=labels, logits_to_keep=torch.tensor([2, 3])).loss,
                                model(input_ids=ids, labels=labels, logits_to_keep=2).loss)
@@ -559,7 +564,13 @@ def test_a_cache_on_another_device_is_refused_with_how_to_move_it():
         model(input_ids=ids[:, :2], cache=elsewhere)
     with pytest.raises(ValueError, match="This cache is on meta"):
         StreamingSession(model, cache=elsewhere)
-    assert model(input_ids=ids[:, :2], cache=cache.to("cpu")).logits.shape == (2, 2, VOCAB)
+    with torch.no_grad():  # a decode step without autograd: attention's keys go to a buffer with spare room
+        model(input_ids=ids[:, :1], cache=cache)
+    room = dict(cache._kv_room)
+    assert room and cache.to("cpu") is cache and cache._kv_room == room  # already there: kept as it is
+    assert model(input_ids=ids[:, :2], cache=cache).logits.shape == (2, 2, VOCAB)
+    # accelerate's device_map hooks would call .to() on it with every forward: they are told to leave it
+    assert {"cache", "past_key_values"} <= set(model._skip_keys_device_placement)
 
 
 def test_a_causal_recurrence_loaded_as_an_encoder_says_why_not(tmp_path):

@@ -345,3 +345,15 @@ def test_a_sharded_checkpoint_missing_a_shard_is_a_clear_error(uninterrupted_run
     shards[1].unlink()
     with pytest.raises(CheckpointError, match=f"model.safetensors.index.json lists {len(shards)} shard.*{shards[1].name} is missing"):
         check_resume_checkpoint(checkpoint)
+
+
+def test_torch_files_saved_without_crcs_pass_the_check(tmp_path):
+    """torch writes CRC 0 after set_crc32_options(False): such files load fine and were refused as corrupted."""
+    from hf_seqarch.tools.checkpoints import _unreadable
+
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"step": torch.arange(1000)}, tmp_path / "optimizer.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert _unreadable(tmp_path / "optimizer.pt") is None

@@ -13,8 +13,10 @@ def _kib(size):
 
 
 def _recall(accuracy, chance):
-    """An accuracy cell, marked where it is below twice chance (nothing learned)."""
-    return _pct(accuracy) + (" *(near chance)*" if accuracy is not None and accuracy < 2 * chance else "")
+    """An accuracy cell, marked where it is near chance (nothing learned): below twice chance, or, for a chance above
+    a third (MQAR with 2 pairs: 50%), below halfway from chance to 100%."""
+    near = min(2 * chance, (1 + chance) / 2)
+    return _pct(accuracy) + (" *(near chance)*" if accuracy is not None and accuracy < near else "")
 
 
 def _table(header, rows):
@@ -97,7 +99,8 @@ def render(results: dict, plots: list[str]) -> str:
             f"- Selective copying: {preset['copy_tokens']} tokens scattered in {preset['copy_length']} positions, "
             f"alphabet {preset['copy_alphabet']}; {preset['copy_steps']} steps of {preset['copy_batch_size']}. "
             f"Chance: {copy_chance:.1%}.",
-            "- An accuracy below twice chance is marked *(near chance)*: the model learned (almost) nothing of that "
+            "- An accuracy below twice chance (for a chance above a third, below halfway from it to 100%) is marked "
+            "*(near chance)*: the model learned (almost) nothing of that "
             "task within the budget.",
             f"- Text: bits per byte on held-out pydoc text (the first {preset['text_eval_windows']} windows of "
             f"{preset['text_length']} bytes, at most, of the last 10% of `pydoc_data.topics`, leaving out those the "

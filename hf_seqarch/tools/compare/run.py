@@ -66,7 +66,26 @@ def environment(device: torch.device) -> dict:
                 torch=torch.__version__, transformers=transformers.__version__, hf_seqarch=__version__,
                 python=platform.python_version(), platform=platform.platform(),
                 cuda=torch.version.cuda if device.type == "cuda" else None, load_average_start=_load_average(),
-                tf32=torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+                tf32=False)  # (the run turns it off: _strict_float32)
+
+
+def _strict_float32():
+    """Turn TF32 off for every architecture (by default cuDNN's LSTM/GRU may take it while matmuls do not, which
+    would time the recurrences at a lower precision than the rest); returns the function that restores the settings.
+    torch >= 2.9 has per-backend fp32_precision settings, and refuses to read the legacy flags once they were used."""
+    if hasattr(torch.backends.cudnn, "rnn") and hasattr(torch.backends.cudnn.rnn, "fp32_precision"):
+        backends = [torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn]
+        previous = [backend.fp32_precision for backend in backends]
+        for backend in backends:
+            backend.fp32_precision = "ieee"
+        return lambda: [setattr(backend, "fp32_precision", value) for backend, value in zip(backends, previous)]
+    previous_flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def restore():
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_flags
+
+    return restore
 
 
 def _cpu_model():
@@ -177,10 +196,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     threads = threads or (preset.cpu_threads if device.type == "cpu" else None)
     if threads is not None:
         torch.set_num_threads(threads)  # before environment() records it; restored at the end
-    # Strict float32 for every architecture: by default cuDNN's LSTM/GRU may take TF32 while matmuls do not, which
-    # would time the recurrences at a lower precision than the rest. Restored at the end.
-    previous_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    restore_tf32 = _strict_float32()  # restored at the end
 
     results = dict(
         format_version=1, status="running", command=command or f"hf-seqarch compare --preset {preset.name}",
@@ -231,7 +247,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         bar.close()
         transformers.logging.set_verbosity(verbosity)
         torch.set_num_threads(previous_threads)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous_tf32
+        restore_tf32()
         if inner_bars:
             transformers.logging.enable_progress_bar()
         results["wall_seconds"] = time.perf_counter() - start
