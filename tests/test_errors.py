@@ -248,8 +248,9 @@ def test_logits_to_keep_as_any_integer_keeps_the_same_positions():
 
 
 def test_position_ids_of_bools_are_refused():
+    model, positions = tiny_model(SeqArchModel, ["attention"]), torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(ValueError, match="position_ids must be .* of torch.bool"):
-        tiny_model(SeqArchModel, ["attention"])(input_ids=random_ids(1, 4), position_ids=torch.ones(1, 4, dtype=torch.bool))
+        model(input_ids=random_ids(1, 4), position_ids=positions)
 
 
 @pytest.mark.parametrize("labels_length,logits_to_keep", [(4, 1), (3, 0)])

@@ -178,4 +178,5 @@ def test_an_fsdp_launch_without_gpus_says_it_trains_as_ddp(monkeypatch, capsys):
         monkeypatch.setenv(name, value)
     assert use_cpu_ddp_if_no_accelerator()
     assert os.environ["ACCELERATE_USE_CPU"] == "true"
-    assert "FSDP was asked for, but this machine has no GPU: the 2 processes train as plain DDP" in capsys.readouterr().err
+    expected = "FSDP was asked for, but this machine has no GPU: the 2 processes train as plain DDP"
+    assert expected in capsys.readouterr().err
