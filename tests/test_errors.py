@@ -77,7 +77,7 @@ def test_mixer_types_as_a_string_is_refused():
         config.mixer_types = "gru"
 
 
-def test_mixer_types_changed_in_place_is_refused(tmp_path):
+def test_mixer_types_changed_in_place_is_refused():
     """config.mixer_types.append() passes no setter: the model was built with the old number of layers and saved a
     checkpoint that would not load."""
     config = tiny_config(["lstm"])
