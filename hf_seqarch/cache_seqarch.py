@@ -64,6 +64,9 @@ class SeqArchCache:
         self.mid_update = False
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
         self._kv_room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Counts the updates (tokens read, rows reordered or selected): what a StreamingSession compares to know
+        # whether its last logits still belong to this cache.
+        self.changes = 0
 
     def __len__(self):
         return len(self.layers)
@@ -200,6 +203,7 @@ class SeqArchCache:
         """Called by the model once all layers have consumed `num_tokens` new positions."""
         self.seen_tokens += num_tokens
         self.mid_update = False
+        self.changes += 1
 
     # -- inspection, save and restore --------------------------------------------------------------
     def get_memory_footprint(self) -> int:
@@ -242,6 +246,7 @@ class SeqArchCache:
     def _map_states(self, fn):
         self.layers = [None if s is None else {k: fn(t) for k, t in s.items()} for s in self.layers]
         self._kv_room.clear()  # the states are new tensors now
+        self.changes += 1
 
     def __repr__(self):
         return f"SeqArchCache(layers={len(self.layers)}, seen_tokens={self.seen_tokens}, bytes={self.get_memory_footprint()})"

@@ -68,10 +68,35 @@ def test_greedy_after_the_cache_read_more_elsewhere_needs_a_prompt():
     session.feed(random_ids(1, 6))
     with torch.no_grad():
         model(input_ids=random_ids(1, 4, seed=2), cache=session.cache, use_cache=True)
-    with pytest.raises(ValueError, match="has read 10 tokens, and the session's last logits were computed at 6"):
+    with pytest.raises(ValueError, match="cache changed since the session's last logits"):
         session.greedy(None, max_new_tokens=2)
     assert session.greedy(random_ids(1, 1, seed=3), max_new_tokens=2).shape == (1, 2)  # feeds what comes next
     assert session.greedy(None, max_new_tokens=1).shape == (1, 1)  # its own steps keep the logits current
+
+
+def test_greedy_after_the_rows_were_reordered_needs_a_prompt():
+    """Reordering the cache's rows leaves its length: greedy(None) once continued each row from another's logits."""
+    session = StreamingSession(causal_lm("lstm"))
+    session.feed(torch.cat([random_ids(1, 4), random_ids(1, 4, seed=2)]))
+    session.cache.reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="a reorder or selection of its rows"):
+        session.greedy(None, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("replace", ["input_embeddings", "untied_resize"])
+def test_a_module_replaced_after_the_session_was_built_is_used(replace):
+    """The single-token path called the modules it was built with: after set_input_embeddings its steps differed
+    from a forward by 0.22, and after an untied resize_token_embeddings greedy could never pick a new id."""
+    model = tiny_model(SeqArchForCausalLM, ["gru", "attention"], initializer_range=0.3, tie_word_embeddings=False)
+    session, ids = StreamingSession(model), random_ids(1, 4)
+    session.feed(ids[:, :3])
+    if replace == "input_embeddings":
+        model.set_input_embeddings(torch.nn.Embedding(VOCAB, model.config.hidden_size))
+    else:
+        model.resize_token_embeddings(VOCAB + 10, mean_resizing=False)
+    same_past = SeqArchCache.from_state_dict(session.cache.state_dict(), len(session.cache))
+    expected = StreamingSession(model, same_past).feed(ids[:, 3:])[:, 0]  # a forward, with the model's modules now
+    torch.testing.assert_close(session.step(ids[:, 3]), expected, rtol=1e-5, atol=1e-5)
 
 def test_greedy_after_the_cache_is_replaced_needs_a_prompt():
     """The next-token logits greedy(None) continues from belong to the replaced stream: they once picked the new

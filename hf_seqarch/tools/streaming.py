@@ -41,8 +41,9 @@ class StreamingSession:
     plus the new prompt: generate() feeds only the ids past the cache's length (given just the stream, it would
     feed it all again on top of the cache). `greedy()` needs only the new prompt.
 
-    The session decides at construction which modules its single-token path may call as plain functions
-    (see single_token_decoder): add adapters or hooks to the model before building it. New weights (training,
+    The session decides which modules its single-token path may call as plain functions (see
+    single_token_decoder) when it is built, and again whenever a module of the model was replaced (new embeddings,
+    an adapter): hooks added to modules already there are not seen, so add them before. New weights (training,
     loading) are seen at once.
     """
 
@@ -61,6 +62,7 @@ class StreamingSession:
             raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it cannot stream.")
         self.cache = cache if cache is not None else SeqArchCache(self.config)
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
+        self._decoder_modules = tuple(model.modules())  # what it was built from (see _current_decoder)
 
     @property
     def cache(self) -> SeqArchCache:
@@ -117,12 +119,13 @@ class StreamingSession:
             logits = self.feed(input_ids)[:, -1]
         elif self._last_logits is None:
             raise ValueError("Nothing to continue from: pass input_ids (the prompt) to the first greedy call.")
-        elif self._last_logits_at != self.cache.seen_tokens:
-            # A forward or generate() outside the session moved the cache on: these logits are of an earlier token.
+        elif self._last_logits_at != self.cache.changes:
+            # A forward, generate() or a reorder of the rows outside the session changed the cache: these logits are
+            # of an earlier token, or of other rows.
             raise ValueError(
-                f"The stream's cache has read {self.cache.seen_tokens} tokens, and the session's last logits were "
-                f"computed at {self._last_logits_at}: a forward or generate() outside the session read the others. "
-                "Pass greedy() the ids that come next (it feeds them first), or feed through the session only."
+                "The stream's cache changed since the session's last logits (a forward, generate(), or a reorder or "
+                "selection of its rows, outside the session). Pass greedy() the ids that come next (it feeds them "
+                "first), or feed through the session only."
             )
         else:
             logits = self._last_logits
@@ -138,14 +141,23 @@ class StreamingSession:
         """One unpadded token per row (B, 1) through the single-token decoder; checks only that no step raised midway."""
         self.cache.refuse_if_half_updated()
         with torch.inference_mode():
-            output = self._decoder(token_ids[:, 0], self.cache)  # (B, vocab) or (B, width)
+            output = self._current_decoder()(token_ids[:, 0], self.cache)  # (B, vocab) or (B, width)
         if self.lm_head is not None:
             self._remember_logits(output)
         return output
 
+    def _current_decoder(self) -> SingleTokenDecoder:
+        """The single-token decoder, built again when a module of the model was replaced since (set_input_embeddings,
+        resize_token_embeddings with an untied head, an adapter): it calls the module objects it was built from."""
+        modules = tuple(self.model.modules())
+        if modules != self._decoder_modules:  # (modules compare by identity)
+            self.base, self.lm_head = getattr(self.model, "model", self.model), getattr(self.model, "lm_head", None)
+            self._decoder, self._decoder_modules = SingleTokenDecoder(self.base, self.lm_head, self.config), modules
+        return self._decoder
+
     def _remember_logits(self, logits: torch.Tensor):
         """The next-token logits (B, vocab) where greedy(None) continues, and how far the cache had read then."""
-        self._last_logits, self._last_logits_at = logits, self.cache.seen_tokens
+        self._last_logits, self._last_logits_at = logits, self.cache.changes
 
     def _refuse_padded_cache(self, cache=None):
         """When a cache is set, and at every call: a forward elsewhere may have filled it from a padded batch since."""
