@@ -180,3 +180,22 @@ def test_an_fsdp_launch_without_gpus_says_it_trains_as_ddp(monkeypatch, capsys):
     assert os.environ["ACCELERATE_USE_CPU"] == "true"
     expected = "FSDP was asked for, but this machine has no GPU: the 2 processes train as plain DDP"
     assert expected in capsys.readouterr().err
+
+
+def test_a_script_past_its_time_is_killed_with_its_processes(tmp_path):
+    """A hung DDP rank once outlived its test by hours: the launcher was killed, its workers were not."""
+    pid_file = tmp_path / "child.pid"
+    parent = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)")
+    with pytest.raises(AssertionError, match="still running after 3 s, killed with its processes"):
+        run_script([sys.executable, "-c", parent], timeout=3)
+    assert not _running(int(pid_file.read_text()))
+
+
+def _running(pid) -> bool:
+    """Whether process `pid` runs (Linux): not gone, and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

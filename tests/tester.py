@@ -2,6 +2,7 @@
 the tests run the repository's scripts."""
 
 import os
+import signal
 import subprocess
 
 import torch
@@ -82,7 +83,16 @@ SCRIPT_ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZER
 
 def run_script(command, timeout=240) -> str:
     """Run a command from the checkout's root, offline, as a user runs the scripts; fail with its output, or return
-    its stdout."""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=SCRIPT_ENV, cwd=ROOT)
-    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    return result.stdout
+    its stdout. Past `timeout`, the command's whole process group is killed: `accelerate launch`'s worker processes
+    would otherwise outlive it (a hung rank stayed for hours, holding its port and CPU)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SCRIPT_ENV,
+                               cwd=ROOT, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(command)}: still running after {timeout} s, killed with its processes\n"
+                             f"{stdout[-2000:]}\n{stderr[-4000:]}") from None
+    assert process.returncode == 0, f"{' '.join(command)}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+    return stdout
