@@ -90,9 +90,33 @@ def run_script(command, timeout=240) -> str:
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        # torch's launcher starts each worker in a session of its own: the launcher's group alone would leave them
+        # running, holding the output pipes open (the communicate() below would then wait for ever).
+        for pid in [process.pid, *_descendants(process.pid)]:
+            try:
+                os.killpg(pid, signal.SIGKILL) if pid == process.pid else os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         stdout, stderr = process.communicate()
         raise AssertionError(f"{' '.join(command)}: still running after {timeout} s, killed with its processes\n"
                              f"{stdout[-2000:]}\n{stderr[-4000:]}") from None
     assert process.returncode == 0, f"{' '.join(command)}\n{stdout[-2000:]}\n{stderr[-4000:]}"
     return stdout
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (Linux: read from /proc), whatever their session."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # (the command name may hold spaces)
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
