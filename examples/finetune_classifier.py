@@ -30,7 +30,7 @@ from transformers import (
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
 from hf_seqarch.tools.checkpoints import check_before_training
-from hf_seqarch.tools.distributed import use_cpu_ddp_if_no_accelerator, whole_global_batches
+from hf_seqarch.tools.distributed import finish_distributed_run, use_cpu_ddp_if_no_accelerator, whole_global_batches
 from hf_seqarch.tools.text_data import DEFAULT_SECTIONS, section_classification
 
 
@@ -127,8 +127,7 @@ def main():
         print(f"classifier, config and tokenizer: {training_args.output_dir} "
               "(AutoModelForSequenceClassification.from_pretrained)")
         print(f"metrics: {Path(training_args.output_dir) / 'eval_results.json'}")
-    trainer.accelerator.wait_for_everyone()  # then all processes leave the process group together
-    trainer.accelerator.end_training()
+    finish_distributed_run(trainer)  # all processes leave the process group together
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from transformers import (
 
 import hf_seqarch  # noqa: F401  (registers the "seqarch" model type with the Auto classes)
 from hf_seqarch.tools.checkpoints import check_before_training
-from hf_seqarch.tools.distributed import global_batch_size, use_cpu_ddp_if_no_accelerator, whole_global_batches
+from hf_seqarch.tools.distributed import (
+    finish_distributed_run, global_batch_size, use_cpu_ddp_if_no_accelerator, whole_global_batches,
+)
 from hf_seqarch.tools.text_data import lm_blocks
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs"
@@ -152,9 +154,7 @@ def main():
         print(f"model, config and tokenizer: {training_args.output_dir} (AutoModelForCausalLM.from_pretrained)")
         print(f"loss curve: {Path(training_args.output_dir) / 'trainer_state.json'} (log_history)")
         print(f"metrics: {Path(training_args.output_dir) / 'all_results.json'}")
-    # The other processes wait while process 0 samples, then all leave the process group together (clean DDP exit).
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
+    finish_distributed_run(trainer)  # the other processes wait while process 0 samples, then all leave together
 
 
 if __name__ == "__main__":

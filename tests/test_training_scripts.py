@@ -55,8 +55,16 @@ def ddp_launch():
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port()]
 
 
+def ddp_launch_run(command):
+    """Run `command` under ddp_launch(); its stdout. Each process must free its DDP wrapper before leaving the
+    process group (finish_distributed_run): one whose reducer held the group to the end hung at exit, now and then."""
+    stdout, stderr = run_script([*ddp_launch(), *command], with_stderr=True)
+    assert "still referenced when the process group ends" not in stderr
+    return stdout
+
+
 def ddp_run(tiny_run, output_dir):
-    stdout = run_script([*ddp_launch(), PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
+    stdout = ddp_launch_run([PRETRAIN, *tiny_run, "--per_device_train_batch_size", "4", "--output_dir", output_dir])
     assert "2 process(es) on cpu, global batch 8" in stdout
 
 
@@ -95,7 +103,7 @@ def test_finetuning_under_ddp_matches_one_process(single_process_run, tmp_path):
            "1", "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true"]
     single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
     run_script([sys.executable, *run, "--per_device_train_batch_size", "8", "--output_dir", single_dir])
-    run_script([*ddp_launch(), *run, "--per_device_train_batch_size", "4", "--output_dir", ddp_dir])
+    ddp_launch_run([*run, "--per_device_train_batch_size", "4", "--output_dir", ddp_dir])
     ddp, single = losses(ddp_dir), losses(single_dir)
     assert len(ddp) == len(single) == 4
     assert max(abs(a - b) for a, b in zip(ddp, single)) < 1e-4

@@ -81,10 +81,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 SCRIPT_ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
-def run_script(command, timeout=240) -> str:
+def run_script(command, timeout=240, with_stderr=False):
     """Run a command from the checkout's root, offline, as a user runs the scripts; fail with its output, or return
-    its stdout. Past `timeout`, the command's whole process group is killed: `accelerate launch`'s worker processes
-    would otherwise outlive it (a hung rank stayed for hours, holding its port and CPU)."""
+    its stdout (with_stderr: stdout and stderr). Past `timeout`, the command's whole process group is killed:
+    `accelerate launch`'s worker processes would otherwise outlive it (a hung rank stayed for hours, holding its port
+    and CPU)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SCRIPT_ENV,
                                cwd=ROOT, start_new_session=True)
     try:
@@ -101,7 +102,7 @@ def run_script(command, timeout=240) -> str:
         raise AssertionError(f"{' '.join(command)}: still running after {timeout} s, killed with its processes\n"
                              f"{stdout[-2000:]}\n{stderr[-4000:]}") from None
     assert process.returncode == 0, f"{' '.join(command)}\n{stdout[-2000:]}\n{stderr[-4000:]}"
-    return stdout
+    return (stdout, stderr) if with_stderr else stdout
 
 
 def _descendants(pid: int) -> list[int]:
