@@ -250,11 +250,12 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         for g in _chunk_groups(q, k, v, L):
             q_g, k_g = q_chunks[g].contiguous(), k_chunks[g].contiguous()  # (Gc, B, G, L, N) each
             v_g = _scale_heads(v_chunks[g], shrink[g])  # (Gc, B, G, L, R * P): v'
-            # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v'^T k): the chunk's own part, then the scan
-            # over the set's chunks, in place.
+            # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v'^T k): the chunk's own part, decayed, then the
+            # scan over the set's chunks, in place.
             _bmm(v_g.transpose(-1, -2), k_g, out=_side_by_side_states(states[1:][g], groups))
+            states[1:][g].mul_(chunk_decay[g])
             for c in range(g.start, g.stop):
-                states[c + 1].add_(states[c]).mul_(chunk_decay[c])
+                states[c + 1].addcmul_(states[c], chunk_decay[c])
             # 1. and 4.: y = exp(cs) (tril(q k^T) v' + q S_in^T).
             _bmm(q_g, k_g.transpose(-1, -2), out=qk[g]).tril_()
             y_g = _bmm(qk[g], v_g)  # (Gc, B, G, L, R * P)
