@@ -148,6 +148,7 @@ def test_report_names_only_this_runs_checkpoints(run, tmp_path, capsys):
     (tmp_path / "checkpoints" / "transformer").mkdir(parents=True)
     (tmp_path / "checkpoints" / "lstm").mkdir(parents=True)
     (tmp_path / "checkpoints" / "lstm" / "model-00002-of-00002.safetensors").write_text("an earlier run's shard")
+    (tmp_path / "results.json").write_text(json.dumps({"format_version": 1, "command": "hf-seqarch compare"}))
     assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm, "]) == 0
     assert "checkpoints of an earlier run that this one does not replace and its report will not mention: " \
            "['transformer']" in capsys.readouterr().err
@@ -265,6 +266,19 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(tmp_path, monkeypat
 def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), *extra]) == 2
     assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_checkpoints_compare_did_not_write_are_never_deleted(tmp_path, capsys):
+    """An --output-dir whose checkpoints/<arch> compare would replace, but which holds no results.json of a compare
+    run (the user's own folder), is refused before any work, its files kept."""
+    own = tmp_path / "out" / "checkpoints" / "lstm"
+    own.mkdir(parents=True)
+    (own / "notes.txt").write_text("mine")
+    argv = ["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), "--architectures", "lstm"]
+    assert cli.main(argv) == 2
+    assert "compare deletes only its own checkpoints" in capsys.readouterr().err
+    assert (own / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "out" / "results.json").exists()
 
 

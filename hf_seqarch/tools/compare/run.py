@@ -154,17 +154,36 @@ def phase_text(config, preset, device, ctx):
 PHASE_FUNCTIONS = {name: globals()[f"phase_{name}"] for name in PHASES}
 
 
-def _clear_earlier_checkpoints(checkpoints: str, names: list[str]):
+def _clear_earlier_checkpoints(output_dir: str, names: list[str]):
     """An earlier run's checkpoints/<name> of the architectures this run trains are removed, so that none outlives
-    a failed stage or keeps stray files (another preset's shards); the others stay, and are named."""
+    a failed stage or keeps stray files (another preset's shards); the others stay, and are named. Only an earlier
+    compare run's: a folder without its results.json is refused (ValueError) rather than emptied."""
+    checkpoints = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(checkpoints):
         return
+    replaced = [name for name in names if os.path.lexists(os.path.join(checkpoints, name))]
+    if replaced and not _written_by_compare(output_dir):
+        raise ValueError(
+            f"{checkpoints} holds {replaced}, which this run would replace, but {output_dir} has no results.json of an "
+            "earlier `hf-seqarch compare` run: compare deletes only its own checkpoints. Move them, or choose another "
+            "--output-dir."
+        )
     for name in names:
         shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
     kept = sorted(entry.name for entry in os.scandir(checkpoints) if entry.is_dir())
     if kept:
         print(f"hf-seqarch compare: {checkpoints} holds checkpoints of an earlier run that this one does not replace "
               f"and its report will not mention: {kept}.", file=sys.stderr)
+
+
+def _written_by_compare(output_dir: str) -> bool:
+    """Whether output_dir holds the results.json of a compare run (written when a run starts)."""
+    try:
+        with open(os.path.join(output_dir, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and str(results.get("command", "")).startswith("hf-seqarch compare")
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -190,7 +209,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     if not names:
         raise ValueError(f"None of the architectures can run in this build: {skipped}.")
     output_dir = prepare_output_dir(output_dir)
-    _clear_earlier_checkpoints(os.path.join(output_dir, "checkpoints"), names)
+    _clear_earlier_checkpoints(output_dir, names)
     target, sizes = matched_configs(names, preset)
     previous_threads = torch.get_num_threads()
     threads = threads or (preset.cpu_threads if device.type == "cpu" else None)
@@ -212,6 +231,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         architectures={n: {k: v for k, v in s.items() if k != "config"} for n, s in sizes.items()},
     )
     stages = [(phase, name) for phase in PHASES for name in names]
+    _write_json(results, output_dir)  # status "running", before any checkpoint: it marks the folder as compare's
     ctx = dict(output_dir=output_dir, text=ByteText())
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=len(stages), desc="compare", unit="stage", file=sys.stderr, dynamic_ncols=True)
