@@ -17,6 +17,7 @@ from hf_seqarch.tools import cli
 from hf_seqarch.tools.compare import report as report_module
 from hf_seqarch.tools.compare import run as compare_run
 from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_TOLERANCE, missing_mixers
+from hf_seqarch.tools.compare import measure
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker
 from hf_seqarch.tools.compare.plots import write_plots
 from hf_seqarch.tools.compare.presets import PRESETS
@@ -267,6 +268,28 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), *extra]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_training_speed_interleaves_the_lengths_timed_steps(monkeypatch):
+    """Each length's repeats once ran back to back, so one slow spell of the machine fell on one length's cell and
+    bent the growth exponent; each round now times every length once, the order reversed every other round."""
+    timed_lengths, timed = [], measure.timed
+
+    def recording_timed(fn, device, warmup, repeats):
+        seconds = timed(fn, device, warmup, repeats)
+        timed_lengths.append(recorded_lengths[-1])
+        return seconds
+
+    recorded_lengths, forward = [], measure.SeqArchForCausalLM.forward
+    monkeypatch.setattr(measure.SeqArchForCausalLM, "forward",
+                        lambda self, input_ids=None, **kw: recorded_lengths.append(input_ids.shape[1])
+                        or forward(self, input_ids=input_ids, **kw))
+    monkeypatch.setattr(measure, "timed", recording_timed)
+    config = compare_run.matched_configs(["lstm"], PRESET)[1]["lstm"]["config"]
+    rows = measure.training_step_costs(config, torch.device("cpu"), [8, 16, 32], 64, warmup=1, repeats=4)
+    assert timed_lengths == [8, 16, 32, 32, 16, 8, 8, 16, 32, 32, 16, 8]
+    assert [row["seq_len"] for row in rows] == [8, 16, 32] and all(len(row["step_seconds"]) == 4 for row in rows)
+    assert [row["batch_size"] for row in rows] == [8, 4, 2]
 
 
 def test_checkpoints_compare_did_not_write_are_never_deleted(tmp_path, capsys):

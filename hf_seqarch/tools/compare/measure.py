@@ -1,9 +1,10 @@
 """Speed and memory, measured the same way for every architecture.
 
 Training: a full step (forward, backward, AdamW update) at a fixed number of tokens per step, warm-up
-steps first, then the median of timed repeats. Peak memory: on CUDA, torch.cuda.max_memory_allocated
-above what was allocated before the step; on CPU, where torch keeps no allocator statistics, the peak
-of the bytes held by tensors created during the step, tracked op by op (`TensorMemoryTracker`).
+steps first, then the median of timed repeats, the lengths' repeats interleaved. Peak memory: on CUDA,
+torch.cuda.max_memory_allocated above what was allocated before the step; on CPU, where torch keeps no
+allocator statistics, the peak of the bytes held by tensors created during the step, tracked op by op
+(`TensorMemoryTracker`).
 Both leave out the weights and optimiser state that live across steps.
 Decoding: batch 1, a prompt of each context length prefilled, then single-token steps from the cache.
 """
@@ -100,13 +101,38 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def training_step_costs(config, device, seq_len, tokens_per_step, warmup, repeats, seed=0) -> dict:
-    """Tokens/s (median over repeats) and peak memory of a training step at one sequence length."""
+def training_step_costs(config, device, seq_lens, tokens_per_step, warmup, repeats, seed=0) -> list[dict]:
+    """Per sequence length: tokens/s (median over repeats) and peak memory of a training step.
+
+    One model for all lengths, and their timed steps interleaved: each round times every length once, in turn, the
+    order reversed every other round. A slow spell of a shared machine then slows every length alike, where timing
+    each length's repeats back to back put it into one length's cell (and bent the growth exponent: once n^0.3)."""
     torch.manual_seed(seed)
     model = SeqArchForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = max(1, tokens_per_step // seq_len)
-    ids = torch.randint(config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
+    steps = {}
+    for seq_len in seq_lens:
+        batch = max(1, tokens_per_step // seq_len)
+        ids = torch.randint(config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        steps[seq_len] = _training_step(model, optimizer, ids.to(device))
+    for seq_len in seq_lens:
+        for _ in range(warmup):
+            steps[seq_len]()
+    times = {seq_len: [] for seq_len in seq_lens}
+    for round_index in range(repeats):
+        for seq_len in seq_lens if round_index % 2 == 0 else seq_lens[::-1]:
+            times[seq_len] += timed(steps[seq_len], device, warmup=0, repeats=1)
+    rows = []
+    for seq_len in seq_lens:
+        batch, median = max(1, tokens_per_step // seq_len), statistics.median(times[seq_len])
+        rows.append(dict(seq_len=seq_len, batch_size=batch, tokens=batch * seq_len, step_seconds=times[seq_len],
+                         median_step_seconds=median, tokens_per_second=batch * seq_len / median,
+                         peak_memory_bytes=step_peak_memory(steps[seq_len], device)))
+    return rows
+
+
+def _training_step(model, optimizer, ids):
+    """One full training step on `ids` (forward, backward, AdamW update), as a function of no arguments."""
 
     def step():
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -114,11 +140,7 @@ def training_step_costs(config, device, seq_len, tokens_per_step, warmup, repeat
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = timed(step, device, warmup, repeats)
-    peak = step_peak_memory(step, device)
-    median = statistics.median(times)
-    return dict(seq_len=seq_len, batch_size=batch, tokens=batch * seq_len, step_seconds=times,
-                median_step_seconds=median, tokens_per_second=batch * seq_len / median, peak_memory_bytes=peak)
+    return step
 
 
 @torch.no_grad()

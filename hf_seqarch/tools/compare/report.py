@@ -67,7 +67,8 @@ def render(results: dict, plots: list[str]) -> str:
     out += ["", "## Training speed and memory against sequence length", "",
             f"One training step (forward, backward, AdamW) of {preset['tokens_per_step']} tokens "
             f"(batch = {preset['tokens_per_step']} / length), {preset['warmup']} warm-up step(s), median of "
-            f"{preset['repeats']}. Peak memory: {results['memory_method']}.", ""]
+            f"{preset['repeats']}, the lengths' steps interleaved (one model; each round times every length once). "
+            f"Peak memory: {results['memory_method']}.", ""]
     out += _table(["architecture"] + [f"tokens/s @{n}" for n in lengths] + [f"peak MiB @{n}" for n in lengths],
                   [[n] + _cells(a.get("training_speed"), "seq_len", lengths, "tokens_per_second", lambda x: f"{x:,.0f}")
                    + _cells(a.get("training_speed"), "seq_len", lengths, "peak_memory_bytes", _mib)

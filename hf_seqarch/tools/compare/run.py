@@ -105,8 +105,8 @@ def _load_average():
 
 # -- the phases: (architecture config, preset, device, context) -> results entry ---------------------------
 def phase_training_speed(config, preset, device, ctx):
-    return [training_step_costs(config, device, n, preset.tokens_per_step, preset.warmup, preset.repeats, preset.seed)
-            for n in preset.train_lengths]
+    return training_step_costs(config, device, list(preset.train_lengths), preset.tokens_per_step, preset.warmup,
+                               preset.repeats, preset.seed)
 
 
 def phase_decode(config, preset, device, ctx):
