@@ -12,6 +12,34 @@ BOOL_FIELDS = ("bidirectional", "linear_attention_use_decay", "tie_word_embeddin
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")  # as transformers'
 
 
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def _plain_rope(rope_theta, rope_parameters=None, rope_scaling=None):
+    """rope_theta from the arguments. transformers 5 configs carry RoPE settings in `rope_parameters` (4.x: a
+    `rope_scaling` dict): their rope_theta is taken, and any other rope_type (linear, dynamic, yarn, llama3...), which
+    our attention does not implement, is refused rather than stored and silently ignored."""
+    for name, params in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"{name} must be a dict (or None), got {params!r}.")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(
+                f"{name} asks for rope_type {rope_type!r}: hf_seqarch's attention uses plain rotary embeddings "
+                "(rope_type 'default'), set by rope_theta alone. Remove the scaling (or use rope_type 'default')."
+            )
+        theta = params.get("rope_theta")
+        if theta is not None and rope_theta is not None and theta != rope_theta:
+            raise ValueError(
+                f"rope_theta={rope_theta!r} and {name}['rope_theta']={theta!r} disagree; give one. (hf_seqarch before "
+                f"this check saved {name} without using it: such a checkpoint was trained with rope_theta.)"
+            )
+        rope_theta = theta if theta is not None else rope_theta
+    return DEFAULT_ROPE_THETA if rope_theta is None else rope_theta
+
+
 class SeqArchConfig(PretrainedConfig):
     r"""
     Configuration of a stack of pre-norm residual blocks, each a token mixer (chosen per layer by
@@ -24,6 +52,8 @@ class SeqArchConfig(PretrainedConfig):
         num_attention_heads / num_key_value_heads / head_dim: attention heads (grouped-query when
             `num_key_value_heads` < `num_attention_heads`).
         intermediate_size: MLP width; 0 means no MLP in the block.
+        rope_theta: base of the rotary position embeddings (default 10000). Plain RoPE only: transformers'
+            `rope_parameters` / `rope_scaling` are read for their `rope_theta`, and any scaling is refused.
         sliding_window: span of `"sliding_attention"` layers (the query itself included).
         bidirectional: encoder mode for the classification heads (non-causal attention,
             bidirectional recurrences, forward+backward scans). Causal LMs refuse it.
@@ -47,7 +77,7 @@ class SeqArchConfig(PretrainedConfig):
         intermediate_size=1024,
         hidden_act="silu",
         max_position_embeddings=8192,
-        rope_theta=10000.0,
+        rope_theta=None,
         attention_dropout=0.0,
         sliding_window=128,
         bidirectional=False,
@@ -78,6 +108,7 @@ class SeqArchConfig(PretrainedConfig):
             kwargs["num_labels"] = _plain_scalar(kwargs["num_labels"])
             _check_num_labels(kwargs["num_labels"])
         _check_problem_type(kwargs.get("problem_type"))
+        rope_theta = _plain_rope(rope_theta, kwargs.pop("rope_parameters", None), kwargs.pop("rope_scaling", None))
         if mixer_types is None:
             mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
         mixer_types = _mixer_list(mixer_types)
@@ -135,6 +166,12 @@ class SeqArchConfig(PretrainedConfig):
                 f"num_hidden_layers={value} does not match len(mixer_types)={len(self.mixer_types)}; "
                 "set mixer_types instead (num_hidden_layers is derived from it)."
             )
+        if name in ("rope_parameters", "rope_scaling"):  # set after __init__ (Llama recipes set rope_scaling so)
+            if value is not None:  # its rope_theta, if it has one, replaces ours; a scaling is refused
+                theta_given = isinstance(value, dict) and value.get("rope_theta") is not None
+                current = None if theta_given else self.__dict__.get("rope_theta")
+                super().__setattr__("rope_theta", _plain_rope(current, **{name: value}))
+            return  # not stored: rope_theta is the one field our attention reads
         value = _plain_scalar(value)
         if name == "num_labels":  # (from_pretrained's keyword): before transformers' setter makes id2label from it
             _check_num_labels(value)

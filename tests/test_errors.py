@@ -48,6 +48,11 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),  # (NaN < 0 is False)
         (dict(rope_theta=float("inf")), "rope_theta must be a finite number > 0"),
         (dict(rope_theta="1e4"), "rope_theta must be a finite number > 0"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), "rope_scaling asks for rope_type 'linear'"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 2.0}), "rope_parameters asks for rope_type 'yarn'"),
+        (dict(rope_theta=1e4, rope_parameters={"rope_theta": 500.0}),
+         r"rope_theta=10000.0 and rope_parameters\['rope_theta'\]=500.0 disagree"),
+        (dict(rope_parameters=500.0), "rope_parameters must be a dict"),
         (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
         (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
         (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\]"),
@@ -66,6 +71,31 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(overrides.pop("mixer_types", ["attention"]), **overrides)
+
+
+def test_rope_parameters_set_rope_theta_and_are_not_saved_beside_it(tmp_path):
+    """transformers 5 keeps the RoPE base in rope_parameters (4.x: rope_scaling): it was stored, saved beside a
+    contradicting rope_theta, and never used. Its rope_theta is now the model's; a scaling is refused, also when set
+    after the config is built (as recipes do for Llama)."""
+    ids = random_ids(1, 12)
+    from_parameters = tiny_config(["attention"], rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    assert from_parameters.rope_theta == 500.0
+    torch.manual_seed(0)
+    model = SeqArchForCausalLM(from_parameters)
+    torch.manual_seed(0)
+    same = SeqArchForCausalLM(tiny_config(["attention"], rope_theta=500.0))
+    torch.manual_seed(0)
+    default = SeqArchForCausalLM(tiny_config(["attention"]))
+    assert torch.equal(model(ids).logits, same(ids).logits)
+    assert not torch.allclose(model(ids).logits, default(ids).logits)
+    model.save_pretrained(tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    assert "rope_parameters" not in saved and SeqArchConfig.from_pretrained(tmp_path).rope_theta == 500.0
+    config = tiny_config(["attention"])
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 250.0}
+    assert config.rope_theta == 250.0
+    with pytest.raises(ValueError, match="rope_scaling asks for rope_type 'linear'"):
+        config.rope_scaling = {"type": "linear", "factor": 2.0}
 
 
 def test_mixer_types_as_a_string_is_refused():
