@@ -71,7 +71,29 @@ class _CausalDepthwiseConv(torch.autograd.Function):
 
 def causal_conv(x, weight, bias, past=None):
     """x (B, T, C), weight (C, K), bias (C,), past (B, K-1, C) or None (zeros) -> (B, T, C)."""
+    _check_shapes(x, weight, bias, past)
     return _CausalDepthwiseConv.apply(x, weight, bias, past)
+
+
+def _check_shapes(x, weight, bias, past):
+    """A clear error for shapes the taps would misread: a longer past was read from its oldest rows, and a past of
+    batch 1 was broadcast over the batch, where the reference refuses both."""
+    tensors = (x, weight, bias) + (() if past is None else (past,))
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise ValueError("causal_conv takes tensors x, weight and bias (and past or None); got "
+                         f"{[type(t).__name__ for t in tensors]}.")
+    batch, channels = (x.shape[0], x.shape[2]) if x.dim() == 3 else (None, None)
+    kernel = weight.shape[1] if weight.dim() == 2 else None
+    if not (
+        x.dim() == 3 and weight.dim() == 2 and kernel >= 1 and tuple(weight.shape) == (channels, kernel)
+        and tuple(bias.shape) == (channels,)
+        and (past is None or tuple(past.shape) == (batch, kernel - 1, channels))
+    ):
+        raise ValueError(
+            "causal_conv expects x (B, T, C), weight (C, K), bias (C,) and past (B, K-1, C) or None; got x "
+            f"{tuple(x.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}, past "
+            f"{None if past is None else tuple(past.shape)}."
+        )
 
 
 def causal_conv_reference(x, weight, bias, past=None):

@@ -95,6 +95,23 @@ def test_causal_conv_double_backward(with_past):
     assert torch.autograd.gradgradcheck(causal_conv, (x, weight, bias, past))
 
 
+@pytest.mark.parametrize("past_shape", [(2, 6, 5), (1, 3, 5), (2, 1, 5), (2, 3, 4)],
+                         ids=["longer_than_K-1", "batch_1", "shorter", "other_channels"])
+def test_causal_conv_refuses_a_past_of_another_shape(past_shape):
+    """A past longer than K-1 was read from its oldest rows (outputs off by up to 8), one of batch 1 was broadcast
+    over the batch (the reference refuses both), and the others failed deep in addcmul."""
+    x, weight, bias = torch.randn(2, 6, 5), torch.randn(5, 4), torch.randn(5)
+    with pytest.raises(ValueError, match=r"past \(B, K-1, C\) or None; got x \(2, 6, 5\), weight \(5, 4\)"):
+        causal_conv(x, weight, bias, torch.randn(past_shape))
+
+
+@pytest.mark.parametrize("weight_shape,bias", [((5, 1, 4), True), ((3, 4), True), ((5, 4), False)],
+                         ids=["conv1d_layout", "other_channels", "no_bias"])
+def test_causal_conv_refuses_weights_of_another_shape(weight_shape, bias):
+    with pytest.raises(ValueError, match="causal_conv"):
+        causal_conv(torch.randn(2, 6, 5), torch.randn(weight_shape), torch.randn(5) if bias else None)
+
+
 def test_strong_gates_with_pads_keep_dA_exact():
     """dA of a head whose gates are strong (dt * A down to -400 per step) with dt = 0 at half the steps (pads, decay
     1): its true value is tiny (~1e-22), and summing the log decay's gradient from segment ends would leave rounding
