@@ -58,7 +58,8 @@ def autocast_off(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        device_type = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device_type = tensors[0].device.type if tensors else "cpu"  # (no tensor: the op's own checks say so)
         with torch.autocast(device_type, enabled=False):
             return fn(*args, **kwargs)
 

@@ -95,6 +95,8 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)
+        if not x.is_floating_point():  # the mixed-dtype branch below would compute and cast back: truncated to 0s
+            raise ValueError(f"RMSNorm takes floating-point input, got {x.dtype}.")
         if not fast and self.weight is not None and x.dtype != self.weight.dtype:
             # Mixed dtypes (a bf16 activation and float32 weight under autocast): torch's kernel would warn and
             # take its slow path; compute in the wider dtype (as Llama's norm does) and return the input's.

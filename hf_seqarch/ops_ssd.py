@@ -26,16 +26,33 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64, initial_state=None):
     Returns:
         y: (b, T, H, P) without the D skip;  final_state: (b, H, P, N). Both float32 (float64 for float64 x).
     """
+    _check_dt_and_A(x, dt, A)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # bf16/fp16 are computed in float32
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     state = None if initial_state is None else initial_state.to(dtype)
-    return chunked_scan(C, B, x * dt[..., None], dt * A, chunk_size, state)
+    log_decay = dt * A  # (b, T, H)
+    if log_decay.device.type == "cpu" and not torch.compiler.is_compiling() and bool((log_decay > 0).any()):
+        raise ValueError("dt * A must be <= 0 (dt >= 0, A <= 0: a decay exp(dt * A) in [0, 1]); got positive values.")
+    return chunked_scan(C, B, x * dt[..., None], log_decay, chunk_size, state)
 
 
 def ssd_reference(x, dt, A, B, C, initial_state=None):
     """Ground truth for `ssd_chunked`: the plain loop over time, in float32 (float64 for float64 inputs)."""
+    _check_dt_and_A(x, dt, A)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     if initial_state is None:
         initial_state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], B.shape[3])
     return scan_reference(C, B, x * dt[..., None], dt * A, initial_state.to(dtype))
+
+
+def _check_dt_and_A(x, dt, A):
+    """dt (b, T, H) and A (H,) for x (b, T, H, P): a clear error rather than a broadcast failing (or, for an A of
+    shape (H, 1), succeeding with other shapes) inside the products. B, C and the state are checked by the scan."""
+    tensors = (x, dt, A)
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not (
+        x.dim() == 4 and tuple(dt.shape) == tuple(x.shape[:3]) and tuple(A.shape) == (x.shape[2],)
+    ):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tensors]
+        raise ValueError(f"Expected x (b, T, H, P), dt (b, T, H) and A (H,); got x {shapes[0]}, dt {shapes[1]}, "
+                         f"A {shapes[2]}.")

@@ -107,3 +107,9 @@ def test_the_hand_written_backward_runs_where_it_applies(monkeypatch):
     torch._dynamo.reset()
     torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
     assert not calls
+
+
+def test_integer_input_is_refused():
+    """Computed in float32 and cast back, [1, 2, 3, 40] came out as [0, 0, 0, 1]; torch's nn.RMSNorm raises."""
+    with pytest.raises(ValueError, match="RMSNorm takes floating-point input, got torch.int64"):
+        RMSNorm(4)(torch.tensor([[1, 2, 3, 40]]))

@@ -112,6 +112,32 @@ def test_causal_conv_refuses_weights_of_another_shape(weight_shape, bias):
         causal_conv(torch.randn(2, 6, 5), torch.randn(weight_shape), torch.randn(5) if bias else None)
 
 
+@pytest.mark.parametrize("op", [ssd_chunked, ssd_reference], ids=["chunked", "reference"])
+@pytest.mark.parametrize("which,shape", [("A", (3,)), ("A", (4, 1)), ("dt", (2, 7))])
+def test_ssd_refuses_dt_and_A_of_other_shapes(op, which, shape):
+    """They failed in a broadcast inside the products, naming neither argument."""
+    inputs = dict(x=torch.randn(2, 7, 4, 5), dt=torch.rand(2, 7, 4), A=-torch.rand(4), B=torch.randn(2, 7, 2, 3),
+                  C=torch.randn(2, 7, 2, 3))
+    inputs[which] = torch.rand(shape) * (-1 if which == "A" else 1)
+    with pytest.raises(ValueError, match=r"Expected x \(b, T, H, P\), dt \(b, T, H\) and A \(H,\)"):
+        op(**inputs)
+
+
+def test_ssd_chunked_refuses_a_growing_decay():
+    """A negative dt (or a positive A) was reported as a log_decay, an argument ssd_chunked does not have."""
+    x, dt, A = torch.randn(1, 5, 2, 3), -torch.rand(1, 5, 2), -torch.rand(2)
+    with pytest.raises(ValueError, match=r"dt \* A must be <= 0"):
+        ssd_chunked(x, dt, A, torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4))
+
+
+def test_ops_take_keyword_arguments():
+    """Called with keywords only, their autocast wrapper found no tensor among the positional ones: StopIteration."""
+    x, dt, A = torch.randn(1, 5, 2, 3), torch.rand(1, 5, 2), -torch.rand(2)
+    B, C = torch.randn(1, 5, 1, 4), torch.randn(1, 5, 1, 4)
+    y, _ = ssd_chunked(x=x, dt=dt, A=A, B=B, C=C, chunk_size=4)
+    torch.testing.assert_close(y, ssd_reference(x, dt, A, B, C)[0])
+
+
 def test_strong_gates_with_pads_keep_dA_exact():
     """dA of a head whose gates are strong (dt * A down to -400 per step) with dt = 0 at half the steps (pads, decay
     1): its true value is tiny (~1e-22), and summing the log decay's gradient from segment ends would leave rounding
