@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 def sliding_window_attention(query, key, value, window: int, scaling: float, dropout: float = 0.0):
     """query (B, nh, T, hd), key/value (B, nkv, T, hd), nkv dividing nh -> output (B, T, nh, hd)."""
+    _check_inputs(query, key, value, window)
     batch, heads, length, head_dim = query.shape
     nb = -(-length // window)
     pad = nb * window - length  # queries and keys past the end: never seen by a real query (they are later)
@@ -46,3 +47,18 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     )  # (B * nb, nh, W, hd)
     output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3)  # (B, nb, W, nh, hd)
     return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)
+
+
+def _check_inputs(query, key, value, window):
+    """A clear error rather than one from the block arithmetic (a window of 0 divided by zero) or inside sdpa."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (the keys a query sees, itself included), got {window!r}.")
+    ranks_ok = query.dim() == key.dim() == value.dim() == 4
+    if not (
+        ranks_ok and key.shape == value.shape and key.shape[0] == query.shape[0] and key.shape[2:] == query.shape[2:]
+        and key.shape[1] >= 1 and query.shape[1] % key.shape[1] == 0 and query.shape[2] >= 1
+    ):
+        raise ValueError(
+            "Expected query (B, nh, T, hd) and key, value (B, nkv, T, hd) with nkv dividing nh and T >= 1; got query "
+            f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}."
+        )

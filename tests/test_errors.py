@@ -15,6 +15,7 @@ from hf_seqarch import (
     SeqArchModel,
 )
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
+from hf_seqarch.ops_sliding_attention import sliding_window_attention
 from tester import VOCAB, random_ids, tiny_config, tiny_model
 
 
@@ -616,3 +617,20 @@ def test_a_causal_recurrence_loaded_as_an_encoder_says_why_not(tmp_path):
                                                                                                bidirectional=True))):
         with pytest.raises(ValueError, match="causal model with lstm layers, which cannot load as an encoder"):
             load()
+
+
+@pytest.mark.parametrize(
+    "shapes,window,message",
+    [
+        (((2, 4, 6, 8), (2, 2, 6, 8)), 0, "window must be an integer >= 1"),  # once a ZeroDivisionError
+        (((2, 4, 6, 8), (2, 2, 6, 8)), 3.0, "window must be an integer >= 1"),
+        (((2, 4, 6, 8), (2, 2, 5, 8)), 3, r"Expected query \(B, nh, T, hd\)"),  # keys shorter than queries
+        (((2, 4, 6, 8), (2, 3, 6, 8)), 3, r"nkv dividing nh"),
+        (((2, 4, 0, 8), (2, 2, 0, 8)), 3, r"T >= 1"),
+    ],
+)
+def test_sliding_window_attention_op_checks_its_inputs(shapes, window, message):
+    """The op the sliding_attention mixer runs (also public): errors came from its block arithmetic or sdpa."""
+    query_shape, kv_shape = shapes
+    with pytest.raises(ValueError, match=message):
+        sliding_window_attention(torch.randn(query_shape), torch.randn(kv_shape), torch.randn(kv_shape), window, 0.5)
