@@ -964,6 +964,9 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
     ):
         _check_classification_inputs(self, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
+        if labels is not None and self.num_labels == 1:  # (not regression, as for sequences: cross-entropy)
+            raise ValueError("Token classification with num_labels=1 has nothing to learn: the cross-entropy over one "
+                             "class is 0 for every token. Use num_labels >= 2 (one per tag; e.g. 2 for yes/no).")
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
             if tuple(labels.shape) not in (tokens, (tokens[0] * tokens[1],)):  # (transformers' loss flattens them)
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "

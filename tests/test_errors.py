@@ -634,3 +634,12 @@ def test_sliding_window_attention_op_checks_its_inputs(shapes, window, message):
     query_shape, kv_shape = shapes
     with pytest.raises(ValueError, match=message):
         sliding_window_attention(torch.randn(query_shape), torch.randn(kv_shape), torch.randn(kv_shape), window, 0.5)
+
+
+def test_token_classification_with_one_label_is_refused_when_trained():
+    """Its cross-entropy over one class is 0 for every token: training silently did nothing."""
+    model = tiny_model(SeqArchForTokenClassification, ["gru"], num_labels=1)
+    ids = random_ids(2, 4)
+    assert model(ids).logits.shape == (2, 4, 1)  # (inference stays allowed)
+    with pytest.raises(ValueError, match="num_labels=1 has nothing to learn"):
+        model(ids, labels=torch.zeros(2, 4, dtype=torch.long))
