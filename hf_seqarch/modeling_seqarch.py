@@ -938,6 +938,11 @@ def _sequence_labels(labels, batch, config):
         shape = f"({batch},)" if one_each else str((batch, num_labels))
         raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape {shape}, got "
                          f"{tuple(labels.shape)} ({labels.dtype}).")
+    if problem == "multi_label_classification" and labels.numel() and not torch.compiler.is_compiling():
+        low, high = _value_range(labels)  # (one device sync, as class ids take)
+        if not (0 <= low and high <= 1):  # (NaN fails both)
+            raise ValueError(f"multi_label_classification takes targets in [0, 1] (1: the label applies); got values "
+                             f"in [{low}, {high}].")
     return labels
 
 

@@ -643,3 +643,14 @@ def test_token_classification_with_one_label_is_refused_when_trained():
     assert model(ids).logits.shape == (2, 4, 1)  # (inference stays allowed)
     with pytest.raises(ValueError, match="num_labels=1 has nothing to learn"):
         model(ids, labels=torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("targets", [[[2.0, 0.0, 1.0], [0.0, 1.0, 1.0]], [[0.0, -1.0, 1.0], [0.5, 1.0, 0.0]],
+                                     [[float("nan"), 0.0, 1.0], [0.0, 1.0, 0.0]]], ids=["above_1", "below_0", "nan"])
+def test_multi_label_targets_outside_0_1_are_refused(targets):
+    """Binary cross-entropy of targets outside [0, 1] is a finite number that means nothing: it trained silently."""
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"], num_labels=3,
+                       problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match=r"multi_label_classification takes targets in \[0, 1\]"):
+        model(random_ids(2, 4), labels=torch.tensor(targets))
+    model(random_ids(2, 4), labels=torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 1.0]]))  # soft targets stay allowed
