@@ -41,6 +41,7 @@ N key/query size (Mamba-2: state size), P value size (head dim), C number of chu
 """
 
 import functools
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -511,8 +512,9 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     autograd raise, as it does for torch's own ops.
     """
     _check_inputs(q, k, v, log_decay, initial_state, dims=4)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    chunk_size = int(chunk_size)  # (a numpy integer, say, from a sweep)
     if log_decay.device.type == "cpu" and not torch.compiler.is_compiling() and bool((log_decay > 0).any()):
         raise ValueError("log_decay must be <= 0 (the log of a decay in [0, 1]); got positive values, which the "
                          "chunked algorithm cannot take (scan_reference can).")

@@ -428,6 +428,15 @@ def test_chunk_size_must_be_a_positive_integer(chunk_size):
         chunked_scan(q, k, v, log_decay, chunk_size)
 
 
+def test_chunk_size_may_be_a_numpy_integer():
+    """A chunk size from a numpy sweep was refused as not an integer (the config fields take them)."""
+    import numpy as np
+
+    q, k, v, log_decay, _ = make_inputs(H=3)
+    for got, want in zip(chunked_scan(q, k, v, log_decay, np.int64(4)), chunked_scan(q, k, v, log_decay, 4)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_compiled_backward_with_grouped_q_and_k():
     """Under torch.compile (the exact path: no data-dependent choice while tracing) forward and backward with q and k
     shared by groups of heads: AOTAutograd traces the hand-written backward's in-place writes into grouped views."""

@@ -322,3 +322,16 @@ def test_a_session_refuses_a_cache_of_padded_rows_where_attention_would_read_the
     step = StreamingSession(model, cache=cache).step(torch.tensor([5, 7]))
     alone = model(input_ids=torch.cat([ids[1, 4:], torch.tensor([7])])[None]).logits[0, -1]
     torch.testing.assert_close(step[1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_takes_numpy_and_tensor_token_counts():
+    """max_new_tokens=np.int64(2) or torch.tensor(2) (a count computed with numpy or torch) was refused."""
+    import numpy as np
+
+    model, prompt = causal_lm("lstm"), random_ids(1, 4)
+    expected = StreamingSession(model).greedy(prompt, max_new_tokens=2)
+    for count in (np.int64(2), torch.tensor(2)):
+        torch.testing.assert_close(StreamingSession(model).greedy(prompt, max_new_tokens=count), expected)
+    for bad in (torch.tensor(2.0), torch.tensor(True), np.float64(2)):
+        with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+            StreamingSession(model).greedy(prompt, max_new_tokens=bad)

@@ -17,6 +17,8 @@ preparation, logits processors, stopping criteria, output objects), under `torch
 The tests hold it to the model's forward. This is tooling, not model code: it is not exported to the Hub.
 """
 
+import numbers
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -112,8 +114,11 @@ class StreamingSession:
         `max_new_tokens` times. Returns the new tokens (B, max_new_tokens); the state has consumed all of them."""
         if self.lm_head is None:
             raise ValueError("greedy decoding needs logits: build the session from a SeqArchForCausalLM.")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, torch.Tensor) and max_new_tokens.numel() == 1 and _is_integer(max_new_tokens):
+            max_new_tokens = max_new_tokens.item()  # (a 0-d integer tensor)
+        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+        max_new_tokens = int(max_new_tokens)
         self._refuse_padded_cache()
         if input_ids is not None:
             logits = self.feed(input_ids)[:, -1]
