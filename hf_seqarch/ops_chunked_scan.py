@@ -41,6 +41,7 @@ N key/query size (Mamba-2: state size), P value size (head dim), C number of chu
 """
 
 import functools
+import math
 import numbers
 
 import torch
@@ -273,7 +274,12 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         _refuse_double_backward()
         q, k, v, grow, shrink, qk, states, y = ctx.saved_tensors
         (B, T, groups, _), L, per_group = q.shape, qk.shape[-1], grow.shape[-1]  # per_group: R
-        dy = dy.contiguous()
+        # dy is multiplied by exp(cs), as small as e^-60: uniformly tiny upstream gradients (under ~1e-12) went into
+        # float32's denormals (errors of 1e-2 at 1e-17). They are scaled by a power of two that brings the largest to
+        # about 1, and every gradient returned (linear in them) is scaled back: exact.
+        scale = _power_of_two_scale(dy, dstate)
+        dy = dy.contiguous() if scale == 1.0 else dy * scale
+        dstate = dstate if scale == 1.0 else dstate * scale
         chunk_decay = _per_head(grow[:, :, :, -1])[..., None, None]  # (C, B, H, 1, 1)
         q_chunks, k_chunks = _chunks(q, L), _chunks(k, L)  # (C, B, G, L, N) views
         dq_out, dk_out, dv_out = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # (B, T, G or H, .)
@@ -315,7 +321,20 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         per_chunk = dcs.view(B, len(qk), L, dcs.shape[-1])  # (B, C, L, H)
         per_chunk[:, :, -1] += d_end.transpose(0, 1)
         da = per_chunk.flip(2).cumsum(2).flip(2).view(dcs.shape)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
+        if scale != 1.0:
+            for grad in (dq_out, dk_out, dv_out, da, dstates[0]):
+                grad.div_(scale)
         return dq_out, dk_out, dv_out, da, dstates[0], None
+
+
+def _power_of_two_scale(*tensors) -> float:
+    """1, or the power of two that brings the largest magnitude in `tensors` to [1, 2) when it lies outside
+    [2^-24, 2^24] (one pass and a sync each: the factorised path runs on CPU only)."""
+    ranges = [torch.aminmax(t) for t in tensors if t.numel()]  # (one pass each: 10x faster than vector_norm(inf))
+    largest = max((max(-float(low), float(high)) for low, high in ranges), default=0.0)
+    if largest == 0.0 or not math.isfinite(largest) or 2.0**-24 <= largest <= 2.0**24:
+        return 1.0
+    return 2.0 ** -math.floor(math.log2(largest))
 
 
 def _side_by_side(x, groups):

@@ -185,6 +185,26 @@ def test_float32_factorized_path_near_its_limit(shared_qk):
         torch.testing.assert_close(x.double(), ref, atol=2e-5, rtol=2e-5, msg=name)
 
 
+def test_float32_factorised_backward_keeps_precision_for_tiny_upstream_gradients():
+    """The factorised backward multiplies dy by exp(cs), down to e^-58 here: upstream gradients of 1e-17 fell into
+    float32's denormals (relative errors of 1e-2 in every gradient, silently)."""
+    q, k, v, a, s0 = make_inputs(T=128, dtype=torch.float64)
+    a = torch.full_like(a, -58.0 / 64)
+    assert ops_chunked_scan._factorised_heads(a, 64).all()
+
+    def tiny_gradients(fn, *inputs):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        y, s = fn(*leaves[:4], initial_state=leaves[4])
+        g = torch.Generator().manual_seed(1)
+        gy, gs = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * 1e-17 for t in (y, s))
+        return [grad.double() * 1e17 for grad in torch.autograd.grad((y, s), leaves, (gy, gs))]
+
+    got = tiny_gradients(lambda *x, **kw: chunked_scan(*x, chunk_size=64, **kw), *(x.float() for x in (q, k, v, a, s0)))
+    want = tiny_gradients(scan_reference, q, k, v, a, s0)
+    for name, x, ref in zip(NAMES[2:], got, want):
+        torch.testing.assert_close(x, ref, atol=2e-5, rtol=2e-5, msg=name)
+
+
 def test_long_sequence_strong_decay_is_finite():
     T = 16384
     q, k, v, a, s0 = make_inputs(B=1, T=T, H=2, N=16, P=16, dtype=torch.float32, strong=True)
