@@ -394,19 +394,38 @@ def _factorised_heads(a, L):
     return (spread <= -LOG_DECAY_FLOOR).flatten(0, 1).all(0) & mild_steps  # (H,)
 
 
-def _factorised_path_heads(a, L):
+def _factorised_path_heads(a, L, q=None, k=None, v=None):
     """The heads `_scan` runs on the factorised path, for log decays a (B, T, H): (H,) bool, or None for none.
     Splitting the heads between the paths costs a copy of the inputs and outputs each way, which pays when at least
-    half of them factorise; with fewer, all take the exact path."""
+    half of them factorise; with fewer, all take the exact path. Given q, k and v, heads whose products could
+    overflow float32 there are left out (`_products_stay_finite`)."""
     factorised = _factorised_heads(a, L)
+    if factorised is not None and v is not None:
+        factorised = factorised & _products_stay_finite(a, L, q, k, v)
     return None if factorised is None or 2 * int(factorised.sum()) < len(factorised) else factorised
+
+
+def _products_stay_finite(a, L, q, k, v):
+    """(H,) bool: where the factorised scan's products stay below float32's largest value. It scales values by up to
+    exp(spread), e^60, before products that sum N * L terms of |q| |k| |v|: with activations of ~1000 at that spread
+    they overflowed to inf where the result is ~1e13. Read only when some head's spread passes 30 (below it, that
+    takes activations of ~1e7); then the inputs' largest magnitudes are read too (a pass over each)."""
+    cs = _chunks(a.detach()[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
+    if cs.numel() == 0:  # an empty batch
+        return torch.ones(a.shape[-1], dtype=torch.bool)
+    spread = (cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)).flatten(0, 1).amax(0)  # (H,): the widest chunk
+    if float(spread.max()) <= 30:
+        return torch.ones_like(spread, dtype=torch.bool)
+    largest = [max(-float(low), float(high), 1e-30) for low, high in (torch.aminmax(x.detach()) for x in (q, k, v))]
+    log_products = math.log(q.shape[-1] * L) + sum(math.log(x) for x in largest)  # N * L * |q| |k| |v|, at most
+    return spread + log_products <= 80.0  # e^80 ~ 5e34: float32's largest is e^88.7
 
 
 def _scan(q, k, v, a, state, L):
     """Each head on the fastest path that is exact for it (`_factorised_path_heads`): the factorised scan for the
     heads whose decays factor, the segment-sum scan for the others, so that a few strongly gated heads do not put
     every head on the slower path. Arguments and returns as `_ChunkedScan`'s."""
-    factorised = _factorised_path_heads(a, L)
+    factorised = _factorised_path_heads(a, L, q, k, v)
     if factorised is None:
         return _ChunkedScan.apply(q, k, v, a, state, L)
     if factorised.all():
