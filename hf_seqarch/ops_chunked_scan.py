@@ -21,7 +21,8 @@ all take a very slow path on CPU (10-80x), no result can tell exp(-60) ~ 1e-26 f
 and above the diagonal (where the sums are positive and can be large) the values are masked anyway.
 
 On CPU, for the heads whose log decays span at most 60 in every chunk and are at most 4 in size at every step (all
-but strongly gated heads), exp(cs_i - cs_j) is computed as exp(cs_i) * exp(-cs_j), folded into the values and
+but strongly gated heads; and, for spans over 30, whose inputs are small enough that e^span cannot take the products
+past float32's range), exp(cs_i - cs_j) is computed as exp(cs_i) * exp(-cs_j), folded into the values and
 outputs, and the L x L decay matrix is never formed (`_FactorizedChunkedScan`); the other heads take the exact
 segment sums above
 (`_ChunkedScan`), and a call with both kinds runs each on its own path (`_scan`). Tests hold both to the
