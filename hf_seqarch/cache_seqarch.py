@@ -100,6 +100,11 @@ class SeqArchCache:
     def batch_select_indices(self, indices: torch.Tensor):
         self._map_states(lambda t: t[indices])
 
+    def __getstate__(self):
+        """Picklable (torch.save, a generate() output holding it): without the weak reference to the config checked
+        last, so that the next model to use the unpickled cache is checked against its layout again."""
+        return {**self.__dict__, "_made_from": None}
+
     # -- checks before use --------------------------------------------------------------------------
     def check_usable_by(self, config, batch_size: int | None = None, device: torch.device | None = None):
         """Raise ValueError if this cache was made for a model of another layout, or holds another batch size, or

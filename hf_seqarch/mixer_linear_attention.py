@@ -22,11 +22,17 @@ from .mixer_token_blocks import forward_in_cpu_token_blocks
 from .ops_chunked_scan import chunked_scan, scan_step
 from .ops_rms_norm import RMSNorm
 
-FEATURE_MAPS = {
-    "elu": lambda x: F.elu(x) + 1,  # positive, smooth, as in Katharopoulos et al. (2020)
-    "relu": F.relu,
-    "identity": lambda x: x,
-}
+def elu_plus_one(x):
+    """Positive and smooth, as in Katharopoulos et al. (2020)."""
+    return F.elu(x) + 1
+
+
+def identity(x):
+    return x
+
+
+# Module-level functions, not lambdas: a mixer holds one, and a model must pickle (torch.save(model), deepcopy).
+FEATURE_MAPS = {"elu": elu_plus_one, "relu": F.relu, "identity": identity}
 
 
 class LinearAttentionMixer(nn.Module):

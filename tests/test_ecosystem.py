@@ -294,3 +294,23 @@ def test_share_on_hub_example_runs(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "same output" in run.stdout and "transformers_modules." in run.stdout
     assert {"README.md", "tokenizer_config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))
+
+
+@stack_params
+def test_models_and_their_caches_pickle(stack, tmp_path):
+    """torch.save(model) (and deepcopy's fallbacks, multiprocessing) pickle the whole model: linear attention's
+    feature maps were lambdas and failed. A cache (alone, or in a generate() output) held a weak reference to its
+    model's config and failed too; it keeps its layout and checks the next model against it."""
+    import io
+    import pickle
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    ids, step = random_ids(1, 6), random_ids(1, 1, seed=3)
+    out = model(ids, use_cache=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(ids).logits, out.logits)
+    cache = pickle.loads(pickle.dumps(out.cache))
+    assert torch.equal(model(step, cache=cache).logits, model(step, cache=out.cache).logits)
