@@ -203,6 +203,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         # A config changed since it was built (resize_token_embeddings below pad_token_id, a field set by hand) is
         # checked now, not by the from_pretrained that would refuse it after the training that led here.
         self.config.validate_seqarch()
+        _refuse_head_tied_against_config(self)
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process:
@@ -223,6 +224,23 @@ class SeqArchPreTrainedModel(PreTrainedModel):
             return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message,
                                        commit_description=commit_description, private=private, create_pr=create_pr,
                                        revision=revision)
+
+
+def _refuse_head_tied_against_config(model):
+    """config.tie_word_embeddings set to False on a tied model leaves lm_head and the embeddings one tensor: saved, the
+    folder lacked lm_head.weight while its config said untied, and from_pretrained refused it (saving again wrote the
+    same folder)."""
+    head, embeddings = getattr(model, "lm_head", None), model.get_input_embeddings()
+    if model.config.tie_word_embeddings or head is None or embeddings is None:
+        return
+    one_storage = head.weight.data_ptr() == embeddings.weight.data_ptr() != 0  # (0: offloaded to meta, unknown)
+    if head.weight is embeddings.weight or one_storage:
+        raise ValueError(
+            "config.tie_word_embeddings is False, but lm_head.weight is still the input embeddings' tensor (the model "
+            "was built tied): saved, the folder would say untied and hold no lm_head.weight. Untie the tensors first, "
+            "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone()), or set "
+            "config.tie_word_embeddings back to True."
+        )
 
 
 def _untie_lm_head_left_out(model, info, source, load_kwargs):

@@ -654,3 +654,17 @@ def test_multi_label_targets_outside_0_1_are_refused(targets):
     with pytest.raises(ValueError, match=r"multi_label_classification takes targets in \[0, 1\]"):
         model(random_ids(2, 4), labels=torch.tensor(targets))
     model(random_ids(2, 4), labels=torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, 1.0]]))  # soft targets stay allowed
+
+
+def test_a_model_tied_against_its_config_is_not_saved(tmp_path):
+    """config.tie_word_embeddings set to False on a tied model: the saved folder said untied and held no
+    lm_head.weight, and from_pretrained refused it (saving again wrote the same folder)."""
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    model.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="lm_head.weight is still the input embeddings' tensor"):
+        model.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # the advised untying
+    model.save_pretrained(tmp_path / "untied")
+    loaded = SeqArchForCausalLM.from_pretrained(tmp_path / "untied")
+    assert not loaded.config.tie_word_embeddings and torch.equal(loaded.lm_head.weight, model.lm_head.weight)
