@@ -257,7 +257,9 @@ def _untie_lm_head_left_out(model, info, source, load_kwargs):
             f"The checkpoint {source!r} was saved as a SeqArchForCausalLM with untied embeddings "
             "(tie_word_embeddings=false in its config.json) but has no lm_head.weight: its weights are incomplete, "
             "and the head would not be the one trained. Save the model again; or load the body alone "
-            "(SeqArchModel.from_pretrained) and put a head of your own on it."
+            "(SeqArchModel.from_pretrained) and put a head of your own on it. (A folder saved from a tied model whose "
+            "config alone was set untied, which earlier versions allowed, has the embeddings as its head: set "
+            "tie_word_embeddings to true in its config.json.)"
         )
     if head.weight.is_meta or model.get_input_embeddings().weight.is_meta:  # offloaded by device_map
         raise ValueError(
