@@ -204,7 +204,6 @@ def test_interrupted_run_leaves_finished_results(tmp_path, monkeypatch):
     assert "Status: interrupted" in (tmp_path / "report.md").read_text()
 
 
-
 def test_more_threads_than_cpus_are_cut_to_the_cpus(tmp_path, capsys, monkeypatch):
     """Thousands of threads on 2 CPUs timed contention, not architectures (1600x slower); a huge number once
     overflowed inside torch, after the output folder was made."""
