@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, pipeline
 
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchForTokenClassification
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import STACKS, random_ids, tiny_model
 
 stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
@@ -312,5 +313,6 @@ def test_models_and_their_caches_pickle(stack, tmp_path):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert torch.equal(loaded(ids).logits, out.logits)
-    cache = pickle.loads(pickle.dumps(out.cache))
-    assert torch.equal(model(step, cache=cache).logits, model(step, cache=out.cache).logits)
+    filled = getattr(out, CACHE_FIELD)  # (the output field's name differs between transformers 4 and 5)
+    cache = pickle.loads(pickle.dumps(filled))
+    assert torch.equal(model(step, cache=cache).logits, model(step, cache=filled).logits)
