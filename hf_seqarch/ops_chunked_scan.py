@@ -389,10 +389,16 @@ def _factorised_heads(a, L):
     if a.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     a = a.detach()
-    cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
-    spread = cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)  # (C, B, H)
+    spread = _chunk_spreads(a, L)  # (C, B, H)
     mild_steps = (a.abs() <= FACTORISED_MAX_STEP).flatten(0, 1).all(0)  # (H,)
     return (spread <= -LOG_DECAY_FLOOR).flatten(0, 1).all(0) & mild_steps  # (H,)
+
+
+def _chunk_spreads(a, L):
+    """(B, T, H) log decays -> (C, B, H): how far the cumulative sums, with the 0 at the chunk's start, spread in each
+    chunk of L steps (in float64)."""
+    cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
+    return cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)
 
 
 def _factorised_path_heads(a, L, q=None, k=None, v=None):
@@ -411,10 +417,10 @@ def _products_stay_finite(a, L, q, k, v):
     exp(spread), e^60, before products that sum N * L terms of |q| |k| |v|: with activations of ~1000 at that spread
     they overflowed to inf where the result is ~1e13. Read only when some head's spread passes 30 (below it, that
     takes activations of ~1e7); then the inputs' largest magnitudes are read too (a pass over each)."""
-    cs = _chunks(a.detach()[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L)
-    if cs.numel() == 0:  # an empty batch
+    spreads = _chunk_spreads(a.detach(), L)  # (C, B, H)
+    if spreads.numel() == 0:  # an empty batch
         return torch.ones(a.shape[-1], dtype=torch.bool)
-    spread = (cs.amax(-1).clamp(min=0) - cs.amin(-1).clamp(max=0)).flatten(0, 1).amax(0)  # (H,): the widest chunk
+    spread = spreads.flatten(0, 1).amax(0)  # (H,): the widest chunk
     if float(spread.max()) <= 30:
         return torch.ones_like(spread, dtype=torch.bool)
     largest = [max(-float(low), float(high), 1e-30) for low, high in (torch.aminmax(x.detach()) for x in (q, k, v))]

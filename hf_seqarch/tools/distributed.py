@@ -61,8 +61,8 @@ def finish_distributed_run(trainer) -> None:
         wrapper = weakref.ref(wrapped)
         trainer.model_wrapped = trainer.model
         del wrapped
-        accelerator.free_memory()  # drops the accelerator's references to prepared objects, then collects
-        gc.collect()
+        accelerator.free_memory()  # drops the accelerator's references to the prepared objects
+        gc.collect()  # (free_memory collects before it drops them: the wrapper's reference cycles go now)
         if wrapper() is not None:
             print(f"warning: the {type(wrapper()).__name__} wrapper is still referenced when the process group ends; "
                   "its exit may hang (see hf_seqarch.tools.distributed.finish_distributed_run)", file=sys.stderr)

@@ -63,8 +63,7 @@ class StreamingSession:
         if self.config.bidirectional:
             raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it cannot stream.")
         self.cache = cache if cache is not None else SeqArchCache(self.config)
-        self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
-        self._decoder_modules = tuple(model.modules())  # what it was built from (see _current_decoder)
+        self._build_decoder()
 
     @property
     def cache(self) -> SeqArchCache:
@@ -154,14 +153,18 @@ class StreamingSession:
     def _current_decoder(self) -> SingleTokenDecoder:
         """The single-token decoder, built again when a module of the model was replaced since (set_input_embeddings,
         resize_token_embeddings with an untied head, an adapter): it calls the module objects it was built from."""
-        modules = tuple(self.model.modules())
-        if modules != self._decoder_modules:  # (modules compare by identity)
-            self.base, self.lm_head = getattr(self.model, "model", self.model), getattr(self.model, "lm_head", None)
-            self._decoder, self._decoder_modules = SingleTokenDecoder(self.base, self.lm_head, self.config), modules
+        if tuple(self.model.modules()) != self._decoder_modules:  # (modules compare by identity)
+            self._build_decoder()
         return self._decoder
 
+    def _build_decoder(self):
+        """The single-token decoder over the model's current modules, and the modules it was built from."""
+        self.base, self.lm_head = getattr(self.model, "model", self.model), getattr(self.model, "lm_head", None)
+        self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
+        self._decoder_modules = tuple(self.model.modules())
+
     def _remember_logits(self, logits: torch.Tensor):
-        """The next-token logits (B, vocab) where greedy(None) continues, and how far the cache had read then."""
+        """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then."""
         self._last_logits, self._last_logits_at = logits, self.cache.changes
 
     def _refuse_padded_cache(self, cache=None):

@@ -110,10 +110,11 @@ def training_step_costs(config, device, seq_lens, tokens_per_step, warmup, repea
     torch.manual_seed(seed)
     model = SeqArchForCausalLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    steps = {}
+    batches, steps = {}, {}
     for seq_len in seq_lens:
-        batch = max(1, tokens_per_step // seq_len)
-        ids = torch.randint(config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        batches[seq_len] = max(1, tokens_per_step // seq_len)
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(config.vocab_size, (batches[seq_len], seq_len), generator=generator)
         steps[seq_len] = _training_step(model, optimizer, ids.to(device))
     for seq_len in seq_lens:
         for _ in range(warmup):
@@ -124,7 +125,7 @@ def training_step_costs(config, device, seq_lens, tokens_per_step, warmup, repea
             times[seq_len] += timed(steps[seq_len], device, warmup=0, repeats=1)
     rows = []
     for seq_len in seq_lens:
-        batch, median = max(1, tokens_per_step // seq_len), statistics.median(times[seq_len])
+        batch, median = batches[seq_len], statistics.median(times[seq_len])
         rows.append(dict(seq_len=seq_len, batch_size=batch, tokens=batch * seq_len, step_seconds=times[seq_len],
                          median_step_seconds=median, tokens_per_second=batch * seq_len / median,
                          peak_memory_bytes=step_peak_memory(steps[seq_len], device)))
