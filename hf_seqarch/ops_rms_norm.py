@@ -5,9 +5,10 @@ composite (pow, mean, rsqrt, mul, mul) and its backward makes a dozen passes ove
 each into a fresh tensor. With five norms in a 4-layer LSTM stack that was ~15% of a training step
 (benchmarks/bench_train_step.py).
 
-The backward below needs one product, two matrix-vector products and three elementwise passes, and
-allocates one tensor (under glibc's malloc every fresh page is a page fault, at every step). The
-reference is torch's own `nn.RMSNorm`, which this class subclasses (same parameters, same state
+The backward below is torch's fused LayerNorm backward kernel (RMSNorm is LayerNorm without the mean
+subtraction: given a mean of 0, the kernel's gradient differs by one per-row term), one matrix-vector
+product and one in-place pass; it allocates one tensor (under glibc's malloc every fresh page is a page
+fault, at every step). The reference is torch's own `nn.RMSNorm`, which this class subclasses (same parameters, same state
 dict) and falls back to wherever the fast path does not apply: inference, GPUs (fused CUDA kernels
 both ways), and dtypes other than float32.
 """
@@ -42,18 +43,19 @@ class RMSNormFunction(torch.autograd.Function):
         order = _memory_order(x)
         if order is None:
             x, order = x.contiguous(), tuple(range(x.dim()))
-        x, grad_output, r = x.permute(order), grad_output.permute(order), r.permute(order)
-        x_rows, r_rows = x.view(-1, width), r.reshape(-1)  # (N, H), (N,)
-        # grad_output is read as it comes, without a copy first: nn.LSTM hands back its input gradient laid out
-        # time-major, but each row is still contiguous, so a strided walk costs about what a contiguous one does.
-        grad_x_rows = torch.mul(x, grad_output, out=torch.empty_like(x)).view(-1, width)  # (N, H): dy * x
-        # (H,): sum over rows of dy * x * r; skipped for a frozen weight (adapters, partial fine-tuning)
-        grad_weight = r_rows @ grad_x_rows if ctx.needs_input_grad[1] else None
-        # d/dx of x * r: dy * weight * r - x * r^3 / H * sum_h(dy * weight * x)
-        coefficient = (grad_x_rows @ weight) * r_rows.pow(3) / width  # (N,)
-        # dy * x is no longer needed: overwrite it rather than allocate (fresh pages cost page faults every step).
-        grad_input = torch.mul(grad_output, weight, out=grad_x_rows.view(x.shape)).mul_(r)
-        grad_input.view(-1, width).addcmul_(x_rows, coefficient[:, None], value=-1)
+        # nn.LSTM hands back its input gradient laid out like x; the final norm's comes batch-first (a copy here).
+        x, grad_output, r = x.permute(order), grad_output.permute(order).contiguous(), r.permute(order).contiguous()
+        # LayerNorm's fused CPU backward, given a mean of 0 and RMSNorm's r as its rstd, is RMSNorm's backward but
+        # for the term of LayerNorm's mean subtraction, -r * mean(dy * weight) per row, added back below: one fused
+        # pass where the composite takes a dozen. A frozen weight (adapters, partial fine-tuning) gets no gradient.
+        needs_input, needs_weight = ctx.needs_input_grad[:2]
+        grad_input, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            grad_output, x, [width], torch.zeros_like(r), r, weight, None, [needs_input, needs_weight, False]
+        )
+        if not needs_input:
+            return None, grad_weight, None
+        mean_term = (grad_output.view(-1, width) @ weight).mul_(r.view(-1)).div_(width)  # (N,)
+        grad_input.view(-1, width).add_(mean_term[:, None])
         inverse = sorted(range(len(order)), key=order.__getitem__)
         return grad_input.permute(inverse), grad_weight, None
 
