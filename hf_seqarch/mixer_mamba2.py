@@ -56,11 +56,12 @@ class GatedRMSNorm(nn.Module):
         dtype = gate.dtype  # the model's dtype (y may come out of the scan in float32)
         compute_dtype = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 model
         y = y.to(compute_dtype) * F.silu(gate.to(compute_dtype))
+        # Returned in the model's dtype also where the weight is kept in float32 in a half model (norms in float32)
         if self.group_size == y.shape[-1] and fast_path_applies(y, self.weight):
-            return RMSNormFunction.apply(y, self.weight, self.eps)  # one group: the shared fast CPU backward
+            return RMSNormFunction.apply(y, self.weight, self.eps).to(dtype)  # one group: the fast CPU backward
         groups = y.unflatten(-1, (-1, self.group_size))  # (..., G, width / G)
         y = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # (..., width)
-        return self.weight * y.to(dtype)
+        return (self.weight * y.to(dtype)).to(dtype)
 
     def init_mixer_weights(self, init):
         init.ones_(self.weight)
@@ -222,5 +223,8 @@ class Mamba2Mixer(nn.Module):
 
     # -- SSM ----------------------------------------------------------------------------------------
     def _ssm_step(self, x, dt, A, B, C, ssm_state):
-        """One token: x (B, H, P), dt (B, H), B/C (B, G, N)."""
-        return scan_step(C, B, x * dt[..., None], dt * A, ssm_state)
+        """One token: x (B, H, P), dt (B, H), B/C (B, G, N). In the scan's dtype (dt's: float32 or float64), as
+        ssd_chunked computes the full forward: y, returned in C's dtype, would overflow float16 where the full
+        forward's does not."""
+        compute_dtype = dt.dtype
+        return scan_step(C.to(compute_dtype), B.to(compute_dtype), x.to(compute_dtype) * dt[..., None], dt * A, ssm_state)

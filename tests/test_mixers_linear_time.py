@@ -12,6 +12,7 @@ from hf_seqarch import SeqArchCache, SeqArchForCausalLM, SeqArchModel
 from hf_seqarch import mixer_token_blocks
 from hf_seqarch.mixer_context import MixerContext
 from hf_seqarch.mixer_token_blocks import cpu_token_block
+from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import random_ids, tiny_config, tiny_model
 
 # name -> (mixer type, config overrides); every variant runs every property below.
@@ -348,6 +349,39 @@ def test_float16_linear_attention_without_decay_stays_finite():
     assert half.dtype == torch.float16 and torch.isfinite(half).all()
     assert (half.float() - reference).norm() / reference.norm() < 1e-2
 
+
+
+def test_float16_mamba2_decode_stays_finite_where_the_full_forward_does():
+    """The decode step computes in the scan's dtype, as the full forward does: it returned the SSM output in
+    float16, which overflowed to inf (NaN logits, garbage from generate()) where the full forward's float32 output
+    was ~3e5 and fine."""
+    model = tiny_model(SeqArchForCausalLM, ["mamba2"], intermediate_size=0, initializer_range=2.0, hidden_size=48,
+                       mamba_state_size=16, mamba_chunk_size=16)
+    ids = random_ids(1, 64)
+    with torch.no_grad():
+        half = model.half()
+        full = half(input_ids=ids).logits
+        cache = getattr(half(input_ids=ids[:, :56], use_cache=True), CACHE_FIELD)  # (named by transformers version)
+        steps = torch.cat([half(input_ids=ids[:, t : t + 1], past_key_values=cache).logits for t in range(56, 64)], 1)
+    assert torch.isfinite(full).all() and torch.isfinite(steps).all()
+    assert (steps.float() - full[:, 56:].float()).norm() / full[:, 56:].float().norm() < 1e-2
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_mamba2_norm_keeps_the_model_dtype_with_float32_weights(training):
+    """Norms kept in float32 in a bfloat16 model (a common mixed-precision recipe): the gated norm returned float32,
+    and the bfloat16 out_proj then failed inside torch."""
+    model = tiny_model(SeqArchForCausalLM, ["mamba2", "attention"]).to(torch.bfloat16).train(training)
+    for module in model.modules():
+        if "RMSNorm" in type(module).__name__:
+            module.float()
+    ids = random_ids(2, 7)
+    with torch.set_grad_enabled(training):  # training: the CPU fast path of the norm
+        logits = model(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    if training:
+        logits.float().sum().backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 def test_long_sequence_with_strong_decay_stays_finite():
     """T = 16,384 forward and backward of a tiny mamba2 model whose gates decay to ~exp(-1000) per step."""
