@@ -226,5 +226,5 @@ class Mamba2Mixer(nn.Module):
         """One token: x (B, H, P), dt (B, H), B/C (B, G, N). In the scan's dtype (dt's: float32 or float64), as
         ssd_chunked computes the full forward: y, returned in C's dtype, would overflow float16 where the full
         forward's does not."""
-        compute_dtype = dt.dtype
-        return scan_step(C.to(compute_dtype), B.to(compute_dtype), x.to(compute_dtype) * dt[..., None], dt * A, ssm_state)
+        C, B, x = (t.to(dt.dtype) for t in (C, B, x))
+        return scan_step(C, B, x * dt[..., None], dt * A, ssm_state)

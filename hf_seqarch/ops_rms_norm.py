@@ -8,9 +8,9 @@ each into a fresh tensor. With five norms in a 4-layer LSTM stack that was ~15% 
 The backward below is torch's fused LayerNorm backward kernel (RMSNorm is LayerNorm without the mean
 subtraction: given a mean of 0, the kernel's gradient differs by one per-row term), one matrix-vector
 product and one in-place pass; it allocates one tensor (under glibc's malloc every fresh page is a page
-fault, at every step). The reference is torch's own `nn.RMSNorm`, which this class subclasses (same parameters, same state
-dict) and falls back to wherever the fast path does not apply: inference, GPUs (fused CUDA kernels
-both ways), and dtypes other than float32.
+fault, at every step). The reference is torch's own `nn.RMSNorm`, which this class subclasses (same
+parameters, same state dict) and falls back to wherever the fast path does not apply: inference, GPUs
+(fused CUDA kernels both ways), and dtypes other than float32.
 """
 
 import torch
