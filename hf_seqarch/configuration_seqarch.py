@@ -54,9 +54,10 @@ class SeqArchConfig(PretrainedConfig):
         intermediate_size: MLP width; 0 means no MLP in the block.
         rope_theta: base of the rotary position embeddings (default 10000). Plain RoPE only: transformers'
             `rope_parameters` / `rope_scaling` are read for their `rope_theta`, and any scaling is refused.
-        sliding_window: span of `"sliding_attention"` layers (the query itself included).
+        sliding_window: span of `"sliding_attention"` layers (the query itself included): a token sees the
+            sliding_window - 1 tokens before it, and in an encoder (bidirectional) also as many after it.
         bidirectional: encoder mode for the classification heads (non-causal attention,
-            bidirectional recurrences, forward+backward scans). Causal LMs refuse it.
+            bidirectional recurrences, forward+backward scans). Causal LMs refuse it. Fixed once a model is built.
         classifier_dropout: dropout before the token-classification head (None: 0).
         mamba_*: Mamba-2 settings, named as in transformers' `Mamba2Config`.
         linear_attention_*: linear attention settings.

@@ -182,6 +182,7 @@ class AttentionMixer(nn.Module):
             dropout=dropout,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
+            is_causal=context.causal,  # sdpa and flash fall back to self.is_causal where no mask is passed
         )
         if context.attentions is not None:  # output_attentions (eager only: the model checked)
             context.attentions.append(weights)

@@ -358,6 +358,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         # so that its layers do not each copy their input and gradient between batch-first and time-major.
         recurrent_only = all(mixer in ("lstm", "gru") for mixer in config.mixer_types)
         self.time_major = recurrent_only and config.intermediate_size == 0
+        self.built_bidirectional = config.bidirectional  # the LSTM/GRU layers are built one- or two-directional
         self.post_init()
 
     def get_input_embeddings(self):
@@ -380,6 +381,13 @@ class SeqArchModel(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
+        if self.config.bidirectional != self.built_bidirectional:
+            raise ValueError(
+                f"config.bidirectional was set to {self.config.bidirectional} after the model was built with "
+                f"{self.built_bidirectional}: the layers (a bidirectional LSTM/GRU has two directions of half the "
+                "width) and the heads' pooling are fixed when the model is built. Build it with the value wanted, "
+                "e.g. from_pretrained(path, bidirectional=True) for an encoder from a causal checkpoint."
+            )
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not both.")
         cache = cache if cache is not None else past_key_values

@@ -436,6 +436,19 @@ def test_classification_heads_take_no_cache(head):
             tiny_model(head, ["lstm"])(input_ids=random_ids(2, 1), **{name: getattr(output, CACHE_FIELD)})
 
 
+
+@pytest.mark.parametrize("built_bidirectional", [False, True])
+def test_bidirectional_changed_after_the_model_was_built_is_refused(built_bidirectional):
+    """The layers and the heads' pooling are fixed when the model is built: a causal model set bidirectional later gave
+    attention that saw future tokens beside LSTMs that did not (and sdpa kept its built causality where no mask was
+    passed, so one row's output depended on another row's padding)."""
+    model = tiny_model(SeqArchForSequenceClassification, ["attention", "lstm"], bidirectional=built_bidirectional)
+    model.config.bidirectional = not built_bidirectional
+    with pytest.raises(ValueError, match="after the model was built"):
+        model(input_ids=random_ids(2, 5))
+    model.config.bidirectional = built_bidirectional  # set back: runs
+    assert model(input_ids=random_ids(2, 5)).logits.shape == (2, 3)
+
 def test_bidirectional_model_takes_no_cache():
     model = tiny_model(SeqArchModel, ["lstm"], bidirectional=True)
     with pytest.raises(ValueError, match="no cache"):

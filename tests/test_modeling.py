@@ -14,6 +14,8 @@ from transformers import (
 )
 
 from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
+from hf_seqarch.mixer_attention import rotary_cos_sin
+from hf_seqarch.mixer_context import MixerContext
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import HEADS, STACKS, VOCAB, main_output, random_ids, tiny_config, tiny_model
 
@@ -561,3 +563,27 @@ def test_empty_batch_gives_empty_outputs(kind):
     model = tiny_model(SeqArchForCausalLM, [kind], attn_implementation="eager")
     ids = random_ids(2, 5)[:0]
     assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (0, 5, VOCAB)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_mixer_follows_the_context_causality_on_every_kernel(causal):
+    """A mixer obeys its MixerContext (the model code does not know which mixer it drives): sdpa without a mask
+    read the causality the mixer was built with instead."""
+    model = tiny_model(SeqArchModel, ["attention"], attn_implementation="sdpa", bidirectional=causal)  # the other way
+    mixer, config = model.layers[0].mixer, model.config
+    hidden = torch.randn(2, 6, config.hidden_size)
+    position_ids = torch.arange(6)[None]
+    context = MixerContext(padding_mask=None, position_ids=position_ids, past_length=0, cache=None, causal=causal)
+    context.position_embeddings = rotary_cos_sin(position_ids, config.attention_head_dim, config.rope_theta, hidden.dtype)
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("eager", "sdpa"):
+            config._attn_implementation = implementation
+            outputs[implementation] = mixer(hidden, context)
+    torch.testing.assert_close(outputs["sdpa"], outputs["eager"], rtol=1e-5, atol=1e-5)
+    # causal: the first position sees only itself, so changing the last token must leave it alone
+    changed = hidden.clone()
+    changed[:, -1] += 1.0
+    with torch.no_grad():
+        moved = (mixer(changed, context) - outputs["sdpa"])[:, 0].abs().max()
+    assert (moved == 0) if causal else (moved > 0)
