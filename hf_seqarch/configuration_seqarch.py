@@ -186,9 +186,16 @@ class SeqArchConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        """As transformers' from_dict, which sets keyword overrides after __init__: validated again after them."""
+        """As transformers' from_dict, which sets keyword overrides after __init__: validated again after them.
+        It applies an override only where the config has the attribute, and rope_parameters / rope_scaling are never
+        stored (see __setattr__): they were dropped (AutoConfig) or passed on to the model's __init__ (a TypeError),
+        so they are set here."""
+        rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
         loaded = super().from_dict(config_dict, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).validate_seqarch()
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        for name, value in rope_overrides.items():
+            setattr(config, name, value)
+        config.validate_seqarch()
         return loaded
 
     @property

@@ -173,6 +173,12 @@ class AttentionMixer(nn.Module):
             context, length, key.shape[2], self.sliding_window, implementation, query.dtype, query.device
         )
         attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        if implementation.startswith("flash_attention"):
+            is_causal = context.causal  # the flash kernels' own argument, beside the 2-D padding mask
+        else:
+            # sdpa reads it where it gets no mask (else self.is_causal). torch aligns that implicit mask with the first
+            # key, and transformers 4.x passes an explicit value on as it is: causal only for as many keys as queries.
+            is_causal = context.causal and mask is None and length == key.shape[2]
         output, weights = attention(
             self,
             query,
@@ -182,7 +188,7 @@ class AttentionMixer(nn.Module):
             dropout=dropout,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
-            is_causal=context.causal,  # sdpa and flash fall back to self.is_causal where no mask is passed
+            is_causal=is_causal,
         )
         if context.attentions is not None:  # output_attentions (eager only: the model checked)
             context.attentions.append(weights)

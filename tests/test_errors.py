@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from transformers import AutoModelForTokenClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
 from hf_seqarch import (
     SeqArchCache,
@@ -98,6 +98,20 @@ def test_rope_parameters_set_rope_theta_and_are_not_saved_beside_it(tmp_path):
     with pytest.raises(ValueError, match="rope_scaling asks for rope_type 'linear'"):
         config.rope_scaling = {"type": "linear", "factor": 2.0}
 
+
+
+def test_rope_overrides_at_load_time_are_applied_or_refused(tmp_path):
+    """from_pretrained(path, rope_parameters=...) was dropped without a word by AutoConfig (transformers applies an
+    override only where the config has the attribute, and these are never stored), and reached the model's __init__
+    as an unexpected keyword (TypeError); a scaling passed so was not refused."""
+    SeqArchForCausalLM(tiny_config(["attention"])).save_pretrained(tmp_path)
+    override = dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    config, unused = AutoConfig.from_pretrained(tmp_path, return_unused_kwargs=True, **override)
+    assert config.rope_theta == 500.0 and unused == {}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, **override).config.rope_theta == 500.0
+    for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(ValueError, match="rope_scaling asks for rope_type 'yarn'"):
+            load(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
 
 def test_mixer_types_as_a_string_is_refused():
     """list("lstm") would be four unknown mixers named by letters."""
