@@ -19,7 +19,7 @@ from hf_seqarch.tools.compare import run as compare_run
 from hf_seqarch.tools.compare.architectures import DEFAULT_ARCHITECTURES, MATCH_TOLERANCE, missing_mixers
 from hf_seqarch.tools.compare import measure
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker
-from hf_seqarch.tools.compare.plots import write_plots
+from hf_seqarch.tools.compare.plots import PLOT_FILES, write_plots
 from hf_seqarch.tools.compare.presets import PRESETS
 from hf_seqarch.tools.compare.tasks import IGNORE, ByteText, chance_levels, copying_batch, generator, mqar_batch
 from hf_seqarch.tools.compare.verdicts import CLAIMS, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, all_verdicts
@@ -44,7 +44,7 @@ def test_writes_report_results_plots_and_checkpoints(run):
     for name in ("report.md", "results.json", *results["plots"]):
         assert (out / name).is_file(), name
     pytest.importorskip("matplotlib")
-    assert set(results["plots"]) == {"throughput.png", "memory.png", "decode.png", "recall.png"}
+    assert set(results["plots"]) == set(PLOT_FILES)  # (the names a re-run clears first)
 
 
 def test_recall_plot_leaves_an_unmeasured_accuracy_out(run, tmp_path, monkeypatch):
@@ -252,6 +252,30 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) == handler_before  # set for the run only
 
 
+
+def test_an_interrupted_rerun_leaves_nothing_of_the_earlier_run_beside_its_results(tmp_path, monkeypatch):
+    """A re-run into a folder kept the earlier run's plots where it drew none (stopped, a failed phase, no
+    matplotlib), beside results they do not show; and the earlier checkpoints were deleted before the new results.json
+    was written, so an interrupt in between left the earlier report naming them."""
+    (tmp_path / "checkpoints" / "lstm").mkdir(parents=True)
+    earlier = {"format_version": 1, "command": "hf-seqarch compare", "status": "complete"}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    for plot in PLOT_FILES:
+        (tmp_path / plot).write_bytes(b"the earlier run's")
+    status_when_cleared, clear = [], compare_run._clear_earlier_outputs
+    monkeypatch.setattr(compare_run, "_clear_earlier_outputs", lambda *args: status_when_cleared.append(
+        json.loads((tmp_path / "results.json").read_text())["status"]) or clear(*args))
+
+    def terminate(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setitem(compare_run.PHASE_FUNCTIONS, compare_run.PHASES[0], terminate)
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path), "--architectures", "lstm"]) == 130
+    assert status_when_cleared == ["running"]  # this run's results.json was written first
+    assert not [plot for plot in PLOT_FILES if (tmp_path / plot).exists()]
+    assert not (tmp_path / "checkpoints" / "lstm").exists()
+
 # -- bad input ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "extra,message",
@@ -261,10 +285,16 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(tmp_path, monkeypat
         (["--architectures", ","], "--architectures is empty"),
         (["--device", "tpu"], "Unknown device 'tpu'|not supported by compare"),
         (["--device", "cuda:99"], "no CUDA GPU|only .* CUDA device"),
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--output-dir", ""], r"\(--output-dir\) is empty"),  # it once wrote everything into the current directory
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
-    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), *extra]) == 2
+    try:
+        code = cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out"), *extra])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out" / "results.json").exists()
 
@@ -316,6 +346,7 @@ def test_unwritable_output_dir(tmp_path, capsys):
     [
         (["--mixers", "lstm, atention"], r"Unknown mixer type\(s\) \['atention'\]"),  # spaces stripped
         (["--output-dir", "{file}"], "Cannot write to output directory"),
+        (["--output-dir", " "], r"\(--output-dir\) is empty"),
         (["--steps", "0"], r"(?s)usage: hf-seqarch demo.*--steps: must be at least 1, got 0"),
         (["--steps", "abc"], r"--steps: must be a whole number, at least 1, got 'abc'"),
         (["--output-dir", "{file}", "--steps", "1"], "it is a file, not a directory"),

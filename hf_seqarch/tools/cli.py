@@ -15,12 +15,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="the architectures side by side on this machine: speed, memory, "
                              "decoding, recall, text; writes report.md, results.json, plots, checkpoints")
     compare.add_argument("--preset", default="quick", help="quick (default, <= 10 min on a 2-core CPU), full (GPU) or test")
-    compare.add_argument("--output-dir", default="outputs/compare")
-    compare.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    compare.add_argument("--output-dir", default="outputs/compare",
+                         help="where report.md, results.json, the plots and checkpoints/ go (default: %(default)s); a "
+                              "re-run there replaces them, and the checkpoints of the architectures it runs")
+    compare.add_argument("--device", default="cpu", help="cpu or cuda (the first GPU: the Trainer runs on cuda:0)")
     compare.add_argument("--architectures", default=None,
                          help="comma-separated subset of lstm,transformer,sliding_window,mamba2,linear_attention,hybrid,gru "
                               "(default: all but gru)")
-    compare.add_argument("--threads", type=int, default=None,
+    compare.add_argument("--threads", type=_positive_int, default=None,
                          help="torch CPU threads (default: the preset's: 1 for quick and test, torch's default for full)")
     return parser
 

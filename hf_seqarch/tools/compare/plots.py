@@ -6,6 +6,7 @@ import os
 from .tasks import chance_levels
 
 PLOTS_MISSING = "matplotlib is not installed: no plots (pip install 'hf-seqarch[plots]')"
+PLOT_FILES = ("throughput.png", "memory.png", "decode.png", "recall.png")  # every plot write_plots can draw
 
 
 def write_plots(results: dict, output_dir: str) -> list[str]:

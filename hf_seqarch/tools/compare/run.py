@@ -5,6 +5,7 @@ so each phase's timings are taken close together in time. results.json is rewrit
 stage and report.md after every phase: an interrupted run leaves what it finished readable.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -24,7 +25,7 @@ from ... import __version__
 from ..output_dir import prepare_output_dir
 from .architectures import matched_configs, resolve_architectures
 from .measure import decode_costs, memory_method, training_step_costs
-from .plots import PLOTS_MISSING, write_plots
+from .plots import PLOT_FILES, PLOTS_MISSING, write_plots
 from .presets import get_preset
 from .report import render
 from .tasks import ByteText, check_copying, check_mqar, copying_batch, generator, mqar_batch
@@ -154,20 +155,34 @@ def phase_text(config, preset, device, ctx):
 PHASE_FUNCTIONS = {name: globals()[f"phase_{name}"] for name in PHASES}
 
 
-def _clear_earlier_checkpoints(output_dir: str, names: list[str]):
-    """An earlier run's checkpoints/<name> of the architectures this run trains are removed, so that none outlives
-    a failed stage or keeps stray files (another preset's shards); the others stay, and are named. Only an earlier
-    compare run's: a folder without its results.json is refused (ValueError) rather than emptied."""
+def _refuse_foreign_checkpoints(output_dir: str, names: list[str]) -> bool:
+    """Whether output_dir holds an earlier compare run's results.json (read before this run writes its own). A folder
+    without one whose checkpoints/ holds a checkpoint this run would replace is refused (ValueError): compare deletes
+    only its own."""
+    earlier_run = _written_by_compare(output_dir)
     checkpoints = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(checkpoints):
-        return
     replaced = [name for name in names if os.path.lexists(os.path.join(checkpoints, name))]
-    if replaced and not _written_by_compare(output_dir):
+    if replaced and not earlier_run:
         raise ValueError(
             f"{checkpoints} holds {replaced}, which this run would replace, but {output_dir} has no results.json of an "
             "earlier `hf-seqarch compare` run: compare deletes only its own checkpoints. Move them, or choose another "
             "--output-dir."
         )
+    return earlier_run
+
+
+def _clear_earlier_outputs(output_dir: str, names: list[str], earlier_run: bool):
+    """An earlier run's plots, and its checkpoints/<name> of the architectures this run trains, are removed, so that
+    none outlives a failed or interrupted stage beside this run's results (nor keeps stray files: another preset's
+    shards); other checkpoints stay, and are named. Called once this run's results.json is written: an interrupt
+    before would leave the earlier report naming checkpoints already gone."""
+    if earlier_run:
+        for plot in PLOT_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, plot))
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        return
     for name in names:
         shutil.rmtree(os.path.join(checkpoints, name), ignore_errors=True)
     kept = sorted(entry.name for entry in os.scandir(checkpoints) if entry.is_dir())
@@ -209,7 +224,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     if not names:
         raise ValueError(f"None of the architectures can run in this build: {skipped}.")
     output_dir = prepare_output_dir(output_dir)
-    _clear_earlier_checkpoints(output_dir, names)
+    earlier_run = _refuse_foreign_checkpoints(output_dir, names)
     target, sizes = matched_configs(names, preset)
     previous_threads = torch.get_num_threads()
     threads = threads or (preset.cpu_threads if device.type == "cpu" else None)
@@ -232,6 +247,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
     )
     stages = [(phase, name) for phase in PHASES for name in names]
     _write_json(results, output_dir)  # status "running", before any checkpoint: it marks the folder as compare's
+    _clear_earlier_outputs(output_dir, names, earlier_run)
     ctx = dict(output_dir=output_dir, text=ByteText())
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = tqdm(total=len(stages), desc="compare", unit="stage", file=sys.stderr, dynamic_ncols=True)
