@@ -177,8 +177,9 @@ class AttentionMixer(nn.Module):
             is_causal = context.causal  # the flash kernels' own argument, beside the 2-D padding mask
         else:
             # sdpa reads it where it gets no mask (else self.is_causal). torch aligns that implicit mask with the first
-            # key, and transformers 4.x passes an explicit value on as it is: causal only for as many keys as queries.
-            is_causal = context.causal and mask is None and length == key.shape[2]
+            # key, and transformers 4.x passes an explicit value on as it is: causal only with no cached keys before
+            # the queries (without a mask, a causal call has either none or one query; see build_attention_mask).
+            is_causal = context.causal and mask is None and context.past_length == 0
         output, weights = attention(
             self,
             query,
