@@ -96,15 +96,16 @@ def model_card_text(model, repo_id: str | None = None, title: str | None = None,
     )
     rows = "\n".join(f"| {i} | `{m}` | {_growth(config, m) if not config.bidirectional else 'none (encoder)'} |"
                      for i, m in enumerate(mixers))
-    mlp = f"SwiGLU MLP of width {config.intermediate_size}" if config.intermediate_size else "no MLP"
+    mlp = f"and a SwiGLU MLP of width {config.intermediate_size}" if config.intermediate_size else "(no MLP)"
+    each = "" if len(mixers) == 1 else "each "
     blocks = "one pre-norm residual block" if len(mixers) == 1 else f"{len(mixers)} pre-norm residual blocks"
     body = f"""
 {CARD_MARKER}
 
 # {repo_id.split("/")[-1] if repo_id else (title or head)}
 
-A `{head}` made with [hf_seqarch](https://pypi.org/project/hf-seqarch/): {blocks}, each a token
-mixer and a {mlp}; hidden size {config.hidden_size}, vocabulary
+A `{head}` made with [hf_seqarch](https://pypi.org/project/hf-seqarch/): {blocks}, {each}a token
+mixer {mlp}; hidden size {config.hidden_size}, vocabulary
 {config.vocab_size}. **{model.num_parameters():,} parameters.**
 
 | layer | mixer | decoding state per sequence |
@@ -154,6 +155,14 @@ def write_model_card(model, folder: str, repo_id: str | None = None, tags=None) 
 
 # What save_pretrained(push_to_hub=True, ...) passes on to upload_saved_folder.
 HUB_UPLOAD_ARGUMENTS = ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+
+
+def create_hub_repo(repo_id: str, token=None, private=None) -> str:
+    """Create the Hub repository unless it exists; returns its full id (a bare name goes under the token's user),
+    the one the model card's load snippet must name."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
 
 
 def upload_saved_folder(folder: str, repo_id: str, token=None, private=None, commit_message=None,

@@ -31,7 +31,7 @@ from .mixer_context import MixerContext
 from .mixer_linear_attention import LinearAttentionMixer
 from .mixer_mamba2 import Mamba2Mixer
 from .mixer_rnn import RecurrentMixer
-from .model_card_seqarch import HUB_UPLOAD_ARGUMENTS, upload_saved_folder, write_model_card
+from .model_card_seqarch import HUB_UPLOAD_ARGUMENTS, create_hub_repo, upload_saved_folder, write_model_card
 from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backward
 
 # Every module of the model is imported here, even those only a mixer uses: transformers 4.x, loading
@@ -207,9 +207,12 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process:
-            write_model_card(self, save_directory, repo_id=hub_kwargs.get("repo_id"), tags=tags)
+            repo_id = hub_kwargs.pop("repo_id", None)
+            if push_to_hub:  # created first: the card names the full owner/name the upload goes to
+                repo_id = repo_id or os.path.basename(os.path.abspath(save_directory))
+                repo_id = create_hub_repo(repo_id, token=kwargs.get("token"), private=hub_kwargs.get("private"))
+            write_model_card(self, save_directory, repo_id=repo_id, tags=tags)
             if push_to_hub:
-                repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
                 return upload_saved_folder(save_directory, repo_id, token=kwargs.get("token"), **hub_kwargs)
 
     def push_to_hub(self, repo_id, *, commit_message=None, commit_description=None, private=None, token=None,
@@ -219,6 +222,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         transformers' own push_to_hub replaces the saved README.md by a generic card; this one keeps
         ours (with `tags` added), and keeps a card the user wrote on the Hub.
         """
+        repo_id = create_hub_repo(repo_id, token=token, private=private)  # owner/name, as the card names it
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size, repo_id=repo_id, tags=tags)
             return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message,

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -361,6 +362,24 @@ def test_push_to_hub_uploads_the_saved_folder_with_our_card(fake_hub, tmp_path):
     model.save_pretrained(tmp_path / "again", push_to_hub=True, repo_id="me/tiny-hybrid")
     assert fake_hub.uploads[-1]["ignore"] == ["README.md"]  # the user's card on the Hub stays
 
+
+@pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained", "save_pretrained_without_repo_id"])
+def test_the_card_names_the_repository_the_upload_went_to(fake_hub, monkeypatch, tmp_path, how):
+    """The Hub puts a bare repository name under the token's user: the card's load snippet named the bare name (a
+    repository that does not exist), or "<org>/<name>" where save_pretrained chose the name from the folder."""
+    monkeypatch.setattr(FakeHubApi, "create_repo", lambda self, repo_id, private=None, exist_ok=False:
+                        SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}"))
+    model = tiny_model(SeqArchForCausalLM, ["lstm"], intermediate_size=0)
+    if how == "push_to_hub":
+        model.push_to_hub("tiny")
+    elif how == "save_pretrained":
+        model.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="tiny")
+    else:
+        model.save_pretrained(tmp_path / "tiny", push_to_hub=True)
+    [upload] = fake_hub.uploads
+    card = upload["files"]["README.md"].decode()
+    assert upload["repo_id"] == "me/tiny" and 'from_pretrained("me/tiny", trust_remote_code=True)' in card
+    assert "one pre-norm residual block, a token mixer (no MLP)" in " ".join(card.split())  # (the text wraps)
 
 @pytest.mark.parametrize("how", ["push_to_hub", "save_pretrained"])
 def test_push_to_hub_keeps_tags_and_commit_details(fake_hub, tmp_path, how):
