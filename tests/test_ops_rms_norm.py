@@ -11,22 +11,28 @@ from hf_seqarch.ops_rms_norm import RMSNorm, RMSNormFunction
 from tester import random_ids, tiny_model
 
 
-def outputs_and_grads(norm, x, grad_output):
-    x = x.detach().clone().requires_grad_()
+def outputs_and_grads(norm, x, grad_output, input_grad=True):
+    x = x.detach().clone().requires_grad_(input_grad)
     norm.zero_grad(set_to_none=True)
     y = norm(x)
     y.backward(grad_output)
     return y.detach(), x.grad, norm.weight.grad
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "transposed_grad", "transposed_input", "2d"])
-def test_matches_torch_rms_norm(layout):
+def fast_and_reference(width):
+    """Our RMSNorm and torch's nn.RMSNorm with the same (non-trivial) weight."""
     torch.manual_seed(0)
-    width = 48
     fast, reference = RMSNorm(width, eps=1e-5), nn.RMSNorm(width, eps=1e-5)
     with torch.no_grad():
         fast.weight.uniform_(0.5, 1.5)
         reference.weight.copy_(fast.weight)
+    return fast, reference
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_grad", "transposed_input", "2d"])
+def test_matches_torch_rms_norm(layout):
+    width = 48
+    fast, reference = fast_and_reference(width)
     x, grad_output = torch.randn(3, 7, width), torch.randn(3, 7, width)
     if layout == "transposed_grad":  # what nn.LSTM hands back for a batch-first input
         grad_output = torch.randn(7, 3, width).transpose(0, 1)
@@ -55,36 +61,28 @@ def test_frozen_weight_and_inference_fall_back_cleanly():
         torch.testing.assert_close(norm(x), nn.functional.rms_norm(x, (8,), norm.weight, 1e-5))
 
 
-
 @pytest.mark.parametrize("case", ["input_without_grad", "empty_batch", "4d_permuted"])
 def test_matches_torch_rms_norm_edge_cases(case):
     """The fused backward's cases beside the common one: only the weight wants a gradient (a frozen embedding before
     the first norm), no rows at all, and a 4-D input laid out in another order than its dims."""
-    torch.manual_seed(0)
     width = 16
-    fast, reference = RMSNorm(width, eps=1e-5), nn.RMSNorm(width, eps=1e-5)
-    with torch.no_grad():
-        fast.weight.uniform_(0.5, 1.5)
-        reference.weight.copy_(fast.weight)
+    fast, reference = fast_and_reference(width)
     shape = {"input_without_grad": (3, 5, width), "empty_batch": (0, 5, width), "4d_permuted": (2, 3, 4, width)}[case]
     x, grad_output = torch.randn(shape), torch.randn(shape)
     if case == "4d_permuted":
         x = torch.randn(4, 2, 3, width).permute(1, 2, 0, 3)
-    results = []
-    for norm in (fast, reference):
-        norm.zero_grad(set_to_none=True)
-        x_in = x if case == "input_without_grad" else x.detach().clone().requires_grad_()
-        y = norm(x_in)
-        y.backward(grad_output)
-        results.append((y.detach(), x_in.grad, norm.weight.grad))
-    (y, x_grad, weight_grad), (want_y, want_x_grad, want_weight_grad) = results
+    input_grad = case != "input_without_grad"
+    (y, x_grad, weight_grad), (want_y, want_x_grad, want_weight_grad) = (
+        outputs_and_grads(norm, x, grad_output, input_grad) for norm in (fast, reference)
+    )
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weight_grad, want_weight_grad, rtol=1e-5, atol=1e-5)
-    if case == "input_without_grad":
+    if not input_grad:
         assert x_grad is None
     else:
         torch.testing.assert_close(x_grad, want_x_grad, rtol=1e-5, atol=1e-5)
         assert x_grad.stride() == x.stride()  # laid out like the input, as autograd's own gradients are
+
 
 def test_mixed_dtypes_compute_in_float32_without_warning():
     # Under bf16 autocast a mixer can hand a bf16 activation to a norm whose weight is float32.
