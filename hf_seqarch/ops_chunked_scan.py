@@ -251,18 +251,21 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         states = q.new_empty(len(cs) + 1, *state.shape)  # (C + 1, B, H, P, N): states[c] enters chunk c
         states[0] = state
         qk = q.new_empty(*cs.shape[:-1], L)  # (C, B, G, L, L): tril(q k^T), kept for the backward
-        for g in _chunk_groups(q, k, v, L):
-            q_g, k_g = q_chunks[g].contiguous(), k_chunks[g].contiguous()  # (Gc, B, G, L, N) each
-            v_g = _scale_heads(v_chunks[g], shrink[g])  # (Gc, B, G, L, R * P): v'
+        sets = _chunk_groups(q, k, v, L)
+        work = _Workspace(sets)
+        for g in sets:
+            q_g, k_g = work.copy("q", q_chunks[g]), work.copy("k", k_chunks[g])  # (Gc, B, G, L, N) each
+            v_g = _scale_heads(v_chunks[g], shrink[g], out=work.like("v", v_chunks[g]))  # (Gc, B, G, L, R * P): v'
             # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v'^T k): the chunk's own part, decayed, then the
             # scan over the set's chunks, in place.
             _bmm(v_g.transpose(-1, -2), k_g, out=_side_by_side_states(states[1:][g], groups))
             states[1:][g].mul_(chunk_decay[g])
-            for c in range(g.start, g.stop):
-                states[c + 1].addcmul_(states[c], chunk_decay[c])
+            set_states = states[g.start : g.stop + 1].unbind()  # the states entering the set's chunks, and the last's
+            for c, decay in enumerate(chunk_decay[g].unbind()):
+                set_states[c + 1].addcmul_(set_states[c], decay)
             # 1. and 4.: y = exp(cs) (tril(q k^T) v' + q S_in^T).
             _bmm(q_g, k_g.transpose(-1, -2), out=qk[g]).tril_()
-            y_g = _bmm(qk[g], v_g)  # (Gc, B, G, L, R * P)
+            y_g = _bmm(qk[g], v_g, out=work.like("y", v_g))  # (Gc, B, G, L, R * P)
             _bmm(q_g, _side_by_side_states(states[:-1][g], groups).transpose(-1, -2), add_to=y_g)
             _scale_heads(y_g, grow[g], out=y_chunks[g])
 
@@ -287,32 +290,39 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         dq_chunks, dk_chunks = _chunks(dq_out, L), _chunks(dk_out, L)  # (C, B, G, L, N) views
         side_by_side_chunks = (_chunks(_side_by_side(x, groups), L) for x in (v, dy, dv_out))
         v_chunks, dy_chunks, dv_chunks = side_by_side_chunks  # (C, B, G, L, R * P) views
-        dstates = torch.empty_like(states)  # (C + 1, B, H, P, N): dstates[c] is the gradient of states[c]
-        dstates[-1] = dstate
         # cs_i enters as exp(cs_i) on y_i, as exp(-cs_i) on v'_i and, at i = L, as exp(cs_L) on the state leaving
         # the chunk: d cs_i = dy_i . y_i - dv'_i . v'_i (+ <dS_out, S_out> at i = L), per head.
         dcs = _row_dots(dy, y)  # (B, T, H): the first term; the others are added below
         dcs_chunks = _chunks_by_group(dcs, L, groups)  # (C, B, G, L, R) view
         d_end = dcs.new_empty(len(qk), B, dstate.shape[1])  # (C, B, H): <dS_out, S_out>
-        for g in reversed(_chunk_groups(q, k, v, L)):  # the scan runs backwards: the last set of chunks first
-            q_g, k_g = q_chunks[g].contiguous(), k_chunks[g].contiguous()  # (Gc, B, G, L, N) each
-            v_g = _scale_heads(v_chunks[g], shrink[g])  # (Gc, B, G, L, R * P): v'
-            dy_g = _scale_heads(dy_chunks[g], grow[g])  # (Gc, B, G, L, R * P): the gradient of y / exp(cs)
-            # 3. The scan backwards, in place, from 4.'s direct part: dstates[0] is the initial state's gradient.
-            _bmm(dy_g.transpose(-1, -2), q_g, out=_side_by_side_states(dstates[:-1][g], groups))
-            for c in reversed(range(g.start, g.stop)):
-                dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
-            d_out = dstates[1:][g]  # (Gc, B, H, P, N): the gradients of the states leaving the set's chunks
+        sets = _chunk_groups(q, k, v, L)
+        work = _Workspace(sets)
+        d_carry = dstate  # the gradient of the state leaving the set's last chunk: the final state's, at first
+        for g in reversed(sets):  # the scan runs backwards: the last set of chunks first
+            q_g, k_g = work.copy("q", q_chunks[g]), work.copy("k", k_chunks[g])  # (Gc, B, G, L, N) each
+            v_g = _scale_heads(v_chunks[g], shrink[g], out=work.like("v", v_chunks[g]))  # (Gc, B, G, L, R * P): v'
+            # (Gc, B, G, L, R * P): the gradient of y / exp(cs)
+            dy_g = _scale_heads(dy_chunks[g], grow[g], out=work.like("dy", dy_chunks[g]))
+            # 3. The scan backwards, in place, from 4.'s direct part. dstates[c] is the gradient of the state entering
+            # the set's chunk c, dstates[c + 1] of the state leaving it; dstates[0] is the carry to the set before.
+            dstates = work.extended("dstates", states[g])  # (Gc + 1, B, H, P, N)
+            dstates[-1] = d_carry  # (before the product below: the carry may be the buffer's first row)
+            _bmm(dy_g.transpose(-1, -2), q_g, out=_side_by_side_states(dstates[:-1], groups))
+            for c, decay in zip(reversed(range(len(dstates) - 1)), reversed(chunk_decay[g].unbind())):
+                dstates[c].addcmul_(decay, dstates[c + 1])
+            d_carry = dstates[0]
+            d_out = dstates[1:]  # (Gc, B, H, P, N): the gradients of the states leaving the set's chunks
             torch.linalg.vecdot(d_out.flatten(-2), states[1:][g].flatten(-2), out=d_end[g])
             d_own = _side_by_side_states(d_out.mul_(chunk_decay[g]), groups)  # in place: the gradient of v'^T k
             s_in = _side_by_side_states(states[:-1][g], groups)  # (Gc, B, G, R * P, N)
 
-            dqk = _bmm(dy_g, v_g.transpose(-1, -2)).tril_()  # 1.  (Gc, B, G, L, L), summed over the group's heads
-            dv_g = _bmm(qk[g].transpose(-1, -2), dy_g)  # 1.  (Gc, B, G, L, R * P): the gradient of v'
+            # 1.  (Gc, B, G, L, L), summed over the group's heads
+            dqk = _bmm(dy_g, v_g.transpose(-1, -2), out=work.like("dqk", qk[g])).tril_()
+            dv_g = _bmm(qk[g].transpose(-1, -2), dy_g, out=work.like("dv", v_g))  # 1.  (Gc, B, G, L, R * P): of v'
             _bmm(k_g, d_own.transpose(-1, -2), add_to=dv_g)  # 2.
-            dq = _bmm(dqk, k_g)  # 1.  (Gc, B, G, L, N)
+            dq = _bmm(dqk, k_g, out=work.like("dq", q_g))  # 1.  (Gc, B, G, L, N)
             _bmm(dy_g, s_in, add_to=dq)  # 4.
-            dk = _bmm(dqk.transpose(-1, -2), q_g)  # 1.  (Gc, B, G, L, N)
+            dk = _bmm(dqk.transpose(-1, -2), q_g, out=work.like("dk", k_g))  # 1.  (Gc, B, G, L, N)
             _bmm(v_g, d_own, add_to=dk)  # 2.
             dcs_chunks[g].sub_(_row_dots(*(x.unflatten(-1, (per_group, -1)) for x in (dv_g, v_g))))  # per head
             dq_chunks[g].copy_(dq)
@@ -322,10 +332,11 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         per_chunk = dcs.view(B, len(qk), L, dcs.shape[-1])  # (B, C, L, H)
         per_chunk[:, :, -1] += d_end.transpose(0, 1)
         da = per_chunk.flip(2).cumsum(2).flip(2).view(dcs.shape)  # cs = cumsum(a)  =>  da_j = sum_{i >= j} dcs_i
+        d_initial = d_carry.clone()  # (B, H, P, N)
         if scale != 1.0:
-            for grad in (dq_out, dk_out, dv_out, da, dstates[0]):
+            for grad in (dq_out, dk_out, dv_out, da, d_initial):
                 grad.div_(scale)
-        return dq_out, dk_out, dv_out, da, dstates[0], None
+        return dq_out, dk_out, dv_out, da, d_initial, None
 
 
 def _power_of_two_scale(*tensors) -> float:
@@ -366,6 +377,33 @@ def _scale_heads(x, factor, out=None):
     out = x.new_empty(x.shape) if out is None else out
     torch.mul(x.unflatten(-1, (per_group, -1)), factor[..., None], out=out.unflatten(-1, (per_group, -1)))
     return out
+
+
+class _Workspace:
+    """The temporaries of a call's sets of chunks (`_chunk_groups`), each allocated once, for the largest set, and
+    reused by every set: the same memory stays in cache from set to set, and no set makes fresh tensors (which can
+    cost page faults under glibc's malloc). Measured against a fresh tensor per set and a full-size state gradient in
+    the backward: forward+backward at T=2048 (B=2, H=8, N=P=64) 4-11% faster on 2 cores."""
+
+    def __init__(self, sets):
+        self.largest = max(s.stop - s.start for s in sets)
+        self.buffers = {}
+
+    def like(self, name, x):
+        """Buffer `name`, uninitialised and contiguous, in the shape of x (Gc, ...), a set's tensor."""
+        return self._rows(name, x, len(x))
+
+    def extended(self, name, x):
+        """Buffer `name` in the shape of x (Gc, ...) with one row more: (Gc + 1, ...)."""
+        return self._rows(name, x, len(x) + 1)
+
+    def _rows(self, name, x, rows):
+        if name not in self.buffers:
+            self.buffers[name] = x.new_empty(self.largest + rows - len(x), *x.shape[1:])
+        return self.buffers[name][:rows]
+
+    def copy(self, name, x):
+        return self.like(name, x).copy_(x)
 
 
 def _chunk_groups(q, k, v, L):
