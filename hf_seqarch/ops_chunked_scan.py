@@ -253,20 +253,24 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         qk = q.new_empty(*cs.shape[:-1], L)  # (C, B, G, L, L): tril(q k^T), kept for the backward
         sets = _chunk_groups(q, k, v, L)
         work = _Workspace(sets)
+        wide = v.shape[2] * v.shape[3] // groups  # R * P: a group's heads side by side
+        # Each set's products are batched over (Gc, B, G), flattened: M = Gc * B * G matrices.
         for g in sets:
-            q_g, k_g = work.copy("q", q_chunks[g]), work.copy("k", k_chunks[g])  # (Gc, B, G, L, N) each
-            v_g = _scale_heads(v_chunks[g], shrink[g], out=work.like("v", v_chunks[g]))  # (Gc, B, G, L, R * P): v'
+            q_g, k_g = work.copy("q", q_chunks[g]).flatten(0, 2), work.copy("k", k_chunks[g]).flatten(0, 2)  # (M, L, N)
+            v_set = _scale_heads(v_chunks[g], shrink[g], out=work.like("v", v_chunks[g]))  # (Gc, B, G, L, R * P): v'
+            v_g = v_set.flatten(0, 2)  # (M, L, R * P)
+            s_in, s_out = states[g.start : g.stop], states[g.start + 1 : g.stop + 1]  # (Gc, B, H, P, N) each
             # 2.-3. The state leaving chunk c is exp(cs_L) (S_in + v'^T k): the chunk's own part, decayed, then the
             # scan over the set's chunks, in place.
-            _bmm(v_g.transpose(-1, -2), k_g, out=_side_by_side_states(states[1:][g], groups))
-            states[1:][g].mul_(chunk_decay[g])
+            torch.bmm(v_g.mT, k_g, out=s_out.view(-1, wide, s_out.shape[-1]))
+            s_out.mul_(chunk_decay[g])
             set_states = states[g.start : g.stop + 1].unbind()  # the states entering the set's chunks, and the last's
             for c, decay in enumerate(chunk_decay[g].unbind()):
                 set_states[c + 1].addcmul_(set_states[c], decay)
             # 1. and 4.: y = exp(cs) (tril(q k^T) v' + q S_in^T).
-            _bmm(q_g, k_g.transpose(-1, -2), out=qk[g]).tril_()
-            y_g = _bmm(qk[g], v_g, out=work.like("y", v_g))  # (Gc, B, G, L, R * P)
-            _bmm(q_g, _side_by_side_states(states[:-1][g], groups).transpose(-1, -2), add_to=y_g)
+            qk_g = torch.bmm(q_g, k_g.mT, out=qk[g].flatten(0, 2)).tril_()  # (M, L, L)
+            y_g = work.like("y", v_chunks[g])  # (Gc, B, G, L, R * P)
+            torch.bmm(qk_g, v_g, out=y_g.flatten(0, 2)).baddbmm_(q_g, s_in.view(-1, wide, s_in.shape[-1]).mT)
             _scale_heads(y_g, grow[g], out=y_chunks[g])
 
         ctx.save_for_backward(q, k, v, grow, shrink, qk, states, y)
@@ -298,36 +302,36 @@ class _FactorizedChunkedScan(torch.autograd.Function):
         sets = _chunk_groups(q, k, v, L)
         work = _Workspace(sets)
         d_carry = dstate  # the gradient of the state leaving the set's last chunk: the final state's, at first
+        wide = v.shape[2] * v.shape[3] // groups  # R * P: a group's heads side by side
+        # Each set's products are batched over (Gc, B, G), flattened: M = Gc * B * G matrices.
         for g in reversed(sets):  # the scan runs backwards: the last set of chunks first
-            q_g, k_g = work.copy("q", q_chunks[g]), work.copy("k", k_chunks[g])  # (Gc, B, G, L, N) each
-            v_g = _scale_heads(v_chunks[g], shrink[g], out=work.like("v", v_chunks[g]))  # (Gc, B, G, L, R * P): v'
-            # (Gc, B, G, L, R * P): the gradient of y / exp(cs)
-            dy_g = _scale_heads(dy_chunks[g], grow[g], out=work.like("dy", dy_chunks[g]))
+            q_g, k_g = work.copy("q", q_chunks[g]).flatten(0, 2), work.copy("k", k_chunks[g]).flatten(0, 2)  # (M, L, N)
+            v_set = _scale_heads(v_chunks[g], shrink[g], out=work.like("v", v_chunks[g]))  # (Gc, B, G, L, R * P): v'
+            dy_set = _scale_heads(dy_chunks[g], grow[g], out=work.like("dy", dy_chunks[g]))  # the gradient of y/exp(cs)
+            v_g, dy_g = v_set.flatten(0, 2), dy_set.flatten(0, 2)  # (M, L, R * P)
             # 3. The scan backwards, in place, from 4.'s direct part. dstates[c] is the gradient of the state entering
             # the set's chunk c, dstates[c + 1] of the state leaving it; dstates[0] is the carry to the set before.
             dstates = work.extended("dstates", states[g])  # (Gc + 1, B, H, P, N)
             dstates[-1] = d_carry  # (before the product below: the carry may be the buffer's first row)
-            _bmm(dy_g.transpose(-1, -2), q_g, out=_side_by_side_states(dstates[:-1], groups))
+            torch.bmm(dy_g.mT, q_g, out=dstates[:-1].view(-1, wide, dstates.shape[-1]))
             for c, decay in zip(reversed(range(len(dstates) - 1)), reversed(chunk_decay[g].unbind())):
                 dstates[c].addcmul_(decay, dstates[c + 1])
             d_carry = dstates[0]
             d_out = dstates[1:]  # (Gc, B, H, P, N): the gradients of the states leaving the set's chunks
-            torch.linalg.vecdot(d_out.flatten(-2), states[1:][g].flatten(-2), out=d_end[g])
-            d_own = _side_by_side_states(d_out.mul_(chunk_decay[g]), groups)  # in place: the gradient of v'^T k
-            s_in = _side_by_side_states(states[:-1][g], groups)  # (Gc, B, G, R * P, N)
+            torch.linalg.vecdot(d_out.flatten(-2), states[g.start + 1 : g.stop + 1].flatten(-2), out=d_end[g])
+            d_own = d_out.mul_(chunk_decay[g]).view(-1, wide, d_out.shape[-1])  # in place: the gradient of v'^T k
+            s_in = states[g].view(-1, wide, d_out.shape[-1])  # (M, R * P, N)
 
-            # 1.  (Gc, B, G, L, L), summed over the group's heads
-            dqk = _bmm(dy_g, v_g.transpose(-1, -2), out=work.like("dqk", qk[g])).tril_()
-            dv_g = _bmm(qk[g].transpose(-1, -2), dy_g, out=work.like("dv", v_g))  # 1.  (Gc, B, G, L, R * P): of v'
-            _bmm(k_g, d_own.transpose(-1, -2), add_to=dv_g)  # 2.
-            dq = _bmm(dqk, k_g, out=work.like("dq", q_g))  # 1.  (Gc, B, G, L, N)
-            _bmm(dy_g, s_in, add_to=dq)  # 4.
-            dk = _bmm(dqk.transpose(-1, -2), q_g, out=work.like("dk", k_g))  # 1.  (Gc, B, G, L, N)
-            _bmm(v_g, d_own, add_to=dk)  # 2.
-            dcs_chunks[g].sub_(_row_dots(*(x.unflatten(-1, (per_group, -1)) for x in (dv_g, v_g))))  # per head
+            dqk = torch.bmm(dy_g, v_g.mT, out=work.like("dqk", qk[g]).flatten(0, 2)).tril_()  # 1.  (M, L, L)
+            dv_set = work.like("dv", v_set)  # (Gc, B, G, L, R * P): the gradient of v'
+            torch.bmm(qk[g].flatten(0, 2).mT, dy_g, out=dv_set.flatten(0, 2)).baddbmm_(k_g, d_own.mT)  # 1. + 2.
+            dq, dk = work.like("dq", q_chunks[g]), work.like("dk", k_chunks[g])  # (Gc, B, G, L, N) each
+            torch.bmm(dqk, k_g, out=dq.flatten(0, 2)).baddbmm_(dy_g, s_in)  # 1. + 4.
+            torch.bmm(dqk.mT, q_g, out=dk.flatten(0, 2)).baddbmm_(v_g, d_own)  # 1. + 2.
+            dcs_chunks[g].sub_(_row_dots(_heads_apart(dv_set, per_group), _heads_apart(v_set, per_group)))  # per head
             dq_chunks[g].copy_(dq)
             dk_chunks[g].copy_(dk)
-            _scale_heads(dv_g, shrink[g], out=dv_chunks[g])
+            _scale_heads(dv_set, shrink[g], out=dv_chunks[g])
 
         per_chunk = dcs.view(B, len(qk), L, dcs.shape[-1])  # (B, C, L, H)
         per_chunk[:, :, -1] += d_end.transpose(0, 1)
@@ -354,11 +358,6 @@ def _side_by_side(x, groups):
     return x.reshape(*x.shape[:2], groups, x.shape[2] * x.shape[3] // groups)
 
 
-def _side_by_side_states(states, groups):
-    """States (..., H, P, N) -> (..., G, R * P, N), a view: each group's heads stacked along P."""
-    return states.unflatten(-3, (groups, -1)).flatten(-3, -2)
-
-
 def _chunks_by_group(a, L, groups):
     """(B, T, H) per-head values -> (C, B, G, L, R), a view: the chunk-major layout of `_side_by_side` tensors."""
     B, T, H = a.shape
@@ -370,13 +369,18 @@ def _per_head(x):
     return x.reshape(*x.shape[:2], x.shape[2] * x.shape[3])
 
 
-def _scale_heads(x, factor, out=None):
+def _scale_heads(x, factor, out):
     """x (..., L, R * P), a group's heads side by side, times factor (..., L, R), one per row and head
-    -> (..., L, R * P): into out if given (any view), else a fresh tensor."""
+    -> out (..., L, R * P), any view."""
     per_group = factor.shape[-1]
-    out = x.new_empty(x.shape) if out is None else out
-    torch.mul(x.unflatten(-1, (per_group, -1)), factor[..., None], out=out.unflatten(-1, (per_group, -1)))
+    torch.mul(_heads_apart(x, per_group), factor.unsqueeze(-1), out=_heads_apart(out, per_group))
     return out
+
+
+def _heads_apart(x, per_group):
+    """(..., R * P) -> (..., R, P), a view: the heads of a group that stand side by side, apart. (view, not unflatten:
+    it is called in the factorised scan's loop, where unflatten's Python wrapper shows.)"""
+    return x.view(*x.shape[:-1], per_group, x.shape[-1] // per_group)
 
 
 class _Workspace:
