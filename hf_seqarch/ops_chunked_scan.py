@@ -373,6 +373,8 @@ def _scale_heads(x, factor, out):
     """x (..., L, R * P), a group's heads side by side, times factor (..., L, R), one per row and head
     -> out (..., L, R * P), any view."""
     per_group = factor.shape[-1]
+    if per_group == 1:  # one head per group: factor broadcasts as it is
+        return torch.mul(x, factor, out=out)
     torch.mul(_heads_apart(x, per_group), factor.unsqueeze(-1), out=_heads_apart(out, per_group))
     return out
 
@@ -395,15 +397,15 @@ class _Workspace:
 
     def like(self, name, x):
         """Buffer `name`, uninitialised and contiguous, in the shape of x (Gc, ...), a set's tensor."""
-        return self._rows(name, x, len(x))
+        return self._rows(name, x, x.shape[0])
 
     def extended(self, name, x):
         """Buffer `name` in the shape of x (Gc, ...) with one row more: (Gc + 1, ...)."""
-        return self._rows(name, x, len(x) + 1)
+        return self._rows(name, x, x.shape[0] + 1)
 
     def _rows(self, name, x, rows):
         if name not in self.buffers:
-            self.buffers[name] = x.new_empty(self.largest + rows - len(x), *x.shape[1:])
+            self.buffers[name] = x.new_empty(self.largest + rows - x.shape[0], *x.shape[1:])
         return self.buffers[name][:rows]
 
     def copy(self, name, x):
