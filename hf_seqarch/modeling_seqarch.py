@@ -621,9 +621,18 @@ def _refuse_packed_sequences(position_ids, token_mask):
         )
 
 
-def _check_classification_inputs(head, input_ids, attention_mask, kwargs):
+def _check_classification_inputs(head, output_layer, input_ids, attention_mask, kwargs):
     """The classification heads run whole sequences: a cache passed to them would be silently ignored (refused), and
-    pad ids without a mask are read as tokens, every output of an encoder seeing them (warned, as transformers does)."""
+    pad ids without a mask are read as tokens, every output of an encoder seeing them (warned, as transformers does).
+    config.num_labels (or id2label) changed after the head was built is refused: the labels would be checked against
+    it and the loss would fail inside torch on the layer's other width, as it does in transformers' own heads."""
+    if output_layer.out_features != head.config.num_labels:
+        raise ValueError(
+            f"config.num_labels is {head.config.num_labels} (id2label has as many entries), but this "
+            f"{type(head).__name__} was built with {output_layer.out_features} labels: its output layer has that width. "
+            "Set num_labels or id2label before building the model, or give a new head its size with "
+            "from_pretrained(..., num_labels=N, ignore_mismatched_sizes=True)."
+        )
     for name in ("cache", "past_key_values"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
@@ -872,7 +881,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        _check_classification_inputs(self, input_ids, attention_mask, kwargs)
+        _check_classification_inputs(self, self.score, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
             labels = _sequence_labels(labels, tokens[0], self.config)
@@ -901,8 +910,10 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         logits = self.score(pooled)  # (B, num_labels)
         loss = None
         if labels is not None:
-            # in float32 (as transformers' causal LM loss is): a bf16 cross-entropy is off in the second digit
+            # in float32 (as transformers' causal LM loss is): a bf16 cross-entropy is off in the second digit.
+            # Float targets too: BCE would return a half-precision loss for half-precision targets.
             float_logits = logits.float()
+            labels = labels.float() if labels.is_floating_point() else labels
             loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits,
                                       config=self.config, **kwargs)
             num_items = kwargs.get("num_items_in_batch")
@@ -917,7 +928,12 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
     def _real_token_mask(self, input_ids, attention_mask, hidden_states):
         if attention_mask is not None:
             return attention_mask.bool()
-        if not self.config.bidirectional and hidden_states.shape[0] > 1:
+        all_real = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        if self.config.bidirectional:
+            # The encoder read every token, pad ids too (transformers warns of them): the mean is over all of them, as
+            # with a mask of ones. (Dropping the pad ids here only would pool a mix: pad == eos as a separator.)
+            return all_real
+        if hidden_states.shape[0] > 1:
             # Without a mask a row is pooled at its last non-pad id, or at position T - 1 when pads cannot be told:
             # refused without a pad_token_id, warned about for inputs_embeds, as transformers' causal classifiers do.
             if self.config.pad_token_id is None:
@@ -933,7 +949,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
                 )
         if input_ids is not None and self.config.pad_token_id is not None:
             return input_ids != self.config.pad_token_id
-        return torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        return all_real
 
 
 def _batch_and_length(input_ids, inputs_embeds):
@@ -999,7 +1015,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        _check_classification_inputs(self, input_ids, attention_mask, kwargs)
+        _check_classification_inputs(self, self.classifier, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         if labels is not None and self.num_labels == 1:  # (not regression, as for sequences: cross-entropy)
             raise ValueError("Token classification with num_labels=1 has nothing to learn: the cross-entropy over one "

@@ -435,6 +435,45 @@ def test_classification_without_a_mask_warns_of_pad_ids(head):
     assert "recommend passing in an `attention_mask`" in captured.out
 
 
+def test_encoder_pools_every_token_without_a_mask():
+    """Without attention_mask an encoder reads every token, pad ids too: its mean is over all of them, the same as with
+    a mask of ones. It once dropped the pad ids from the mean only (pad == eos used as a separator, no padding)."""
+    model = tiny_model(SeqArchForSequenceClassification, ["attention"], bidirectional=True).eval()
+    ids = random_ids(1, 6)
+    ids[0, 2] = ids[0, 5] = model.config.pad_token_id
+    with torch.no_grad():
+        no_mask = model(input_ids=ids).logits
+        all_real = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        mean_of_all = model.score(model.model(input_ids=ids).last_hidden_state.mean(1))
+    torch.testing.assert_close(no_mask, all_real)
+    torch.testing.assert_close(no_mask, mean_of_all)
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float_targets_give_a_float32_loss(problem_type, dtype):
+    """The loss is computed in float32 whatever the float targets' dtype (BCE returned a half-precision loss for
+    half-precision targets, its value off in the third digit)."""
+    num_labels = 1 if problem_type == "regression" else 3
+    model = tiny_model(SeqArchForSequenceClassification, ["gru"], num_labels=num_labels, problem_type=problem_type)
+    ids, targets = random_ids(2, 5), torch.rand(2, num_labels)
+    loss = model(input_ids=ids, labels=targets.to(dtype)).loss
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=targets.to(dtype).float()).loss)
+
+
+@pytest.mark.parametrize("head", ["seq_cls", "token_cls"])
+def test_num_labels_changed_after_building_is_refused(head):
+    """config.id2label (or num_labels) set to another count after the head was built: the labels were checked against
+    the new count and the loss failed inside torch on the layer's old width."""
+    model = tiny_model(HEADS[head], ["gru"], num_labels=3)
+    model.config.id2label = {0: "neg", 1: "pos"}
+    ids = random_ids(3, 4)
+    labels = torch.zeros(3, dtype=torch.long) if head == "seq_cls" else torch.zeros(3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="config.num_labels is 2 .* built with 3 labels"):
+        model(input_ids=ids, labels=labels)
+
+
 def test_token_classification_loss_ignores_minus_100():
     model = tiny_model(HEADS["token_cls"], ["gru"])
     labels = torch.tensor([[0, 1, 2, -100, -100]])
