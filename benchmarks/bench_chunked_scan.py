@@ -257,7 +257,11 @@ def main():
         prev = (peak, seconds)
     if growths:
         worst = max(growths)
-        print(f"  worst time growth {worst:.2f}x per doubling of T: {'meets' if worst <= 2.2 else 'MISSES'} the target <= 2.2x")
+        verdict = "meets" if worst <= 2.2 else "MISSES"
+        print(f"  worst time growth {worst:.2f}x per doubling of T: {verdict} the target <= 2.2x")
+        if worst > 2.2 and args.device == "cpu" and not keeps_freed_memory():
+            print("  (the scan alone; the target is the mixers', in bench_linear_time.py. Under default malloc its "
+                  "tensors are page-faulted at every call once they pass 32 MiB: --keep-freed-memory separates that.)")
 
 
 if __name__ == "__main__":
