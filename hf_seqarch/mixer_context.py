@@ -3,7 +3,7 @@
 The model builds it once; each mixer reads what it needs, so the model never asks which mixer it drives.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,6 +26,34 @@ class MixerContext:
     memo: dict = field(default_factory=dict)
     # output_attentions: a list the attention layers append their (B, heads, T, K) probabilities to; else None.
     attentions: list | None = None
+    # This context's copies on other devices, by device: see `to`.
+    on_devices: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def to(self, device, non_blocking: bool = False) -> "MixerContext":
+        """This context with its tensors on `device`: itself if they are there, else one copy per device (kept).
+
+        For a model whose layers are split across devices (device_map): each block reads the context where it runs
+        (the model hands every block this one; accelerate's hooks call `to` too, as for any argument that has one).
+        The copies share the cache (each layer keeps its state beside it) and the output_attentions list; each has its
+        own memo (its masks on its device).
+        """
+        device = torch.device(device)
+        if self.position_ids.device == device:
+            return self
+        if device not in self.on_devices:
+            def move(x):
+                return None if x is None else x.to(device, non_blocking=non_blocking)
+
+            embeddings = self.position_embeddings
+            self.on_devices[device] = replace(
+                self,
+                padding_mask=move(self.padding_mask),
+                position_ids=move(self.position_ids),
+                position_embeddings=None if embeddings is None else tuple(move(x) for x in embeddings),
+                memo={},
+                on_devices={},  # (its own: a shared one would make each copy part of a reference cycle)
+            )
+        return self.on_devices[device]
 
     @property
     def token_mask(self) -> torch.Tensor | None:

@@ -97,6 +97,7 @@ class SeqArchBlock(GradientCheckpointingLayer):
             self.mlp = SeqArchMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, context: MixerContext) -> torch.Tensor:
+        context = context.to(hidden_states.device)  # (a model split across devices: this block's)
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), context)
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
@@ -130,6 +131,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])  # (nn.Embedding never trains it: as transformers)
         elif isinstance(module, nn.RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, (nn.LSTM, nn.GRU)):
@@ -449,7 +452,9 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 "tuning, p-tuning and LoRA do."
             )
         if cache is not None:
-            cache.check_usable_by(self.config, batch, inputs_embeds.device)
+            # Split across devices by accelerate's hooks (device_map), each layer's state is on its own layer's device.
+            split_by_hooks = hasattr(self.layers[0], "_hf_hook")
+            cache.check_usable_by(self.config, batch, None if split_by_hooks else inputs_embeds.device)
         if use_cache and cache is None:
             cache = SeqArchCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0

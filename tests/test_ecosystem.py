@@ -200,6 +200,61 @@ def test_device_map_auto_with_disk_offload(stack, tmp_path):
     assert torch.equal(split.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False), generated)
 
 
+
+def split_over_two_devices(model, from_layer):
+    """The blocks from `from_layer` on, the final norm and the head run on a second device, as a device_map over two
+    GPUs places them: accelerate's hooks, with "meta" standing in for the second GPU on a CPU-only machine (a tensor of
+    the first device reaching it raises, as cuda:0 vs cuda:1 does; its outputs are shapes only)."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    for module in [*model.model.layers[from_layer:], model.model.norm, model.lm_head]:
+        add_hook_to_module(module, AlignDevicesHook(execution_device="meta", io_same_device=False, place_submodules=True))
+
+
+@pytest.mark.parametrize("mixer", ["attention", "sliding_attention"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_blocks_split_over_devices_run_where_they_are(mixer, masked):
+    """Each block reads the forward's context (positions, rotary tables, masks) on its own device: they stayed on the
+    first, and the second device's attention failed inside torch (cpu vs meta)."""
+    model = tiny_model(SeqArchForCausalLM, [mixer, mixer]).eval()
+    split_over_two_devices(model, from_layer=1)
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask if masked else None).logits
+    assert logits.device.type == "meta" and logits.shape == (2, 6, model.config.vocab_size)
+
+
+def test_cached_decode_with_the_first_block_on_another_device():
+    """A cache whose layers live on another device than the embeddings (each state beside its block) is not refused
+    as being "on another device than the input" when accelerate places the blocks."""
+    model = tiny_model(SeqArchForCausalLM, ["attention", "attention"]).eval()
+    split_over_two_devices(model, from_layer=0)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids, use_cache=True), CACHE_FIELD)
+        step = model(input_ids=ids[:, -1:], **{CACHE_FIELD: cache}).logits
+    assert step.device.type == "meta" and step.shape == (2, 1, model.config.vocab_size)
+    assert cache.get_seq_length() == 7
+
+
+def test_mixer_context_moves_its_tensors_once_per_device():
+    from hf_seqarch.mixer_context import MixerContext
+
+    cache, attentions = object(), []
+    cos_sin = (torch.ones(1, 4, 8), torch.zeros(1, 4, 8))
+    context = MixerContext(padding_mask=torch.ones(1, 4, dtype=torch.bool), position_ids=torch.arange(4)[None],
+                           past_length=0, cache=cache, causal=True, position_embeddings=cos_sin, attentions=attentions)
+    context.memo["mask"] = "built on cpu"
+    assert context.to("cpu") is context
+    moved = context.to("meta")
+    assert moved is context.to(torch.device("meta")) and moved.to("meta") is moved  # one copy per device
+    tensors = (moved.padding_mask, moved.position_ids, *moved.position_embeddings)
+    assert all(t.device.type == "meta" for t in tensors)
+    assert moved.cache is cache and moved.attentions is attentions  # shared: states stay beside their layers
+    assert moved.memo == {} and context.memo == {"mask": "built on cpu"}  # masks are per device
+
 # -- torch.compile -----------------------------------------------------------------------------------
 
 

@@ -435,6 +435,15 @@ def test_classification_without_a_mask_warns_of_pad_ids(head):
     assert "recommend passing in an `attention_mask`" in captured.out
 
 
+def test_pad_token_embedding_starts_at_zero():
+    """nn.Embedding never trains its padding_idx row: it starts at zero, as in transformers' models (it was a fixed
+    random vector that a pad read without a mask passed on)."""
+    model = tiny_model(SeqArchForCausalLM, ["gru"])
+    pad = model.config.pad_token_id
+    assert pad is not None and model.get_input_embeddings().padding_idx == pad
+    assert torch.count_nonzero(model.get_input_embeddings().weight[pad]) == 0
+
+
 def test_encoder_pools_every_token_without_a_mask():
     """Without attention_mask an encoder reads every token, pad ids too: its mean is over all of them, the same as with
     a mask of ones. It once dropped the pad ids from the mean only (pad == eos used as a separator, no padding)."""
