@@ -72,21 +72,27 @@ def build_attention_mask(context, query_length, kv_length, window, attn_implemen
     backward returns gradients unrelated to its forward on such rows, and the causal LM loss does reach the
     last pad (it predicts the first real token): left-padded training got gradients up to 50x too large.
     """
+    if torch.compiler.is_compiling():  # no memo: hashing a key of the (symbolic) lengths would specialize the graph
+        return _attention_mask(context, query_length, kv_length, window, attn_implementation, dtype, device)
     memo_key = ("attention_mask", query_length, kv_length, window, attn_implementation, dtype)
-    if memo_key in context.memo:
-        return context.memo[memo_key]
+    if memo_key not in context.memo:
+        context.memo[memo_key] = _attention_mask(
+            context, query_length, kv_length, window, attn_implementation, dtype, device
+        )
+    return context.memo[memo_key]
+
+
+def _attention_mask(context, query_length, kv_length, window, attn_implementation, dtype, device):
+    """`build_attention_mask`'s mask, built."""
     padding = context.padding_mask
     if attn_implementation.startswith("flash_attention"):
-        mask = None if padding is None else padding[:, -kv_length:]
-        context.memo[memo_key] = mask
-        return mask
+        return None if padding is None else padding[:, -kv_length:]
     fits_window = window is None or kv_length <= window
     if context.causal:
         implicit_ok = (context.past_length == 0 or query_length == 1) and fits_window
     else:
         implicit_ok = fits_window
     if attn_implementation in _KERNELS_WITH_IMPLICIT_CAUSAL and padding is None and implicit_ok:
-        context.memo[memo_key] = None
         return None
 
     past = context.past_length
@@ -103,19 +109,16 @@ def build_attention_mask(context, query_length, kv_length, window, attn_implemen
     if padding is not None:
         allowed = allowed & padding[:, None, None, -kv_length:]  # (B, 1, T, K)
     if attn_implementation == "flex_attention":
-        return _flex_block_mask(allowed, context, memo_key)
+        return _flex_block_mask(allowed)
     if attn_implementation == "sdpa":
-        context.memo[memo_key] = allowed
         return allowed
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    context.memo[memo_key] = mask
-    return mask
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 FLEX_BLOCK = 128  # flex_attention's default block size
 
 
-def _flex_block_mask(allowed, context, memo_key):
+def _flex_block_mask(allowed):
     """A BlockMask for flex_attention from `allowed` (B or 1, 1, T, K), as transformers builds its own: flex skips
     the blocks it masks whole. flex also evaluates the mask at the indices of whole blocks of queries and keys, so
     it reads a copy padded to whole blocks (False there); a mask shared by the batch (no padding) is read at row 0
@@ -129,8 +132,7 @@ def _flex_block_mask(allowed, context, memo_key):
     def mask_mod(batch, head, query, key):
         return padded[batch if B > 1 else 0, query, key]
 
-    context.memo[memo_key] = create_block_mask(mask_mod, B if B > 1 else None, None, T, K, device=allowed.device)
-    return context.memo[memo_key]
+    return create_block_mask(mask_mod, B if B > 1 else None, None, T, K, device=allowed.device)
 
 
 class AttentionMixer(nn.Module):

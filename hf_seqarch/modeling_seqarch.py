@@ -719,7 +719,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         tokens = _batch_and_length(input_ids, inputs_embeds)
         keep = _positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
         if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step
-            logits_shape = (tokens[0], len(range(tokens[1])[keep]) if isinstance(keep, slice) else keep.shape[-1])
+            logits_shape = (tokens[0], _kept_count(keep, tokens[1]))
             if tuple(labels.shape[:2]) != logits_shape or labels.dim() != 2:
                 raise ValueError(
                     f"labels {tuple(labels.shape)} need a logit at every position, but there are logits for "
@@ -751,6 +751,14 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+
+
+def _kept_count(keep, length):
+    """How many of `length` positions `keep` (from `_positions_to_keep`) leaves. Arithmetic on the slice, where
+    len(range(length)[keep]) would make torch.compile specialize the graph to one length (a recompile for each)."""
+    if isinstance(keep, slice):  # slice(-n, None): the last n, 0 keeping all
+        return length if keep.start == 0 else min(-keep.start, length)
+    return keep.shape[-1]
 
 
 def _positions_to_keep(logits_to_keep, length, with_labels):

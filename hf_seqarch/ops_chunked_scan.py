@@ -148,11 +148,9 @@ class _ChunkedScan(torch.autograd.Function):
         states = q.new_empty(len(q) + 1, *state.shape)  # (C + 1, B, H, P, N)
         _bmm(v.transpose(-1, -2), k_to_end, out=states[1:])
 
-        # 3. Inter-chunk recurrence, a scan over chunks in place: states[c] enters chunk c, states[C] is final.
-        chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
+        # 3. Inter-chunk recurrence, a scan over chunks: states[c] enters chunk c, states[C] is final.
         states[0] = state
-        for c in range(len(q)):
-            states[c + 1].addcmul_(chunk_decay[c], states[c])  # d * S_in + the chunk's own contribution
+        states = _scan_over_chunks(states, cs[..., -1])  # d * S_in + the chunk's own contribution
 
         # 4. State -> output: y_i += exp(cs_i) S_in q_i.
         grow = _by_group(_decay(cs, q.dtype)[..., None], groups)  # (C, B, G, R, L, 1): exp(cs_i)
@@ -176,11 +174,10 @@ class _ChunkedScan(torch.autograd.Function):
         _bmm(dy.transpose(-1, -2), q_decayed, out=dstates[:-1])
         dq_decayed = _bmm(dy, states[:-1])  # (C, B, H, L, N)
 
-        # 3. The scan backwards, in place; dstates[0] is the gradient of the initial state.
+        # 3. The scan backwards; dstates[0] is the gradient of the initial state.
         chunk_decay = _decay(cs[..., -1], q.dtype)[..., None, None]  # (C, B, H, 1, 1)
         dstates[-1] = dstate
-        for c in reversed(range(len(q))):
-            dstates[c].addcmul_(chunk_decay[c], dstates[c + 1])
+        dstates = _scan_over_chunks(dstates, cs[..., -1], reverse=True)
 
         # 2. chunk_states = v^T k_to_end. The gradient of k_to_end, and dv from each group's k against the
         # group's heads' state gradients side by side: one (L, N) @ (N, R * P) product per group.
@@ -218,6 +215,36 @@ class _ChunkedScan(torch.autograd.Function):
         _bmm(dqk_group, k, add_to=dq)
         _bmm(dqk_group.transpose(-1, -2), q, add_to=dk)
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), _unchunk(da[..., None])[..., 0], dstates[0], None
+
+
+def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
+    """The recurrence between chunks, on states (C + 1, B, H, P, N) and chunk_log_decay (C, B, H), each chunk's summed
+    log decay (float64), d_c = exp(chunk_log_decay[c]):
+        forward:  states[c + 1] += d_c * states[c]  for c = 0 .. C - 1  (before: the initial state, then each chunk's
+                  own contribution; after: the state entering each chunk, then the final one)
+        reverse:  states[c] += d_c * states[c + 1]  for c = C - 1 .. 0  (the backward's, on state gradients)
+    In place. A loop over chunks; under torch.compile (as_product=None: whether it is compiling) the same as one
+    product with the (C + 1) x (C + 1) matrix of decays between chunks, W[c, j] = exp(sum of chunk_log_decay[j:c])
+    for j <= c: dynamo unrolls a loop, and would compile it again for every new number of chunks (every new length).
+    The product costs C + 1 times the loop's arithmetic (C = T / L is small), in one batched kernel."""
+    if as_product is None:
+        as_product = torch.compiler.is_compiling()
+    if not as_product:
+        decays = _decay(chunk_log_decay, states.dtype)[..., None, None].unbind()  # C of (B, H, 1, 1)
+        rows = states.unbind()
+        for c in reversed(range(len(decays))) if reverse else range(len(decays)):
+            if reverse:
+                rows[c].addcmul_(decays[c], rows[c + 1])
+            else:
+                rows[c + 1].addcmul_(decays[c], rows[c])
+        return states
+    entering = F.pad(chunk_log_decay.cumsum(0), (0, 0, 0, 0, 1, 0))  # (C + 1, B, H): log decay from the start to c
+    spans = entering[:, None] - entering[None, :]  # (C + 1, C + 1, B, H): [c, j] the chunks j .. c - 1
+    reaches = torch.ones(len(entering), len(entering), dtype=torch.bool, device=states.device).tril()[..., None, None]
+    weights = torch.where(reaches, spans.clamp(min=LOG_DECAY_FLOOR), LOG_DECAY_FLOOR).exp().to(states.dtype)
+    weights = weights * reaches  # (C + 1, C + 1, B, H): W[c, j], 0 for j > c
+    product = "cjbh,cbhpn->jbhpn" if reverse else "cjbh,jbhpn->cbhpn"
+    return states.copy_(torch.einsum(product, weights, states))  # (in place, as the loop: the callers view states)
 
 
 class _FactorizedChunkedScan(torch.autograd.Function):

@@ -255,6 +255,7 @@ def test_mixer_context_moves_its_tensors_once_per_device():
     assert moved.cache is cache and moved.attentions is attentions  # shared: states stay beside their layers
     assert moved.memo == {} and context.memo == {"mask": "built on cpu"}  # masks are per device
 
+
 # -- torch.compile -----------------------------------------------------------------------------------
 
 
@@ -306,6 +307,24 @@ def test_torch_compile_fullgraph_training_step():
             grads.append([p.grad.clone() for p in model.parameters()])
         for got, want in zip(*grads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_training_is_not_recompiled_for_each_length():
+    """Batches of new lengths reuse the dynamic graph: the length was specialised by the labels' shape check
+    (len(range(T)[keep])), the attention masks' memo (a dict keyed by the lengths) and the scan's loop over chunks,
+    so every new length compiled afresh until dynamo's limit (8) sent the model back to eager."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(SeqArchForCausalLM, ["attention", "mamba2", "linear_attention"]).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for length in (6, 9, 12, 15, 18, 21, 24, 27, 30):
+        ids = random_ids(2, length)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+    # The first length's static graph, then two dynamic ones: lengths that are a multiple of the chunk length (4 in
+    # tiny models) and lengths that the scans pad to one. However many lengths follow.
+    assert counters["stats"]["unique_graphs"] <= 3
 
 
 def test_torch_compile_fullgraph_before_any_eager_call(monkeypatch):

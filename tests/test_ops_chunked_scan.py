@@ -487,6 +487,39 @@ def test_compiled_backward_with_grouped_q_and_k():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_scan_over_chunks_as_one_product_matches_the_loop(reverse, dtype):
+    """The compiled form of the recurrence between chunks (a product with the matrix of decays between chunks) against
+    the loop, forward and backward direction, gentle to vanishing decays (a chunk's log decay down to -90)."""
+    g = torch.Generator().manual_seed(6)
+    states = torch.randn(9, 2, 3, 4, 5, generator=g, dtype=torch.float64)  # (C + 1, B, H, P, N), C = 8
+    chunk_log_decay = -torch.rand(8, 2, 3, generator=g, dtype=torch.float64) * torch.tensor([0.1, 3.0, 90.0])
+    chunk_log_decay[2, 0, 0] = 0.0  # a chunk of padding: the state passes through
+    scan = ops_chunked_scan._scan_over_chunks
+    want = scan(states.clone().to(dtype), chunk_log_decay, reverse=reverse, as_product=False)
+    got = scan(states.clone().to(dtype), chunk_log_decay, reverse=reverse, as_product=True)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+def test_compiled_scan_is_not_recompiled_for_each_length():
+    """Under torch.compile the recurrence between chunks is one product, not a loop that dynamo unrolls: new lengths
+    (numbers of chunks) reuse the dynamic graph instead of compiling one each (the 8th would fall back to eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(lambda *x: chunked_scan(*x, chunk_size=4), backend="eager")
+    g = torch.Generator().manual_seed(7)
+    for T in (8, 12, 16, 20, 24, 28):
+        q, k, v = (torch.randn(1, T, 2, 3, generator=g) for _ in range(3))
+        log_decay = -torch.rand(1, T, 2, generator=g)
+        for got, want in zip(compiled(q, k, v, log_decay), scan_reference(q, k, v, log_decay)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first length's static graph, then one dynamic
+
+
 def test_decode_step_with_grouped_q_and_k():
     g = torch.Generator().manual_seed(4)
     q, k = (torch.randn(2, 2, 5, generator=g, dtype=torch.float64) for _ in range(2))  # (B, G, N)
