@@ -479,8 +479,6 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
-        if use_cache and context.padding_mask is not None and not torch.compiler.is_compiling():
-            cache.holds_padding = True
         if positions_given and length > 1 and not torch.compiler.is_compiling():  # (reading them breaks a graph)
             _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
@@ -493,6 +491,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
         all_hidden_states = () if output_hidden_states else None
         if use_cache:
+            if context.padding_mask is not None and not torch.compiler.is_compiling():
+                cache.holds_padding = True  # (after the checks: a refused call leaves the cache as it was)
             cache.begin_update()
         for block in self.layers:
             if output_hidden_states:

@@ -249,6 +249,23 @@ def test_packed_sequences_are_refused():
     assert model(input_ids=random_ids(2, 5), attention_mask=mask, position_ids=positions).logits.shape == (2, 5, VOCAB)
 
 
+def test_a_refused_call_leaves_the_cache_as_it_was():
+    """A cached forward refused for its packed positions once marked the (unpadded) cache as holding padding: every
+    later call on it was refused, the stream lost."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"]).eval()
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :5], use_cache=True), CACHE_FIELD)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 5] = 0
+        with pytest.raises(ValueError, match="position_ids go back within a row"):
+            model(input_ids=ids[:, 5:], attention_mask=mask, position_ids=torch.tensor([[0, 1, 0], [0, 1, 2]]),
+                  **{CACHE_FIELD: cache})
+        assert not cache.holds_padding and cache.get_seq_length() == 5
+        got = model(input_ids=ids[:, 5:], **{CACHE_FIELD: cache}).logits
+        torch.testing.assert_close(got, model(input_ids=ids).logits[:, 5:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("logits_to_keep", [0, 9, torch.arange(4)], ids=["all", "more_than_there_are", "indices"])
 def test_labels_with_a_logit_at_every_position(logits_to_keep):
     """logits_to_keep that keeps every position (0, more than the length, all the indices) takes labels as usual."""
