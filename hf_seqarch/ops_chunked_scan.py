@@ -232,10 +232,11 @@ def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
     if not as_product:
         decays = _decay(chunk_log_decay, states.dtype)[..., None, None].unbind()  # C of (B, H, 1, 1)
         rows = states.unbind()
-        for c in reversed(range(len(decays))) if reverse else range(len(decays)):
-            if reverse:
+        if reverse:
+            for c in reversed(range(len(decays))):
                 rows[c].addcmul_(decays[c], rows[c + 1])
-            else:
+        else:
+            for c in range(len(decays)):
                 rows[c + 1].addcmul_(decays[c], rows[c])
         return states
     entering = F.pad(chunk_log_decay.cumsum(0), (0, 0, 0, 0, 1, 0))  # (C + 1, B, H): log decay from the start to c
