@@ -167,6 +167,8 @@ class AttentionMixer(nn.Module):
             key, value = context.cache.update_key_value(self.layer_idx, key, value, self.sliding_window)
 
         implementation = self.config._attn_implementation or "eager"
+        if query.numel() == 0:  # no rows (or no queries): transformers' sdpa cannot reshape an empty output; eager can
+            implementation = "eager"
         dropout = self.config.attention_dropout if self.training else 0.0
         if self._banded_applies(context, length, key.shape[2], implementation):
             output = sliding_window_attention(query, key, value, self.sliding_window, self.scaling, dropout)

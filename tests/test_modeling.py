@@ -604,13 +604,17 @@ def test_float64_models_keep_float64_states(stack):
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention"])
-def test_empty_batch_gives_empty_outputs(kind):
-    """A batch of 0 rows (the last shard of an uneven split). Eager attention: transformers' sdpa integration itself
-    cannot reshape an empty batch."""
-    model = tiny_model(SeqArchForCausalLM, [kind], attn_implementation="eager")
+def test_empty_batch_gives_empty_outputs(kind, implementation):
+    """A batch of 0 rows (the last shard of an uneven split), with a mask, and with a cache then a decode step on it.
+    transformers' sdpa integration cannot reshape an empty output: the attention mixer takes eager there."""
+    model = tiny_model(SeqArchForCausalLM, [kind], attn_implementation=implementation, sliding_window=2)
     ids = random_ids(2, 5)[:0]
     assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (0, 5, VOCAB)
+    cache = SeqArchCache(model.config)
+    assert model(input_ids=ids, cache=cache, use_cache=True).logits.shape == (0, 5, VOCAB)
+    assert model(input_ids=ids[:, :1], cache=cache, use_cache=True).logits.shape == (0, 1, VOCAB)
 
 
 @pytest.mark.parametrize("causal", [False, True])
