@@ -28,8 +28,7 @@ class RecurrentMixer(nn.Module):
         cache = context.cache
         initial = self._unpack_state(cache.get_state(self.layer_idx), hidden_states.dtype) if cache is not None else None
         mask = context.token_mask
-        # Weights on the meta device are offloaded by accelerate: only the module's own call loads them.
-        if hidden_states.shape[1] == 1 and not self.bidirectional and not self.rnn.weight_ih_l0.is_meta:
+        if hidden_states.shape[1] == 1 and not self.bidirectional and self._cell_applies():
             output, final = self._decode_step(hidden_states, mask, initial)
         elif mask is None:
             output, final = self.rnn(hidden_states, initial)
@@ -38,6 +37,13 @@ class RecurrentMixer(nn.Module):
         if cache is not None:
             cache.set_state(self.layer_idx, self._pack_state(final))
         return output  # (B, T, width)
+
+    def _cell_applies(self) -> bool:
+        """Whether the one-token cell path can read the layer's weights itself. Not for a layer replaced by another
+        kind (torch's dynamically quantized LSTM / GRU keep packed int8 weights, no weight_ih_l0), nor for weights on
+        the meta device (offloaded by accelerate: only the module's own call loads them)."""
+        weight = getattr(self.rnn, "weight_ih_l0", None)
+        return isinstance(weight, torch.Tensor) and not weight.is_meta
 
     def _decode_step(self, hidden_states, mask, initial):
         """One token through the cell function: the fused nn.LSTM/nn.GRU call has a fixed cost (about 2 ms in

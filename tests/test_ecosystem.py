@@ -355,6 +355,33 @@ def test_torch_compile_inductor():
         torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, want, rtol=1e-5, atol=1e-5)
 
 
+# -- dynamic quantization (small devices) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixers", [["lstm", "gru"], ["gru", "attention"]], ids=["lstm-gru", "gru-attention"])
+def test_dynamically_quantized_recurrent_layers_decode_with_a_cache(mixers):
+    """torch's dynamic int8 quantization (torch.ao quantize_dynamic: the usual way to shrink an LSTM for a CPU device)
+    replaces nn.LSTM / nn.GRU by layers that keep packed weights: the one-token cached path read weight_ih_l0 and
+    failed. Quantized activations are rounded per call, so cached and full forwards agree only to int8 rounding."""
+    import torch.ao.quantization as quantization
+
+    model = tiny_model(SeqArchForCausalLM, mixers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.ao.quantization announces its move to torchao)
+        quantized = quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.Linear}, torch.qint8)
+    assert type(quantized.model.layers[0].mixer.rnn) is not type(model.model.layers[0].mixer.rnn)
+    ids = random_ids(2, 9)
+    full = quantized(input_ids=ids).logits
+    out = quantized(input_ids=ids[:, :6], use_cache=True)
+    pieces, cache = [out.logits], getattr(out, CACHE_FIELD)
+    for t in range(6, 9):  # one token at a time on the cache
+        out = quantized(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+        pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=0.05)  # (measured: ~0.01)
+    with_cache = quantized.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(with_cache, quantized.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False))
+
+
 # -- the example -------------------------------------------------------------------------------------
 
 
