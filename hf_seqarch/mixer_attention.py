@@ -201,9 +201,12 @@ class AttentionMixer(nn.Module):
 
     def _banded_applies(self, context, length, kv_length, implementation) -> bool:
         """Sliding-window sdpa over a whole unpadded sequence from its start (training, a first prefill) runs
-        in blocks (ops_sliding_attention) once the sequence is long enough for a full mask to waste work."""
+        in blocks (ops_sliding_attention) once the sequence is long enough for a full mask to waste work. Not while
+        torch.export or torch.jit.trace records: their one graph serves every length, and the blocks are cut by it
+        (torch.compile guards on the length and compiles again where the choice changes)."""
         return (
-            implementation == "sdpa"
+            not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+            and implementation == "sdpa"
             and self.sliding_window is not None
             and context.causal
             and context.padding_mask is None

@@ -69,4 +69,7 @@ def real_tokens_first(mask: torch.Tensor) -> torch.Tensor:
     Gathering with them lets a recurrence run over real tokens only (left, right or holed padding alike);
     scattering with them puts the outputs back in place.
     """
-    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    length = mask.shape[1]
+    # Keys that are all different, pads' above real tokens': a plain sort keeps the order (ONNX has no stable sort).
+    keys = (~mask).long() * length + torch.arange(length, device=mask.device)  # (B, T)
+    return torch.argsort(keys, dim=1)

@@ -30,7 +30,7 @@ from .mixer_context import real_tokens_first
 from .mixer_token_blocks import forward_in_cpu_token_blocks
 from .ops_causal_conv import causal_conv
 from .ops_chunked_scan import scan_step
-from .ops_rms_norm import RMSNormFunction, fast_path_applies
+from .ops_rms_norm import RMSNormFunction, fast_path_applies, rms_norm
 from .ops_ssd import ssd_chunked
 
 
@@ -60,7 +60,7 @@ class GatedRMSNorm(nn.Module):
         if self.group_size == y.shape[-1] and fast_path_applies(y, self.weight):
             return RMSNormFunction.apply(y, self.weight, self.eps).to(dtype)  # one group: the fast CPU backward
         groups = y.unflatten(-1, (-1, self.group_size))  # (..., G, width / G)
-        y = F.rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # (..., width)
+        y = rms_norm(groups, (self.group_size,), eps=self.eps).flatten(-2)  # (..., width)
         return (self.weight * y.to(dtype)).to(dtype)
 
     def init_mixer_weights(self, init):

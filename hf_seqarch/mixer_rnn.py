@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .graph_capture import capturing_graph
 from .mixer_context import real_tokens_first
 
 
@@ -29,9 +30,11 @@ class RecurrentMixer(nn.Module):
         initial = self._unpack_state(cache.get_state(self.layer_idx), hidden_states.dtype) if cache is not None else None
         mask = context.token_mask
         if hidden_states.shape[1] == 1 and not self.bidirectional and self._cell_applies():
-            output, final = self._decode_step(hidden_states, mask, initial)
+            output, final = self._forward_by_cells(hidden_states, mask, initial)  # one token: see there
         elif mask is None:
             output, final = self.rnn(hidden_states, initial)
+        elif torch.compiler.is_exporting() and self._cell_applies():
+            output, final = self._forward_by_cells(hidden_states, mask, initial)  # export cannot record packing
         else:
             output, final = self._forward_masked(hidden_states, mask, initial)
         if cache is not None:
@@ -39,33 +42,45 @@ class RecurrentMixer(nn.Module):
         return output  # (B, T, width)
 
     def _cell_applies(self) -> bool:
-        """Whether the one-token cell path can read the layer's weights itself. Not for a layer replaced by another
-        kind (torch's dynamically quantized LSTM / GRU keep packed int8 weights, no weight_ih_l0), nor for weights on
-        the meta device (offloaded by accelerate: only the module's own call loads them)."""
+        """Whether the cell path can read the layer's weights itself. Not for a layer replaced by another kind
+        (torch's dynamically quantized LSTM / GRU keep packed int8 weights, no weight_ih_l0), nor for weights on the
+        meta device (offloaded by accelerate: only the module's own call loads them)."""
         weight = getattr(self.rnn, "weight_ih_l0", None)
         return isinstance(weight, torch.Tensor) and not weight.is_meta
 
-    def _decode_step(self, hidden_states, mask, initial):
-        """One token through the cell function: the fused nn.LSTM/nn.GRU call has a fixed cost (about 2 ms in
-        oneDNN on CPU) that dominates single-token decoding. Same weights, same result (tests hold it to the
-        sequence path). Masked rows keep their state."""
-        rnn, x = self.rnn, hidden_states[:, 0]  # (B, width)
-        zeros = x.new_zeros(x.shape[0], rnn.hidden_size)
-        if self.is_lstm:
-            h, c = (zeros, zeros) if initial is None else (initial[0][0], initial[1][0])
-            new_h, new_c = torch.lstm_cell(x, (h, c), rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-        else:
-            h = zeros if initial is None else initial[0]
-            new_h = torch.gru_cell(x, h, rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0)
-        output = new_h[:, None]  # (B, 1, hidden)
-        if mask is not None:
-            keep = mask[:, :1]  # (B, 1)
-            new_h = torch.where(keep, new_h, h)
-            output = output * keep[..., None].to(output.dtype)
-            if self.is_lstm:
-                new_c = torch.where(keep, new_c, c)
-        final = (new_h[None], new_c[None]) if self.is_lstm else new_h[None]
-        return output, final
+    def _forward_by_cells(self, hidden_states, mask, initial):
+        """The layer as a loop of cell steps (torch.lstm_cell / gru_cell on its own weights), one direction after the
+        other; at a pad a row keeps its state and outputs zeros. Same weights, same result as the fused call (tests
+        hold them together). For one token, where the fused nn.LSTM / nn.GRU call has a fixed cost (about 2 ms in
+        oneDNN on CPU) that dominates decoding, and for a padded batch while torch.export records (it cannot record
+        the packed sequences of `_forward_masked`)."""
+        batch, length, _ = hidden_states.shape
+        directions = 2 if self.bidirectional else 1
+        if initial is None:
+            zeros = hidden_states.new_zeros(directions, batch, self.rnn.hidden_size)
+            initial = (zeros, zeros) if self.is_lstm else zeros
+        initial = tuple(initial) if self.is_lstm else (initial,)  # (h, c) or (h,), each (directions, B, hidden)
+        outputs, finals = [], []
+        for direction in range(directions):
+            suffix = "_reverse" if direction else ""
+            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            weights = [getattr(self.rnn, f"{name}_l0{suffix}") for name in names]
+            state = tuple(part[direction] for part in initial)  # each (B, hidden)
+            steps = [None] * length
+            for t in reversed(range(length)) if direction else range(length):
+                x = hidden_states[:, t]  # (B, width)
+                new = torch.lstm_cell(x, state, *weights) if self.is_lstm else (torch.gru_cell(x, state[0], *weights),)
+                if mask is None:
+                    state, steps[t] = new, new[0]
+                else:
+                    keep = mask[:, t, None]  # (B, 1)
+                    state = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
+                    steps[t] = new[0] * keep.to(new[0].dtype)
+            outputs.append(torch.stack(steps, dim=1))  # (B, T, hidden)
+            finals.append(state)
+        output = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)  # (B, T, directions * hidden)
+        final = tuple(torch.stack(parts) for parts in zip(*finals))  # each (directions, B, hidden)
+        return output, final if self.is_lstm else final[0]
 
     def _forward_masked(self, hidden_states, mask, initial):
         batch, length, width = hidden_states.shape
@@ -81,7 +96,7 @@ class RecurrentMixer(nn.Module):
         output = output * mask[..., None].to(output.dtype)
 
         empty = lengths == 0
-        if bool(empty.any()):
+        if capturing_graph() or bool(empty.any()):  # (recorded into a graph: the general path)
             final = tuple(final) if self.is_lstm else (final,)
             if initial is None:
                 start = tuple(torch.zeros_like(f) for f in final)

@@ -18,6 +18,8 @@ import dataclasses
 
 import torch
 
+from .graph_capture import capturing_graph
+
 CPU_BLOCK_BYTES = 16 << 20  # the largest activation of a block: half glibc's 32 MiB cap, malloc's heap reuses it
 
 
@@ -25,11 +27,12 @@ def cpu_token_block(hidden_states: torch.Tensor, bytes_per_token: int, multiple:
     """Tokens per block on CPU for a mixer whose largest activation takes `bytes_per_token` per batch row and
     token, a multiple of `multiple` (the scan's chunk size, so blocks split no chunk). None where one block
     would hold the whole sequence, off the CPU (CUDA's caching allocator keeps what it frees), while
-    torch.compile traces (it plans its own buffers), for an empty batch, and in half precision (see above)."""
+    torch.compile traces (it plans its own buffers) or another graph is recorded (graph_capture), for an empty
+    batch, and in half precision (see above)."""
     batch = hidden_states.shape[0]
     if (
         hidden_states.device.type != "cpu"
-        or torch.compiler.is_compiling()
+        or capturing_graph()
         or batch == 0
         or hidden_states.dtype in (torch.float16, torch.bfloat16)
     ):

@@ -26,6 +26,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .cache_seqarch import SeqArchCache
 from .configuration_seqarch import SeqArchConfig
+from .graph_capture import capturing_graph
 from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
 from .mixer_linear_attention import LinearAttentionMixer
@@ -479,7 +480,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
-        if positions_given and length > 1 and not torch.compiler.is_compiling():  # (reading them breaks a graph)
+        if positions_given and length > 1 and not capturing_graph():  # (reading them breaks a graph)
             _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(
@@ -491,7 +492,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
         all_hidden_states = () if output_hidden_states else None
         if use_cache:
-            if context.padding_mask is not None and not torch.compiler.is_compiling():
+            if context.padding_mask is not None and not capturing_graph():
                 cache.holds_padding = True  # (after the checks: a refused call leaves the cache as it was)
             cache.begin_update()
         for block in self.layers:
@@ -542,8 +543,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         if input_ids.dtype not in (torch.int32, torch.int64):
             input_ids = input_ids.long()
-        if torch.compiler.is_compiling():
-            return input_ids  # reading the ids' values would break torch.compile's graph; the embedding bounds-checks
+        if capturing_graph():
+            return input_ids  # no reading of values in a recorded graph (graph_capture); the embedding bounds-checks
         if not input_ids.numel():
             return input_ids
         low, high = _value_range(input_ids)
@@ -581,7 +582,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"shape ({batch}, {past_length + length})."
             )
         mask = attention_mask.bool()
-        if not torch.compiler.is_compiling():  # (compiled: the masked paths, no graph break)
+        if not capturing_graph():  # (recorded into a graph: the masked paths, right for any mask)
             not_binary = (attention_mask != mask).any() if attention_mask.dtype != torch.bool else mask.new_zeros(())
             # An all-zero float mask is an additive one without pads. (An all-zero integer one is a chunk of pads:
             # chunked prefill of a left-padded batch passes such chunks.)
@@ -653,8 +654,8 @@ def _class_ids(labels, num_classes, name):
     if not _is_integer(labels):
         raise ValueError(f"labels must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got {labels.dtype}.")
     labels = labels.long()
-    if torch.compiler.is_compiling() or not labels.numel():
-        return labels  # reading the labels' values would break torch.compile's graph
+    if capturing_graph() or not labels.numel():
+        return labels  # no reading of values in a recorded graph (graph_capture)
     ignored = labels == -100
     low, high = _value_range(labels.masked_fill(ignored, 0))  # ignored ones read as class 0
     if low < 0 or high >= num_classes:
@@ -775,7 +776,7 @@ def _positions_to_keep(logits_to_keep, length, with_labels):
         raise ValueError("logits_to_keep must be an int (the last n positions; 0 keeps all) or a 1-D integer tensor "
                          f"of positions, got {logits_to_keep!r}.")
     keep = logits_to_keep.long()  # (a uint8 tensor would index as a boolean mask)
-    if length is None or torch.compiler.is_compiling():
+    if length is None or capturing_graph():
         return keep
     low, high = _value_range(keep) if len(keep) else (0, 0)
     if low < -length or high >= length:
@@ -999,7 +1000,7 @@ def _sequence_labels(labels, batch, config):
         shape = f"({batch},)" if one_each else str((batch, num_labels))
         raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape {shape}, got "
                          f"{tuple(labels.shape)} ({labels.dtype}).")
-    if problem == "multi_label_classification" and labels.numel() and not torch.compiler.is_compiling():
+    if problem == "multi_label_classification" and labels.numel() and not capturing_graph():
         low, high = _value_range(labels)  # (one device sync, as class ids take)
         if not (0 <= low and high <= 1):  # (NaN fails both)
             raise ValueError(f"multi_label_classification takes targets in [0, 1] (1: the label applies); got values "

@@ -36,7 +36,7 @@ outputs; the exact one, whose gates may be strong, from each segment sum's gradi
 They are not differentiable in turn: a double backward (create_graph=True, e.g. a gradient penalty) through
 them raises.
 
-Pure PyTorch, imports only torch (this file is copied flat to the Hub as remote code).
+Pure PyTorch, imports only torch and graph_capture (this file is copied flat to the Hub as remote code).
 Shapes: B batch, T time, H heads, G groups of heads sharing q and k (G = H unless shared; R = H / G),
 N key/query size (Mamba-2: state size), P value size (head dim), C number of chunks, L chunk length.
 """
@@ -44,9 +44,12 @@ N key/query size (Mamba-2: state size), P value size (head dim), C number of chu
 import functools
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .graph_capture import capturing_graph
 
 _CACHE_BYTES = 3 << 20  # 3 MiB: the q, k and v of one set of chunks in the factorised scan (see _chunk_groups)
 LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
@@ -223,12 +226,13 @@ def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
         forward:  states[c + 1] += d_c * states[c]  for c = 0 .. C - 1  (before: the initial state, then each chunk's
                   own contribution; after: the state entering each chunk, then the final one)
         reverse:  states[c] += d_c * states[c + 1]  for c = C - 1 .. 0  (the backward's, on state gradients)
-    In place. A loop over chunks; under torch.compile (as_product=None: whether it is compiling) the same as one
-    product with the (C + 1) x (C + 1) matrix of decays between chunks, W[c, j] = exp(sum of chunk_log_decay[j:c])
-    for j <= c: dynamo unrolls a loop, and would compile it again for every new number of chunks (every new length).
+    In place. A loop over chunks; while a graph is recorded (as_product=None: whether one is, see graph_capture) the
+    same as one product with the (C + 1) x (C + 1) matrix of decays between chunks, W[c, j] = exp(sum of
+    chunk_log_decay[j:c]) for j <= c: dynamo unrolls a loop, and would compile it again for every new number of chunks
+    (every new length); a jit trace would replay the loop's count for every length.
     The product costs C + 1 times the loop's arithmetic (C = T / L is small), in one batched kernel."""
     if as_product is None:
-        as_product = torch.compiler.is_compiling()
+        as_product = capturing_graph()
     if not as_product:
         decays = _decay(chunk_log_decay, states.dtype)[..., None, None].unbind()  # C of (B, H, 1, 1)
         rows = states.unbind()
@@ -445,8 +449,8 @@ def _chunk_groups(q, k, v, L):
     factorised scan works through its chunks a set at a time, so that a set's temporaries, a few times the size of
     its inputs, stay in cache (and are not page-faulted in afresh, as full-size ones are at every call under glibc's
     malloc). Measured on 2 cores: 1 MiB of v per set suits per-head q and k best, 2 MiB shared ones; this is both."""
-    num_chunks = v.shape[1] // L
-    chunk_bytes = max(1, (q.numel() + k.numel() + v.numel()) * v.element_size() // num_chunks)  # 1: an empty batch
+    num_chunks = int(v.shape[1]) // L  # (int: sizes are tensors while torch.jit.trace records)
+    chunk_bytes = max(1, int(q.numel() + k.numel() + v.numel()) * v.element_size() // num_chunks)  # 1: an empty batch
     sets = -(-num_chunks // max(1, _CACHE_BYTES // chunk_bytes))
     bounds = [round(i * num_chunks / sets) for i in range(sets + 1)]  # sets of equal size, to within one chunk
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
@@ -456,9 +460,10 @@ def _factorised_heads(a, L):
     """Which heads `_FactorizedChunkedScan` applies to, for log decays a (B, T, H): (H,) bool, True where in every
     chunk of L steps (of every batch row) the cumulative sums, with the 0 at the chunk's start, span at most
     -LOG_DECAY_FLOOR (its factors exp(+-cs) stay normal floats), and no step's |a| exceeds FACTORISED_MAX_STEP (its
-    log-decay gradient stays accurate). None (no head) on GPUs and under torch.compile: reading the values would
-    cost a GPU a device sync and a compiled graph a break, where the exact path needs neither."""
-    if a.device.type != "cpu" or torch.compiler.is_compiling():
+    log-decay gradient stays accurate). None (no head) on GPUs and while a graph is recorded (graph_capture): reading
+    the values would cost a GPU a device sync and a compiled graph a break, and a trace would replay the choice for
+    inputs it does not suit; the exact path needs neither."""
+    if a.device.type != "cpu" or capturing_graph():
         return None
     a = a.detach()
     spread = _chunk_spreads(a, L)  # (C, B, H)
@@ -632,7 +637,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     if not isinstance(chunk_size, numbers.Integral) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     chunk_size = int(chunk_size)  # (a numpy integer, say, from a sweep)
-    if log_decay.device.type == "cpu" and not torch.compiler.is_compiling() and bool((log_decay > 0).any()):
+    if log_decay.device.type == "cpu" and not capturing_graph() and bool((log_decay > 0).any()):
         raise ValueError("log_decay must be <= 0 (the log of a decay in [0, 1]); got positive values, which the "
                          "chunked algorithm cannot take (scan_reference can).")
     B, T, G, N = q.shape
@@ -650,9 +655,27 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
 
     # (B, C * L, H). Clamped: -inf (or below) would make inf - inf in the segment sums; exp(-60) is 0 to them anyway.
     log_decay = padded(log_decay[..., None])[..., 0].clamp(min=LOG_DECAY_FLOOR)
-    y, state = _scan(padded(q), padded(k), padded(v), log_decay, state, L)  # y (B, C * L, H, P)
+    q, k, v = padded(q), padded(k), padded(v)
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        q, k, v, log_decay, state = _for_inference_graph(q, k, v, log_decay, state)
+    y, state = _scan(q, k, v, log_decay, state, L)  # y (B, C * L, H, P)
     y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
+
+
+def _for_inference_graph(*tensors):
+    """The scan's inputs, detached, while torch.export or torch.jit.trace records: they record the forward's ops, not
+    the hand-written backward, and the forward writes its products with out=, which autograd refuses (at every call
+    of the recorded graph with grad enabled) on inputs that require grad. A recorded scan is for inference: no
+    gradient flows through it (said once). torch.compile keeps the backward."""
+    if any(t.requires_grad for t in tensors):
+        warnings.warn(
+            "The chunked scan of the mamba2 / linear_attention mixers is recorded for inference (torch.export, "
+            "torch.jit.trace): the recorded graph passes no gradient through it. Train the model itself, or a "
+            "torch.compile'd one.",
+            stacklevel=3,
+        )
+    return tuple(t.detach() for t in tensors)
 
 
 def scan_step(q, k, v, log_decay, state):

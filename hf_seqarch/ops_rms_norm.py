@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph_capture import capturing_graph
+
 
 class RMSNormFunction(torch.autograd.Function):
     """y = x * r * weight with r = rsqrt(mean(x^2, -1) + eps); float32 inputs and weight."""
@@ -60,6 +62,17 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_input.permute(inverse), grad_weight, None
 
 
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """F.rms_norm; while torch.jit.trace records (and so the legacy ONNX exporter, which has no rms_norm op), the same
+    formula written out."""
+    if not torch.jit.is_tracing():
+        return F.rms_norm(x, normalized_shape, weight, eps)
+    eps = eps if eps is not None else torch.finfo(x.dtype).eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
 def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     """The order of x's dims (the last one last) in which x is contiguous, or None if there is none."""
     order = (*sorted(range(x.dim() - 1), key=lambda d: -x.stride(d)), x.dim() - 1)
@@ -69,9 +82,10 @@ def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
 def fast_path_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Where RMSNormFunction is used: float32 training on CPU outside autocast (which would run its
     products in bf16) and outside torch.compile (which fuses torch's own norm, and cannot trace the
-    backward's layout logic under dynamic shapes). Everywhere else torch's own rms_norm is as fast."""
+    backward's layout logic under dynamic shapes) and other graph recording (export, jit.trace). Everywhere else
+    torch's own rms_norm is as fast."""
     return (
-        not torch.compiler.is_compiling()
+        not capturing_graph()
         and x.device.type == "cpu"
         and weight is not None
         and x.dtype == weight.dtype == torch.float32
@@ -103,8 +117,8 @@ class RMSNorm(nn.RMSNorm):
             # Mixed dtypes (a bf16 activation and float32 weight under autocast): torch's kernel would warn and
             # take its slow path; compute in the wider dtype (as Llama's norm does) and return the input's.
             dtype = torch.promote_types(x.dtype, self.weight.dtype)
-            return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps).to(x.dtype)
+            return rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps).to(x.dtype)
         if not fast:
-            return super().forward(x)
+            return rms_norm(x, self.normalized_shape, self.weight, self.eps)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         return RMSNormFunction.apply(x, self.weight, eps)

@@ -43,7 +43,7 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)  # additive: 0 where allowed
 
     output = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]
+        q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=bool(heads != key.shape[1])
     )  # (B * nb, nh, W, hd)
     output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3)  # (B, nb, W, nh, hd)
     return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)

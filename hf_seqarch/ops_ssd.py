@@ -11,6 +11,7 @@ Shapes: b batch, T time, H heads, G groups (R = H / G heads each), P head dim, N
 
 import torch
 
+from .graph_capture import capturing_graph
 from .ops_chunked_scan import autocast_off, chunked_scan, scan_reference
 
 
@@ -31,7 +32,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size=64, initial_state=None):
     x, dt, A, B, C = (t.to(dtype) for t in (x, dt, A, B, C))
     state = None if initial_state is None else initial_state.to(dtype)
     log_decay = dt * A  # (b, T, H)
-    if log_decay.device.type == "cpu" and not torch.compiler.is_compiling() and bool((log_decay > 0).any()):
+    if log_decay.device.type == "cpu" and not capturing_graph() and bool((log_decay > 0).any()):
         raise ValueError("dt * A must be <= 0 (dt >= 0, A <= 0: a decay exp(dt * A) in [0, 1]); got positive values.")
     return chunked_scan(C, B, x * dt[..., None], log_decay, chunk_size, state)
 

@@ -1,0 +1,99 @@
+"""Graphs recorded from the model (torch.jit.trace, torch.export) replay right for inputs they never saw: a recorded
+graph keeps the Python branches taken while recording, so no branch may depend on the example's values."""
+
+import warnings
+
+import pytest
+import torch
+from torch.export import Dim
+
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
+from hf_seqarch.mixer_context import real_tokens_first
+from tester import random_ids, tiny_model
+
+ALL_KINDS = ["lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention"]
+
+
+def left_padded(ids, pads=(2, 0)):
+    mask = torch.ones_like(ids)
+    for row, count in enumerate(pads):
+        mask[row, :count] = 0
+    return mask
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_jit_trace_with_an_all_ones_mask_honours_padding_later(kind):
+    """Traced with a mask of ones, the graph kept "no padding" (the model reads an all-ones mask as none) and ignored
+    every mask after; mamba2 and linear attention did not trace at all (the scan's set sizes took traced sizes),
+    nor did sliding attention past twice its window (sdpa's enable_gqa got a traced bool)."""
+    model = tiny_model(SeqArchForCausalLM, [kind], return_dict=False, use_cache=False, sliding_window=2)
+    ids = random_ids(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings on Python values it records as constants)
+        traced = torch.jit.trace(model, (ids, torch.ones_like(ids)), strict=False)
+    padded = left_padded(ids)
+    got, want = traced(ids, padded)[0], model(ids, attention_mask=padded)[0]
+    real = padded.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced(ids, torch.ones_like(ids))[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_jit_trace_records_the_norm_as_its_formula():
+    """The legacy ONNX exporter (torch.onnx.export(dynamo=False)) works from a jit trace and has no rms_norm op:
+    while tracing, every norm (the blocks', the final one, mamba2's gated one) is the formula written out."""
+    model = tiny_model(SeqArchForCausalLM, ["mamba2", "attention"], return_dict=False, use_cache=False)
+    ids = random_ids(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (ids,), strict=False)
+    assert "aten::rms_norm" not in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_export_of_recurrent_layers_with_padding(kind, bidirectional):
+    """torch.export cannot record packed sequences, which the LSTM / GRU mixers use for padded batches: it failed
+    inside torch. While exporting they step their cells instead, and the program honours other masks."""
+    model_class = SeqArchForSequenceClassification if bidirectional else SeqArchForCausalLM
+    model = tiny_model(model_class, [kind, kind], bidirectional=bidirectional, use_cache=False)
+    ids = random_ids(2, 7)
+    program = torch.export.export(model, (ids,), {"attention_mask": left_padded(ids)}, strict=False)
+    holed = torch.ones_like(ids)
+    holed[0, 3], holed[1, 5:] = 0, 0  # a hole, and right padding: not the example's mask
+    got = program.module()(ids, attention_mask=holed).logits
+    torch.testing.assert_close(got, model(ids, attention_mask=holed).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_with_a_mask_records_no_stable_sort():
+    """The recurrent mixers put each row's real tokens first with an argsort; a stable one has no ONNX function
+    (torch.onnx.export failed for every padded mamba2 model). The keys are made distinct instead. The program runs
+    with grad enabled (the scan's out= products raised there): the scan is recorded for inference, as it warns."""
+    model = tiny_model(SeqArchForCausalLM, ["mamba2"], use_cache=False)
+    ids = random_ids(2, 8)
+    with pytest.warns(UserWarning, match="recorded for inference"):
+        program = torch.export.export(model, (ids,), {"attention_mask": left_padded(ids)}, strict=False)
+    assert "sort.stable" not in str(program.graph)
+    holed = torch.ones_like(ids)
+    holed[0, 2:4] = 0
+    got = program.module()(ids, attention_mask=holed).logits
+    real = holed.bool()
+    torch.testing.assert_close(got[real], model(ids, attention_mask=holed).logits[real], rtol=1e-5, atol=1e-5)
+
+
+def test_real_tokens_first_keeps_each_rows_order():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 11, generator=generator) < 0.6
+    order = real_tokens_first(mask)
+    assert torch.equal(order, torch.argsort((~mask).to(torch.int8), dim=1, stable=True))
+
+
+def test_export_of_sliding_attention_with_a_dynamic_length():
+    """Sliding-window attention runs long sequences in blocks of the window, chosen by the length: an exported program
+    (one graph for every length) failed to export with a dynamic length. While exporting it takes the masked kernel."""
+    model = tiny_model(SeqArchForCausalLM, ["sliding_attention"], use_cache=False, sliding_window=3)
+    length = Dim("length", min=4, max=64)  # (torch.export asks for at least the window + 1 here)
+    program = torch.export.export(model, (random_ids(2, 9),), dynamic_shapes=({1: length},), strict=False)
+    for size in (4, 5, 9, 40):
+        ids = random_ids(2, size, seed=size)
+        torch.testing.assert_close(program.module()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
