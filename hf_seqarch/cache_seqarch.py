@@ -11,6 +11,8 @@ import weakref
 
 import torch
 
+from .graph_capture import capturing_graph
+
 # The config fields that shape a mixer's cached state: a cache is valid only for a model that agrees on those of
 # its mixers (and on the layers themselves).
 STATE_FIELDS = {
@@ -151,10 +153,12 @@ class SeqArchCache:
         With a window only the last `window - 1` positions are kept: with the next query itself they
         make exactly the `window` keys it may see. Without one, appending goes in place (see _append_in_room)
         unless autograd is on: a graph may hold views of the buffer (the last step's attention saved its keys and
-        values), even where these keys need no gradient (a frozen k_proj under LoRA on q and v).
+        values), even where these keys need no gradient (a frozen k_proj under LoRA on q and v). Nor while a graph is
+        recorded (torch.compile): the buffer's bookkeeping (data pointers, inference-mode flags) would break the
+        graph at every layer and step; a compiled step concatenates, as transformers' DynamicCache does.
         """
         state = self.layers[layer_idx]
-        if window is None and state is not None and not torch.is_grad_enabled():
+        if window is None and state is not None and not torch.is_grad_enabled() and not capturing_graph():
             key, value = self._append_in_room(layer_idx, state, key, value)
             self.layers[layer_idx] = {"key": key, "value": value}
             return key, value

@@ -183,7 +183,10 @@ class AttentionMixer(nn.Module):
             # sdpa reads it where it gets no mask (else self.is_causal). torch aligns that implicit mask with the first
             # key, and transformers 4.x passes an explicit value on as it is: causal only with no cached keys before
             # the queries (without a mask, a causal call has either none or one query; see build_attention_mask).
-            is_causal = context.causal and mask is None and context.past_length == 0
+            # An `if`, not the value of the `and`: compiled, the comparison is a SymBool, which sdpa refuses.
+            is_causal = False
+            if context.causal and mask is None and context.past_length == 0:
+                is_causal = True
         output, weights = attention(
             self,
             query,

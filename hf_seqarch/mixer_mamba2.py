@@ -121,7 +121,7 @@ class ShortCausalConv(nn.Conv1d):
             conv_state = xBC.new_zeros(batch, channels, self.kernel_size[0] - 1)
         window = torch.cat([conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)  # (B, C, K)
         out = (window * self.weight[:, 0]).sum(-1) + self.bias  # (B, C)
-        new_state = window[..., 1:]
+        new_state = window[..., 1:].contiguous()  # laid out as the prefill's (a compiled step would recompile)
         if mask is not None:
             new_state = torch.where(mask[:, :, None], new_state, conv_state)
         return F.silu(out)[:, None], new_state  # (B, 1, C)

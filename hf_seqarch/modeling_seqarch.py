@@ -492,8 +492,10 @@ class SeqArchModel(SeqArchPreTrainedModel):
             hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
         all_hidden_states = () if output_hidden_states else None
         if use_cache:
-            if context.padding_mask is not None and not capturing_graph():
-                cache.holds_padding = True  # (after the checks: a refused call leaves the cache as it was)
+            # (After the checks: a refused call leaves the cache as it was.) While a graph is recorded the mask's
+            # values are not read, so any mask counts as padding (later calls pass the whole mask, as generate does).
+            if context.padding_mask is not None:
+                cache.holds_padding = True
             cache.begin_update()
         for block in self.layers:
             if output_hidden_states:

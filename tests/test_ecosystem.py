@@ -342,6 +342,41 @@ def test_torch_compile_fullgraph_before_any_eager_call(monkeypatch):
         torch.testing.assert_close(got, model(input_ids=ids, use_cache=False).logits, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compiled_decoding_is_one_graph():
+    """Compiled one-token steps on a cache, several in a row, fullgraph: the attention cache's in-place appends
+    compared data pointers and read inference-mode flags (a graph break in every layer at every step from the second
+    one on, so fullgraph=True failed, and deep models ran out of recompiles); compiled, it concatenates."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(SeqArchForCausalLM, ["attention", "mamba2", "attention", "linear_attention"])
+    ids = random_ids(2, 10)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[:, 5:]
+        cache = getattr(model(input_ids=ids[:, :5], use_cache=True), CACHE_FIELD)
+        got = [compiled(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(5, 10)]
+    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first step's static graph, then one with a dynamic past
+
+
+def test_torch_compiled_padded_prefill_marks_its_cache():
+    """A padded batch leaves pads in the cache, which attention reads unless every later call passes their mask: an
+    eager forward marks the cache so that a call without the mask is refused. Compiled, the mask's values are not
+    read and the mark was skipped: the continuation ran and attended to the pads. Any mask marks it there."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"])
+    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        cache = getattr(compiled(input_ids=ids, attention_mask=mask, use_cache=True), CACHE_FIELD)
+        assert cache.holds_padding
+        with pytest.raises(ValueError, match="padded"):
+            model(input_ids=random_ids(2, 1, seed=5), cache=cache)
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor():
     """One real inductor compile (C++ codegen, ~30 s on 2 CPU cores): attention and Mamba-2 in one graph."""
