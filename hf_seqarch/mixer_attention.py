@@ -99,12 +99,13 @@ def _attention_mask(context, query_length, kv_length, window, attn_implementatio
     query_pos = torch.arange(past, past + query_length, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(past + query_length - kv_length, past + query_length, device=device)[None, :]  # (1, K)
     allowed = torch.ones(query_length, kv_length, dtype=torch.bool, device=device)
+    # (Out of place: the legacy ONNX exporter, which works from a jit trace, has no in-place and.)
     if context.causal:
-        allowed &= key_pos <= query_pos
+        allowed = allowed & (key_pos <= query_pos)
         if window is not None:
-            allowed &= key_pos > query_pos - window
+            allowed = allowed & (key_pos > query_pos - window)
     elif window is not None:
-        allowed &= (key_pos - query_pos).abs() < window
+        allowed = allowed & ((key_pos - query_pos).abs() < window)
     allowed = allowed[None, None]  # (1, 1, T, K)
     if padding is not None:
         allowed = allowed & padding[:, None, None, -kv_length:]  # (B, 1, T, K)

@@ -449,8 +449,8 @@ def _chunk_groups(q, k, v, L):
     factorised scan works through its chunks a set at a time, so that a set's temporaries, a few times the size of
     its inputs, stay in cache (and are not page-faulted in afresh, as full-size ones are at every call under glibc's
     malloc). Measured on 2 cores: 1 MiB of v per set suits per-head q and k best, 2 MiB shared ones; this is both."""
-    num_chunks = int(v.shape[1]) // L  # (int: sizes are tensors while torch.jit.trace records)
-    chunk_bytes = max(1, int(q.numel() + k.numel() + v.numel()) * v.element_size() // num_chunks)  # 1: an empty batch
+    num_chunks = v.shape[1] // L
+    chunk_bytes = max(1, (q.numel() + k.numel() + v.numel()) * v.element_size() // num_chunks)  # 1: an empty batch
     sets = -(-num_chunks // max(1, _CACHE_BYTES // chunk_bytes))
     bounds = [round(i * num_chunks / sets) for i in range(sets + 1)]  # sets of equal size, to within one chunk
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
