@@ -10,3 +10,9 @@ import torch
 
 def capturing_graph() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def recording_one_graph() -> bool:
+    """torch.export or torch.jit.trace: unlike torch.compile, one graph is replayed for every input (no guard to
+    compile again on when a branch would go the other way) and it holds no hand-written backward."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .graph_capture import recording_one_graph
 from .ops_sliding_attention import sliding_window_attention
 
 
@@ -168,7 +169,7 @@ class AttentionMixer(nn.Module):
             key, value = context.cache.update_key_value(self.layer_idx, key, value, self.sliding_window)
 
         implementation = self.config._attn_implementation or "eager"
-        if query.numel() == 0:  # no rows (or no queries): transformers' sdpa cannot reshape an empty output; eager can
+        if query.numel() == 0:  # an empty batch: transformers' sdpa cannot reshape an empty output; eager can
             implementation = "eager"
         dropout = self.config.attention_dropout if self.training else 0.0
         if self._banded_applies(context, length, key.shape[2], implementation):
@@ -209,7 +210,7 @@ class AttentionMixer(nn.Module):
         torch.export or torch.jit.trace records: their one graph serves every length, and the blocks are cut by it
         (torch.compile guards on the length and compiles again where the choice changes)."""
         return (
-            not (torch.compiler.is_exporting() or torch.jit.is_tracing())
+            not recording_one_graph()
             and implementation == "sdpa"
             and self.sliding_window is not None
             and context.causal

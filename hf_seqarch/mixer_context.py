@@ -70,6 +70,6 @@ def real_tokens_first(mask: torch.Tensor) -> torch.Tensor:
     scattering with them puts the outputs back in place.
     """
     length = mask.shape[1]
-    # Keys that are all different, pads' above real tokens': a plain sort keeps the order (ONNX has no stable sort).
+    # Distinct keys (pads shifted up by T), so that a plain sort keeps each row's order: ONNX has no stable sort.
     keys = (~mask).long() * length + torch.arange(length, device=mask.device)  # (B, T)
     return torch.argsort(keys, dim=1)

@@ -2,7 +2,8 @@
 
 Padding never enters the state: with a mask, each row's real tokens are packed to the front in order,
 run as a packed sequence, and scattered back (pads output zeros), so left, right or holed padding all
-give, at the real positions, what each sequence gives alone.
+give, at the real positions, what each sequence gives alone. One token (decoding), and a padded batch while
+torch.export records, run as a loop of cell steps instead (`_forward_by_cells`), held to the fused call by tests.
 """
 
 import torch
@@ -29,12 +30,12 @@ class RecurrentMixer(nn.Module):
         cache = context.cache
         initial = self._unpack_state(cache.get_state(self.layer_idx), hidden_states.dtype) if cache is not None else None
         mask = context.token_mask
-        if hidden_states.shape[1] == 1 and not self.bidirectional and self._cell_applies():
+        if hidden_states.shape[1] == 1 and not self.bidirectional and self._cell_applies():  # (decoding is causal)
             output, final = self._forward_by_cells(hidden_states, mask, initial)  # one token: see there
         elif mask is None:
             output, final = self.rnn(hidden_states, initial)
         elif torch.compiler.is_exporting() and self._cell_applies():
-            output, final = self._forward_by_cells(hidden_states, mask, initial)  # export cannot record packing
+            output, final = self._forward_by_cells(hidden_states, mask, initial)  # (export cannot record packing)
         else:
             output, final = self._forward_masked(hidden_states, mask, initial)
         if cache is not None:
@@ -60,22 +61,25 @@ class RecurrentMixer(nn.Module):
             zeros = hidden_states.new_zeros(directions, batch, self.rnn.hidden_size)
             initial = (zeros, zeros) if self.is_lstm else zeros
         initial = tuple(initial) if self.is_lstm else (initial,)  # (h, c) or (h,), each (directions, B, hidden)
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         outputs, finals = [], []
         for direction in range(directions):
             suffix = "_reverse" if direction else ""
-            names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
             weights = [getattr(self.rnn, f"{name}_l0{suffix}") for name in names]
             state = tuple(part[direction] for part in initial)  # each (B, hidden)
             steps = [None] * length
             for t in reversed(range(length)) if direction else range(length):
                 x = hidden_states[:, t]  # (B, width)
-                new = torch.lstm_cell(x, state, *weights) if self.is_lstm else (torch.gru_cell(x, state[0], *weights),)
+                if self.is_lstm:
+                    new_state = torch.lstm_cell(x, state, *weights)
+                else:
+                    new_state = (torch.gru_cell(x, state[0], *weights),)
                 if mask is None:
-                    state, steps[t] = new, new[0]
+                    state, steps[t] = new_state, new_state[0]
                 else:
                     keep = mask[:, t, None]  # (B, 1)
-                    state = tuple(torch.where(keep, n, s) for n, s in zip(new, state))
-                    steps[t] = new[0] * keep.to(new[0].dtype)
+                    state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
+                    steps[t] = new_state[0] * keep.to(new_state[0].dtype)
             outputs.append(torch.stack(steps, dim=1))  # (B, T, hidden)
             finals.append(state)
         output = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)  # (B, T, directions * hidden)

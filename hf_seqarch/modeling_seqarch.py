@@ -480,7 +480,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
-        if positions_given and length > 1 and not capturing_graph():  # (reading them breaks a graph)
+        if positions_given and length > 1 and not capturing_graph():  # (no reading of values in a recorded graph)
             _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(

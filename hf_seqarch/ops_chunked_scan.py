@@ -49,7 +49,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .graph_capture import capturing_graph
+from .graph_capture import capturing_graph, recording_one_graph
 
 _CACHE_BYTES = 3 << 20  # 3 MiB: the q, k and v of one set of chunks in the factorised scan (see _chunk_groups)
 LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
@@ -229,7 +229,7 @@ def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
     In place. A loop over chunks; while a graph is recorded (as_product=None: whether one is, see graph_capture) the
     same as one product with the (C + 1) x (C + 1) matrix of decays between chunks, W[c, j] = exp(sum of
     chunk_log_decay[j:c]) for j <= c: dynamo unrolls a loop, and would compile it again for every new number of chunks
-    (every new length); a jit trace would replay the loop's count for every length.
+    (every new length). (A graph recorded by torch.export or jit.trace keeps its example's length either way.)
     The product costs C + 1 times the loop's arithmetic (C = T / L is small), in one batched kernel."""
     if as_product is None:
         as_product = capturing_graph()
@@ -656,24 +656,25 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     # (B, C * L, H). Clamped: -inf (or below) would make inf - inf in the segment sums; exp(-60) is 0 to them anyway.
     log_decay = padded(log_decay[..., None])[..., 0].clamp(min=LOG_DECAY_FLOOR)
     q, k, v = padded(q), padded(k), padded(v)
-    if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        q, k, v, log_decay, state = _for_inference_graph(q, k, v, log_decay, state)
+    if recording_one_graph():
+        q, k, v, log_decay, state = _detached_for_recording(q, k, v, log_decay, state)
     y, state = _scan(q, k, v, log_decay, state, L)  # y (B, C * L, H, P)
     y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
 
 
-def _for_inference_graph(*tensors):
+def _detached_for_recording(*tensors):
     """The scan's inputs, detached, while torch.export or torch.jit.trace records: they record the forward's ops, not
     the hand-written backward, and the forward writes its products with out=, which autograd refuses (at every call
     of the recorded graph with grad enabled) on inputs that require grad. A recorded scan is for inference: no
-    gradient flows through it (said once). torch.compile keeps the backward."""
+    gradient flows through it (a warning says so, once per caller under Python's default filter). torch.compile keeps
+    the backward."""
     if any(t.requires_grad for t in tensors):
         warnings.warn(
             "The chunked scan of the mamba2 / linear_attention mixers is recorded for inference (torch.export, "
             "torch.jit.trace): the recorded graph passes no gradient through it. Train the model itself, or a "
             "torch.compile'd one.",
-            stacklevel=3,
+            stacklevel=4,  # (the caller of chunked_scan, past its autocast_off wrapper)
         )
     return tuple(t.detach() for t in tensors)
 

@@ -9,8 +9,9 @@ The backward below is torch's fused LayerNorm backward kernel (RMSNorm is LayerN
 subtraction: given a mean of 0, the kernel's gradient differs by one per-row term), one matrix-vector
 product and one in-place pass; it allocates one tensor (under glibc's malloc every fresh page is a page
 fault, at every step). The reference is torch's own `nn.RMSNorm`, which this class subclasses (same
-parameters, same state dict) and falls back to wherever the fast path does not apply: inference, GPUs
-(fused CUDA kernels both ways), and dtypes other than float32.
+parameters, same state dict), and its rms_norm, which the class calls wherever the fast path does not apply:
+inference, GPUs (fused CUDA kernels both ways), dtypes other than float32 (`rms_norm` below: torch's, or its
+formula written out while torch.jit.trace records).
 """
 
 import torch

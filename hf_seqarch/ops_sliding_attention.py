@@ -42,8 +42,9 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
     mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)  # additive: 0 where allowed
 
+    grouped = bool(heads != key.shape[1])  # (bool: under jit.trace sizes are traced values, which sdpa refuses)
     output = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=bool(heads != key.shape[1])
+        q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=grouped
     )  # (B * nb, nh, W, hd)
     output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3)  # (B, nb, W, nh, hd)
     return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)

@@ -1,5 +1,6 @@
-"""Graphs recorded from the model (torch.jit.trace, torch.export) replay right for inputs they never saw: a recorded
-graph keeps the Python branches taken while recording, so no branch may depend on the example's values."""
+"""Graphs recorded from the model (torch.jit.trace, torch.export) replay right for inputs they never saw (masks, and
+lengths where torch generalises them): a recorded graph keeps the Python branches taken while recording, so no branch
+may depend on the example's values."""
 
 import warnings
 
