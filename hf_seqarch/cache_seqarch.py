@@ -62,7 +62,8 @@ class SeqArchCache:
         # of the past tokens (generate() passes it; a forward without one, and a StreamingSession, are refused).
         self.holds_padding = False
         # Set while a forward's layers read new tokens into it, cleared by advance(): still set, a forward raised midway
-        # (an interrupt, out of memory) and left some layers past the others. Such a cache is refused.
+        # (an interrupt, out of memory) and left some layers past the others, or another forward is updating it now
+        # (the same cache in two concurrent or nested calls). Such a cache is refused.
         self.mid_update = False
         # Full-attention layers: (key, value) buffers with spare positions; layers[i] holds views of their used part.
         self._kv_room: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -199,13 +200,18 @@ class SeqArchCache:
 
     def refuse_if_half_updated(self):
         if self.mid_update:
-            raise ValueError("This cache was left half-updated by a forward that raised midway: some layers read its "
-                             "last input and others did not, so it holds no one sequence. Start from a fresh cache "
-                             "(or one saved before).")
+            raise ValueError(
+                "This cache is mid-update: either a forward using it raised midway (some layers read its last input "
+                "and others did not, so it holds no one sequence: start from a fresh cache, or one saved before), or "
+                "another forward is updating it right now (the same cache in two concurrent or nested calls: give "
+                "each its own, e.g. a copy.deepcopy)."
+            )
 
     def begin_update(self):
-        """Called by the model before its layers read new positions (see mid_update); advance() ends the update."""
+        """Called by the model before its layers read new positions (see mid_update); advance() ends the update.
+        Refuses a cache that another forward began to update after this one's checks (two threads on one cache)."""
         if not torch.compiler.is_compiling():
+            self.refuse_if_half_updated()
             self.mid_update = True
 
     def advance(self, num_tokens: int):

@@ -494,9 +494,9 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if use_cache:
             # (After the checks: a refused call leaves the cache as it was.) While a graph is recorded the mask's
             # values are not read, so any mask counts as padding (later calls pass the whole mask, as generate does).
+            cache.begin_update()
             if context.padding_mask is not None:
                 cache.holds_padding = True
-            cache.begin_update()
         for block in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states.contiguous(),)

@@ -580,15 +580,38 @@ def test_a_cache_left_half_updated_by_an_error_is_refused():
     hook.remove()
     for use in (lambda: model(input_ids=ids[:, :3], cache=cache, use_cache=True), cache.state_dict,
                 lambda: StreamingSession(model, cache)):
-        with pytest.raises(ValueError, match="left half-updated by a forward that raised midway"):
+        with pytest.raises(ValueError, match="mid-update: either a forward using it raised midway"):
             use()
 
     session = StreamingSession(model)  # its single-token path: the same mark, checked at each step
     session.feed(ids)
     session.cache.begin_update()  # as a step that raised midway leaves it
-    with pytest.raises(ValueError, match="left half-updated"):
+    with pytest.raises(ValueError, match="mid-update"):
         session.step(ids[:, 0])
     assert model(input_ids=ids, cache=SeqArchCache(model.config), use_cache=True).logits.shape == (1, 6, VOCAB)
+
+
+def test_a_cache_in_use_by_another_forward_is_refused_with_that_reason():
+    """One cache in two calls at once: a nested call (here from a hook) was told the cache had been left by a forward
+    that raised; and of two threads whose checks both passed before either began, both wrote the layers (a mix of two
+    sequences, silently). Each call now claims the cache as it begins, and says why it refuses."""
+    model = tiny_model(SeqArchForCausalLM, ["attention", "lstm"])
+    ids = random_ids(1, 6)
+    cache = SeqArchCache(model.config)
+    model(input_ids=ids, cache=cache, use_cache=True)
+
+    def nested_call(module, inputs):
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+
+    hook = model.model.layers[1].register_forward_pre_hook(nested_call)
+    with pytest.raises(ValueError, match="another forward is updating it right now"):
+        model(input_ids=ids[:, :2], cache=cache, use_cache=True)
+    hook.remove()
+
+    claimed = SeqArchCache(model.config)
+    claimed.begin_update()  # as a forward in another thread leaves it between its checks and its layers
+    with pytest.raises(ValueError, match="concurrent or nested"):
+        claimed.begin_update()
 
 
 @pytest.mark.parametrize("restore", ["empty", "state_dict"])
