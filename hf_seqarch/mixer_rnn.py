@@ -14,6 +14,13 @@ from .graph_capture import capturing_graph
 from .mixer_context import real_tokens_first
 
 
+# The weights of a layer's cell, per direction, as nn.LSTM / nn.GRU name them.
+_CELL_WEIGHTS = [
+    ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"),
+    ("weight_ih_l0_reverse", "weight_hh_l0_reverse", "bias_ih_l0_reverse", "bias_hh_l0_reverse"),
+]
+
+
 class RecurrentMixer(nn.Module):
     """One nn.LSTM or nn.GRU layer; in encoder mode a bidirectional one with half the width per direction."""
 
@@ -56,17 +63,16 @@ class RecurrentMixer(nn.Module):
         oneDNN on CPU) that dominates decoding, and for a padded batch while torch.export records (it cannot record
         the packed sequences of `_forward_masked`)."""
         batch, length, _ = hidden_states.shape
-        directions = 2 if self.bidirectional else 1
-        if initial is None:
-            zeros = hidden_states.new_zeros(directions, batch, self.rnn.hidden_size)
-            initial = (zeros, zeros) if self.is_lstm else zeros
-        initial = tuple(initial) if self.is_lstm else (initial,)  # (h, c) or (h,), each (directions, B, hidden)
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        if initial is not None:
+            initial = initial if self.is_lstm else (initial,)  # (h, c) or (h,), each (directions, B, hidden)
         outputs, finals = [], []
-        for direction in range(directions):
-            suffix = "_reverse" if direction else ""
-            weights = [getattr(self.rnn, f"{name}_l0{suffix}") for name in names]
-            state = tuple(part[direction] for part in initial)  # each (B, hidden)
+        for direction in range(2 if self.bidirectional else 1):
+            weights = [getattr(self.rnn, name) for name in _CELL_WEIGHTS[direction]]
+            if initial is None:
+                zeros = hidden_states.new_zeros(batch, self.rnn.hidden_size)
+                state = (zeros, zeros) if self.is_lstm else (zeros,)
+            else:
+                state = tuple(part[direction] for part in initial)  # each (B, hidden)
             steps = [None] * length
             for t in reversed(range(length)) if direction else range(length):
                 x = hidden_states[:, t]  # (B, width)
@@ -80,10 +86,10 @@ class RecurrentMixer(nn.Module):
                     keep = mask[:, t, None]  # (B, 1)
                     state = tuple(torch.where(keep, new, old) for new, old in zip(new_state, state))
                     steps[t] = new_state[0] * keep.to(new_state[0].dtype)
-            outputs.append(torch.stack(steps, dim=1))  # (B, T, hidden)
+            outputs.append(_stack(steps, dim=1))  # (B, T, hidden)
             finals.append(state)
-        output = outputs[0] if directions == 1 else torch.cat(outputs, dim=-1)  # (B, T, directions * hidden)
-        final = tuple(torch.stack(parts) for parts in zip(*finals))  # each (directions, B, hidden)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)  # (B, T, directions * hidden)
+        final = tuple(_stack(parts, dim=0) for parts in zip(*finals))  # each (directions, B, hidden)
         return output, final if self.is_lstm else final[0]
 
     def _forward_masked(self, hidden_states, mask, initial):
@@ -123,3 +129,8 @@ class RecurrentMixer(nn.Module):
         if self.is_lstm:
             return state["h"].transpose(0, 1).to(dtype).contiguous(), state["c"].transpose(0, 1).to(dtype).contiguous()
         return state["h"].transpose(0, 1).to(dtype).contiguous()
+
+
+def _stack(tensors, dim):
+    """torch.stack, as a view where there is one tensor (a decoding step: its copies showed in the time per token)."""
+    return tensors[0].unsqueeze(dim) if len(tensors) == 1 else torch.stack(tensors, dim=dim)
