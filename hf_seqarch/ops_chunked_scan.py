@@ -235,13 +235,7 @@ def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
         as_product = capturing_graph()
     if not as_product:
         decays = _decay(chunk_log_decay, states.dtype)[..., None, None].unbind()  # C of (B, H, 1, 1)
-        rows = states.unbind()
-        if reverse:
-            for c in reversed(range(len(decays))):
-                rows[c].addcmul_(decays[c], rows[c + 1])
-        else:
-            for c in range(len(decays)):
-                rows[c + 1].addcmul_(decays[c], rows[c])
+        _carry_between_chunks(states.unbind(), decays, reverse)
         return states
     entering = F.pad(chunk_log_decay.cumsum(0), (0, 0, 0, 0, 1, 0))  # (C + 1, B, H): log decay from the start to c
     spans = entering[:, None] - entering[None, :]  # (C + 1, C + 1, B, H): [c, j] the chunks j .. c - 1
@@ -250,6 +244,18 @@ def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
     weights = weights * reaches  # (C + 1, C + 1, B, H): W[c, j], 0 for j > c
     product = "cjbh,cbhpn->jbhpn" if reverse else "cjbh,jbhpn->cbhpn"
     return states.copy_(torch.einsum(product, weights, states))  # (in place, as the loop: the callers view states)
+
+
+def _carry_between_chunks(rows, decays, reverse=False):
+    """The loop between chunks, in place, on C + 1 rows (states, or their gradients) and C decays that broadcast:
+        forward:  rows[c + 1] += decays[c] * rows[c]  for c = 0 .. C - 1
+        reverse:  rows[c] += decays[c] * rows[c + 1]  for c = C - 1 .. 0"""
+    if reverse:
+        for c in reversed(range(len(decays))):
+            rows[c].addcmul_(decays[c], rows[c + 1])
+    else:
+        for c in range(len(decays)):
+            rows[c + 1].addcmul_(decays[c], rows[c])
 
 
 class _FactorizedChunkedScan(torch.autograd.Function):
@@ -296,9 +302,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
             # scan over the set's chunks, in place.
             torch.bmm(v_g.mT, k_g, out=s_out.view(-1, wide, s_out.shape[-1]))
             s_out.mul_(chunk_decay[g])
-            set_states = states[g.start : g.stop + 1].unbind()  # the states entering the set's chunks, and the last's
-            for c, decay in enumerate(chunk_decay[g].unbind()):
-                set_states[c + 1].addcmul_(set_states[c], decay)
+            _carry_between_chunks(states[g.start : g.stop + 1].unbind(), chunk_decay[g].unbind())  # (Gc + 1 rows)
             # 1. and 4.: y = exp(cs) (tril(q k^T) v' + q S_in^T).
             qk_g = torch.bmm(q_g, k_g.mT, out=qk[g].flatten(0, 2)).tril_()  # (M, L, L)
             y_g = work.like("y", v_chunks[g])  # (Gc, B, G, L, R * P)
@@ -346,8 +350,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
             dstates = work.extended("dstates", states[g])  # (Gc + 1, B, H, P, N)
             dstates[-1] = d_carry  # (before the product below: the carry may be the buffer's first row)
             torch.bmm(dy_g.mT, q_g, out=dstates[:-1].view(-1, wide, dstates.shape[-1]))
-            for c, decay in zip(reversed(range(len(dstates) - 1)), reversed(chunk_decay[g].unbind())):
-                dstates[c].addcmul_(decay, dstates[c + 1])
+            _carry_between_chunks(dstates.unbind(), chunk_decay[g].unbind(), reverse=True)
             d_carry = dstates[0]
             d_out = dstates[1:]  # (Gc, B, H, P, N): the gradients of the states leaving the set's chunks
             torch.linalg.vecdot(d_out.flatten(-2), states[g.start + 1 : g.stop + 1].flatten(-2), out=d_end[g])
