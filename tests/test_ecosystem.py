@@ -200,7 +200,6 @@ def test_device_map_auto_with_disk_offload(stack, tmp_path):
     assert torch.equal(split.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False), generated)
 
 
-
 def split_over_two_devices(model, from_layer):
     """The blocks from `from_layer` on, the final norm and the head run on a second device, as a device_map over two
     GPUs places them: accelerate's hooks, with "meta" standing in for the second GPU on a CPU-only machine (a tensor of
