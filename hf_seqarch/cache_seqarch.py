@@ -7,11 +7,14 @@ counts the tokens it has seen, which gives positions (RoPE) and the mask offsets
 """
 
 import json
+import threading
 import weakref
 
 import torch
 
 from .graph_capture import capturing_graph
+
+_CLAIMING = threading.Lock()  # held while a forward checks and claims a cache (SeqArchCache.begin_update)
 
 # The config fields that shape a mixer's cached state: a cache is valid only for a model that agrees on those of
 # its mixers (and on the layers themselves).
@@ -61,7 +64,8 @@ class SeqArchCache:
         # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
         # of the past tokens (generate() passes it; a forward without one, and a StreamingSession, are refused).
         self.holds_padding = False
-        # Set while a forward's layers read new tokens into it, cleared by advance(): still set, a forward raised midway
+        # Set while a forward reads its length and its layers read new tokens into it, cleared by advance() (or by
+        # cancel_update() for a call refused before its layers ran): still set, a forward raised midway
         # (an interrupt, out of memory) and left some layers past the others, or another forward is updating it now
         # (the same cache in two concurrent or nested calls). Such a cache is refused.
         self.mid_update = False
@@ -208,11 +212,17 @@ class SeqArchCache:
             )
 
     def begin_update(self):
-        """Called by the model before its layers read new positions (see mid_update); advance() ends the update.
-        Refuses a cache that another forward began to update after this one's checks (two threads on one cache)."""
+        """Called by the model before it reads the cache's length (see mid_update); advance() ends the update,
+        cancel_update() ends it unused. Refuses a cache that another forward is updating (two threads on one cache)."""
         if not torch.compiler.is_compiling():
-            self.refuse_if_half_updated()
-            self.mid_update = True
+            with _CLAIMING:  # the check and the claim as one step: two threads cannot both claim the cache
+                self.refuse_if_half_updated()
+                self.mid_update = True
+
+    def cancel_update(self):
+        """Ends an update begun by begin_update() before any layer read the cache (the call was refused)."""
+        if not torch.compiler.is_compiling():
+            self.mid_update = False
 
     def advance(self, num_tokens: int):
         """Called by the model once all layers have consumed `num_tokens` new positions."""

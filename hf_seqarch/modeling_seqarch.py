@@ -398,29 +398,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not both.")
-        cache = cache if cache is not None else past_key_values
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
-            input_ids = self._checked_token_ids(input_ids)
-            if self.time_major and input_ids.shape[1] > 1 and not _has_hooks(self.embed_tokens):
-                # embedded time-major: no layout copy (see below). Not where a hook (NEFTune's noise, scaled by the
-                # output's shape) would see (T, B, width).
-                inputs_embeds = self.embed_tokens(input_ids.t()).transpose(0, 1)  # (B, T, width), time-major
-            else:
-                inputs_embeds = self.embed_tokens(input_ids)
-        elif (
-            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
-            or not inputs_embeds.is_floating_point()
-        ):
-            raise ValueError(
-                f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}) floating-point "
-                f"values, got shape {tuple(inputs_embeds.shape)} of {inputs_embeds.dtype}."
-            )
-        else:  # in the embeddings' dtype, as input_ids would give them
-            inputs_embeds = inputs_embeds.to(self.embed_tokens.weight.dtype)
+        inputs_embeds = self._embedded(input_ids, inputs_embeds)  # (B, T, width)
         batch, length = inputs_embeds.shape[:2]
         if length == 0:
             raise ValueError(f"The input has no tokens (shape {(batch, length)}): pass at least one per row.")
@@ -428,13 +406,75 @@ class SeqArchModel(SeqArchPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         output_attentions = self._wants_attention_weights(output_attentions)
+        cache = self._cache_to_use(use_cache, cache if cache is not None else past_key_values, inputs_embeds)
+        if cache is not None:
+            # Claimed before its length is read: no other forward (another thread's) can advance it between this
+            # call's reading of the length and its writing. Released if a check below refuses the call, which then
+            # leaves the cache as it was.
+            cache.begin_update()
+        try:
+            context = self._context(attention_mask, position_ids, cache, output_attentions, inputs_embeds)
+        except BaseException:
+            if cache is not None:
+                cache.cancel_update()
+            raise
+        if cache is not None and context.padding_mask is not None:
+            # While a graph is recorded the mask's values are not read, so any mask counts as padding (later calls
+            # pass the whole mask, as generate does).
+            cache.holds_padding = True
 
+        hidden_states = inputs_embeds
+        if self.time_major and length > 1:  # a no-op for the time-major embeddings of _embedded
+            hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states.contiguous(),)
+            hidden_states = block(hidden_states, context)
+        hidden_states = self.norm(hidden_states).contiguous()  # batch-first again (a no-op unless time-major)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        if cache is not None:
+            cache.advance(length)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=tuple(context.attentions) if output_attentions else None,
+            **{CACHE_FIELD: cache},
+        )
+
+    def _embedded(self, input_ids, inputs_embeds):
+        """The input as embeddings (B, T, width), checked: token ids embedded, or embeddings passed in (cast to the
+        embeddings' dtype, as input_ids would give them)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
+            input_ids = self._checked_token_ids(input_ids)
+            if self.time_major and input_ids.shape[1] > 1 and not _has_hooks(self.embed_tokens):
+                # embedded time-major: no layout copy in forward. Not where a hook (NEFTune's noise, scaled by the
+                # output's shape) would see (T, B, width).
+                return self.embed_tokens(input_ids.t()).transpose(0, 1)  # (B, T, width), time-major
+            return self.embed_tokens(input_ids)
+        if (
+            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
+            or not inputs_embeds.is_floating_point()
+        ):
+            raise ValueError(
+                f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}) floating-point "
+                f"values, got shape {tuple(inputs_embeds.shape)} of {inputs_embeds.dtype}."
+            )
+        return inputs_embeds.to(self.embed_tokens.weight.dtype)
+
+    def _cache_to_use(self, use_cache, cache, inputs_embeds):
+        """The SeqArchCache this call reads and advances (checked), a fresh one (use_cache), or None."""
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         use_cache = use_cache or cache is not None  # a cache passed in is read and advanced, as transformers' are
         if self.config.bidirectional:
             if cache is not None:
                 raise ValueError("A bidirectional (encoder) model sees the whole sequence at once: it takes no cache.")
-            use_cache = False
+            return None
         if self.training and self.layers[0].gradient_checkpointing and torch.is_grad_enabled() and use_cache:
             # The backward re-runs each layer's forward, which would read and advance the cache a second time.
             # (Without gradients, as in generate() from a model left in train mode, nothing is re-run.)
@@ -445,21 +485,25 @@ class SeqArchModel(SeqArchPreTrainedModel):
                     "model.eval() (or torch.no_grad()) to only run it."
                 )
             logger.warning_once("Caching is incompatible with gradient checkpointing; setting use_cache=False.")
-            use_cache, cache = False, None
-        if cache is not None and not isinstance(cache, SeqArchCache):
+            return None
+        if cache is None:
+            return SeqArchCache(self.config) if use_cache else None
+        if not isinstance(cache, SeqArchCache):
             raise TypeError(
                 f"cache must be a SeqArchCache (as returned with use_cache=True), got {type(cache).__name__}. Caches "
                 "of other models, and key/value prefixes (PEFT's prefix tuning), do not fit recurrent layers; prompt "
                 "tuning, p-tuning and LoRA do."
             )
-        if cache is not None:
-            # Split across devices by accelerate's hooks (device_map), each layer's state is on its own layer's device.
-            split_by_hooks = hasattr(self.layers[0], "_hf_hook")
-            cache.check_usable_by(self.config, batch, None if split_by_hooks else inputs_embeds.device)
-        if use_cache and cache is None:
-            cache = SeqArchCache(self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # Split across devices by accelerate's hooks (device_map), each layer's state is on its own layer's device.
+        split_by_hooks = hasattr(self.layers[0], "_hf_hook")
+        cache.check_usable_by(self.config, inputs_embeds.shape[0], None if split_by_hooks else inputs_embeds.device)
+        return cache
 
+    def _context(self, attention_mask, position_ids, cache, output_attentions, inputs_embeds):
+        """What every mixer reads besides its input (MixerContext): the checked padding mask and positions, the
+        cache and its past length, the rotary embeddings of attention layers."""
+        batch, length = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
         positions_given = position_ids is not None
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
@@ -476,7 +520,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
                                             past_padded=past_length > 0 and cache.holds_padding),
             position_ids=position_ids,
             past_length=past_length,
-            cache=cache if use_cache else None,
+            cache=cache,
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
@@ -486,32 +530,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             context.position_embeddings = rotary_cos_sin(
                 position_ids, self.config.attention_head_dim, self.config.rope_theta, inputs_embeds.dtype
             )
-
-        hidden_states = inputs_embeds
-        if self.time_major and length > 1:  # a no-op for the time-major embeddings above
-            hidden_states = hidden_states.transpose(0, 1).contiguous().transpose(0, 1)  # (B, T, width), time-major
-        all_hidden_states = () if output_hidden_states else None
-        if use_cache:
-            # (After the checks: a refused call leaves the cache as it was.) While a graph is recorded the mask's
-            # values are not read, so any mask counts as padding (later calls pass the whole mask, as generate does).
-            cache.begin_update()
-            if context.padding_mask is not None:
-                cache.holds_padding = True
-        for block in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states.contiguous(),)
-            hidden_states = block(hidden_states, context)
-        hidden_states = self.norm(hidden_states).contiguous()  # batch-first again (a no-op unless time-major)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        if use_cache:
-            cache.advance(length)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
-            attentions=tuple(context.attentions) if output_attentions else None,
-            **{CACHE_FIELD: cache if use_cache else None},
-        )
+        return context
 
     def _wants_attention_weights(self, output_attentions) -> bool:
         """output_attentions (argument, else config): the eager kernel's probabilities, one (B, heads, T, K)

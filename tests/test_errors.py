@@ -614,6 +614,33 @@ def test_a_cache_in_use_by_another_forward_is_refused_with_that_reason():
         claimed.begin_update()
 
 
+def test_a_cache_is_claimed_before_its_length_is_read():
+    """A forward read the cache's length, then claimed it: another forward (another thread) that ran whole in between
+    advanced it, and the first then wrote its tokens at the stale position (positions and masks of the wrong
+    offset, silently). A call is now refused while another has read the length and not yet advanced the cache; a
+    call refused by a later check (here a mask of the wrong shape) leaves the cache unclaimed."""
+    model = tiny_model(SeqArchForCausalLM, ["attention", "lstm"]).eval()
+    ids = random_ids(1, 8)
+    cache = SeqArchCache(model.config)
+    model(input_ids=ids[:, :4], cache=cache, use_cache=True)
+    reads_length = cache.get_seq_length
+
+    def another_forward_in_between(*args, **kwargs):
+        cache.get_seq_length = reads_length
+        with pytest.raises(ValueError, match="another forward is updating it right now"):
+            model(input_ids=ids[:, 4:5], cache=cache, use_cache=True)
+        return reads_length(*args, **kwargs)
+
+    cache.get_seq_length = another_forward_in_between
+    logits = model(input_ids=ids[:, 4:6], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(logits, model(input_ids=ids[:, :6]).logits[:, 4:6])
+    with pytest.raises(ValueError, match="attention_mask must be 2-D"):
+        model(input_ids=ids[:, 6:7], attention_mask=torch.ones(1, 3), cache=cache, use_cache=True)
+    assert not cache.mid_update
+    torch.testing.assert_close(model(input_ids=ids[:, 6:8], cache=cache, use_cache=True).logits,
+                               model(input_ids=ids).logits[:, 6:8])
+
+
 @pytest.mark.parametrize("restore", ["empty", "state_dict"])
 def test_a_cache_made_without_a_config_is_checked_too(restore):
     """SeqArchCache(num_layers=...) and from_state_dict(..., config=None) held no layout and were never checked: an
