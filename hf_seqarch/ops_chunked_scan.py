@@ -44,7 +44,6 @@ N key/query size (Mamba-2: state size), P value size (head dim), C number of chu
 import functools
 import math
 import numbers
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -237,13 +236,19 @@ def _scan_over_chunks(states, chunk_log_decay, reverse=False, as_product=None):
         decays = _decay(chunk_log_decay, states.dtype)[..., None, None].unbind()  # C of (B, H, 1, 1)
         _carry_between_chunks(states.unbind(), decays, reverse)
         return states
+    product = "cjbh,cbhpn->jbhpn" if reverse else "cjbh,jbhpn->cbhpn"
+    weights = _between_chunks(chunk_log_decay, states.dtype)
+    return states.copy_(torch.einsum(product, weights, states))  # (in place, as the loop: the callers view states)
+
+
+def _between_chunks(chunk_log_decay, dtype):
+    """(C, B, H) each chunk's summed log decay (float64) -> W (C + 1, C + 1, B, H) in `dtype`: W[c, j] = exp(sum of
+    chunk_log_decay[j:c]) for j <= c, else 0, the matrix of `_scan_over_chunks` as one product."""
     entering = F.pad(chunk_log_decay.cumsum(0), (0, 0, 0, 0, 1, 0))  # (C + 1, B, H): log decay from the start to c
     spans = entering[:, None] - entering[None, :]  # (C + 1, C + 1, B, H): [c, j] the chunks j .. c - 1
-    reaches = torch.ones(len(entering), len(entering), dtype=torch.bool, device=states.device).tril()[..., None, None]
-    weights = torch.where(reaches, spans.clamp(min=LOG_DECAY_FLOOR), LOG_DECAY_FLOOR).exp().to(states.dtype)
-    weights = weights * reaches  # (C + 1, C + 1, B, H): W[c, j], 0 for j > c
-    product = "cjbh,cbhpn->jbhpn" if reverse else "cjbh,jbhpn->cbhpn"
-    return states.copy_(torch.einsum(product, weights, states))  # (in place, as the loop: the callers view states)
+    reaches = torch.ones(len(entering), len(entering), dtype=torch.bool, device=entering.device).tril()[..., None, None]
+    weights = torch.where(reaches, spans.clamp(min=LOG_DECAY_FLOOR), LOG_DECAY_FLOOR).exp().to(dtype)
+    return weights * reaches  # (C + 1, C + 1, B, H): W[c, j], 0 for j > c
 
 
 def _carry_between_chunks(rows, decays, reverse=False):
@@ -530,6 +535,29 @@ def _scan(q, k, v, a, state, L):
     return y, _HeadOrder.apply(torch.cat([s_part for _, s_part in parts], 1), 1, inverse, order)
 
 
+def _recordable_scan(q, k, v, a, state, L):
+    """`_ChunkedScan`'s algorithm (exact segment sums) in plain differentiable ops: no out=, no writes in place, no
+    loop (the scan between chunks is one product, `_between_chunks`). What torch.export and torch.jit.trace record:
+    the recorded graph keeps autograd's backward (gradients pass through it), and the legacy ONNX exporter, to which an
+    autograd.Function is an opaque Python op, takes it. Slower than the hand-written scans (every product per head,
+    the L x L decays kept for autograd). Arguments and returns as `_ChunkedScan`'s."""
+    per_group = v.shape[2] // q.shape[2]  # R
+
+    def per_head(x):  # (C, B, G, ...) -> (C, B, H, ...): each group's values for each of its heads
+        return x.unsqueeze(3).expand(*x.shape[:3], per_group, *x.shape[3:]).flatten(2, 3)
+
+    q, k, v = (_chunks(x, L) for x in (q, k, v))  # (C, B, G, L, N), (C, B, G, L, N), (C, B, H, L, P) views
+    cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L), as in _ChunkedScan
+    decay = _segment_sums(cs, q.dtype).clamp(LOG_DECAY_FLOOR, -LOG_DECAY_FLOOR).exp().tril()  # (C, B, H, L, L)
+    y = (decay * per_head(q @ k.transpose(-1, -2))) @ v  # (C, B, H, L, P): within each chunk
+    to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
+    own = v.transpose(-1, -2) @ (per_head(k) * to_end)  # (C, B, H, P, N): what each chunk adds to the state
+    weights = _between_chunks(cs[..., -1], q.dtype)  # (C + 1, C + 1, B, H)
+    states = torch.einsum("cjbh,jbhpn->cbhpn", weights, torch.cat([state[None], own]))  # (C + 1, B, H, P, N)
+    from_state = (per_head(q) * _decay(cs, q.dtype)[..., None]) @ states[:-1].transpose(-1, -2)  # (C, B, H, L, P)
+    return _unchunk(y + from_state), states[-1]
+
+
 class _HeadOrder(torch.autograd.Function):
     """x with its heads (dim `dim`) put in `order`, a permutation of which `inverse` undoes: a copy each way
     (index_select's own backward would fill a zero tensor first and add into it)."""
@@ -659,27 +687,10 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     # (B, C * L, H). Clamped: -inf (or below) would make inf - inf in the segment sums; exp(-60) is 0 to them anyway.
     log_decay = padded(log_decay[..., None])[..., 0].clamp(min=LOG_DECAY_FLOOR)
     q, k, v = padded(q), padded(k), padded(v)
-    if recording_one_graph():
-        q, k, v, log_decay, state = _detached_for_recording(q, k, v, log_decay, state)
-    y, state = _scan(q, k, v, log_decay, state, L)  # y (B, C * L, H, P)
+    scan = _recordable_scan if recording_one_graph() else _scan
+    y, state = scan(q, k, v, log_decay, state, L)  # y (B, C * L, H, P)
     y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
-
-
-def _detached_for_recording(*tensors):
-    """The scan's inputs, detached, while torch.export or torch.jit.trace records: they record the forward's ops, not
-    the hand-written backward, and the forward writes its products with out=, which autograd refuses (at every call
-    of the recorded graph with grad enabled) on inputs that require grad. A recorded scan is for inference: no
-    gradient flows through it (a warning says so, once per caller under Python's default filter). torch.compile keeps
-    the backward."""
-    if any(t.requires_grad for t in tensors):
-        warnings.warn(
-            "The chunked scan of the mamba2 / linear_attention mixers is recorded for inference (torch.export, "
-            "torch.jit.trace): the recorded graph passes no gradient through it. Train the model itself, or a "
-            "torch.compile'd one.",
-            stacklevel=4,  # (the caller of chunked_scan, past its autocast_off wrapper)
-        )
-    return tuple(t.detach() for t in tensors)
 
 
 def scan_step(q, k, v, log_decay, state):

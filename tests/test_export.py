@@ -42,16 +42,17 @@ def test_jit_trace_with_an_all_ones_mask_honours_padding_later(kind):
 def test_jit_trace_records_no_op_the_legacy_onnx_exporter_lacks():
     """The legacy ONNX exporter (torch.onnx.export(dynamo=False)) works from a jit trace and has no rms_norm and no
     in-place and (the attention mask's): while tracing, every norm (the blocks', the final one, mamba2's gated one) is
-    the formula written out, and the mask is built out of place. (mamba2 and linear attention still do not export
-    that way: their scan is an autograd.Function, a Python op to that exporter.)"""
-    model = tiny_model(SeqArchForCausalLM, ["mamba2", "attention"], return_dict=False, use_cache=False)
+    the formula written out, and the mask is built out of place. Nor has it autograd.Functions (Python ops to it):
+    mamba2's and linear attention's chunked scan and mamba2's conv record plain ops."""
+    model = tiny_model(SeqArchForCausalLM, ["mamba2", "attention", "linear_attention"], return_dict=False,
+                       use_cache=False)
     ids = random_ids(2, 8)
     padded = left_padded(ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (ids, padded), strict=False)
-    graph = str(traced.inlined_graph)
-    assert "aten::rms_norm" not in graph and "aten::__iand__" not in graph
+    ops = {node.kind() for node in traced.inlined_graph.nodes()}
+    assert not ops & {"aten::rms_norm", "aten::__iand__", "prim::PythonOp"}
     torch.testing.assert_close(traced(ids, padded)[0], model(ids, attention_mask=padded)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -72,18 +73,38 @@ def test_export_of_recurrent_layers_with_padding(kind, bidirectional):
 
 def test_export_with_a_mask_records_no_stable_sort():
     """The recurrent mixers put each row's real tokens first with an argsort; a stable one has no ONNX function
-    (torch.onnx.export failed for every padded mamba2 model). The keys are made distinct instead. The program runs
-    with grad enabled (the scan's out= products raised there): the scan is recorded for inference, as it warns."""
+    (torch.onnx.export failed for every padded mamba2 model). The keys are made distinct instead."""
     model = tiny_model(SeqArchForCausalLM, ["mamba2"], use_cache=False)
     ids = random_ids(2, 8)
-    with pytest.warns(UserWarning, match="recorded for inference"):
-        program = torch.export.export(model, (ids,), {"attention_mask": left_padded(ids)}, strict=False)
+    program = torch.export.export(model, (ids,), {"attention_mask": left_padded(ids)}, strict=False)
     assert "sort.stable" not in str(program.graph)
     holed = torch.ones_like(ids)
     holed[0, 2:4] = 0
     got = program.module()(ids, attention_mask=holed).logits
     real = holed.bool()
     torch.testing.assert_close(got[real], model(ids, attention_mask=holed).logits[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "linear_attention"])
+def test_gradients_flow_through_an_exported_program(kind):
+    """The chunked scan's hand-written backward cannot be recorded: an exported program raised at every call with grad
+    enabled (its out= products), and once the scan's inputs were detached for that, passed no gradient through it.
+    While recording, the scan (and mamba2's conv) run in plain differentiable ops: the program's gradients are the
+    model's."""
+    model = tiny_model(SeqArchForCausalLM, [kind, "attention"], use_cache=False)
+    ids = random_ids(2, 8)
+    mask = left_padded(ids)
+    program = torch.export.export(model, (ids,), {"attention_mask": mask, "labels": ids}, strict=False).module()
+
+    def gradients(module):
+        loss = module(ids, attention_mask=mask, labels=ids).loss
+        return dict(zip([name for name, _ in module.named_parameters()],
+                        torch.autograd.grad(loss, list(module.parameters()))))
+
+    got, want = gradients(program), gradients(model)
+    assert got.keys() == want.keys()
+    for name, gradient in want.items():
+        torch.testing.assert_close(got[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_real_tokens_first_keeps_each_rows_order():

@@ -57,6 +57,20 @@ def test_matches_reference_strong_decay():
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("groups", [3, 1])
+@pytest.mark.parametrize("strong", [False, True])
+def test_the_recordable_scan_matches_reference(monkeypatch, groups, strong):
+    """While torch.export or torch.jit.trace records, chunked_scan runs `_recordable_scan` (plain ops, so that the
+    recorded graph keeps a backward): the same outputs and gradients, grouped q and k included."""
+    monkeypatch.setattr(ops_chunked_scan, "recording_one_graph", lambda: True)
+    q, k, v, log_decay, s0 = make_inputs(T=45, H=3, strong=strong)
+    q, k = q[:, :, :groups], k[:, :, :groups]  # (B, T, G, N): shared by H / G heads
+    got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=16)
+    want = outputs_and_grads(scan_reference, q, k, v, log_decay, s0)
+    for name, a, b in zip(NAMES, got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
 def test_prefill_in_two_parts_and_decode_steps():
     q, k, v, a, s0 = make_inputs(T=90)
     y, s = chunked_scan(q, k, v, a, chunk_size=16, initial_state=s0)
