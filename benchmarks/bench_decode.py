@@ -238,7 +238,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="contexts 128 and 1024, fewer tokens and repeats")
     parser.add_argument("--contexts", type=int, nargs="+", default=None)
     parser.add_argument("--mixers", nargs="+", default=None, help="default: every registered mixer")
-    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens decoded per measurement (the streaming part decodes at least 64)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
                         help="one-token steps are too small to split across threads; 1 keeps all models comparable")

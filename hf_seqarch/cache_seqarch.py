@@ -233,11 +233,12 @@ class SeqArchCache:
     # -- inspection, save and restore --------------------------------------------------------------
     def get_memory_footprint(self) -> int:
         """Bytes held by all cached tensors (the used positions: not the spare room of full-attention buffers,
-        at most a quarter more and 256 positions)."""
+        which grow by a quarter, at least 256 positions, when full)."""
         return sum(t.numel() * t.element_size() for state in self.layers if state for t in state.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Flat dict of tensors (safetensors-friendly) from which `from_state_dict` rebuilds the cache."""
+        """Flat dict of tensors (safetensors-friendly) from which `from_state_dict(tensors, num_layers, config)`
+        rebuilds the cache."""
         self.refuse_if_half_updated()
         tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
         if self.layout is not None:  # its model's layout, as JSON bytes (a dict of tensors holds no strings)

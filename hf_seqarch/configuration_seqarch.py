@@ -17,8 +17,9 @@ DEFAULT_ROPE_THETA = 10000.0
 
 def _plain_rope(rope_theta, rope_parameters=None, rope_scaling=None):
     """rope_theta from the arguments. transformers 5 configs carry RoPE settings in `rope_parameters` (4.x: a
-    `rope_scaling` dict): their rope_theta is taken, and any other rope_type (linear, dynamic, yarn, llama3...), which
-    our attention does not implement, is refused rather than stored and silently ignored."""
+    `rope_scaling` dict): their rope_theta is taken, and any other rope_type (linear, dynamic, yarn, llama3...) or
+    setting (partial_rotary_factor, a scaling factor), which our attention does not implement, is refused rather than
+    stored and silently ignored."""
     for name, params in (("rope_parameters", rope_parameters), ("rope_scaling", rope_scaling)):
         if params is None:
             continue
@@ -29,6 +30,14 @@ def _plain_rope(rope_theta, rope_parameters=None, rope_scaling=None):
             raise ValueError(
                 f"{name} asks for rope_type {rope_type!r}: hf_seqarch's attention uses plain rotary embeddings "
                 "(rope_type 'default'), set by rope_theta alone. Remove the scaling (or use rope_type 'default')."
+            )
+        unused = {key: value for key, value in params.items() if key not in ("rope_type", "type", "rope_theta")}
+        if unused.get("partial_rotary_factor", None) == 1:  # rotary over the whole head: ours
+            del unused["partial_rotary_factor"]
+        if unused:
+            raise ValueError(
+                f"{name} sets {unused}, which hf_seqarch's attention does not implement: plain rotary embeddings over "
+                "the whole head, set by rope_theta alone. Remove them."
             )
         theta = params.get("rope_theta")
         if theta is not None and rope_theta is not None and theta != rope_theta:
@@ -110,6 +119,11 @@ class SeqArchConfig(PretrainedConfig):
             _check_num_labels(kwargs["num_labels"])
         _check_problem_type(kwargs.get("problem_type"))
         rope_theta = _plain_rope(rope_theta, kwargs.pop("rope_parameters", None), kwargs.pop("rope_scaling", None))
+        if kwargs.get("partial_rotary_factor", 1) != 1:  # (transformers stores unknown keywords, unused)
+            raise ValueError(
+                f"partial_rotary_factor={kwargs['partial_rotary_factor']!r}: hf_seqarch's attention applies rotary "
+                "embeddings over the whole head (1.0) only."
+            )
         if mixer_types is None:
             mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
         mixer_types = _mixer_list(mixer_types)

@@ -4,9 +4,10 @@ The kernel comes from transformers' attention registry (`attn_implementation`: e
 flash_attention_2, flex_attention); the eager kernel below is the readable reference. Sliding-window
 layers under sdpa run long unpadded sequences in blocks (ops_sliding_attention), O(T * window).
 
-Pads are masked out as keys. Left and right padding give each row what it gives alone; pads between real tokens
-(holes) still count, as in transformers, in a sliding window's span (it counts slots) and, unless position_ids skip
-them (generate's do), in the rotary distances.
+Pads are masked out as keys, and positions count real tokens only (the model numbers them from the mask, as
+generate() does, unless position_ids are given). Left and right padding give each row what it gives alone; so do pads
+between real tokens (holes) in full attention, while a sliding window counts them in its span (it counts slots), as
+transformers' sliding-window models do.
 """
 
 import torch

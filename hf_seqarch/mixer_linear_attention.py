@@ -1,6 +1,7 @@
 """Linear attention mixer: causal attention without softmax, as a recurrence with a constant-size state.
 
-With a positive feature map phi and an optional learned per-head decay gamma_h in (0, 1),
+With a feature map phi (elu + 1 by default, or relu: positive; or identity) and an optional learned per-head decay
+gamma_h in (0, 1),
 
     S_t = gamma_h * S_{t-1} + v_t phi(k_t)^T        S: (B, H, P, N)
     y_t = S_t phi(q_t)

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple, logging
 
 from .cache_seqarch import SeqArchCache
 from .configuration_seqarch import SeqArchConfig
-from .graph_capture import capturing_graph
+from .graph_capture import capturing_graph, recording_one_graph
 from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
 from .mixer_linear_attention import LinearAttentionMixer
@@ -469,6 +469,13 @@ class SeqArchModel(SeqArchPreTrainedModel):
 
     def _cache_to_use(self, use_cache, cache, inputs_embeds):
         """The SeqArchCache this call reads and advances (checked), a fresh one (use_cache), or None."""
+        if recording_one_graph():  # torch.export, jit.trace: a graph's inputs and outputs are tensors
+            if cache is not None or use_cache:
+                raise ValueError(
+                    "A graph recorded by torch.export or torch.jit.trace takes and returns tensors only: it cannot "
+                    "read or return a SeqArchCache. Record without one (use_cache=False, the default while recording)."
+                )
+            return None
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         use_cache = use_cache or cache is not None  # a cache passed in is read and advanced, as transformers' are
         if self.config.bidirectional:
@@ -504,9 +511,16 @@ class SeqArchModel(SeqArchPreTrainedModel):
         cache and its past length, the rotary embeddings of attention layers."""
         batch, length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
+        padding_mask = self._padding_mask(attention_mask, batch, length, past_length,
+                                          past_padded=past_length > 0 and cache.holds_padding)  # (B, past + T)
         positions_given = position_ids is not None
-        if position_ids is None:
+        if position_ids is None and padding_mask is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        elif position_ids is None:
+            # Real tokens counted, pads not (0 at left pads), as generate() counts them: a cache filled by one and
+            # continued by the other agrees (RoPE keeps each key's position), and a row with holes gets the positions
+            # it has alone.
+            position_ids = (padding_mask.cumsum(-1) - 1).clamp_(min=0)[:, past_length:]  # (B, T)
         elif (
             position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch)
             or position_ids.dtype == torch.bool or position_ids.is_complex()
@@ -516,8 +530,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"{tuple(position_ids.shape)} of {position_ids.dtype}."
             )
         context = MixerContext(
-            padding_mask=self._padding_mask(attention_mask, batch, length, past_length,
-                                            past_padded=past_length > 0 and cache.holds_padding),
+            padding_mask=padding_mask,
             position_ids=position_ids,
             past_length=past_length,
             cache=cache,

@@ -54,6 +54,10 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(rope_theta=1e4, rope_parameters={"rope_theta": 500.0}),
          r"rope_theta=10000.0 and rope_parameters\['rope_theta'\]=500.0 disagree"),
         (dict(rope_parameters=500.0), "rope_parameters must be a dict"),
+        (dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5}),
+         r"rope_parameters sets \{'partial_rotary_factor': 0.5\}, which hf_seqarch's attention does not implement"),
+        (dict(rope_scaling={"factor": 2.0}), r"rope_scaling sets \{'factor': 2.0\}"),
+        (dict(partial_rotary_factor=0.25), "rotary embeddings over the whole head"),
         (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
         (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
         (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\]"),
@@ -97,7 +101,8 @@ def test_rope_parameters_set_rope_theta_and_are_not_saved_beside_it(tmp_path):
     assert config.rope_theta == 250.0
     with pytest.raises(ValueError, match="rope_scaling asks for rope_type 'linear'"):
         config.rope_scaling = {"type": "linear", "factor": 2.0}
-
+    whole_head = {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}  # what ours does: taken
+    assert tiny_config(["attention"], rope_parameters=whole_head).rope_theta == 500.0
 
 
 def test_rope_overrides_at_load_time_are_applied_or_refused(tmp_path):
@@ -112,6 +117,7 @@ def test_rope_overrides_at_load_time_are_applied_or_refused(tmp_path):
     for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match="rope_scaling asks for rope_type 'yarn'"):
             load(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+
 
 def test_mixer_types_as_a_string_is_refused():
     """list("lstm") would be four unknown mixers named by letters."""

@@ -107,6 +107,21 @@ def test_gradients_flow_through_an_exported_program(kind):
         torch.testing.assert_close(got[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_model_records_without_a_cache_by_default():
+    """use_cache defaults to True (for generate): the README's torch.export line failed inside torch on the
+    SeqArchCache it returned (not a tensor), and jit.trace needed use_cache=False in the config. While recording, no
+    cache is made unless asked for, which is refused with the reason."""
+    model = tiny_model(SeqArchForCausalLM, ["attention", "lstm"])
+    assert model.config.use_cache
+    ids = random_ids(2, 6)
+    mask = left_padded(ids)
+    program = torch.export.export(model, (ids,), {"attention_mask": mask}, strict=False)
+    torch.testing.assert_close(program.module()(ids, attention_mask=mask).logits,
+                               model(ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot read or return a SeqArchCache"):
+        torch.export.export(model, (ids,), {"attention_mask": mask, "use_cache": True}, strict=False)
+
+
 def test_real_tokens_first_keeps_each_rows_order():
     generator = torch.Generator().manual_seed(0)
     mask = torch.rand(64, 11, generator=generator) < 0.6

@@ -108,6 +108,38 @@ def test_left_padded_batch_generates_like_each_prompt_alone(stack):
         torch.testing.assert_close(batched[row, width:], alone[0, len(prompt) :], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("stack", ["attention", "gru+sliding+attention", "mamba2+attention"])
+def test_a_padded_cache_continues_between_forward_and_generate(stack):
+    """forward() numbered a padded row's tokens by slot (pads counted), generate() from the mask: a cache filled by one
+    and continued by the other shifted the padded row's rotary distances by its pads (other tokens, silently; so does
+    LlamaForCausalLM). forward now numbers them from the mask as well."""
+    model = causal_lm(stack)
+    ids = random_ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # three left pads
+    cache = SeqArchCache(model.config)
+    model(ids[:, :-1], attention_mask=mask[:, :-1], **{CACHE_FIELD: cache}, use_cache=True)
+    continued = model.generate(ids, attention_mask=mask, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
+    torch.testing.assert_close(continued[1, 8:], model.generate(ids[1:, 3:], do_sample=False, **NEW)[0, 5:], rtol=0,
+                               atol=0)
+
+    cache = SeqArchCache(model.config)
+    generated = model.generate(ids, attention_mask=mask, do_sample=False, **{CACHE_FIELD: cache}, **NEW)
+    whole_mask = torch.cat([mask, torch.ones_like(generated[:, 8:])], 1)
+    stepped = model(generated[:, -1:], attention_mask=whole_mask, **{CACHE_FIELD: cache}).logits[:, -1]
+    torch.testing.assert_close(stepped[1], model(generated[1:, 3:]).logits[0, -1])
+
+
+def test_attention_skips_holes_in_the_rotary_positions():
+    """A row with pads between its tokens (holes) gives, at its real tokens, what those tokens give alone: without
+    position_ids, forward numbers the real tokens only."""
+    model = causal_lm("attention")
+    ids = random_ids(1, 8)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 1]])
+    got = model(ids, attention_mask=mask).logits[mask.bool()]
+    torch.testing.assert_close(got, model(ids[mask.bool()][None]).logits[0])
+
+
 def _footprints(model, lengths, chunk=1024):
     """Footprint of the stream's state after each length in `lengths` (increasing), fed in chunks."""
     session, ids, result = StreamingSession(model), random_ids(1, max(lengths)), {}

@@ -1,8 +1,8 @@
 """Run presets of `hf-seqarch compare`: model size, lengths and the one training budget all architectures share.
 
-A preset fixes everything that could favour one architecture: every architecture gets the same depth,
-MLP ratio, vocabulary, data, optimiser, learning rate and number of steps. Only the width differs, and
-only to match the parameter budget (see architectures.py).
+A preset fixes everything that could favour one architecture: every architecture gets the same width, depth,
+vocabulary, data, optimiser, learning rate and number of steps. Only the MLP width differs, to match the
+parameter budget (see architectures.py).
 """
 
 from dataclasses import asdict, dataclass, field
