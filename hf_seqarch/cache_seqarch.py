@@ -170,6 +170,7 @@ class SeqArchCache:
         if state is not None:  # (in the model's dtype: the cached keys may be from before a cast)
             key = torch.cat([state["key"].to(key.dtype), key], dim=2)
             value = torch.cat([state["value"].to(value.dtype), value], dim=2)
+        self._kv_room.pop(layer_idx, None)  # (a buffer from an earlier step in room: the state is no longer in it)
         kept_key, kept_value = key, value
         if window is not None and key.shape[2] > window - 1:
             start = key.shape[2] - (window - 1)

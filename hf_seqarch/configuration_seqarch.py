@@ -32,7 +32,7 @@ def _plain_rope(rope_theta, rope_parameters=None, rope_scaling=None):
                 "(rope_type 'default'), set by rope_theta alone. Remove the scaling (or use rope_type 'default')."
             )
         unused = {key: value for key, value in params.items() if key not in ("rope_type", "type", "rope_theta")}
-        if unused.get("partial_rotary_factor", None) == 1:  # rotary over the whole head: ours
+        if unused.get("partial_rotary_factor") == 1:  # rotary over the whole head: ours
             del unused["partial_rotary_factor"]
         if unused:
             raise ValueError(

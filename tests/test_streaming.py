@@ -335,3 +335,14 @@ def test_greedy_takes_numpy_and_tensor_token_counts():
     for bad in (torch.tensor(2.0), torch.tensor(True), np.float64(2)):
         with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
             StreamingSession(model).greedy(prompt, max_new_tokens=bad)
+
+
+def test_feed_keeps_only_the_next_token_logits():
+    """feed() kept its last position's logits as a view of all of them: (B, T, vocab) stayed alive through the session
+    after the caller dropped them (64 MiB for 4,096 tokens of a 4,096-token vocabulary)."""
+    model, ids = causal_lm("lstm"), random_ids(1, 20)
+    session = StreamingSession(model)
+    session.feed(ids)
+    kept = session._last_logits  # (1, vocab)
+    assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
+    torch.testing.assert_close(session.greedy(None, 3), StreamingSession(model).greedy(ids, 3), rtol=0, atol=0)

@@ -164,7 +164,10 @@ class StreamingSession:
         self._decoder_modules = tuple(self.model.modules())
 
     def _remember_logits(self, logits: torch.Tensor):
-        """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then."""
+        """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then. A copy
+        where they are part of a larger tensor: the last position of feed()'s (B, T, vocab) logits kept them all."""
+        if logits.untyped_storage().nbytes() > logits.numel() * logits.element_size():
+            logits = logits.clone()
         self._last_logits, self._last_logits_at = logits, self.cache.changes
 
     def _refuse_padded_cache(self, cache=None):
