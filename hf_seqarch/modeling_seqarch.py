@@ -398,6 +398,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not both.")
+        _refuse_packing_arguments(kwargs)
         inputs_embeds = self._embedded(input_ids, inputs_embeds)  # (B, T, width)
         batch, length = inputs_embeds.shape[:2]
         if length == 0:
@@ -661,6 +662,22 @@ def _refuse_packed_sequences(position_ids, token_mask):
         )
 
 
+# What DataCollatorWithFlattening passes for packed sequences without position_ids (return_flash_attn_kwargs,
+# return_seq_idx): the forwards' **kwargs would take them, silently.
+PACKING_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _refuse_packing_arguments(kwargs):
+    """Packed sequences marked by their boundaries rather than by position_ids (`_refuse_packed_sequences`)."""
+    given = [name for name in PACKING_ARGUMENTS if kwargs.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} mark several sequences packed into one row (DataCollatorWithFlattening, padding-free "
+            "training): no mixer here keeps them apart, so each sequence would read the one before it. Pad the "
+            "sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
+        )
+
+
 def _check_classification_inputs(head, output_layer, input_ids, attention_mask, kwargs):
     """The classification heads run whole sequences: a cache passed to them would be silently ignored (refused), and
     pad ids without a mask are read as tokens, every output of an encoder seeing them (warned, as transformers does).
@@ -677,6 +694,7 @@ def _check_classification_inputs(head, output_layer, input_ids, attention_mask, 
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
                              "SeqArchForCausalLM or SeqArchModel to continue from one.")
+    _refuse_packing_arguments(kwargs)
     if input_ids is not None:
         head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
@@ -751,6 +769,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
+        _refuse_packing_arguments(kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         keep = _positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
         if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step

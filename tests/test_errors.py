@@ -255,6 +255,21 @@ def test_packed_sequences_are_refused():
     assert model(input_ids=random_ids(2, 5), attention_mask=mask, position_ids=positions).logits.shape == (2, 5, VOCAB)
 
 
+@pytest.mark.parametrize("marks", ["return_flash_attn_kwargs", "return_seq_idx"])
+def test_packed_sequences_marked_without_positions_are_refused(marks):
+    """DataCollatorWithFlattening without position_ids marks the packed sequences by their boundaries (cu_seq_lens_*,
+    max_length_*; seq_idx): every head took them in **kwargs and dropped them, each sequence reading the one before."""
+    from transformers import DataCollatorWithFlattening
+
+    collate = DataCollatorWithFlattening(return_position_ids=False, **{marks: True})
+    packed = collate([{"input_ids": [5, 6, 7], "labels": [1, 1, 1]}, {"input_ids": [8, 9], "labels": [1, 1]}])
+    boundaries = {name: value for name, value in packed.items() if name not in ("input_ids", "labels")}
+    assert boundaries
+    for head in (SeqArchModel, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchForTokenClassification):
+        with pytest.raises(ValueError, match="packed into one row.*Pad the sequences"):
+            tiny_model(head, ["lstm", "attention"])(input_ids=packed["input_ids"], **boundaries)
+
+
 def test_a_refused_call_leaves_the_cache_as_it_was():
     """A cached forward refused for its packed positions once marked the (unpadded) cache as holding padding: every
     later call on it was refused, the stream lost."""
