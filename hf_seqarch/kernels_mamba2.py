@@ -12,6 +12,8 @@ which one a forward uses.
 import torch
 from transformers.utils import logging
 
+from .graph_capture import recording_one_graph
+
 logger = logging.get_logger(__name__)
 
 try:  # optional: pip install mamba-ssm (CUDA + triton)
@@ -53,6 +55,8 @@ def _choose(kind, kernel, package, device, dtype, extra_reason=None):
             why_not = f"{package} is not importable (`pip install {package}` to use its kernel)"
         elif dtype not in KERNEL_DTYPES:
             why_not = f"{package}'s kernel does not compute in {dtype}"
+        elif recording_one_graph():
+            why_not = f"a graph is being recorded (torch.export, torch.jit.trace), which cannot hold {package}'s kernel"
         else:
             why_not = extra_reason
     backend = package.replace("-", "_") if device_type == "cuda" and why_not is None else "torch"

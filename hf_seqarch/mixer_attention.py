@@ -84,10 +84,17 @@ def build_attention_mask(context, query_length, kv_length, window, attn_implemen
     return context.memo[memo_key]
 
 
+def _is_flash(attn_implementation) -> bool:
+    """A flash kernel, which takes a 2-D padding mask and is_causal: "flash_attention_2/3", and hub kernels such as
+    "kernels-community/flash-attn2" (transformers' own test, `"flash" in` the name; it also renames
+    flash_attention_2 so where only the `kernels` package is installed)."""
+    return "flash" in attn_implementation
+
+
 def _attention_mask(context, query_length, kv_length, window, attn_implementation, dtype, device):
     """`build_attention_mask`'s mask, built."""
     padding = context.padding_mask
-    if attn_implementation.startswith("flash_attention"):
+    if _is_flash(attn_implementation):
         return None if padding is None else padding[:, -kv_length:]
     fits_window = window is None or kv_length <= window
     if context.causal:
@@ -180,7 +187,7 @@ class AttentionMixer(nn.Module):
             context, length, key.shape[2], self.sliding_window, implementation, query.dtype, query.device
         )
         attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        if implementation.startswith("flash_attention"):
+        if _is_flash(implementation):
             is_causal = context.causal  # the flash kernels' own argument, beside the 2-D padding mask
         else:
             # sdpa reads it where it gets no mask (else self.is_causal). torch aligns that implicit mask with the first

@@ -3,24 +3,32 @@ padding), the exact chunked scan (the factorised one is CPU-only), sdpa's and fl
 the device. Marked `cuda`: skipped without a GPU; benchmarks/gpu_check.sh runs them.
 
 TF32 is turned off for these tests: with it, CUDA float32 matmuls (cuDNN's RNNs included) round to 10 mantissa
-bits and could not be held to the CPU's float32."""
+bits and could not be held to the CPU's float32. For the same reason mamba2 runs its PyTorch path here (mamba_ssm's
+Triton matmuls use TF32 whatever torch's setting), except in the one test of its kernels, held to a TF32 tolerance
+(test_mixers_linear_time holds each kernel to the PyTorch path the same way)."""
 
 import copy
 
 import pytest
 import torch
 
-from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, kernels_mamba2
 from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference
 from tester import STACKS, random_ids, tiny_model
 
 pytestmark = pytest.mark.cuda
 
 
+MAMBA2_KERNELS = {"mamba_chunk_scan_combined": kernels_mamba2.mamba_chunk_scan_combined,
+                  "causal_conv1d_fn": kernels_mamba2.causal_conv1d_fn}  # None where not installed
+
+
 @pytest.fixture(autouse=True)
-def full_float32_precision():
+def full_float32_precision(monkeypatch):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    for name in MAMBA2_KERNELS:
+        monkeypatch.setattr(kernels_mamba2, name, None)
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
@@ -41,7 +49,8 @@ def step_on(model, device, inputs):
     inputs = {name: value.to(device) for name, value in inputs.items()}
     output = model(**inputs)
     output.loss.backward()
-    logits = output.logits[inputs["attention_mask"].bool()] if output.logits.dim() == 3 else output.logits
+    real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(inputs["input_ids"]).bool()
+    logits = output.logits[real] if output.logits.dim() == 3 else output.logits
     grads = {name: p.grad.cpu() for name, p in model.named_parameters()}
     return logits.detach().cpu(), output.loss.detach().cpu(), grads
 
@@ -62,6 +71,28 @@ def test_causal_lm_step_on_cuda_matches_cpu(stack):
     model = tiny_model(SeqArchForCausalLM, STACKS[stack])
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
     assert_same_step(step_on(copy.deepcopy(model), "cpu", inputs), step_on(model, "cuda", inputs))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["whole", "padded"])  # (the conv kernel takes whole rows only)
+def test_causal_lm_step_with_the_mamba2_kernels_matches_cpu(monkeypatch, padded):
+    """The same step through mamba_ssm's scan and causal_conv1d's conv, those installed: relative errors within TF32's
+    (their Triton matmuls use it whatever torch's setting)."""
+    installed = {name: kernel for name, kernel in MAMBA2_KERNELS.items() if kernel is not None}
+    if not installed:
+        pytest.skip("neither mamba_ssm nor causal_conv1d is installed")
+    for name, kernel in installed.items():
+        monkeypatch.setattr(kernels_mamba2, name, kernel)
+    ids, mask, labels = padded_batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels) if padded else dict(input_ids=ids, labels=ids)
+    model = tiny_model(SeqArchForCausalLM, STACKS["mamba2+attention"])
+    cpu, cuda = step_on(copy.deepcopy(model), "cpu", inputs), step_on(model, "cuda", inputs)
+
+    def relative_error(a, b):
+        return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+    assert relative_error(cuda[0], cpu[0]) < 1e-3 and relative_error(cuda[1], cpu[1]) < 1e-3
+    for name, grad in cpu[2].items():
+        assert relative_error(cuda[2][name], grad) < 1e-2, name
 
 
 @pytest.mark.parametrize("stack", ["lstm", "gru+sliding+attention", "mamba2+attention", "lstm+linear+sliding"])

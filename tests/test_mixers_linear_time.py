@@ -426,7 +426,8 @@ def test_backend_choice_is_queryable_and_torch_on_cpu():
 def test_kernels_only_where_they_apply(monkeypatch):
     """With the kernel packages installed (stand-ins here: only the choice is tested), CUDA tensors take them only in
     a dtype they compute in and, for causal_conv1d, a width it has: float64 would fail there (the conv) or be computed
-    in float32 (the scan), and causal_conv1d has no kernel wider than 4. Each refusal is announced with its reason."""
+    in float32 (the scan), and causal_conv1d has no kernel wider than 4; and not while a graph is recorded (the README
+    says an exported graph runs the plain ops). Each refusal is announced with its reason."""
     from hf_seqarch import kernels_mamba2
 
     monkeypatch.setattr(kernels_mamba2, "mamba_chunk_scan_combined", object())
@@ -437,9 +438,14 @@ def test_kernels_only_where_they_apply(monkeypatch):
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "causal_conv1d"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 5) == "torch"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float64, 4) == "torch"
+    monkeypatch.setattr(kernels_mamba2, "recording_one_graph", lambda: True)  # torch.export, jit.trace
+    assert kernels_mamba2.mamba2_backend("cuda", torch.bfloat16) == "torch"
+    assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "torch"
     reasons = {why for *_, why in kernels_mamba2._announced if why}
+    recording = "a graph is being recorded (torch.export, torch.jit.trace), which cannot hold {}'s kernel"
     assert reasons == {"mamba-ssm's kernel does not compute in torch.float64", "causal-conv1d has no kernel 5 wide",
-                       "causal-conv1d's kernel does not compute in torch.float64"}
+                       "causal-conv1d's kernel does not compute in torch.float64", recording.format("mamba-ssm"),
+                       recording.format("causal-conv1d")}
 
 
 def test_conv_kernel_input_is_channels_first():
@@ -455,13 +461,18 @@ def test_conv_kernel_input_is_channels_first():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "left_padded"])
-def test_mamba2_kernels_match_pytorch_path(monkeypatch, masked):
-    """mamba_ssm / causal_conv1d on CUDA against the PyTorch path: outputs, final states, gradients."""
-    pytest.importorskip("mamba_ssm")
+@pytest.mark.parametrize("kernel,masked", [("mamba_ssm", False), ("mamba_ssm", True), ("causal_conv1d", False)])
+def test_mamba2_kernels_match_pytorch_path(monkeypatch, kernel, masked):
+    """mamba_ssm's scan or causal_conv1d's conv (each alone, the other off, so that neither passes by the other's
+    absence) on CUDA against the PyTorch path: outputs, final states, gradients. The conv kernel takes unpadded
+    prefills only (a padded batch's real tokens are reordered first, on the PyTorch conv)."""
+    pytest.importorskip(kernel)
     from hf_seqarch import kernels_mamba2
 
-    assert kernels_mamba2.mamba2_backend("cuda") == "mamba_ssm", "mamba_ssm imports but its SSD kernel does not"
+    other = {"mamba_ssm": "causal_conv1d_fn", "causal_conv1d": "mamba_chunk_scan_combined"}[kernel]
+    monkeypatch.setattr(kernels_mamba2, other, None)
+    chosen = kernels_mamba2.mamba2_backend("cuda") if kernel == "mamba_ssm" else kernels_mamba2.conv1d_backend("cuda")
+    assert chosen == kernel, f"{kernel} imports but its kernel is not chosen"
     torch.manual_seed(0)
     model = SeqArchForCausalLM(
         tiny_config(["mamba2", "mamba2"], hidden_size=64, mamba_head_dim=16, mamba_state_size=16, mamba_chunk_size=16)

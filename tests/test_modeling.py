@@ -202,6 +202,44 @@ def test_flex_attention_agrees_with_eager():
     torch.testing.assert_close(generated["flex_attention"], generated["eager"], rtol=0, atol=0)
 
 
+def _flash_like_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          **kwargs):
+    """A flash kernel's contract, computed by sdpa: a 2-D padding mask (B, K) or None, causality from is_causal
+    (aligned with the last key), key/value heads shared by groups of query heads; returns (B, T, heads, head_dim)."""
+    assert attention_mask is None or attention_mask.dim() == 2, "a flash kernel takes a 2-D padding mask"
+    length, keys = query.shape[2], key.shape[2]
+    allowed = torch.ones(query.shape[0], 1, length, keys, dtype=torch.bool)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    if is_causal:
+        allowed = allowed & torch.ones(length, keys, dtype=torch.bool).tril(keys - length)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, allowed, scale=scaling)
+    return output.transpose(1, 2), None
+
+
+def test_a_flash_kernel_of_another_name_gets_a_flash_kernels_arguments():
+    """transformers names a flash kernel from the hub "kernels-community/flash-attn2" (and so renames
+    flash_attention_2 where only the `kernels` package is installed): the mixer took only names starting with
+    "flash_attention" for flash and gave such a kernel a 4-D float mask and is_causal=False (a causal LM attending
+    to later tokens). Any name with "flash" in it (transformers' own test) gets the padding mask and is_causal."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("test-community/flash-attn-like", _flash_like_attention)
+    ids, mask = random_ids(2, 7), torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    outputs = {}
+    for implementation in ("sdpa", "test-community/flash-attn-like"):
+        torch.manual_seed(0)
+        model = SeqArchForCausalLM(tiny_config(["attention", "lstm"], num_key_value_heads=2)).eval()
+        model.config._attn_implementation = implementation  # (set_attn_implementation would fetch it from the Hub)
+        outputs[implementation] = [model(input_ids=ids, attention_mask=m).logits[(m if m is not None else
+                                   torch.ones_like(ids)).bool()] for m in (mask, None)]
+    for got, want in zip(outputs["test-community/flash-attn-like"], outputs["sdpa"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("stack", ["attention", "sliding", "gru+sliding+attention"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidir"])
 def test_eager_and_sdpa_agree(stack, bidirectional):

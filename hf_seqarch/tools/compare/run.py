@@ -22,6 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 
 from ... import __version__
+from ...kernels_mamba2 import conv1d_backend, mamba2_backend
 from ..output_dir import prepare_output_dir
 from .architectures import matched_configs, resolve_architectures
 from .measure import decode_costs, memory_method, training_step_costs
@@ -67,7 +68,9 @@ def environment(device: torch.device) -> dict:
                 torch=torch.__version__, transformers=transformers.__version__, hf_seqarch=__version__,
                 python=platform.python_version(), platform=platform.platform(),
                 cuda=torch.version.cuda if device.type == "cuda" else None, load_average_start=_load_average(),
-                tf32=False)  # (the run turns it off: _strict_float32)
+                # torch's TF32 the run turns off (_strict_float32); mamba_ssm's Triton matmuls, where its kernel runs
+                # mamba2's scan, use TF32 whatever torch's setting
+                tf32=False, mamba2_scan_backend=mamba2_backend(device), mamba2_conv_backend=conv1d_backend(device))
 
 
 def _strict_float32():
