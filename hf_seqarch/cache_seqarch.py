@@ -16,6 +16,12 @@ from .graph_capture import capturing_graph
 
 _CLAIMING = threading.Lock()  # held while a forward checks and claims a cache (SeqArchCache.begin_update)
 
+# The tensors each mixer keeps in its layer's state (the names of `state_dict`'s "layers.<i>.<name>").
+STATE_NAMES = {
+    "attention": {"key", "value"}, "sliding_attention": {"key", "value"}, "lstm": {"h", "c"}, "gru": {"h"},
+    "mamba2": {"conv", "ssm"}, "linear_attention": {"state"},
+}
+
 # The config fields that shape a mixer's cached state: a cache is valid only for a model that agrees on those of
 # its mixers (and on the layers themselves).
 STATE_FIELDS = {
@@ -254,21 +260,46 @@ class SeqArchCache:
         """The cache `state_dict` wrote. Its layout (saved with it) is checked against `config` now if given, else
         against each model that uses it."""
         cache = cls(config, num_layers=num_layers)
+        seen = tensors.get("seen_tokens")  # (any dtype: a state_dict may have been cast whole)
+        if not isinstance(seen, torch.Tensor) or seen.numel() != 1 or not float(seen) >= 0 or float(seen) % 1:
+            raise ValueError(f"Not a SeqArchCache state_dict: 'seen_tokens' must hold one integer >= 0, got {seen!r}.")
         if "layout" in tensors:
-            saved_layout = json.loads(bytes(tensors["layout"].to(torch.uint8).tolist()).decode())  # (even if cast)
+            try:
+                saved_layout = json.loads(bytes(tensors["layout"].to(torch.uint8).tolist()).decode())  # (even if cast)
+            except ValueError as error:
+                raise ValueError(f"This cache state's layout is damaged ({error}): save it again.") from None
             if config is not None:
                 _refuse_other_layout(saved_layout, config)
             else:
                 cache.layout = saved_layout  # no model yet: _made_from stays None, so the first user is checked
-        cache.seen_tokens = int(tensors["seen_tokens"])
+        cache.seen_tokens = int(seen)
         cache.holds_padding = bool(tensors.get("holds_padding", False))  # (absent from states saved before it)
         for key, tensor in tensors.items():
-            if key.startswith("layers."):
-                _, index, name = key.split(".", 2)
-                if int(index) >= num_layers:
-                    raise ValueError(f"Cache state has layer {index} but the model has {num_layers} layers.")
-                cache.layers[int(index)] = {**(cache.layers[int(index)] or {}), name: tensor}
+            if key in ("seen_tokens", "holds_padding", "layout"):
+                continue
+            parts = key.split(".", 2)
+            if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= num_layers:
+                raise ValueError(f"Not an entry of a {num_layers}-layer SeqArchCache state_dict: {key!r} (layers are "
+                                 f"'layers.<0 to {num_layers - 1}>.<name>').")
+            index, name = int(parts[1]), parts[2]
+            cache.layers[index] = {**(cache.layers[index] or {}), name: tensor}
+        cache._refuse_missing_states()
         return cache
+
+    def _refuse_missing_states(self):
+        """A restored cache holds a state for every layer once it has seen tokens (none before), each with its mixer's
+        tensors where the layout is known: a missing one would restart that layer from zeros, silently."""
+        mixers = json.loads(self.layout["mixer_types"]) if self.layout is not None else [None] * len(self.layers)
+        for index, (state, mixer) in enumerate(zip(self.layers, mixers)):
+            expected = STATE_NAMES.get(mixer) if self.seen_tokens else set()
+            names = set(state or ())
+            if (expected is None and self.seen_tokens and not names) or (expected is not None and names != expected):
+                raise ValueError(
+                    f"This cache state has {sorted(names) or 'no tensors'} for layer {index}"
+                    + (f" ({mixer})" if mixer else "") + f" after {self.seen_tokens} tokens; it needs "
+                    + (f"{sorted(expected) or 'none'}" if expected is not None else "its layer's state")
+                    + ". Save it again from the cache (state_dict), whole."
+                )
 
     def _map_states(self, fn):
         self.layers = [None if s is None else {k: fn(t) for k, t in s.items()} for s in self.layers]

@@ -10,6 +10,7 @@ RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-siz
 ATTENTION_MIXERS = ("attention", "sliding_attention")  # keys/values per token
 BOOL_FIELDS = ("bidirectional", "linear_attention_use_decay", "tie_word_embeddings", "use_cache")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")  # as transformers'
+FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: smaller rounds to 0 in float32
 
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -267,8 +268,10 @@ class SeqArchConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be None or token id(s) in [0, vocab_size={self.vocab_size}), got "
                                  f"{value!r}.")
         eps = self.rms_norm_eps
-        if not _is_number(eps) or eps <= 0:  # 0 would make the norm of a zero vector (a pad's output) NaN
-            raise ValueError(f"rms_norm_eps must be a finite number > 0, got {eps!r}.")
+        # 0 would make the norm of a zero vector (a pad's output) NaN; so would an eps float32 rounds to 0
+        if not _is_number(eps) or eps < FLOAT32_TINY:
+            raise ValueError(f"rms_norm_eps must be a finite number > 0 (at least float32's smallest normal, 1.2e-38), "
+                             f"got {eps!r}.")
         if not _is_number(self.initializer_range) or self.initializer_range < 0:
             raise ValueError(f"initializer_range must be a finite number >= 0 (the std of the initial weights), got "
                              f"{self.initializer_range!r}.")

@@ -12,7 +12,7 @@ which one a forward uses.
 import torch
 from transformers.utils import logging
 
-from .graph_capture import recording_one_graph
+from .graph_capture import plain_ops_only
 
 logger = logging.get_logger(__name__)
 
@@ -55,8 +55,8 @@ def _choose(kind, kernel, package, device, dtype, extra_reason=None):
             why_not = f"{package} is not importable (`pip install {package}` to use its kernel)"
         elif dtype not in KERNEL_DTYPES:
             why_not = f"{package}'s kernel does not compute in {dtype}"
-        elif recording_one_graph():
-            why_not = f"a graph is being recorded (torch.export, torch.jit.trace), which cannot hold {package}'s kernel"
+        elif plain_ops_only():
+            why_not = f"torch.export, torch.jit.trace or torch.func cannot take {package}'s kernel"
         else:
             why_not = extra_reason
     backend = package.replace("-", "_") if device_type == "cuda" and why_not is None else "torch"

@@ -2,15 +2,18 @@
 
 Padding never enters the state: with a mask, each row's real tokens are packed to the front in order,
 run as a packed sequence, and scattered back (pads output zeros), so left, right or holed padding all
-give, at the real positions, what each sequence gives alone. One token (decoding), and a padded batch while
-torch.export records, run as a loop of cell steps instead (`_forward_by_cells`), held to the fused call by tests.
+give, at the real positions, what each sequence gives alone. One token (decoding), a padded batch while
+torch.export records, and everything under torch.func (whose vmap has no rule for the fused layers or cells) run as a
+loop of cell steps instead (`_forward_by_cells`; under torch.func the cells written out, `lstm_cell` / `gru_cell`),
+held to the fused call by tests.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .graph_capture import capturing_graph
+from .graph_capture import capturing_graph, transforming
 from .mixer_context import real_tokens_first
 
 
@@ -39,10 +42,11 @@ class RecurrentMixer(nn.Module):
         mask = context.token_mask
         if hidden_states.shape[1] == 1 and not self.bidirectional and self._cell_applies():  # (decoding is causal)
             output, final = self._forward_by_cells(hidden_states, mask, initial)  # one token: see there
+        elif (transforming() or mask is not None and torch.compiler.is_exporting()) and self._cell_applies():
+            # (torch.func has no rule for the fused layers; export cannot record packing)
+            output, final = self._forward_by_cells(hidden_states, mask, initial)
         elif mask is None:
             output, final = self.rnn(hidden_states, initial)
-        elif torch.compiler.is_exporting() and self._cell_applies():
-            output, final = self._forward_by_cells(hidden_states, mask, initial)  # (export cannot record packing)
         else:
             output, final = self._forward_masked(hidden_states, mask, initial)
         if cache is not None:
@@ -63,6 +67,7 @@ class RecurrentMixer(nn.Module):
         oneDNN on CPU) that dominates decoding, and for a padded batch while torch.export records (it cannot record
         the packed sequences of `_forward_masked`)."""
         batch, length, _ = hidden_states.shape
+        lstm_step, gru_step = (lstm_cell, gru_cell) if transforming() else (torch.lstm_cell, torch.gru_cell)
         if initial is not None:
             initial = initial if self.is_lstm else (initial,)  # (h, c) or (h,), each (directions, B, hidden)
         outputs, finals = [], []
@@ -77,9 +82,9 @@ class RecurrentMixer(nn.Module):
             for t in reversed(range(length)) if direction else range(length):
                 x = hidden_states[:, t]  # (B, width)
                 if self.is_lstm:
-                    new_state = torch.lstm_cell(x, state, *weights)
+                    new_state = lstm_step(x, state, *weights)
                 else:
-                    new_state = (torch.gru_cell(x, state[0], *weights),)
+                    new_state = (gru_step(x, state[0], *weights),)
                 if mask is None:
                     state, steps[t] = new_state, new_state[0]
                 else:
@@ -129,6 +134,24 @@ class RecurrentMixer(nn.Module):
         if self.is_lstm:
             return state["h"].transpose(0, 1).to(dtype).contiguous(), state["c"].transpose(0, 1).to(dtype).contiguous()
         return state["h"].transpose(0, 1).to(dtype).contiguous()
+
+
+def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):
+    """torch.lstm_cell written out: x (B, width), state (h, c) each (B, hidden) -> the new (h, c)."""
+    h, c = state
+    gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)  # (B, 4 * hidden): input, forget, cell, output
+    input_gate, forget_gate, cell_gate, output_gate = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(forget_gate) * c + torch.sigmoid(input_gate) * torch.tanh(cell_gate)
+    return torch.sigmoid(output_gate) * torch.tanh(c), c
+
+
+def gru_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    """torch.gru_cell written out: x (B, width), h (B, hidden) -> the new h."""
+    reset_x, update_x, new_x = F.linear(x, w_ih, b_ih).chunk(3, dim=-1)  # each (B, hidden)
+    reset_h, update_h, new_h = F.linear(h, w_hh, b_hh).chunk(3, dim=-1)
+    reset, update = torch.sigmoid(reset_x + reset_h), torch.sigmoid(update_x + update_h)
+    candidate = torch.tanh(new_x + reset * new_h)
+    return (1 - update) * candidate + update * h
 
 
 def _stack(tensors, dim):

@@ -352,6 +352,23 @@ def _explain_load_error(error, source):
     return None
 
 
+# The config fields a model's layers are built from, and rope_theta (read at every forward, checked only when the
+# config is built or saved): set afterwards, the model would run one thing, save another, or fail inside torch.
+BUILT_FROM = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act",
+    "rms_norm_eps", "rope_theta", "sliding_window", "mamba_state_size", "mamba_head_dim", "mamba_expand",
+    "mamba_conv_kernel", "mamba_n_groups", "mamba_chunk_size", "linear_attention_num_heads",
+    "linear_attention_head_dim", "linear_attention_feature_map", "linear_attention_use_decay",
+    "linear_attention_chunk_size",
+)
+
+
+def _built_from(config) -> tuple:
+    """The values of BUILT_FROM (read from the instance's dict: a config attribute costs microseconds)."""
+    values = vars(config)
+    return tuple(values.get(name) for name in BUILT_FROM)
+
+
 class SeqArchModel(SeqArchPreTrainedModel):
     """Embedding, the mixer blocks, a final RMSNorm. Returns hidden states and (use_cache) a SeqArchCache."""
 
@@ -367,6 +384,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         recurrent_only = all(mixer in ("lstm", "gru") for mixer in config.mixer_types)
         self.time_major = recurrent_only and config.intermediate_size == 0
         self.built_bidirectional = config.bidirectional  # the LSTM/GRU layers are built one- or two-directional
+        self.built_from = _built_from(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -389,16 +407,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        if self.config.bidirectional != self.built_bidirectional:
-            raise ValueError(
-                f"config.bidirectional was set to {self.config.bidirectional} after the model was built with "
-                f"{self.built_bidirectional}: the layers (a bidirectional LSTM/GRU has two directions of half the "
-                "width) and the heads' pooling are fixed when the model is built. Build it with the value wanted, "
-                "e.g. from_pretrained(path, bidirectional=True) for an encoder from a causal checkpoint."
-            )
+        self.refuse_config_changed_since_built()
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not both.")
-        _refuse_packing_arguments(kwargs)
+        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds), kwargs)
         inputs_embeds = self._embedded(input_ids, inputs_embeds)  # (B, T, width)
         batch, length = inputs_embeds.shape[:2]
         if length == 0:
@@ -443,6 +456,33 @@ class SeqArchModel(SeqArchPreTrainedModel):
             attentions=tuple(context.attentions) if output_attentions else None,
             **{CACHE_FIELD: cache},
         )
+
+    def refuse_config_changed_since_built(self):
+        """A config field the model was built from (BUILT_FROM, bidirectional), or vocab_size against the embeddings,
+        set since: refused with the values, at every forward (and every StreamingSession step)."""
+        config = self.config
+        if config.bidirectional != self.built_bidirectional:
+            raise ValueError(
+                f"config.bidirectional was set to {config.bidirectional} after the model was built with "
+                f"{self.built_bidirectional}: the layers (a bidirectional LSTM/GRU has two directions of half the "
+                "width) and the heads' pooling are fixed when the model is built. Build it with the value wanted, "
+                "e.g. from_pretrained(path, bidirectional=True) for an encoder from a causal checkpoint."
+            )
+        now = _built_from(config)
+        if now != self.built_from:
+            changed = [(name, built, value) for name, built, value in zip(BUILT_FROM, self.built_from, now) if built != value]
+            raise ValueError(
+                "config." + ", config.".join(f"{name} was set to {value!r} after the model was built with {built!r}"
+                                             for name, built, value in changed)
+                + ": the layers are built from it, so the model would run one thing and save another. Build a model "
+                "with the value wanted (SeqArchForCausalLM(config), or from_pretrained(path, name=value)), or set it "
+                "back."
+            )
+        if config.vocab_size != self.embed_tokens.num_embeddings:
+            raise ValueError(
+                f"config.vocab_size is {config.vocab_size} but the embeddings hold {self.embed_tokens.num_embeddings} "
+                f"tokens: change the vocabulary with model.resize_token_embeddings({config.vocab_size})."
+            )
 
     def _embedded(self, input_ids, inputs_embeds):
         """The input as embeddings (B, T, width), checked: token ids embedded, or embeddings passed in (cast to the
@@ -667,6 +707,25 @@ def _refuse_packed_sequences(position_ids, token_mask):
 PACKING_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
+def _check_call(tensors, kwargs):
+    """The inputs (name -> value) of a forward are tensors or None (lists and numpy arrays failed deep inside), and
+    its extra keyword arguments are none of the packing marks (`_refuse_packing_arguments`) and no bad
+    num_items_in_batch (the Trainer's count of the labels the loss sums over)."""
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (or None), got {type(value).__name__}: e.g. "
+                            f"torch.tensor({name}).")
+    _refuse_packing_arguments(kwargs)
+    count = kwargs.get("num_items_in_batch")
+    if count is None:
+        return
+    is_tensor = isinstance(count, torch.Tensor)
+    if (is_tensor and (count.numel() != 1 or count.is_complex() or count.dtype == torch.bool)) or (
+        not is_tensor and (isinstance(count, bool) or not isinstance(count, numbers.Real))
+    ) or ((not is_tensor or count.device.type == "cpu") and not float(count) > 0):  # (no GPU sync for the value)
+        raise ValueError(f"num_items_in_batch must be one number > 0 (the labels the loss sums over), got {count!r}.")
+
+
 def _refuse_packing_arguments(kwargs):
     """Packed sequences marked by their boundaries rather than by position_ids (`_refuse_packed_sequences`)."""
     given = [name for name in PACKING_ARGUMENTS if kwargs.get(name) is not None]
@@ -694,7 +753,6 @@ def _check_classification_inputs(head, output_layer, input_ids, attention_mask, 
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
                              "SeqArchForCausalLM or SeqArchModel to continue from one.")
-    _refuse_packing_arguments(kwargs)
     if input_ids is not None:
         head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
@@ -742,6 +800,11 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         chunking (prefill_chunk_size) gets the cache it needs: transformers makes none for these models."""
         arguments, generation_config = _generate_arguments(self, args, kwargs)
         _refuse_assisted_decoding(arguments, generation_config)
+        ids, mask = arguments.get("inputs", arguments.get("input_ids")), arguments.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+            # (generate() numbers positions from the mask: the forward would blame positions the caller never gave)
+            raise ValueError(f"attention_mask must have the shape of the input ids, {tuple(ids.shape)}, with 1 at "
+                             f"real tokens and 0 at padding; got {tuple(mask.shape)}.")
         if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
             kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
         chunked_prefill = _generation_option(self, arguments, "prefill_chunk_size")
@@ -769,7 +832,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
-        _refuse_packing_arguments(kwargs)
+        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, labels=labels), kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         keep = _positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
         if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step
@@ -948,6 +1012,8 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
+        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, labels=labels), kwargs)
         _check_classification_inputs(self, self.score, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
@@ -1082,6 +1148,8 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
+        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         inputs_embeds=inputs_embeds, labels=labels), kwargs)
         _check_classification_inputs(self, self.classifier, input_ids, attention_mask, kwargs)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         if labels is not None and self.num_labels == 1:  # (not regression, as for sequences: cross-entropy)

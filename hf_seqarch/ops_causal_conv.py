@@ -14,7 +14,7 @@ where u is the input x (B, T, C) preceded by `past` (B, K-1, C): the cached conv
 import torch
 import torch.nn.functional as F
 
-from .graph_capture import recording_one_graph
+from .graph_capture import plain_ops_only
 from .ops_rms_norm import gradients_through
 
 
@@ -73,7 +73,7 @@ class _CausalDepthwiseConv(torch.autograd.Function):
 def causal_conv(x, weight, bias, past=None):
     """x (B, T, C), weight (C, K), bias (C,), past (B, K-1, C) or None (zeros) -> (B, T, C)."""
     _check_shapes(x, weight, bias, past)
-    if recording_one_graph():  # plain ops (the legacy ONNX exporter mis-exports the taps' in-place slice updates)
+    if plain_ops_only():  # no hand-written backward there (and the legacy ONNX exporter mis-exports the taps' writes)
         return causal_conv_reference(x, weight, bias, past)
     return _CausalDepthwiseConv.apply(x, weight, bias, past)
 

@@ -48,7 +48,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from .graph_capture import capturing_graph, recording_one_graph
+from .graph_capture import capturing_graph, plain_ops_only
 
 _CACHE_BYTES = 3 << 20  # 3 MiB: the q, k and v of one set of chunks in the factorised scan (see _chunk_groups)
 LOG_DECAY_FLOOR = -60.0  # exp(-60) ~ 1e-26: the smallest decay ever formed (keeps float32 out of denormals)
@@ -537,9 +537,9 @@ def _scan(q, k, v, a, state, L):
 
 def _recordable_scan(q, k, v, a, state, L):
     """`_ChunkedScan`'s algorithm (exact segment sums) in plain differentiable ops: no out=, no writes in place, no
-    loop (the scan between chunks is one product, `_between_chunks`). What torch.export and torch.jit.trace record:
-    the recorded graph keeps autograd's backward (gradients pass through it), and the legacy ONNX exporter, to which an
-    autograd.Function is an opaque Python op, takes it. Slower than the hand-written scans (every product per head,
+    loop (the scan between chunks is one product, `_between_chunks`). What torch.export and torch.jit.trace record
+    (the recorded graph keeps autograd's backward, and the legacy ONNX exporter, to which an autograd.Function is an
+    opaque Python op, takes it) and torch.func transforms (grad, vmap: per-sample gradients). Slower than the hand-written scans (every product per head,
     the L x L decays kept for autograd). Arguments and returns as `_ChunkedScan`'s."""
     per_group = v.shape[2] // q.shape[2]  # R
 
@@ -678,7 +678,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
     if T == 0:
         return v.new_zeros(B, 0, H, P, dtype=out_dtype), state.to(state_dtype)
-    L = chunk_size
+    L = min(chunk_size, T)  # (a chunk past the sequence would only pad it: a chunk of 10**6 allocated 10**6 steps)
     pad = -T % L  # pad the tail with q = k = v = 0, log_decay = 0: the state passes through
 
     def padded(x):  # (B, T, H, D) -> (B, C * L, H, D): the tail padded with q = k = v = 0, log_decay = 0
@@ -687,7 +687,7 @@ def chunked_scan(q, k, v, log_decay, chunk_size=64, initial_state=None):
     # (B, C * L, H). Clamped: -inf (or below) would make inf - inf in the segment sums; exp(-60) is 0 to them anyway.
     log_decay = padded(log_decay[..., None])[..., 0].clamp(min=LOG_DECAY_FLOOR)
     q, k, v = padded(q), padded(k), padded(v)
-    scan = _recordable_scan if recording_one_graph() else _scan
+    scan = _recordable_scan if plain_ops_only() else _scan
     y, state = scan(q, k, v, log_decay, state, L)  # y (B, C * L, H, P)
     y = y[:, :T]
     return y.to(out_dtype), state.to(state_dtype)
@@ -698,12 +698,14 @@ def scan_step(q, k, v, log_decay, state):
 
     Args:
         q, k: (B, G, N), per head (G = H) or per group of heads as in `chunked_scan`.  v: (B, H, P).
-        log_decay: (B, H).  state: (B, H, P, N).
+        log_decay: (B, H).  state: (B, H, P, N), or None (zeros: the first step).
 
     Returns:
         y: (B, H, P) in q's dtype; new_state: (B, H, P, N) in state's dtype.
     """
     _check_inputs(q, k, v, log_decay, state, dims=3)
+    if state is None:
+        state = v.new_zeros(*v.shape, q.shape[-1], dtype=_compute_dtype(q.dtype))  # (B, H, P, N)
     if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
         q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
     return _step(q, k, v, log_decay, state)

@@ -13,6 +13,8 @@ the two to the same outputs and gradients. Pure PyTorch (this file is copied fla
 Shapes: B batch, nh query heads, nkv key/value heads, T time, hd head dim, W window, nb blocks.
 """
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,7 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     """query (B, nh, T, hd), key/value (B, nkv, T, hd), nkv dividing nh -> output (B, T, nh, hd)."""
     _check_inputs(query, key, value, window)
     batch, heads, length, head_dim = query.shape
+    window = min(int(window), length)  # (a window past the sequence sees all of it: blocks of its length suffice)
     nb = -(-length // window)
     pad = nb * window - length  # queries and keys past the end: never seen by a real query (they are later)
 
@@ -52,7 +55,7 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
 
 def _check_inputs(query, key, value, window):
     """A clear error rather than one from the block arithmetic (a window of 0 divided by zero) or inside sdpa."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be an integer >= 1 (the keys a query sees, itself included), got {window!r}.")
     ranks_ok = query.dim() == key.dim() == value.dim() == 4
     if not (

@@ -51,9 +51,10 @@ def _check_dt_and_A(x, dt, A):
     """dt (b, T, H) and A (H,) for x (b, T, H, P): a clear error rather than a broadcast failing (or, for an A of
     shape (H, 1), succeeding with other shapes) inside the products. B, C and the state are checked by the scan."""
     tensors = (x, dt, A)
-    if not all(isinstance(t, torch.Tensor) for t in tensors) or not (
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors) or not (
         x.dim() == 4 and tuple(dt.shape) == tuple(x.shape[:3]) and tuple(A.shape) == (x.shape[2],)
     ):
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in tensors]
-        raise ValueError(f"Expected x (b, T, H, P), dt (b, T, H) and A (H,); got x {shapes[0]}, dt {shapes[1]}, "
-                         f"A {shapes[2]}.")
+        dtypes = [t.dtype if isinstance(t, torch.Tensor) else None for t in tensors]
+        raise ValueError(f"Expected x (b, T, H, P), dt (b, T, H) and A (H,), real floating point; got x {shapes[0]}, "
+                         f"dt {shapes[1]}, A {shapes[2]} of {dtypes}.")

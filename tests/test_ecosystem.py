@@ -451,3 +451,28 @@ def test_models_and_their_caches_pickle(stack, tmp_path):
     filled = getattr(out, CACHE_FIELD)  # (the output field's name differs between transformers 4 and 5)
     cache = pickle.loads(pickle.dumps(filled))
     assert torch.equal(model(step, cache=cache).logits, model(step, cache=filled).logits)
+
+
+@pytest.mark.parametrize("stack", ["lstm", "gru", "sliding", "mamba2+attention", "lstm+linear+sliding"])
+def test_torch_func_per_sample_gradients(stack):
+    """torch.func (Opacus-style per-sample gradients, influence functions, meta-learning) failed on every model: the
+    hand-written backwards are autograd.Functions without setup_context, the checks read values vmap does not have,
+    and vmap has no rule for the fused LSTM / GRU. Under torch.func the plain ops run: per-sample gradients
+    (vmap(grad)) are each sample's own, and vmap of the forward is the batched forward."""
+    from torch.func import functional_call, grad, vmap
+
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack], use_cache=False)
+    ids = random_ids(3, 7)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, row):  # one sample: row (T,)
+        return functional_call(model, p, (row[None],), {"labels": row[None]}).loss
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, ids)  # each (3, *p.shape)
+    for i in range(3):
+        own = torch.autograd.grad(model(ids[i : i + 1], labels=ids[i : i + 1]).loss, list(model.parameters()))
+        for (name, mine), theirs in zip(per_sample.items(), own):
+            torch.testing.assert_close(mine[i], theirs, rtol=1e-4, atol=1e-6, msg=f"sample {i}, {name}")
+    with torch.no_grad():
+        logits = vmap(lambda row: functional_call(model, params, (row[None],)).logits[0])(ids)
+        torch.testing.assert_close(logits, model(ids).logits, rtol=1e-5, atol=1e-6)

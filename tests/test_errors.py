@@ -13,6 +13,7 @@ from hf_seqarch import (
     SeqArchForSequenceClassification,
     SeqArchForTokenClassification,
     SeqArchModel,
+    StreamingSession,
 )
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from hf_seqarch.ops_sliding_attention import sliding_window_attention
@@ -44,6 +45,7 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number > 0"),
         (dict(rms_norm_eps=0), "rms_norm_eps must be a finite number > 0"),  # a pad's zero output would norm to NaN
         (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0"),
+        (dict(rms_norm_eps=1e-300), "rms_norm_eps must be a finite number > 0"),  # 0 in float32: NaN at pads
         (dict(hidden_act="bogus"), "hidden_act='bogus' is not an activation"),
         (dict(rope_theta=0), "rope_theta must be a finite number > 0"),  # NaN tables: finite, wrong outputs under sdpa
         (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),  # (NaN < 0 is False)
@@ -501,6 +503,41 @@ def test_bidirectional_changed_after_the_model_was_built_is_refused(built_bidire
     model.config.bidirectional = built_bidirectional  # set back: runs
     assert model(input_ids=random_ids(2, 5)).logits.shape == (2, 3)
 
+
+@pytest.mark.parametrize("name,value", [
+    ("rope_theta", 0.0), ("rope_theta", 500.0), ("sliding_window", 2), ("hidden_act", "gelu"), ("rms_norm_eps", 0.1),
+    ("linear_attention_feature_map", "relu"), ("head_dim", 4), ("num_attention_heads", 2),
+])
+def test_a_config_field_changed_after_the_model_was_built_is_refused(name, value):
+    """The layers are built from these fields (and rope_theta, read at each forward, is checked only when a config is
+    built or saved): set afterwards, the model ran one thing and saved another (reloaded logits 0.075 to 0.4 off), ran
+    an invalid rope_theta (0: finite, wrong logits), or failed inside torch (head sizes); a StreamingSession kept the
+    old rope_theta. Refused at every forward and session step, with the values."""
+    model = tiny_model(SeqArchForCausalLM, ["sliding_attention", "linear_attention"], intermediate_size=16,
+                       sliding_window=3)
+    session = StreamingSession(model)
+    session.feed(random_ids(1, 4))
+    built = getattr(model.config, name)
+    setattr(model.config, name, value)
+    message = f"config.{name} was set to {value!r} after the model was built with {built!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(input_ids=random_ids(1, 4))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        session.step(random_ids(1, 1)[0])
+    setattr(model.config, name, built)  # set back: runs
+    assert model(input_ids=random_ids(1, 4)).logits.shape == (1, 4, VOCAB)
+
+
+def test_a_vocab_size_changed_by_hand_is_refused():
+    """Raised by hand past the embeddings, token ids passed the range check and failed inside the embedding."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    model.config.vocab_size = VOCAB + 5
+    with pytest.raises(ValueError, match=rf"config.vocab_size is {VOCAB + 5} but the embeddings hold {VOCAB} tokens"):
+        model(input_ids=torch.full((1, 2), VOCAB + 1))
+    model.resize_token_embeddings(VOCAB + 5)  # the way to change it
+    assert model(input_ids=torch.full((1, 2), VOCAB + 1)).logits.shape == (1, 2, VOCAB + 5)
+
+
 def test_bidirectional_model_takes_no_cache():
     model = tiny_model(SeqArchModel, ["lstm"], bidirectional=True)
     with pytest.raises(ValueError, match="no cache"):
@@ -783,3 +820,87 @@ def test_a_model_tied_against_its_config_is_not_saved(tmp_path):
     model.save_pretrained(tmp_path / "untied")
     loaded = SeqArchForCausalLM.from_pretrained(tmp_path / "untied")
     assert not loaded.config.tie_word_embeddings and torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_damaged_cache_state_is_refused_with_what_is_wrong():
+    """from_state_dict took a state with a layer's tensors missing (that layer restarted from zeros, silently), a
+    seen_tokens that no cache can have, unknown entries and 'layers.-1.*' (written into the last layer); a missing
+    seen_tokens or a damaged layout raised a bare KeyError / JSONDecodeError."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    saved = getattr(model(input_ids=random_ids(1, 5), use_cache=True), CACHE_FIELD).state_dict()
+
+    def restored(**changes):
+        tensors = {**saved, **changes}
+        return SeqArchCache.from_state_dict({k: v for k, v in tensors.items() if v is not None}, num_layers=2)
+
+    for changes, message in [
+        (dict(**{"layers.0.c": None}), r"has \['h'\] for layer 0 \(lstm\) after 5 tokens; it needs \['c', 'h'\]"),
+        (dict(seen_tokens=None), "'seen_tokens' must hold one integer >= 0"),
+        (dict(seen_tokens=torch.tensor(-3)), "'seen_tokens' must hold one integer >= 0"),
+        (dict(seen_tokens=torch.tensor(2.5)), "'seen_tokens' must hold one integer >= 0"),
+        (dict(**{"layers.-1.h": saved["layers.0.h"]}), "Not an entry of a 2-layer SeqArchCache state_dict: 'layers.-1.h'"),
+        (dict(extra=torch.zeros(1)), "Not an entry of a 2-layer SeqArchCache state_dict: 'extra'"),
+        (dict(layout=torch.tensor([123, 34], dtype=torch.uint8)), "layout is damaged"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            restored(**changes)
+    cache = restored()  # whole: continues as the original
+    assert model(input_ids=random_ids(1, 1), cache=cache).logits.shape == (1, 1, VOCAB)
+
+
+def test_inputs_that_are_not_tensors_are_refused_by_name():
+    """Lists and numpy arrays for the inputs failed deep inside ('list' object has no attribute 'dim'), in every head."""
+    import numpy as np
+
+    ids = random_ids(1, 4)
+    for head in (SeqArchModel, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchForTokenClassification):
+        model = tiny_model(head, ["lstm", "attention"])
+        for name, value in [("input_ids", ids.tolist()), ("attention_mask", np.ones((1, 4))),
+                            ("position_ids", [[0, 1, 2, 3]])]:
+            inputs = {"input_ids": ids, name: value}
+            with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor \\(or None\\), got"):
+                model(**inputs)
+        if head is not SeqArchModel:
+            with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+                model(input_ids=ids, labels=[1])
+
+
+@pytest.mark.parametrize("count", [0, -2, torch.tensor([3, 4]), torch.tensor(0), "3"])
+def test_num_items_in_batch_must_be_one_positive_number(count):
+    """0, a negative count or a 1-D tensor gave an inf, negative or vector loss (the regression and multi-label heads
+    rescale by it in our own code)."""
+    model = tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=1, problem_type="regression")
+    with pytest.raises(ValueError, match="num_items_in_batch must be one number > 0"):
+        model(input_ids=random_ids(2, 4), labels=torch.rand(2), num_items_in_batch=count)
+    assert model(input_ids=random_ids(2, 4), labels=torch.rand(2), num_items_in_batch=torch.tensor(2)).loss.dim() == 0
+
+
+def test_ops_take_sizes_past_the_input_and_their_documented_defaults():
+    """A chunk or window longer than the sequence padded it to that size (chunk_size=10**6 on 5 tokens: an allocator
+    error); a numpy window was refused where the other ops take numpy integers; scan_step without a state failed
+    inside; ssd_chunked dropped a complex A's imaginary part."""
+    import numpy as np
+
+    from hf_seqarch.ops_chunked_scan import chunked_scan, scan_reference, scan_step
+    from hf_seqarch.ops_ssd import ssd_chunked
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    a = -torch.rand(1, 5, 2, generator=g, dtype=torch.float64)
+    for got, want in zip(chunked_scan(q, k, v, a, chunk_size=10**6), scan_reference(q, k, v, a)):
+        torch.testing.assert_close(got, want)
+    y, state = scan_step(q[:, 0], k[:, 0], v[:, 0], a[:, 0], None)  # None: the first step, from zeros
+    torch.testing.assert_close(y, scan_reference(q[:, :1], k[:, :1], v[:, :1], a[:, :1])[0][:, 0])
+    query, key = torch.randn(1, 2, 5, 4, generator=g), torch.randn(1, 2, 5, 4, generator=g)
+    whole = sliding_window_attention(query, key, key, 5, 0.5)
+    torch.testing.assert_close(sliding_window_attention(query, key, key, 10**6, 0.5), whole)
+    torch.testing.assert_close(sliding_window_attention(query, key, key, np.int64(5), 0.5), whole)
+    with pytest.raises(ValueError, match=r"A \(H,\), real floating point; got .* torch.complex64"):
+        ssd_chunked(v, torch.rand(1, 5, 2, dtype=torch.float64), torch.tensor([-1 + 1j, -2 + 0j]), q[:, :, :1], q[:, :, :1])
+
+
+def test_generate_with_a_mask_of_another_shape_says_so():
+    """generate() numbers positions from the mask: a mask of the wrong shape was blamed on position_ids."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]).eval()
+    with pytest.raises(ValueError, match=r"attention_mask must have the shape of the input ids, \(2, 5\).*got \(2, 4\)"):
+        model.generate(random_ids(2, 5), attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)

@@ -438,11 +438,11 @@ def test_kernels_only_where_they_apply(monkeypatch):
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "causal_conv1d"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 5) == "torch"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float64, 4) == "torch"
-    monkeypatch.setattr(kernels_mamba2, "recording_one_graph", lambda: True)  # torch.export, jit.trace
+    monkeypatch.setattr(kernels_mamba2, "plain_ops_only", lambda: True)  # torch.export, jit.trace, torch.func
     assert kernels_mamba2.mamba2_backend("cuda", torch.bfloat16) == "torch"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "torch"
     reasons = {why for *_, why in kernels_mamba2._announced if why}
-    recording = "a graph is being recorded (torch.export, torch.jit.trace), which cannot hold {}'s kernel"
+    recording = "torch.export, torch.jit.trace or torch.func cannot take {}'s kernel"
     assert reasons == {"mamba-ssm's kernel does not compute in torch.float64", "causal-conv1d has no kernel 5 wide",
                        "causal-conv1d's kernel does not compute in torch.float64", recording.format("mamba-ssm"),
                        recording.format("causal-conv1d")}

@@ -677,3 +677,27 @@ def test_attention_mixer_follows_the_context_causality_on_every_kernel(causal):
     with torch.no_grad():
         moved = (mixer(changed, context) - outputs["sdpa"])[:, 0].abs().max()
     assert (moved == 0) if causal else (moved > 0)
+
+
+def test_cells_written_out_match_torchs():
+    """mixer_rnn's lstm_cell / gru_cell (the cells under torch.func, whose vmap has no rule for torch's fused ones)
+    against torch.lstm_cell / torch.gru_cell: outputs and gradients, in float64."""
+    from hf_seqarch.mixer_rnn import gru_cell, lstm_cell
+
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    x, h, c = leaf(3, 4), leaf(3, 5), leaf(3, 5)
+    for ours, theirs, gates in ((lstm_cell, torch.lstm_cell, 4), (gru_cell, torch.gru_cell, 3)):
+        weights = [leaf(gates * 5, 4), leaf(gates * 5, 5), leaf(gates * 5), leaf(gates * 5)]
+        state = (h, c) if gates == 4 else h
+        got, want = ours(x, state, *weights), theirs(x, state, *weights)
+        got, want = (got, want) if gates == 4 else ((got,), (want,))
+        inputs = [x, h, *weights] + ([c] if gates == 4 else [])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        upstream = [torch.randn(a.shape, generator=generator, dtype=torch.float64) for a in got]
+        for a, b in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

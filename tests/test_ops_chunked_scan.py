@@ -62,7 +62,7 @@ def test_matches_reference_strong_decay():
 def test_the_recordable_scan_matches_reference(monkeypatch, groups, strong):
     """While torch.export or torch.jit.trace records, chunked_scan runs `_recordable_scan` (plain ops, so that the
     recorded graph keeps a backward): the same outputs and gradients, grouped q and k included."""
-    monkeypatch.setattr(ops_chunked_scan, "recording_one_graph", lambda: True)
+    monkeypatch.setattr(ops_chunked_scan, "plain_ops_only", lambda: True)
     q, k, v, log_decay, s0 = make_inputs(T=45, H=3, strong=strong)
     q, k = q[:, :, :groups], k[:, :, :groups]  # (B, T, G, N): shared by H / G heads
     got = outputs_and_grads(chunked_scan, q, k, v, log_decay, s0, chunk_size=16)

@@ -142,8 +142,10 @@ class StreamingSession:
         return torch.cat(tokens, dim=1)
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """One unpadded token per row (B, 1) through the single-token decoder; checks only that no step raised midway."""
+        """One unpadded token per row (B, 1) through the single-token decoder; checks only that no step raised midway
+        and that the model's config is the one it was built from (the decoder reads it)."""
         self.cache.refuse_if_half_updated()
+        self.base.refuse_config_changed_since_built()
         with torch.inference_mode():
             output = self._current_decoder()(token_ids[:, 0], self.cache)  # (B, vocab) or (B, width)
         if self.lm_head is not None:
