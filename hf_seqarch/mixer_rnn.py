@@ -64,8 +64,9 @@ class RecurrentMixer(nn.Module):
         """The layer as a loop of cell steps (torch.lstm_cell / gru_cell on its own weights), one direction after the
         other; at a pad a row keeps its state and outputs zeros. Same weights, same result as the fused call (tests
         hold them together). For one token, where the fused nn.LSTM / nn.GRU call has a fixed cost (about 2 ms in
-        oneDNN on CPU) that dominates decoding, and for a padded batch while torch.export records (it cannot record
-        the packed sequences of `_forward_masked`)."""
+        oneDNN on CPU) that dominates decoding; for a padded batch while torch.export records (it cannot record the
+        packed sequences of `_forward_masked`); and under torch.func, with the cells written out (its vmap has no rule
+        for the fused cells)."""
         batch, length, _ = hidden_states.shape
         lstm_step, gru_step = (lstm_cell, gru_cell) if transforming() else (torch.lstm_cell, torch.gru_cell)
         if initial is not None:

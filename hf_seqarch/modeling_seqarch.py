@@ -470,7 +470,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
         now = _built_from(config)
         if now != self.built_from:
-            changed = [(name, built, value) for name, built, value in zip(BUILT_FROM, self.built_from, now) if built != value]
+            changed = [(name, built, value) for name, built, value in zip(BUILT_FROM, self.built_from, now)
+                       if built != value]
             raise ValueError(
                 "config." + ", config.".join(f"{name} was set to {value!r} after the model was built with {built!r}"
                                              for name, built, value in changed)

@@ -539,8 +539,9 @@ def _recordable_scan(q, k, v, a, state, L):
     """`_ChunkedScan`'s algorithm (exact segment sums) in plain differentiable ops: no out=, no writes in place, no
     loop (the scan between chunks is one product, `_between_chunks`). What torch.export and torch.jit.trace record
     (the recorded graph keeps autograd's backward, and the legacy ONNX exporter, to which an autograd.Function is an
-    opaque Python op, takes it) and torch.func transforms (grad, vmap: per-sample gradients). Slower than the hand-written scans (every product per head,
-    the L x L decays kept for autograd). Arguments and returns as `_ChunkedScan`'s."""
+    opaque Python op, takes it) and what torch.func transforms (grad, vmap: per-sample gradients). Slower than the
+    hand-written scans (every product per head, the L x L decays kept for autograd). Arguments and returns as
+    `_ChunkedScan`'s."""
     per_group = v.shape[2] // q.shape[2]  # R
 
     def per_head(x):  # (C, B, G, ...) -> (C, B, H, ...): each group's values for each of its heads

@@ -49,7 +49,7 @@ def step_on(model, device, inputs):
     inputs = {name: value.to(device) for name, value in inputs.items()}
     output = model(**inputs)
     output.loss.backward()
-    real = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(inputs["input_ids"]).bool()
+    real = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
     logits = output.logits[real] if output.logits.dim() == 3 else output.logits
     grads = {name: p.grad.cpu() for name, p in model.named_parameters()}
     return logits.detach().cpu(), output.loss.detach().cpu(), grads
