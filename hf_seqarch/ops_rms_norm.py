@@ -111,9 +111,14 @@ class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same weights and outputs) with a faster backward for float32 training on CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)
         if not x.is_floating_point():  # the mixed-dtype branch below would compute and cast back: truncated to 0s
             raise ValueError(f"RMSNorm takes floating-point input, got {x.dtype}.")
+        if x.dim() < len(self.normalized_shape) or tuple(x.shape[x.dim() - len(self.normalized_shape):]) != tuple(
+            self.normalized_shape
+        ):
+            raise ValueError(f"RMSNorm over {tuple(self.normalized_shape)} takes input (..., "
+                             f"{', '.join(map(str, self.normalized_shape))}), got shape {tuple(x.shape)}.")
+        fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)
         if not fast and self.weight is not None and x.dtype != self.weight.dtype:
             # Mixed dtypes (a bf16 activation and float32 weight under autocast): torch's kernel would warn and
             # take its slow path; compute in the wider dtype (as Llama's norm does) and return the input's.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 def sliding_window_attention(query, key, value, window: int, scaling: float, dropout: float = 0.0):
     """query (B, nh, T, hd), key/value (B, nkv, T, hd), nkv dividing nh -> output (B, T, nh, hd)."""
-    _check_inputs(query, key, value, window)
+    _check_inputs(query, key, value, window, dropout)
     batch, heads, length, head_dim = query.shape
     window = min(int(window), length)  # (a window past the sequence sees all of it: blocks of its length suffice)
     nb = -(-length // window)
@@ -53,7 +53,7 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)
 
 
-def _check_inputs(query, key, value, window):
+def _check_inputs(query, key, value, window, dropout):
     """A clear error rather than one from the block arithmetic (a window of 0 divided by zero) or inside sdpa."""
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ValueError(f"window must be an integer >= 1 (the keys a query sees, itself included), got {window!r}.")
@@ -66,3 +66,8 @@ def _check_inputs(query, key, value, window):
             "Expected query (B, nh, T, hd) and key, value (B, nkv, T, hd) with nkv dividing nh and T >= 1; got query "
             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}."
         )
+    if not (query.is_floating_point() and query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key and value must be floating point of one dtype, got {query.dtype}, {key.dtype}, "
+                         f"{value.dtype}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")

@@ -905,3 +905,19 @@ def test_generate_with_a_mask_of_another_shape_says_so():
     model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]).eval()
     with pytest.raises(ValueError, match=r"attention_mask must have the shape of the input ids, \(2, 5\).*\(2, 4\)"):
         model.generate(random_ids(2, 5), attention_mask=torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
+
+
+def test_small_ops_say_what_they_take():
+    """RMSNorm of a 0-d tensor raised an IndexError; sliding_window_attention of integer tensors or a negative dropout
+    failed inside sdpa (a flash-attention message); StreamingSession.load(None, path) an AttributeError."""
+    from hf_seqarch.ops_rms_norm import RMSNorm
+
+    with pytest.raises(ValueError, match=r"RMSNorm over \(4,\) takes input \(\.\.\., 4\), got shape \(\)"):
+        RMSNorm(4)(torch.tensor(1.0))
+    query = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="floating point of one dtype"):
+        sliding_window_attention(query.long(), query.long(), query.long(), 2, 0.5)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        sliding_window_attention(query, query, query, 2, 0.5, dropout=-1.0)
+    with pytest.raises(ValueError, match="StreamingSession"):
+        StreamingSession.load(None, "state.safetensors")

@@ -206,11 +206,11 @@ class StreamingSession:
     @classmethod
     def load(cls, model, path: str) -> "StreamingSession":
         """A session of `model` that continues the stream saved at `path`."""
-        device = next(model.parameters()).device
+        session = cls(model)  # (checks the model first)
+        device = session.base.embed_tokens.weight.device
         with safe_open(path, framework="pt", device=str(device)) as file:
             metadata = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}
-        session = cls(model)
         expected = session._fingerprint()
         if metadata.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a saved stream state (format {metadata.get('format')!r}).")
