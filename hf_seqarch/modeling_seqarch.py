@@ -1031,33 +1031,37 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         )
         hidden_states = outputs.last_hidden_state  # (B, T, width)
         mask = self._real_token_mask(input_ids, attention_mask, hidden_states)  # (B, T) bool
+        logits = self.score(self._pooled(hidden_states, mask))  # (B, num_labels)
+        loss = None if labels is None else self._loss(logits, labels, kwargs)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def _pooled(self, hidden_states, mask):
+        """(B, T, width), real tokens (B, T) -> (B, width): the masked mean (an encoder) or the last real token."""
         if self.config.bidirectional:
             # Summed in float32 at least: a float16 count passes its largest value (65,504) at that many tokens.
             sum_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
             weights = mask[..., None].to(hidden_states.dtype)  # (B, T, 1): 0/1, exact in any dtype
             counts = mask.sum(1, dtype=sum_dtype)[:, None].clamp(min=1)  # (B, 1)
-            pooled = ((hidden_states * weights).sum(1, dtype=sum_dtype) / counts).to(hidden_states.dtype)  # (B, width)
-        else:
-            positions = torch.arange(mask.shape[1], device=mask.device)
-            last_real = (positions * mask).argmax(dim=-1)  # (B,), works for left and right padding
-            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last_real]
-        logits = self.score(pooled)  # (B, num_labels)
-        loss = None
-        if labels is not None:
-            # in float32 (as transformers' causal LM loss is): a bf16 cross-entropy is off in the second digit.
-            # Float targets too: BCE would return a half-precision loss for half-precision targets.
-            float_logits = logits.float()
-            labels = labels.float() if labels.is_floating_point() else labels
-            loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits,
-                                      config=self.config, **kwargs)
-            num_items = kwargs.get("num_items_in_batch")
-            if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
-                # transformers' MSE / BCE losses return this micro-batch's mean and ignore num_items_in_batch, while
-                # the Trainer (seeing **kwargs) no longer divides by the accumulation steps: make it sum / num_items.
-                loss = loss * labels.numel() / num_items
-        return SequenceClassifierOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
+            return ((hidden_states * weights).sum(1, dtype=sum_dtype) / counts).to(hidden_states.dtype)  # (B, width)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last_real = (positions * mask).argmax(dim=-1)  # (B,), works for left and right padding
+        return hidden_states[torch.arange(hidden_states.shape[0], device=mask.device), last_real]
+
+    def _loss(self, logits, labels, kwargs):
+        """transformers' sequence-classification loss, in float32 (as its causal LM loss is: a bf16 cross-entropy is off
+        in the second digit; float targets too, as BCE would return a half-precision loss for half-precision ones)."""
+        float_logits = logits.float()
+        labels = labels.float() if labels.is_floating_point() else labels
+        loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits, config=self.config,
+                                  **kwargs)
+        num_items = kwargs.get("num_items_in_batch")
+        if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
+            # transformers' MSE / BCE losses return this micro-batch's mean and ignore num_items_in_batch, while the
+            # Trainer (seeing **kwargs) no longer divides by the accumulation steps: make it sum / num_items.
+            loss = loss * labels.numel() / num_items
+        return loss
 
     def _real_token_mask(self, input_ids, attention_mask, hidden_states):
         if attention_mask is not None:
