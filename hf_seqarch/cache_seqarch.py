@@ -289,7 +289,8 @@ class SeqArchCache:
     def _refuse_missing_states(self):
         """A restored cache holds a state for every layer once it has seen tokens (none before), each with its mixer's
         tensors where the layout is known: a missing one would restart that layer from zeros, silently."""
-        mixers = json.loads(self.layout["mixer_types"]) if self.layout is not None else [None] * len(self.layers)
+        saved_mixers = (self.layout or {}).get("mixer_types")  # JSON (another number of layers: check_usable_by)
+        mixers = json.loads(saved_mixers) if saved_mixers else [None] * len(self.layers)
         for index, (state, mixer) in enumerate(zip(self.layers, mixers)):
             expected = STATE_NAMES.get(mixer) if self.seen_tokens else set()
             names = set(state or ())
