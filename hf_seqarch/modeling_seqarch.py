@@ -720,10 +720,12 @@ def _check_call(tensors, kwargs):
     count = kwargs.get("num_items_in_batch")
     if count is None:
         return
-    is_tensor = isinstance(count, torch.Tensor)
-    if (is_tensor and (count.numel() != 1 or count.is_complex() or count.dtype == torch.bool)) or (
-        not is_tensor and (isinstance(count, bool) or not isinstance(count, numbers.Real))
-    ) or ((not is_tensor or count.device.type == "cpu") and not float(count) > 0):  # (no GPU sync for the value)
+    if isinstance(count, torch.Tensor):
+        one_number = count.numel() == 1 and not (count.is_complex() or count.dtype == torch.bool)
+        readable = count.device.type == "cpu"  # (a GPU's value is not read: that would wait for the device)
+    else:
+        one_number, readable = isinstance(count, numbers.Real) and not isinstance(count, bool), True
+    if not one_number or (readable and not float(count) > 0):
         raise ValueError(f"num_items_in_batch must be one number > 0 (the labels the loss sums over), got {count!r}.")
 
 

@@ -542,20 +542,16 @@ def _recordable_scan(q, k, v, a, state, L):
     opaque Python op, takes it) and what torch.func transforms (grad, vmap: per-sample gradients). Slower than the
     hand-written scans (every product per head, the L x L decays kept for autograd). Arguments and returns as
     `_ChunkedScan`'s."""
-    per_group = v.shape[2] // q.shape[2]  # R
-
-    def per_head(x):  # (C, B, G, ...) -> (C, B, H, ...): each group's values for each of its heads
-        return x.unsqueeze(3).expand(*x.shape[:3], per_group, *x.shape[3:]).flatten(2, 3)
-
-    q, k, v = (_chunks(x, L) for x in (q, k, v))  # (C, B, G, L, N), (C, B, G, L, N), (C, B, H, L, P) views
+    q, k = _heads_of_groups(q, v.shape[2]), _heads_of_groups(k, v.shape[2])  # (B, T, H, N): everything per head
+    q, k, v = (_chunks(x, L) for x in (q, k, v))  # (C, B, H, L, N), (C, B, H, L, N), (C, B, H, L, P) views
     cs = _chunks(a[..., None], L)[..., 0].to(torch.float64).cumsum(-1)  # (C, B, H, L), as in _ChunkedScan
     decay = _segment_sums(cs, q.dtype).clamp(LOG_DECAY_FLOOR, -LOG_DECAY_FLOOR).exp().tril()  # (C, B, H, L, L)
-    y = (decay * per_head(q @ k.transpose(-1, -2))) @ v  # (C, B, H, L, P): within each chunk
+    y = (decay * (q @ k.transpose(-1, -2))) @ v  # (C, B, H, L, P): within each chunk
     to_end = _decay(cs[..., -1:] - cs, q.dtype)[..., None]  # (C, B, H, L, 1): exp(cs_L - cs_j)
-    own = v.transpose(-1, -2) @ (per_head(k) * to_end)  # (C, B, H, P, N): what each chunk adds to the state
+    own = v.transpose(-1, -2) @ (k * to_end)  # (C, B, H, P, N): what each chunk adds to the state
     weights = _between_chunks(cs[..., -1], q.dtype)  # (C + 1, C + 1, B, H)
     states = torch.einsum("cjbh,jbhpn->cbhpn", weights, torch.cat([state[None], own]))  # (C + 1, B, H, P, N)
-    from_state = (per_head(q) * _decay(cs, q.dtype)[..., None]) @ states[:-1].transpose(-1, -2)  # (C, B, H, L, P)
+    from_state = (q * _decay(cs, q.dtype)[..., None]) @ states[:-1].transpose(-1, -2)  # (C, B, H, L, P)
     return _unchunk(y + from_state), states[-1]
 
 

@@ -113,9 +113,7 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():  # the mixed-dtype branch below would compute and cast back: truncated to 0s
             raise ValueError(f"RMSNorm takes floating-point input, got {x.dtype}.")
-        if x.dim() < len(self.normalized_shape) or tuple(x.shape[x.dim() - len(self.normalized_shape):]) != tuple(
-            self.normalized_shape
-        ):
+        if x.shape[x.dim() - len(self.normalized_shape):] != self.normalized_shape:  # (a 0-d x: an empty shape)
             raise ValueError(f"RMSNorm over {tuple(self.normalized_shape)} takes input (..., "
                              f"{', '.join(map(str, self.normalized_shape))}), got shape {tuple(x.shape)}.")
         fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)

@@ -96,7 +96,7 @@ class StreamingSession:
             output = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
         if self.lm_head is None:
             return output.last_hidden_state
-        self._remember_logits(output.logits[:, -1])
+        self._remember_logits(output.logits[:, -1].clone())  # (a view would keep all (B, T, vocab) logits alive)
         return output.logits
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -166,10 +166,7 @@ class StreamingSession:
         self._decoder_modules = tuple(self.model.modules())
 
     def _remember_logits(self, logits: torch.Tensor):
-        """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then. A copy
-        where they are part of a larger tensor: the last position of feed()'s (B, T, vocab) logits kept them all."""
-        if logits.untyped_storage().nbytes() > logits.numel() * logits.element_size():
-            logits = logits.clone()
+        """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then."""
         self._last_logits, self._last_logits_at = logits, self.cache.changes
 
     def _refuse_padded_cache(self, cache=None):
