@@ -46,11 +46,21 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)  # additive: 0 where allowed
 
     grouped = bool(heads != key.shape[1])  # (bool: under jit.trace sizes are traced values, which sdpa refuses)
+    if grouped and not sdpa_groups_heads_under_a_mask(query.device):
+        k, v = (x.repeat_interleave(heads // key.shape[1], dim=1) for x in (k, v))  # (B * nb, nh, 2W, hd)
+        grouped = False
     output = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=grouped
     )  # (B * nb, nh, W, hd)
     output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3)  # (B, nb, W, nh, hd)
     return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)
+
+
+def sdpa_groups_heads_under_a_mask(device: torch.device) -> bool:
+    """Whether sdpa takes grouped key/value heads (enable_gqa) with a mask on `device` in a fused kernel. On CUDA it
+    drops to its math kernel (O(T^2) memory, slow), as transformers' `use_gqa_in_sdpa` notes, so there the keys and
+    values are repeated per query head instead; CPU's fused kernel takes both."""
+    return device.type == "cpu"
 
 
 def _check_inputs(query, key, value, window, dropout):

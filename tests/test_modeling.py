@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
+from hf_seqarch import ops_sliding_attention
 from hf_seqarch.mixer_attention import rotary_cos_sin
 from hf_seqarch.mixer_context import MixerContext
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
@@ -309,8 +310,11 @@ def test_output_attentions_with_eager_and_a_warning_otherwise(caplog):
 
 @pytest.mark.parametrize("length", [7, 12, 31])  # window 3: not / a multiple of it, many blocks
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads):
-    # sdpa over a long unpadded sequence runs in blocks (ops_sliding_attention); eager keeps the full mask.
+@pytest.mark.parametrize("kernel_groups_heads", [True, False], ids=["enable_gqa", "repeated_kv"])
+def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads, kernel_groups_heads, monkeypatch):
+    # sdpa over a long unpadded sequence runs in blocks (ops_sliding_attention); eager keeps the full mask. Grouped
+    # heads go to sdpa as groups on CPU and as repeated keys on CUDA (there enable_gqa with a mask is the math kernel).
+    monkeypatch.setattr(ops_sliding_attention, "sdpa_groups_heads_under_a_mask", lambda device: kernel_groups_heads)
     ids = random_ids(2, length)
     results = []
     for implementation in ("eager", "sdpa"):
