@@ -84,7 +84,10 @@ def test_causal_lm_step_with_the_mamba2_kernels_matches_cpu(monkeypatch, padded)
         monkeypatch.setattr(kernels_mamba2, name, kernel)
     ids, mask, labels = padded_batch()
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels) if padded else dict(input_ids=ids, labels=ids)
-    model = tiny_model(SeqArchForCausalLM, STACKS["mamba2+attention"])
+    # test_mixers_linear_time's kernel test's sizes: mamba_ssm's Triton kernels autotune once per (chunk, head dim,
+    # state size) and dtype, minutes on a cold GPU, so the two tests share one autotuning.
+    model = tiny_model(SeqArchForCausalLM, STACKS["mamba2+attention"], hidden_size=64, mamba_head_dim=16,
+                       mamba_state_size=16, mamba_chunk_size=16)
     cpu, cuda = step_on(copy.deepcopy(model), "cpu", inputs), step_on(model, "cuda", inputs)
 
     def relative_error(a, b):
