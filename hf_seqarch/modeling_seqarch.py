@@ -801,8 +801,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below). Prefill
         chunking (prefill_chunk_size) gets the cache it needs: transformers makes none for these models."""
-        arguments, generation_config = _generate_arguments(self, args, kwargs)
-        _refuse_assisted_decoding(arguments, generation_config)
+        arguments = _generate_arguments(self, args, kwargs)
+        _refuse_assisted_decoding(self, arguments)
         ids, mask = arguments.get("inputs", arguments.get("input_ids")), arguments.get("attention_mask")
         if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
             # (generate() numbers positions from the mask: the forward would blame positions the caller never gave)
@@ -919,15 +919,13 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
 
 def _generate_arguments(model, args, kwargs):
-    """generate(*args, **kwargs)'s arguments by name (its **kwargs options flat among them), and the generation
-    config in force (the one passed, else the model's)."""
+    """generate(*args, **kwargs)'s arguments by name, its **kwargs options flat among them."""
     arguments = inspect.signature(GenerationMixin.generate).bind_partial(model, *args, **kwargs).arguments
-    arguments = {**arguments.pop("kwargs", {}), **arguments}
-    return arguments, arguments.get("generation_config") or model.generation_config
+    return {**arguments.pop("kwargs", {}), **arguments}
 
 
 def _generation_option(model, arguments, name):
@@ -943,17 +941,26 @@ def _generation_option(model, arguments, name):
     return own if own is not None else default
 
 
-def _refuse_assisted_decoding(arguments, config):
-    """Assisted decoding (a draft model, prompt lookup, early exit) drafts tokens and then drops the rejected ones
-    from the cache. A recurrent state cannot drop tokens once read, so SeqArchCache cannot; transformers would
-    fail later with an error about a missing cache or method."""
+def _refuse_assisted_decoding(model, arguments):
+    """Assisted decoding (a draft model, prompt lookup, early exit, multi-token prediction) drafts tokens and then
+    drops the rejected ones from the main model's cache and the draft model's. A recurrent state cannot drop tokens
+    once read, so SeqArchCache cannot, on either side; transformers would fail later with an error about a missing
+    cache or method. Options are read as generate() will (_generation_option): one set in the model's generation
+    config counts too, when the config passed leaves it at its default."""
     asked = [name for name in ASSISTED_DECODING_OPTIONS
-             if arguments.get(name) is not None or getattr(config, name, None) is not None]
+             if _generation_option(model, arguments, name) not in (None, False)]
     if asked:
         raise ValueError(
             f"Assisted decoding ({', '.join(asked)}) is not supported by hf_seqarch models: it drops rejected draft "
             "tokens from the cache, and recurrent states (LSTM, GRU, Mamba-2, linear attention) cannot be rolled "
             "back. Use greedy search, sampling or beam search."
+        )
+    if _generation_option(model, arguments, "is_assistant"):
+        raise ValueError(
+            "hf_seqarch models cannot be the assistant (draft) model of assisted decoding: after each round the "
+            "draft tokens the main model rejects are dropped from the assistant's cache, and recurrent states (LSTM, "
+            "GRU, Mamba-2, linear attention) cannot be rolled back. Generate without assistant_model, or draft with a "
+            "model whose cache can be cropped."
         )
 
 

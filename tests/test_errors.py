@@ -598,6 +598,26 @@ def test_assisted_decoding_is_refused_clearly():
             model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, **option)
     with pytest.raises(ValueError, match="Assisted decoding .* not supported"):  # a positional generation config
         model.generate(ids, GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3, pad_token_id=0))
+    with pytest.raises(ValueError, match=r"Assisted decoding \(use_mtp\) is not supported"):  # multi-token prediction
+        model.generate(ids, max_new_tokens=3, pad_token_id=0, use_mtp=True)
+    # Set in the model's generation config (as a generation_config.json gives it) while another config is passed:
+    # transformers takes the model's value for what the passed config leaves at its default.
+    model.generation_config.prompt_lookup_num_tokens = 2
+    with pytest.raises(ValueError, match=r"Assisted decoding \(prompt_lookup_num_tokens\) is not supported"):
+        model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0))
+
+
+def test_a_seqarch_model_as_the_assistant_of_another_is_refused_clearly():
+    """The draft model's cache drops the tokens the main model rejects: an AttributeError ('crop') inside transformers
+    it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    main = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+    assistant = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    with pytest.raises(ValueError, match="cannot be the assistant"):
+        main.generate(random_ids(1, 6), assistant_model=assistant, max_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
 def test_a_cache_is_checked_only_on_what_shapes_its_states():
