@@ -67,15 +67,22 @@ class GatedRMSNorm(nn.Module):
         init.ones_(self.weight)
 
 
-class ShortCausalConv(nn.Conv1d):
+class ShortCausalConv(nn.Module):
     """Mamba-2's causal depthwise conv + SiLU over (B, T, C), from a cached state, padding-aware.
 
-    An nn.Conv1d (same weights, names and init) whose forward takes the conv state: the weights are read
-    inside this module's own call, so accelerate's offload hooks load them first.
+    The parameters, their names and their init are a depthwise nn.Conv1d's (weight (C, 1, K), bias (C)), but it is
+    not one: its forward takes the conv state, so tools that adapt or replace convolutions by their class (PEFT's
+    LoRA builds a conv of the same class and calls it as a plain conv) would break it; they refuse it instead. The
+    weights are read inside this module's own call, so accelerate's offload hooks load them first.
     """
 
     def __init__(self, channels: int, kernel: int):
-        super().__init__(channels, channels, kernel, groups=channels, bias=True)
+        super().__init__()
+        self.kernel_size = (kernel,)
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.bias = nn.Parameter(torch.empty(channels))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv1d's init, drawn in its order
+        nn.init.uniform_(self.bias, -(kernel**-0.5), kernel**-0.5)  # (fan-in of a depthwise conv: its kernel)
 
     def forward(self, xBC, conv_state, mask, keep_state, decode=False):
         if decode:

@@ -238,7 +238,7 @@ def _refuse_head_tied_against_config(model):
     """config.tie_word_embeddings set to False on a tied model leaves lm_head and the embeddings one tensor: saved, the
     folder lacked lm_head.weight while its config said untied, and from_pretrained refused it (saving again wrote the
     same folder)."""
-    head, embeddings = getattr(model, "lm_head", None), model.get_input_embeddings()
+    head, embeddings = getattr(model, "lm_head", None), embedding_table(model.get_input_embeddings())
     if model.config.tie_word_embeddings or head is None or embeddings is None:
         return
     one_storage = head.weight.data_ptr() == embeddings.weight.data_ptr() != 0  # (0: offloaded to meta, unknown)
@@ -249,6 +249,14 @@ def _refuse_head_tied_against_config(model):
             "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone()), or set "
             "config.tie_word_embeddings back to True."
         )
+
+
+def embedding_table(embeddings: nn.Module | None) -> nn.Embedding | None:
+    """The nn.Embedding that holds the vocabulary: the input embeddings themselves, or the one inside a wrapper (PEFT's
+    LoRA on the embeddings and its trainable tokens keep it as their base layer, as may a module of the user's);
+    None if there is none."""
+    modules = embeddings.modules() if embeddings is not None else ()
+    return next((module for module in modules if isinstance(module, nn.Embedding)), None)
 
 
 def _untie_lm_head_left_out(model, info, source, load_kwargs):
@@ -479,11 +487,18 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 "with the value wanted (SeqArchForCausalLM(config), or from_pretrained(path, name=value)), or set it "
                 "back."
             )
-        if config.vocab_size != self.embed_tokens.num_embeddings:
+        table = embedding_table(self.embed_tokens)
+        if table is not None and config.vocab_size != table.num_embeddings:
             raise ValueError(
-                f"config.vocab_size is {config.vocab_size} but the embeddings hold {self.embed_tokens.num_embeddings} "
+                f"config.vocab_size is {config.vocab_size} but the embeddings hold {table.num_embeddings} "
                 f"tokens: change the vocabulary with model.resize_token_embeddings({config.vocab_size})."
             )
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids go: the embedding table's device (under device_map, not necessarily the first layer's)."""
+        table = embedding_table(self.embed_tokens)
+        return table.weight.device if table is not None else next(self.parameters()).device
 
     def _embedded(self, input_ids, inputs_embeds):
         """The input as embeddings (B, T, width), checked: token ids embedded, or embeddings passed in (cast to the
@@ -507,7 +522,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"inputs_embeds must be (batch, length, hidden_size={self.config.hidden_size}) floating-point "
                 f"values, got shape {tuple(inputs_embeds.shape)} of {inputs_embeds.dtype}."
             )
-        return inputs_embeds.to(self.embed_tokens.weight.dtype)
+        table = embedding_table(self.embed_tokens)
+        return inputs_embeds if table is None else inputs_embeds.to(table.weight.dtype)
 
     def _cache_to_use(self, use_cache, cache, inputs_embeds):
         """The SeqArchCache this call reads and advances (checked), a fresh one (use_cache), or None."""

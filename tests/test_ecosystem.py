@@ -93,6 +93,52 @@ MIXER_PROJECTIONS = {
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+class ScaledEmbeddings(torch.nn.Module):
+    """A user's wrapper around the input embeddings."""
+
+    def __init__(self, embeddings):
+        super().__init__()
+        self.inner = embeddings
+
+    def forward(self, ids):
+        return self.inner(ids) * 2.0
+
+
+@pytest.mark.parametrize("stack", ["lstm", "mamba2+attention"])
+@pytest.mark.parametrize("wrapping", ["lora", "trainable_tokens", "user"])
+def test_wrapped_input_embeddings_work(stack, wrapping):
+    """PEFT's LoRA on the embeddings and its trainable tokens wrap the nn.Embedding, as may a module of the user's:
+    every forward failed on the embeddings' num_embeddings. The vocabulary check still reads through the wrapper."""
+    from hf_seqarch import StreamingSession
+
+    peft = pytest.importorskip("peft")
+    model = tiny_model(SeqArchForCausalLM, STACKS[stack])
+    if wrapping == "user":
+        model.set_input_embeddings(ScaledEmbeddings(model.get_input_embeddings()))
+        wrapped = model
+    else:
+        extra = dict(target_modules=["embed_tokens"]) if wrapping == "lora" else dict(target_modules=["down_proj"],
+                                                                                     trainable_token_indices=[3, 4])
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, **extra))
+    ids = random_ids(2, 8)
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    embeds = wrapped.get_input_embeddings()(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(inputs_embeds=embeds.double()).logits, wrapped(input_ids=ids).logits)
+    assert StreamingSession(model).greedy(ids[:1], max_new_tokens=2).shape == (1, 2)
+    model.config.vocab_size += 1
+    with pytest.raises(ValueError, match="config.vocab_size is .* but the embeddings hold"):
+        wrapped(input_ids=ids)
+
+
+def test_lora_on_the_mamba2_conv_is_refused_by_peft():
+    """mamba2's conv takes its cached state in forward: PEFT used to take it for a plain nn.Conv1d and fail inside
+    (TypeError building a conv of its class); it is no nn.Conv1d now, and PEFT says it does not support it."""
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="ShortCausalConv.* is not supported"):
+        peft.get_peft_model(tiny_model(SeqArchForCausalLM, ["mamba2"]), peft.LoraConfig(r=80, target_modules=["conv1d"]))
+
+
 @stack_params
 def test_lora_trains_and_merges_back(stack, tmp_path):
     peft = pytest.importorskip("peft")

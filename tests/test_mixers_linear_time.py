@@ -213,6 +213,19 @@ def test_padding_never_enters_the_state(variant, layout):
     assert_states_equal(batch_state, alone_cache.get_state(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", [2, 4, 7])
+def test_mamba2_conv_has_a_depthwise_conv1ds_parameters_and_init(kernel):
+    from hf_seqarch.mixer_mamba2 import ShortCausalConv
+
+    torch.manual_seed(0)
+    conv = ShortCausalConv(12, kernel)
+    torch.manual_seed(0)
+    reference = torch.nn.Conv1d(12, 12, kernel, groups=12, bias=True)
+    assert conv.state_dict().keys() == reference.state_dict().keys()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(conv.state_dict()[name], tensor), name
+
+
 def test_mamba2_conv_state_holds_the_last_real_inputs():
     """After a right-padded chunk, the conv state is the last K-1 real conv inputs, not pads."""
     mixer = make_mixer("mamba2")

@@ -74,7 +74,7 @@ class StreamingSession:
         """The stream's state; set it to continue another (as load() does)."""
         if not isinstance(cache, SeqArchCache):
             raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
-        cache.check_usable_by(self.config, device=self.base.embed_tokens.weight.device)
+        cache.check_usable_by(self.config, device=self.base.input_device)
         self._refuse_padded_cache(cache)
         # The next-token logits where greedy(None) continues belong to the state that gave them: a new cache starts
         # without any, rather than continuing another stream's.
@@ -186,7 +186,7 @@ class StreamingSession:
         batch = self._state_batch_size()
         if batch is not None and ids.shape[0] != batch:
             raise ValueError(f"{name} has batch size {ids.shape[0]}, but the stream's state holds {batch} rows.")
-        return self.base._checked_token_ids(ids).to(self.base.embed_tokens.weight.device)  # in range, int32 or int64
+        return self.base._checked_token_ids(ids).to(self.base.input_device)  # in range, int32 or int64
 
     def _state_batch_size(self):
         for state in self.cache.layers:
@@ -204,7 +204,7 @@ class StreamingSession:
     def load(cls, model, path: str) -> "StreamingSession":
         """A session of `model` that continues the stream saved at `path`."""
         session = cls(model)  # (checks the model first)
-        device = session.base.embed_tokens.weight.device
+        device = session.base.input_device
         with safe_open(path, framework="pt", device=str(device)) as file:
             metadata = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}
