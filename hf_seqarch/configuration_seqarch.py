@@ -33,8 +33,10 @@ def _plain_rope(rope_theta, rope_parameters=None, rope_scaling=None):
                 "(rope_type 'default'), set by rope_theta alone. Remove the scaling (or use rope_type 'default')."
             )
         unused = {key: value for key, value in params.items() if key not in ("rope_type", "type", "rope_theta")}
-        if unused.get("partial_rotary_factor") == 1:  # rotary over the whole head: ours
-            del unused["partial_rotary_factor"]
+        for key in ("partial_rotary_factor", "factor"):  # 1: rotary over the whole head, no scaling: ours
+            if unused.get(key) == 1:
+                del unused[key]
+        unused.pop("original_max_position_embeddings", None)  # (read by scaling types only: not by 'default')
         if unused:
             raise ValueError(
                 f"{name} sets {unused}, which hf_seqarch's attention does not implement: plain rotary embeddings over "

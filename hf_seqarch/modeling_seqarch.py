@@ -363,7 +363,7 @@ def _explain_load_error(error, source):
 # The config fields a model's layers are built from, and rope_theta (read at every forward, checked only when the
 # config is built or saved): set afterwards, the model would run one thing, save another, or fail inside torch.
 BUILT_FROM = (
-    "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act",
+    "mixer_types", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act",
     "rms_norm_eps", "rope_theta", "sliding_window", "mamba_state_size", "mamba_head_dim", "mamba_expand",
     "mamba_conv_kernel", "mamba_n_groups", "mamba_chunk_size", "linear_attention_num_heads",
     "linear_attention_head_dim", "linear_attention_feature_map", "linear_attention_use_decay",
@@ -374,7 +374,8 @@ BUILT_FROM = (
 def _built_from(config) -> tuple:
     """The values of BUILT_FROM (read from the instance's dict: a config attribute costs microseconds)."""
     values = vars(config)
-    return tuple(values.get(name) for name in BUILT_FROM)
+    return tuple(list(value) if isinstance(value := values.get(name), list) else value  # (a copy: edits in place show)
+                 for name in BUILT_FROM)
 
 
 class SeqArchModel(SeqArchPreTrainedModel):
@@ -578,7 +579,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
             # Real tokens counted, pads not (0 at left pads), as generate() counts them: a cache filled by one and
             # continued by the other agrees (RoPE keeps each key's position), and a row with holes gets the positions
             # it has alone.
-            position_ids = (padding_mask.cumsum(-1) - 1).clamp_(min=0)[:, past_length:]  # (B, T)
+            # (.long(): ONNX's CumSum takes no booleans, which the legacy exporter would give it)
+            position_ids = (padding_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, past_length:]  # (B, T)
         elif (
             position_ids.dim() != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch)
             or position_ids.dtype == torch.bool or position_ids.is_complex()
@@ -741,8 +743,9 @@ def _check_call(tensors, kwargs):
         readable = count.device.type == "cpu"  # (a GPU's value is not read: that would wait for the device)
     else:
         one_number, readable = isinstance(count, numbers.Real) and not isinstance(count, bool), True
-    if not one_number or (readable and not float(count) > 0):
-        raise ValueError(f"num_items_in_batch must be one number > 0 (the labels the loss sums over), got {count!r}.")
+    # 0 is a batch without a label (an eval example truncated inside its prompt): its loss is 0/0, as Llama's.
+    if not one_number or (readable and not float(count) >= 0):
+        raise ValueError(f"num_items_in_batch must be one number >= 0 (the labels the loss sums over), got {count!r}.")
 
 
 def _refuse_packing_arguments(kwargs):

@@ -702,7 +702,7 @@ def scan_step(q, k, v, log_decay, state):
     """
     _check_inputs(q, k, v, log_decay, state, dims=3)
     if state is None:
-        state = v.new_zeros(*v.shape, q.shape[-1], dtype=_compute_dtype(q.dtype))  # (B, H, P, N)
+        state = v.new_zeros(*v.shape, q.shape[-1], dtype=q.dtype)  # (B, H, P, N), as chunked_scan's (computed wider)
     if q.shape[-2] != v.shape[-2]:  # shared by groups of heads
         q, k = _heads_of_groups(q, v.shape[-2]), _heads_of_groups(k, v.shape[-2])
     return _step(q, k, v, log_decay, state)

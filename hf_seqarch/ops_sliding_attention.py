@@ -76,8 +76,11 @@ def _check_inputs(query, key, value, window, dropout):
             "Expected query (B, nh, T, hd) and key, value (B, nkv, T, hd) with nkv dividing nh and T >= 1; got query "
             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}."
         )
-    if not (query.is_floating_point() and query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key and value must be floating point of one dtype, got {query.dtype}, {key.dtype}, "
-                         f"{value.dtype}.")
+    floating = query.is_floating_point() and key.is_floating_point() and value.is_floating_point()
+    # Under autocast sdpa casts them itself (RoPE gives float32 q and k beside a bf16 v, as in transformers' models).
+    one_dtype = query.dtype == key.dtype == value.dtype or torch.is_autocast_enabled(query.device.type)
+    if not (floating and one_dtype):
+        raise ValueError(f"query, key and value must be floating point of one dtype (outside autocast), got "
+                         f"{query.dtype}, {key.dtype}, {value.dtype}.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")

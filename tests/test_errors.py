@@ -105,6 +105,8 @@ def test_rope_parameters_set_rope_theta_and_are_not_saved_beside_it(tmp_path):
         config.rope_scaling = {"type": "linear", "factor": 2.0}
     whole_head = {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 1.0}  # what ours does: taken
     assert tiny_config(["attention"], rope_parameters=whole_head).rope_theta == 500.0
+    no_op = {"rope_type": "default", "rope_theta": 500.0, "factor": 1.0, "original_max_position_embeddings": 4096}
+    assert tiny_config(["attention"], rope_parameters=no_op).rope_theta == 500.0  # (Hub configs carry such entries)
 
 
 def test_rope_overrides_at_load_time_are_applied_or_refused(tmp_path):
@@ -507,6 +509,7 @@ def test_bidirectional_changed_after_the_model_was_built_is_refused(built_bidire
 @pytest.mark.parametrize("name,value", [
     ("rope_theta", 0.0), ("rope_theta", 500.0), ("sliding_window", 2), ("hidden_act", "gelu"), ("rms_norm_eps", 0.1),
     ("linear_attention_feature_map", "relu"), ("head_dim", 4), ("num_attention_heads", 2),
+    ("mixer_types", ["attention", "linear_attention"]),
 ])
 def test_a_config_field_changed_after_the_model_was_built_is_refused(name, value):
     """The layers are built from these fields (and rope_theta, read at each forward, is checked only when a config is
@@ -719,6 +722,20 @@ def test_a_cache_is_claimed_before_its_length_is_read():
                                model(input_ids=ids).logits[:, 6:8])
 
 
+def test_a_cache_state_cast_past_its_exact_token_counts_is_refused():
+    """A state_dict cast whole to bfloat16 rounded seen_tokens (1001 -> 1000) while the keys of 1001 tokens stayed:
+    the next token's position was wrong. Counts the dtype holds exactly are taken."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"])
+    for length, taken in ((200, True), (301, False)):  # bfloat16 holds integers exactly up to 256
+        filled = getattr(model(input_ids=random_ids(1, length), use_cache=True), CACHE_FIELD)
+        cast = {name: t.to(torch.bfloat16) if name == "seen_tokens" else t for name, t in filled.state_dict().items()}
+        if taken:
+            assert SeqArchCache.from_state_dict(cast, num_layers=1).get_seq_length() == length
+        else:
+            with pytest.raises(ValueError, match="cast to torch.bfloat16, which holds token counts exactly only up to"):
+                SeqArchCache.from_state_dict(cast, num_layers=1)
+
+
 @pytest.mark.parametrize("restore", ["empty", "state_dict"])
 def test_a_cache_made_without_a_config_is_checked_too(restore):
     """SeqArchCache(num_layers=...) and from_state_dict(..., config=None) held no layout and were never checked: an
@@ -885,12 +902,14 @@ def test_inputs_that_are_not_tensors_are_refused_by_name():
                 model(input_ids=ids, labels=[1])
 
 
-@pytest.mark.parametrize("count", [0, -2, torch.tensor([3, 4]), torch.tensor(0), "3"])
-def test_num_items_in_batch_must_be_one_positive_number(count):
-    """0, a negative count or a 1-D tensor gave an inf, negative or vector loss (the regression and multi-label heads
-    rescale by it in our own code)."""
+@pytest.mark.parametrize("count", [-2, torch.tensor([3, 4]), torch.tensor(-1.0), "3"])
+def test_num_items_in_batch_must_be_one_number_at_least_0(count):
+    """A negative count or a 1-D tensor gave a negative or vector loss (the regression and multi-label heads rescale by
+    it in our own code). 0 is a batch without a label, which the Trainer's evaluate() passes: taken, as Llama does."""
     model = tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=1, problem_type="regression")
-    with pytest.raises(ValueError, match="num_items_in_batch must be one number > 0"):
+    lm, ids = tiny_model(SeqArchForCausalLM, ["lstm"]), random_ids(2, 4)
+    assert torch.isnan(lm(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=torch.tensor(0)).loss)
+    with pytest.raises(ValueError, match="num_items_in_batch must be one number >= 0"):
         model(input_ids=random_ids(2, 4), labels=torch.rand(2), num_items_in_batch=count)
     assert model(input_ids=random_ids(2, 4), labels=torch.rand(2), num_items_in_batch=torch.tensor(2)).loss.dim() == 0
 

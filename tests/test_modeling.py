@@ -331,6 +331,18 @@ def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads, kernel_gr
         torch.testing.assert_close(blocked, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_blocked_sliding_window_trains_under_autocast():
+    """Under bf16 autocast RoPE gives float32 q and k beside a bf16 v (as in Llama), which sdpa casts itself: the blocked
+    path refused them ("one dtype"), failing the Trainer's --bf16 on sliding-window models."""
+    ids = random_ids(2, 12)  # past twice the window of 3: the blocked path
+    model = tiny_model(SeqArchForCausalLM, ["sliding_attention"], sliding_window=3, attn_implementation="sdpa").train()
+    full_precision = model(input_ids=ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss.float(), full_precision, rtol=2e-2, atol=0)
+
+
 @stack_params
 @head_params
 def test_gradients_reach_every_parameter(stack, head):

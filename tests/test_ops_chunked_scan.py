@@ -542,3 +542,16 @@ def test_decode_step_with_grouped_q_and_k():
     per_head = [x.repeat_interleave(3, dim=1) for x in (q, k)]  # head h uses group h // 3
     for got, want in zip(scan_step(q, k, v, log_decay, state), scan_step(*per_head, v, log_decay, state)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_step_from_no_state_returns_it_in_the_dtype_chunked_scan_does(dtype):
+    """chunked_scan(initial_state=None) returns its state in q's dtype; scan_step(state=None) returned float32."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 1, 3, 4, generator=g).to(dtype) for _ in range(3))  # (B, T=1, H, N or P)
+    log_decay = -torch.rand(2, 1, 3, generator=g).to(dtype)
+    y_step, state_step = scan_step(q[:, 0], k[:, 0], v[:, 0], log_decay[:, 0], None)
+    y_scan, state_scan = chunked_scan(q, k, v, log_decay)
+    assert state_step.dtype == state_scan.dtype == dtype and y_step.dtype == dtype
+    torch.testing.assert_close(state_step, state_scan)
+    torch.testing.assert_close(y_step, y_scan[:, 0])
