@@ -709,7 +709,7 @@ def scan_step(q, k, v, log_decay, state):
 
 
 def _step(q, k, v, log_decay, state):
-    """`scan_step` with q and k per head, unchecked: the reference's loop body."""
+    """`scan_step` with q and k per head, unchecked."""
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
     new_state = torch.exp(log_decay)[..., None, None] * state.to(dtype) + v[..., :, None] * k[..., None, :]
@@ -758,14 +758,16 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
     _check_inputs(q, k, v, log_decay, initial_state, dims=4)
     B, T, _, N = q.shape
     H, P = v.shape[2], v.shape[3]
-    q, k = _heads_of_groups(q, H), _heads_of_groups(k, H)
-    dtype = _compute_dtype(q.dtype)
+    out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else q.dtype
-    state = q.new_zeros(B, H, P, N, dtype=dtype) if initial_state is None else initial_state.to(dtype)
+    # Cast and exponentiated once, outside the loop: its body is the recurrence alone (`_step`'s, without the casts).
+    q, k = _heads_of_groups(q.to(dtype), H), _heads_of_groups(k.to(dtype), H)
+    v, decay = v.to(dtype), log_decay.to(dtype).exp()
+    state = q.new_zeros(B, H, P, N) if initial_state is None else initial_state.to(dtype)
     ys = []
     # unbind (not q[:, t]): its backward is one stack, not T full-size zero tensors
-    for q_t, k_t, v_t, a_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), log_decay.unbind(1)):
-        y_t, state = _step(q_t, k_t, v_t, a_t, state)
-        ys.append(y_t)
+    for q_t, k_t, v_t, decay_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), decay.unbind(1)):
+        state = decay_t[..., None, None] * state + v_t[..., :, None] * k_t[..., None, :]  # (B, H, P, N)
+        ys.append((state @ q_t[..., None]).squeeze(-1))  # (B, H, P)
     y = torch.stack(ys, 1) if ys else v.new_zeros(B, 0, H, P)  # (B, T, H, P)
-    return y.to(q.dtype), state.to(state_dtype)
+    return y.to(out_dtype), state.to(state_dtype)
