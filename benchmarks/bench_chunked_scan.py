@@ -13,10 +13,9 @@
      --device cuda, where it is the only one).
 2. chunked_scan (the core both mixers run) forward+backward at T = 1024 ... 16384: time, peak memory,
    and the growth per doubling of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated
-   on CUDA; on CPU the growth of the peak resident set during one forward+backward, each length in a fresh
-   subprocess so that earlier lengths do not hide it. The peak is Linux's VmHWM, reset first through
-   /proc/self/clear_refs: ru_maxrss alone would not do, as a process keeps its parent's ru_maxrss
-   across fork+exec (the subprocess would start at this process's peak and show no growth).
+   on CUDA; on CPU (where torch keeps no count) the peak of the tensors' bytes held at once during one
+   forward+backward (TensorMemoryTracker, as `hf-seqarch compare` counts them), each length in a fresh subprocess.
+   Not the process's resident set, which adds one-time costs (about 13 MiB here) that do not grow with T.
 
 Times (2.) are the median of --runs runs after a warm-up, taken --rounds times (each length in turn) and the
 median of those kept; the upstream gradients are random dense tensors
@@ -34,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_seqarch.ops_chunked_scan import _factorised_path_heads, chunked_scan, scan_reference  # noqa: E402
 from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
+from hf_seqarch.tools.compare.measure import TensorMemoryTracker  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
 from step_timing import medians_over_rounds  # noqa: E402
 
@@ -128,24 +127,13 @@ def paired_ratio(chunked_fn, reference_fn, inputs, grads, args):
     return ratio, statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
-def _proc_status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def cpu_peak_memory(fn):
-    """Growth of the peak resident set (bytes) while fn() runs."""
-    try:  # Linux: reset the high-water mark, then VmHWM - VmRSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _proc_status_kib("VmRSS")
+    """Peak bytes of the tensors fn() holds at once (TensorMemoryTracker, as `hf-seqarch compare` counts them): CPU torch
+    keeps no count, and the process's resident set would add one-time costs (libraries' pages, thread pools) that do
+    not grow with T."""
+    with TensorMemoryTracker() as tracker:
         fn()
-        return (_proc_status_kib("VmHWM") - base) * 1024
-    except OSError:  # elsewhere: ru_maxrss growth, best effort (KiB on Linux, bytes on macOS)
-        unit = 1 if sys.platform == "darwin" else 1024
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        fn()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * unit
+    return tracker.peak
 
 
 def measure_length(args, T):
@@ -164,7 +152,7 @@ def measure_length(args, T):
 
 
 def measure_in_subprocess(T):
-    """CPU: run measure_length in a fresh interpreter, so that no earlier allocation is reused or counted."""
+    """CPU: run measure_length in a fresh interpreter, so that no length runs in memory an earlier one left."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", str(T)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     peak, seconds = json.loads(out.strip().splitlines()[-1])
@@ -206,7 +194,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args._child is not None:  # one length, in a fresh process (CPU memory)
+    if args._child is not None:  # one length, in a fresh process (CPU)
         print(json.dumps(measure_length(args, args._child)))
         return
 
@@ -241,7 +229,7 @@ def main():
     print("  (ratio: the median of the paired ratios)")
 
     # 2. scaling with T
-    mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "peak RSS growth, fresh process per T"
+    mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "tensor bytes, TensorMemoryTracker"
     print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}):")
     print(f"  {'T':>6} {'time ms':>9} {'x prev':>7} {'peak MiB':>9} {'x prev':>7}")
     prev, growths = None, []

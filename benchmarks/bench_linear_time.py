@@ -12,8 +12,10 @@
    growth per doubling of T. Target for the linear-time mixers: time x <= 2.2 per doubling. Each length is
    measured in 3 rounds (--scaling-rounds), the lengths in turn within each, and the medians are compared: on a
    shared machine one slow spell would otherwise show as a step in the growth.
-   Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU, each (mixer, T) runs in a fresh
-   subprocess and reports the growth of its peak resident set (VmHWM, reset just before) over the step.
+   Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU (where torch keeps no count) the peak of the
+   tensors' bytes held at once during the step (TensorMemoryTracker, as `hf-seqarch compare` counts them), each
+   (mixer, T) in a fresh subprocess. Not the process's resident set: that adds one-time costs (libraries' pages,
+   thread pools, the allocator's first arenas: 17-37 MiB) that do not grow with T and flatten the growth.
 
     python benchmarks/bench_linear_time.py                     # CPU, full sizes (tens of minutes on 2 cores)
     python benchmarks/bench_linear_time.py --quick             # short lengths, fewer repeats (~3 minutes)
@@ -44,6 +46,7 @@ from transformers.utils import logging  # noqa: E402
 
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E402
+from hf_seqarch.tools.compare.measure import TensorMemoryTracker  # noqa: E402
 from malloc_settings import env_keeping_freed_memory  # noqa: E402
 from step_timing import count, lm_loss, medians_over_rounds, paired_step_times, step_seconds, sync  # noqa: E402
 
@@ -95,31 +98,6 @@ def eager_attention_bytes(length):
     return 2 * LAYERS * 4 * length * length * 4
 
 
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss():
-    """Reset this process's peak resident set to the current one (Linux clear_refs); return the current one.
-
-    Not ru_maxrss: a child inherits its parent's peak there, and the imports' peak would hide a small step's.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the peak since exec, still this process's own
-    return _status_bytes("VmRSS")
-
-
-def peak_rss():
-    return _status_bytes("VmHWM")
-
-
 def train_step(model, ids, device, clock):
     return step_seconds(model, lm_loss, ids, device, clock)
 
@@ -159,9 +137,9 @@ def measure(args, name, length, device, clock):
         train_step(model, ids, device, clock)  # the warm-up step gives the peak
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = reset_peak_rss()
-        train_step(model, ids, device, clock)
-        peak = peak_rss() - base
+        with TensorMemoryTracker() as tracker:
+            train_step(model, ids, device, clock)  # the warm-up step gives the peak
+        peak = tracker.peak
     for _ in range(args.warmup - 1):
         train_step(model, ids, device, clock)
     seconds = statistics.median(train_step(model, ids, device, clock) for _ in range(args.scaling_repeats))
@@ -169,7 +147,8 @@ def measure(args, name, length, device, clock):
 
 
 def measure_in_subprocess(args, name, length):
-    """CPU memory: a fresh interpreter per (mixer, length), so earlier peaks do not hide this one."""
+    """CPU: a fresh interpreter per (mixer, length), so that no length runs in memory an earlier one left (and with
+    --keep-freed-memory, under that malloc setting)."""
     command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_child", name, str(length)]
     env = env_keeping_freed_memory() if args.keep_freed_memory else None
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -194,7 +173,7 @@ def measure_in_rounds(args, name, device, clock):
 
 
 def scaling(args, device, clock):
-    note = "cuda max_memory_allocated" if device.type == "cuda" else "VmHWM growth, fresh process"
+    note = "cuda max_memory_allocated" if device.type == "cuda" else "tensor bytes, TensorMemoryTracker"
     if device.type == "cpu":
         note += ", malloc keeps freed memory" if args.keep_freed_memory else ", default malloc"
     print(f"\n2. one training step at batch 1 vs T (peak memory: {note}); 'x' = growth per doubling")
