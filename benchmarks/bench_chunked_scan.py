@@ -45,7 +45,7 @@ from hf_seqarch.ops_chunked_scan import _factorised_path_heads, chunked_scan, sc
 from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
-from step_timing import medians_over_rounds  # noqa: E402
+from step_timing import medians_over_rounds, per_doubling  # noqa: E402
 
 
 def make_inputs(args, T, device):
@@ -230,19 +230,20 @@ def main():
 
     # 2. scaling with T
     mem_note = "cuda max_memory_allocated" if args.device == "cuda" else "tensor bytes, TensorMemoryTracker"
-    print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}):")
-    print(f"  {'T':>6} {'time ms':>9} {'x prev':>7} {'peak MiB':>9} {'x prev':>7}")
+    print(f"\nchunked_scan forward+backward vs T (peak memory: {mem_note}); 'x' = growth per doubling of T:")
+    print(f"  {'T':>6} {'time ms':>9} {'x':>7} {'peak MiB':>9} {'x':>7}")
     prev, growths = None, []
     measure = (lambda T: measure_length(args, T)) if args.device == "cuda" else measure_in_subprocess
     results = medians_over_rounds(args.lengths, args.rounds, measure)  # {T: (peak bytes, seconds)}
     for T in args.lengths:
         peak, seconds = results[T]
-        t_growth = f"{seconds / prev[1]:6.2f}x" if prev else ""
-        m_growth = f"{peak / max(prev[0], 1):6.2f}x" if prev else ""
+        time_x = per_doubling(seconds, prev[1], T, prev[2]) if prev else None
+        t_growth = f"{time_x:6.2f}x" if prev else ""
+        m_growth = f"{per_doubling(peak, prev[0], T, prev[2]):6.2f}x" if prev else ""
         print(f"  {T:>6} {seconds * 1e3:9.1f} {t_growth:>7} {peak / 2**20:9.1f} {m_growth:>7}")
         if prev:
-            growths.append(seconds / prev[1])
-        prev = (peak, seconds)
+            growths.append(time_x)
+        prev = (peak, seconds, T)
     if growths:
         worst = max(growths)
         verdict = "meets" if worst <= 2.2 else "MISSES"

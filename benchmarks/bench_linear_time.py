@@ -48,7 +48,9 @@ from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E402
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker  # noqa: E402
 from malloc_settings import env_keeping_freed_memory  # noqa: E402
-from step_timing import count, lm_loss, medians_over_rounds, paired_step_times, step_seconds, sync  # noqa: E402
+from step_timing import (  # noqa: E402
+    count, lm_loss, medians_over_rounds, paired_step_times, per_doubling, step_seconds, sync,
+)
 
 VOCAB, HIDDEN, LAYERS = 256, 256, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, groups=1)
@@ -189,15 +191,15 @@ def scaling(args, device, clock):
                 previous = None
                 continue
             seconds, peak = results[length]
-            time_x = seconds / previous[0] if previous else None
-            memory_x = peak / max(previous[1], 1) if previous else None
+            time_x = per_doubling(seconds, previous[0], length, previous[2]) if previous else None
+            memory_x = per_doubling(peak, previous[1], length, previous[2]) if previous else None
             if time_x is not None:
                 worst[name] = max(worst.get(name, 0.0), time_x)
             time_growth = f"{time_x:5.2f}x" if time_x is not None else ""
             memory_growth = f"{memory_x:5.2f}x" if memory_x is not None else ""
             print(f"{name:>17} {length:>6} {seconds * 1e3:>9.1f} {time_growth:>6} {peak / 2**20:>9.1f} {memory_growth:>6}",
                   flush=True)
-            previous = (seconds, peak)
+            previous = (seconds, peak, length)
     for name in LINEAR_TIME:
         if name in worst:
             verdict = "meets" if worst[name] <= GROWTH_TARGET else "MISSES"

@@ -1,5 +1,6 @@
 """Timing shared by the benchmarks: one training step (forward, loss, backward), and measurements in rounds."""
 
+import math
 import statistics
 
 import torch
@@ -54,3 +55,9 @@ def medians_over_rounds(keys, rounds, measure):
         for key in keys if round_index % 2 == 0 else keys[::-1]:
             samples[key].append(measure(key))
     return {key: tuple(statistics.median(values) for values in zip(*runs)) for key, runs in samples.items()}
+
+
+def per_doubling(value, previous_value, length, previous_length) -> float:
+    """The growth of a time or memory per doubling of length, from two lengths any ratio apart: the ratio itself for
+    lengths twice apart."""
+    return (value / max(previous_value, 1e-30)) ** (1 / math.log2(length / previous_length))
