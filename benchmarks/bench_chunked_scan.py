@@ -128,9 +128,9 @@ def paired_ratio(chunked_fn, reference_fn, inputs, grads, args):
 
 
 def cpu_peak_memory(fn):
-    """Peak bytes of the tensors fn() holds at once (TensorMemoryTracker, as `hf-seqarch compare` counts them): CPU torch
-    keeps no count, and the process's resident set would add one-time costs (libraries' pages, thread pools) that do
-    not grow with T."""
+    """Peak bytes of the tensors fn() holds at once (TensorMemoryTracker, as `hf-seqarch compare` counts them): CPU
+    torch keeps no count, and the process's resident set would add one-time costs (libraries' pages, thread pools)
+    that do not grow with T."""
     with TensorMemoryTracker() as tracker:
         fn()
     return tracker.peak

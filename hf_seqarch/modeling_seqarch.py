@@ -363,8 +363,8 @@ def _explain_load_error(error, source):
 # The config fields a model's layers are built from, and rope_theta (read at every forward, checked only when the
 # config is built or saved): set afterwards, the model would run one thing, save another, or fail inside torch.
 BUILT_FROM = (
-    "mixer_types", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "hidden_act",
-    "rms_norm_eps", "rope_theta", "sliding_window", "mamba_state_size", "mamba_head_dim", "mamba_expand",
+    "mixer_types", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+    "hidden_act", "rms_norm_eps", "rope_theta", "sliding_window", "mamba_state_size", "mamba_head_dim", "mamba_expand",
     "mamba_conv_kernel", "mamba_n_groups", "mamba_chunk_size", "linear_attention_num_heads",
     "linear_attention_head_dim", "linear_attention_feature_map", "linear_attention_use_decay",
     "linear_attention_chunk_size",

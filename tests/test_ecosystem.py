@@ -136,7 +136,8 @@ def test_lora_on_the_mamba2_conv_is_refused_by_peft():
     (TypeError building a conv of its class); it is no nn.Conv1d now, and PEFT says it does not support it."""
     peft = pytest.importorskip("peft")
     with pytest.raises(ValueError, match="ShortCausalConv.* is not supported"):
-        peft.get_peft_model(tiny_model(SeqArchForCausalLM, ["mamba2"]), peft.LoraConfig(r=80, target_modules=["conv1d"]))
+        peft.get_peft_model(tiny_model(SeqArchForCausalLM, ["mamba2"]),
+                            peft.LoraConfig(r=80, target_modules=["conv1d"]))
 
 
 @stack_params

@@ -54,7 +54,8 @@ def test_jit_trace_records_no_op_the_legacy_onnx_exporter_lacks():
     ops = {node.kind() for node in traced.inlined_graph.nodes()}
     assert not ops & {"aten::rms_norm", "aten::__iand__", "prim::PythonOp"}
     # nor a cumsum over booleans (the positions from the mask): ONNX's CumSum takes numbers only
-    cumsum_inputs = [next(node.inputs()).type() for node in traced.inlined_graph.nodes() if node.kind() == "aten::cumsum"]
+    cumsum_inputs = [next(node.inputs()).type() for node in traced.inlined_graph.nodes()
+                     if node.kind() == "aten::cumsum"]
     assert cumsum_inputs and all(t.scalarType() != "Bool" for t in cumsum_inputs), cumsum_inputs
     torch.testing.assert_close(traced(ids, padded)[0], model(ids, attention_mask=padded)[0], rtol=1e-5, atol=1e-5)
 

@@ -332,8 +332,8 @@ def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads, kernel_gr
 
 
 def test_blocked_sliding_window_trains_under_autocast():
-    """Under bf16 autocast RoPE gives float32 q and k beside a bf16 v (as in Llama), which sdpa casts itself: the blocked
-    path refused them ("one dtype"), failing the Trainer's --bf16 on sliding-window models."""
+    """Under bf16 autocast RoPE gives float32 q and k beside a bf16 v (as in Llama), which sdpa casts itself: the
+    blocked path refused them ("one dtype"), failing the Trainer's --bf16 on sliding-window models."""
     ids = random_ids(2, 12)  # past twice the window of 3: the blocked path
     model = tiny_model(SeqArchForCausalLM, ["sliding_attention"], sliding_window=3, attn_implementation="sdpa").train()
     full_precision = model(input_ids=ids, labels=ids).loss
