@@ -309,20 +309,24 @@ HUB_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "to
 
 
 def _refuse_recurrences_made_bidirectional(source, load_kwargs):
-    """A causal checkpoint loads as an encoder (bidirectional=True) where its mixers keep their weights: attention,
-    mamba2, linear attention. A bidirectional LSTM/GRU has other weights (two directions of half the width each): say
-    so, rather than fail on "other shapes"."""
-    config = load_kwargs.get("config")
-    if load_kwargs.get("bidirectional") is not True and getattr(config, "bidirectional", False) is not True:
+    """A checkpoint loads with its direction switched (a causal one as an encoder, bidirectional=True, or an encoder as
+    causal) where its mixers keep their weights: attention, mamba2, linear attention. A bidirectional LSTM/GRU has
+    other weights than a causal one (two directions of half the width each): say so, rather than fail on "other
+    shapes" (whose advice, ignore_mismatched_sizes=True, would start those layers from random)."""
+    asked = load_kwargs.get("bidirectional", getattr(load_kwargs.get("config"), "bidirectional", None))
+    if asked is None:
         return
     saved = _saved_config(source, load_kwargs)
     recurrences = sorted({"lstm", "gru"} & set(saved.get("mixer_types") or []))
-    if saved and not saved.get("bidirectional", False) and recurrences:
+    saved_bidirectional = bool(saved.get("bidirectional", False))
+    if saved and recurrences and bool(asked) != saved_bidirectional:
+        encoder, causal = "an encoder (bidirectional=True)", "a causal model (bidirectional=False)"
+        saved_as, asked_as = (encoder, causal) if saved_bidirectional else (causal, encoder)
         raise ValueError(
-            f"{source!r} is a causal model with {' and '.join(recurrences)} layers, which cannot load as an encoder "
-            "(bidirectional=True): a bidirectional LSTM/GRU has two directions of half the width, other weights than "
-            "the causal one's. Load it causal, or train the encoder from scratch (attention, mamba2 and linear "
-            "attention layers do load either way)."
+            f"{source!r} is {saved_as} with {' and '.join(recurrences)} layers, which cannot load as {asked_as}: a "
+            "bidirectional LSTM/GRU has two directions of half the width, other weights than a causal one's. Load it "
+            "as it was saved, or train the other kind from scratch (attention, mamba2 and linear attention layers do "
+            "load either way)."
         )
 
 

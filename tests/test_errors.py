@@ -804,8 +804,18 @@ def test_a_causal_recurrence_loaded_as_an_encoder_says_why_not(tmp_path):
     for load in (lambda: SeqArchForSequenceClassification.from_pretrained(tmp_path / "lstm", bidirectional=True),
                  lambda: SeqArchModel.from_pretrained(tmp_path / "lstm", config=tiny_config(["attention", "lstm"],
                                                                                                bidirectional=True))):
-        with pytest.raises(ValueError, match="causal model with lstm layers, which cannot load as an encoder"):
+        with pytest.raises(ValueError, match=r"causal model \(bidirectional=False\) with lstm layers, which cannot "
+                                             r"load as an encoder"):
             load()
+    # and the other way: an encoder's LSTM as causal (what the causal LM's refusal of an encoder config advises)
+    tiny_model(SeqArchForSequenceClassification, ["attention", "lstm"], bidirectional=True).save_pretrained(
+        tmp_path / "encoder")
+    for load in (lambda: SeqArchForCausalLM.from_pretrained(tmp_path / "encoder", bidirectional=False),
+                 lambda: AutoModelForCausalLM.from_pretrained(tmp_path / "encoder", bidirectional=False)):
+        with pytest.raises(ValueError, match=r"is an encoder \(bidirectional=True\) with lstm layers, which cannot "
+                                             r"load as a causal model"):
+            load()
+    assert SeqArchForSequenceClassification.from_pretrained(tmp_path / "encoder").config.bidirectional
 
 
 @pytest.mark.parametrize(
