@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.export import Dim
 
+from hf_seqarch import graph_capture
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
 from hf_seqarch.mixer_context import real_tokens_first
 from tester import random_ids, tiny_model
@@ -142,3 +143,18 @@ def test_export_of_sliding_attention_with_a_dynamic_length():
     for size in (4, 5, 9, 40):
         ids = random_ids(2, size, seed=size)
         torch.testing.assert_close(program.module()(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_only_torch_func_counts_as_transforming():
+    """torch.compile's tracing also shows an interpreter on functorch's stack: taken for torch.func, it made compiled
+    models run the plain-ops scans, conv and LSTM cells (slower, a less exact log-decay gradient, no CUDA kernels)."""
+    seen = {}
+
+    def probe(x):
+        seen[torch.compiler.is_compiling()] = (graph_capture.transforming(), graph_capture.plain_ops_only())
+        return (x * 2).sum()
+
+    torch._dynamo.reset()
+    torch.compile(probe, backend="eager")(torch.ones(2))
+    torch.func.grad(probe)(torch.ones(2))
+    assert seen == {True: (False, False), False: (True, True)}
