@@ -59,5 +59,7 @@ def medians_over_rounds(keys, rounds, measure):
 
 def per_doubling(value, previous_value, length, previous_length) -> float:
     """The growth of a time or memory per doubling of length, from two lengths any ratio apart: the ratio itself for
-    lengths twice apart."""
-    return (value / max(previous_value, 1e-30)) ** (1 / math.log2(length / previous_length))
+    lengths twice apart (nan where it cannot be told: equal lengths, or nothing before)."""
+    if length == previous_length or previous_value <= 0:
+        return float("nan")
+    return (value / previous_value) ** (1 / math.log2(length / previous_length))

@@ -263,11 +263,12 @@ class SeqArchCache:
         seen = tensors.get("seen_tokens")  # (any dtype: a state_dict may have been cast whole)
         if not isinstance(seen, torch.Tensor) or seen.numel() != 1 or not float(seen) >= 0 or float(seen) % 1:
             raise ValueError(f"Not a SeqArchCache state_dict: 'seen_tokens' must hold one integer >= 0, got {seen!r}.")
-        exact_up_to = int(2 / torch.finfo(seen.dtype).eps) if seen.is_floating_point() else None  # 2^(mantissa + 1)
-        if exact_up_to is not None and float(seen) > exact_up_to:
-            # past that, the cast may have rounded the count: attention would number the next token wrongly
-            raise ValueError(f"This cache state was cast to {seen.dtype}, which holds token counts exactly only up to "
-                             f"{exact_up_to}; 'seen_tokens' reads {float(seen):g}. Save the cache's state_dict without "
+        exact_below = int(2 / torch.finfo(seen.dtype).eps) if seen.is_floating_point() else None  # 2^(mantissa + 1)
+        if exact_below is not None and float(seen) >= exact_below:
+            # from there on, the cast may have rounded the count (2049 reads 2048 in float16): attention would number
+            # the next token wrongly
+            raise ValueError(f"This cache state was cast to {seen.dtype}, which holds token counts exactly only below "
+                             f"{exact_below}; 'seen_tokens' reads {float(seen):g}. Save the cache's state_dict without "
                              "casting it.")
         if "layout" in tensors:
             try:

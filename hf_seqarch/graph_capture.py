@@ -23,9 +23,8 @@ def recording_one_graph() -> bool:
 
 def transforming() -> bool:
     """Inside a torch.func transform, whose wrapped tensors autograd.Functions without a setup_context (the
-    hand-written backwards here) and vmap's lack of values refuse. Not while torch.compile traces, which shows an
-    interpreter on functorch's stack too: the hand-written backwards (and nn.LSTM, the CUDA kernels) compile."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+    hand-written backwards here) and vmap's lack of values refuse."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def plain_ops_only() -> bool:

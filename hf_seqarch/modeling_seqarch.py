@@ -952,13 +952,16 @@ def _generate_arguments(model, args, kwargs):
 
 
 def _generation_option(model, arguments, name):
-    """The value of a generation option generate() will use: the argument, else the generation config passed, unless
-    it leaves the option at its default (transformers then takes the model's generation config's), else the model's."""
-    if arguments.get(name) is not None:
+    """The value of a generation option generate() will use: the argument (None too: generate() sets what its keyword
+    arguments name), else the generation config passed, unless it leaves the option at its default (transformers then
+    takes the model's generation config's, but with use_model_defaults=False), else the model's."""
+    if name in arguments:
         return arguments[name]
     default = getattr(GenerationConfig(), name, None)
-    passed = getattr(arguments.get("generation_config"), name, None)
-    if passed is not None and passed != default:
+    passed_config = arguments.get("generation_config")
+    passed = getattr(passed_config, name, None)
+    own_defaults_off = passed_config is not None and arguments.get("use_model_defaults") is False
+    if passed is not None and passed != default or own_defaults_off:
         return passed
     own = getattr(model.generation_config, name, None)
     return own if own is not None else default
@@ -971,7 +974,7 @@ def _refuse_assisted_decoding(model, arguments):
     cache or method. Options are read as generate() will (_generation_option): one set in the model's generation
     config counts too, when the config passed leaves it at its default."""
     asked = [name for name in ASSISTED_DECODING_OPTIONS
-             if _generation_option(model, arguments, name) not in (None, False)]
+             if (value := _generation_option(model, arguments, name)) is not None and value is not False]  # (0 asks)
     if asked:
         raise ValueError(
             f"Assisted decoding ({', '.join(asked)}) is not supported by hf_seqarch models: it drops rejected draft "

@@ -608,6 +608,11 @@ def test_assisted_decoding_is_refused_clearly():
     model.generation_config.prompt_lookup_num_tokens = 2
     with pytest.raises(ValueError, match=r"Assisted decoding \(prompt_lookup_num_tokens\) is not supported"):
         model.generate(ids, generation_config=GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0))
+    # None passed by name sets it, as generate() does: no assisted decoding then
+    assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                          prompt_lookup_num_tokens=None).shape == (1, 8)
+    with pytest.raises(ValueError, match=r"Assisted decoding \(prompt_lookup_num_tokens\) is not supported"):
+        model.generate(ids, max_new_tokens=2, pad_token_id=0, prompt_lookup_num_tokens=0)  # (0 == False, but asks)
 
 
 def test_a_seqarch_model_as_the_assistant_of_another_is_refused_clearly():
@@ -726,13 +731,13 @@ def test_a_cache_state_cast_past_its_exact_token_counts_is_refused():
     """A state_dict cast whole to bfloat16 rounded seen_tokens (1001 -> 1000) while the keys of 1001 tokens stayed:
     the next token's position was wrong. Counts the dtype holds exactly are taken."""
     model = tiny_model(SeqArchForCausalLM, ["attention"])
-    for length, taken in ((200, True), (301, False)):  # bfloat16 holds integers exactly up to 256
+    for length, taken in ((200, True), (257, False), (301, False)):  # bfloat16: 257 reads 256, exact below it
         filled = getattr(model(input_ids=random_ids(1, length), use_cache=True), CACHE_FIELD)
         cast = {name: t.to(torch.bfloat16) if name == "seen_tokens" else t for name, t in filled.state_dict().items()}
         if taken:
             assert SeqArchCache.from_state_dict(cast, num_layers=1).get_seq_length() == length
         else:
-            with pytest.raises(ValueError, match="cast to torch.bfloat16, which holds token counts exactly only up to"):
+            with pytest.raises(ValueError, match="cast to torch.bfloat16, which holds token counts exactly only below"):
                 SeqArchCache.from_state_dict(cast, num_layers=1)
 
 
