@@ -22,9 +22,11 @@ def recording_one_graph() -> bool:
 
 
 def transforming() -> bool:
-    """Inside a torch.func transform, whose wrapped tensors autograd.Functions without a setup_context (the
-    hand-written backwards here) and vmap's lack of values refuse."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """Inside a torch.func transform (grad, vmap, ...; also where torch.compile traces one), whose wrapped tensors
+    autograd.Functions without a setup_context (the hand-written backwards here) and vmap's lack of values refuse.
+    Not torch.compile alone: while it traces, functorch's interpreter stack is not empty either (its
+    functionalization), but the hand-written backwards, nn.LSTM and the CUDA kernels compile."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def plain_ops_only() -> bool:

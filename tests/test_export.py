@@ -159,3 +159,24 @@ def test_torch_func_inside_torch_compile_gives_autograds_gradients():
     got = torch.compile(torch.func.grad(loss), backend="eager")(params)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torch_compile_alone_runs_the_hand_written_paths(monkeypatch):
+    """Only a torch.func transform needs the plain ops: compiled alone (functorch's interpreter stack is not empty while
+    torch.compile traces, which was taken for one), the chunked scan ran its slower plain-ops form."""
+    from hf_seqarch import ops_chunked_scan
+
+    calls, recordable_scan = [], ops_chunked_scan._recordable_scan
+
+    def spy(*args, **kwargs):  # (recorded, not raised: an error while tracing sends torch.compile back to eager)
+        calls.append(args)
+        return recordable_scan(*args, **kwargs)
+
+    monkeypatch.setattr(ops_chunked_scan, "_recordable_scan", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 2, 4, generator=g, requires_grad=True) for _ in range(3))
+    log_decay = (-torch.rand(2, 16, 2, generator=g)).requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *x: ops_chunked_scan.chunked_scan(*x, chunk_size=4)[0].sum(), backend="aot_eager")
+    compiled(q, k, v, log_decay).backward()
+    assert not calls and q.grad is not None and log_decay.grad is not None
