@@ -323,3 +323,22 @@ def test_padded_chunked_prefill_through_attention_is_refused_on_transformers_4_w
     ids[1, :2] = 0  # left padding with pad_token_id=0 (NEW)
     with pytest.raises(ValueError, match="On transformers 4.x, prefill_chunk_size with a padded batch"):
         model.generate(ids, do_sample=False, prefill_chunk_size=2, **NEW)
+
+
+def test_a_cache_from_beam_search_is_not_continued():
+    """Beam search leaves the cache holding its last step's beams, not the returned sequences in their order: with as
+    many sequences returned as beams, continuing it generated from other sequences (0 of 8 seeds matched a fresh run;
+    Llama's DynamicCache the same), silently."""
+    model = causal_lm("lstm+attention")
+    ids = random_ids(1, 4)
+    out = model.generate(ids, num_beams=2, num_return_sequences=2, do_sample=False, max_new_tokens=3, pad_token_id=0,
+                         return_dict_in_generate=True)
+    cache = getattr(out, CACHE_FIELD)
+    assert cache.holds_beams
+    restored = SeqArchCache.from_state_dict(cache.state_dict(), num_layers=2)
+    for held in (cache, restored):
+        with pytest.raises(ValueError, match="This cache comes from beam search"):
+            model.generate(out.sequences, cache=held, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    greedy = getattr(model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                                    return_dict_in_generate=True), CACHE_FIELD)
+    assert not greedy.holds_beams
