@@ -961,7 +961,7 @@ def _generation_option(model, arguments, name):
     passed_config = arguments.get("generation_config")
     passed = getattr(passed_config, name, None)
     own_defaults_off = passed_config is not None and arguments.get("use_model_defaults") is False
-    if passed is not None and passed != default or own_defaults_off:
+    if (passed is not None and passed != default) or own_defaults_off:
         return passed
     own = getattr(model.generation_config, name, None)
     return own if own is not None else default

@@ -116,7 +116,7 @@ class RMSNorm(nn.RMSNorm):
         if x.shape[x.dim() - len(self.normalized_shape):] != self.normalized_shape:  # (a 0-d x: an empty shape)
             raise ValueError(f"RMSNorm over {tuple(self.normalized_shape)} takes input (..., "
                              f"{', '.join(map(str, self.normalized_shape))}), got shape {tuple(x.shape)}.")
-        fast = tuple(self.normalized_shape) == (x.shape[-1],) and fast_path_applies(x, self.weight)
+        fast = len(self.normalized_shape) == 1 and fast_path_applies(x, self.weight)  # (x's last dim checked above)
         if not fast and self.weight is not None and x.dtype != self.weight.dtype:
             # Mixed dtypes (a bf16 activation and float32 weight under autocast): torch's kernel would warn and
             # take its slow path; compute in the wider dtype (as Llama's norm does) and return the input's.
