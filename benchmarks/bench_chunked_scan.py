@@ -8,9 +8,10 @@
    paired ratios (target: chunked >= 20x faster).
    - linear attention: ops_chunked_scan.chunked_scan vs scan_reference (q, k, v per head, gentle decays);
    - mamba2: ops_ssd.ssd_chunked vs ssd_reference with Mamba-2's inputs at initialisation (B and C shared
-     by the 8 heads, each head's dt about a level log-uniform in [0.001, 0.1], A in [-16, -1]; the printed path
-     says which heads take the factorised scan: at the defaults all of them; the exact path's speed shows with
-     --device cuda, where it is the only one).
+     by the 8 heads, each head's dt about a level log-uniform in [0.001, 0.1], A in [-16, -1]).
+   The printed path says which heads take the factorised scan: with these gentle gates all of them. On CPU each
+   core is measured again with strong gates (steps' log decays up to 8, resp. dt levels in [0.1, 1]), which take
+   the exact path, the only one on GPUs.
 2. chunked_scan (the core both mixers run) forward+backward at T = 1024 ... 16384: time, peak memory,
    and the growth per doubling of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated
    on CUDA; on CPU (where torch keeps no count) the peak of the tensors' bytes held at once during one
@@ -48,7 +49,8 @@ from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # 
 from step_timing import medians_over_rounds, per_doubling  # noqa: E402
 
 
-def make_inputs(args, T, device):
+def make_inputs(args, T, device, strong_gates=False):
+    """Linear attention's inputs: decays e^-0.5 to 1 per step (gentle), or e^-8 to 1 (strong: the exact path)."""
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
 
@@ -57,14 +59,17 @@ def make_inputs(args, T, device):
 
     B, H, N, P = args.batch, args.heads, args.state, args.dim
     q, k, v = randn(B, T, H, N, scale=N**-0.5), randn(B, T, H, N, scale=N**-0.5), randn(B, T, H, P)
-    log_decay = (-torch.rand(B, T, H, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_()
+    log_decay = -torch.rand(B, T, H, generator=g) * (8.0 if strong_gates else 0.5)
+    log_decay = log_decay.to(device=device, dtype=dtype).requires_grad_()
     dy, dstate = torch.randn(B, T, H, P, generator=g), torch.randn(B, H, P, N, generator=g)
     grads = (dy.to(device, dtype), dstate.to(device, dtype))  # random upstream gradients
     return (q, k, v, log_decay), grads
 
 
-def make_mamba2_inputs(args, T, device):
-    """Mamba-2's SSD inputs as its mixer makes them at initialisation (mixer_mamba2's init ranges)."""
+def make_mamba2_inputs(args, T, device, strong_gates=False):
+    """Mamba-2's SSD inputs as its mixer makes them at initialisation (mixer_mamba2's init ranges), or (strong) with
+    dt levels in [0.1, 1] instead of [0.001, 0.1], as trained heads can reach (steps' log decays up to 24: the exact
+    path)."""
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     B, H, N, P = args.batch, args.heads, args.state, args.dim
@@ -73,7 +78,8 @@ def make_mamba2_inputs(args, T, device):
         return t.to(device=device, dtype=dtype).requires_grad_()
 
     # dt = softplus(dt_raw + dt_bias): a per-head level set by dt_bias, varied per token by dt_raw
-    dt_level = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1), generator=g))
+    low, high = (0.1, 1.0) if strong_gates else (1e-3, 0.1)
+    dt_level = torch.exp(torch.empty(H).uniform_(math.log(low), math.log(high), generator=g))
     dt = dt_level * torch.empty(B, T, H).uniform_(0.5, 1.5, generator=g)
     A = -torch.empty(H).uniform_(1, 16, generator=g)
     x = torch.randn(B, T, H, P, generator=g)
@@ -193,6 +199,9 @@ def main():
         p.error("--clock cpu is for --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        p.error(f"--clock cpu adds up the CPU time of all {torch.get_num_threads()} threads (OpenMP's idle threads "
+                     "spin while they wait): use it with --threads 1")
 
     if args._child is not None:  # one length, in a fresh process (CPU)
         print(json.dumps(measure_length(args, args._child)))
@@ -209,23 +218,26 @@ def main():
     print(f"\nforward+backward at T={T} ({args.ref_runs} runs of each, alternating; medians; target >= 20x; path: the"
           " chunked scan's per head, factorised where every chunk's log decays span <= 60 and every step's is <= 4"
           " in size, else exact):")
-    print(f"  {'core':<17} {'path':>10} {'chunked ms':>10} {'reference ms':>13} {'ratio':>7}  verdict")
+    print(f"  {'core':<17} {'gates':>6} {'path':>10} {'chunked ms':>10} {'reference ms':>13} {'ratio':>7}  verdict")
     cores = {  # name: chunked, reference, inputs, the log decays (B, T, H) of those inputs
         "linear attention": (chunked_scan, scan_reference, make_inputs, lambda inputs: inputs[3]),
         "mamba2 (SSD)": (ssd_chunked, ssd_reference, make_mamba2_inputs, lambda inputs: inputs[1] * inputs[2]),
     }
+    # Strong gates take the exact path, the only one on GPUs: on CPU measured too, so that both paths show.
+    gates = ("gentle", "strong") if args.device == "cpu" else ("gentle",)
     for name, (chunked_fn, reference_fn, make, log_decay_of) in cores.items():
-        inputs, grads = make(args, T, args.device)
-        log_decay = log_decay_of(inputs).detach().float()  # (B, T, H), padded as chunked_scan pads it:
-        log_decay = torch.nn.functional.pad(log_decay, (0, 0, 0, -T % args.chunk))
-        factorised = _factorised_path_heads(log_decay, args.chunk)
-        factorised = 0 if factorised is None else int(factorised.sum())
-        path = {0: "exact", args.heads: "factorised"}.get(factorised, f"{factorised}/{args.heads} fact.")
-        ratio, t_ref, t_chunk = paired_ratio(chunked_fn, reference_fn, inputs, grads, args)
-        verdict = "meets" if ratio >= 20 else "MISSES"
-        print(f"  {name:<17} {path:>10} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x  {verdict} >= 20x",
-              flush=True)
-        del inputs, grads
+        for gate in gates:
+            inputs, grads = make(args, T, args.device, strong_gates=gate == "strong")
+            log_decay = log_decay_of(inputs).detach().float()  # (B, T, H), padded as chunked_scan pads it:
+            log_decay = torch.nn.functional.pad(log_decay, (0, 0, 0, -T % args.chunk))
+            factorised = _factorised_path_heads(log_decay, args.chunk)
+            factorised = 0 if factorised is None else int(factorised.sum())
+            path = {0: "exact", args.heads: "factorised"}.get(factorised, f"{factorised}/{args.heads} fact.")
+            ratio, t_ref, t_chunk = paired_ratio(chunked_fn, reference_fn, inputs, grads, args)
+            verdict = "meets" if ratio >= 20 else "MISSES"
+            print(f"  {name:<17} {gate:>6} {path:>10} {t_chunk * 1e3:10.1f} {t_ref * 1e3:13.1f} {ratio:6.1f}x  "
+                  f"{verdict} >= 20x", flush=True)
+            del inputs, grads
     print("  (ratio: the median of the paired ratios)")
 
     # 2. scaling with T
@@ -241,7 +253,7 @@ def main():
         t_growth = f"{time_x:6.2f}x" if prev else ""
         m_growth = f"{per_doubling(peak, prev[0], T, prev[2]):6.2f}x" if prev else ""
         print(f"  {T:>6} {seconds * 1e3:9.1f} {t_growth:>7} {peak / 2**20:9.1f} {m_growth:>7}")
-        if prev:
+        if prev and not math.isnan(time_x):  # (nan: a length repeated, no growth to tell)
             growths.append(time_x)
         prev = (peak, seconds, T)
     if growths:

@@ -31,6 +31,7 @@ that malloc keeps such blocks.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -42,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from transformers import Mamba2Config, Mamba2ForCausalLM  # noqa: E402
+from transformers.models.mamba2 import modeling_mamba2  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
@@ -100,6 +102,15 @@ def eager_attention_bytes(length):
     return 2 * LAYERS * 4 * length * length * 4
 
 
+def anchor_backend(device) -> str:
+    """The path transformers' Mamba2 takes: mamba_ssm's CUDA kernels where they are importable (transformers 4.x also
+    needs causal_conv1d: its is_fast_path_available) and the model is on CUDA, else its PyTorch path."""
+    importable = getattr(modeling_mamba2, "is_fast_path_available", None)
+    if importable is None:  # transformers 5: each function falls back to PyTorch on its own, mamba_ssm's if importable
+        importable = importlib.util.find_spec("mamba_ssm") is not None
+    return "mamba_ssm kernels" if importable and device.type == "cuda" else "PyTorch path"
+
+
 def train_step(model, ids, device, clock):
     return step_seconds(model, lm_loss, ids, device, clock)
 
@@ -110,7 +121,8 @@ def throughput(args, device, clock):
     ours, anchor = ours_mamba2().to(device).train(), anchor_mamba2().to(device).train()
     print(f"\n1. training-step throughput: ours mamba2 ({count(ours):,} parameters) vs transformers "
           f"Mamba2ForCausalLM ({count(anchor):,} parameters), {args.tokens} tokens per step")
-    print(f"   our backends: scan {mamba2_backend(device)!r}, conv {conv1d_backend(device)!r}")
+    print(f"   our backends: scan {mamba2_backend(device)!r}, conv {conv1d_backend(device)!r}; the anchor's: "
+          f"{anchor_backend(device)}")
     print(f"{'T':>6} {'B':>3} {'ours ms':>9} {'anchor ms':>10} {'ours tok/s':>11} {'anchor tok/s':>13} {'speed-up':>9}")
     speedups = {}
     for length in args.throughput_lengths:
@@ -241,6 +253,9 @@ def main():
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        parser.error(f"--clock cpu adds up the CPU time of all {torch.get_num_threads()} threads (OpenMP's idle threads "
+                     "spin while they wait): use it with --threads 1")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     quick = args.quick
     args.throughput_lengths = args.throughput_lengths or ([1024] if quick else [1024, 4096, 8192])

@@ -120,6 +120,9 @@ def main():
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and torch.get_num_threads() > 1:
+        parser.error(f"--clock cpu adds up the CPU time of all {torch.get_num_threads()} threads (OpenMP's idle threads "
+                     "spin while they wait): use it with --threads 1")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     warmup, repeats = (1, 3) if args.quick else (2, 11)
     repeats = args.repeats or repeats

@@ -56,6 +56,10 @@ class SeqArchCache:
     # A recurrent state cannot be rolled back to an earlier token. generate() (5.24, on mps) reads this before
     # deciding whether it may run one step ahead and undo it.
     is_croppable = False
+    # Reordered by beam search (SeqArchForCausalLM._reorder_cache): its rows are the beams of beam search's last step,
+    # not the sequences generate() returns, in their order, so generate() refuses to continue it. (A class default
+    # too: caches pickled before it existed have no such attribute.)
+    holds_beams = False
 
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:
@@ -70,7 +74,7 @@ class SeqArchCache:
         # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
         # of the past tokens (generate() passes it; a forward without one, and a StreamingSession, are refused).
         self.holds_padding = False
-        self.holds_beams = False  # reordered by beam search: its rows are the last step's beams (see reorder_cache)
+        self.holds_beams = False
         # Set while a forward reads its length and its layers read new tokens into it, cleared by advance() (or by
         # cancel_update() for a call refused before its layers ran): still set, a forward raised midway
         # (an interrupt, out of memory) and left some layers past the others, or another forward is updating it now
@@ -96,10 +100,9 @@ class SeqArchCache:
         return [False] * len(self.layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
-        """Beam search: pick the batch rows `beam_idx` in every state. The cache then holds the beams of beam search's
-        last step, not the sequences generate() returns (in their order): generate() refuses to continue it."""
+        """Pick the batch rows `beam_idx` (in that order, repeats allowed) in every state: what beam search does at each
+        step, through the model's `_reorder_cache`, which also marks the cache `holds_beams`."""
         self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
-        self.holds_beams = True
 
     def to(self, device) -> "SeqArchCache":
         """Move every cached state to `device` (in place; returns the cache), as a model moved with .to(device).
@@ -250,8 +253,9 @@ class SeqArchCache:
         """Flat dict of tensors (safetensors-friendly) from which `from_state_dict(tensors, num_layers, config)`
         rebuilds the cache."""
         self.refuse_if_half_updated()
-        tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding),
-                   "holds_beams": torch.tensor(self.holds_beams)}
+        tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
+        if self.holds_beams:  # (only then: states without it load in earlier versions too)
+            tensors["holds_beams"] = torch.tensor(True)
         if self.layout is not None:  # its model's layout, as JSON bytes (a dict of tensors holds no strings)
             tensors["layout"] = torch.tensor(list(json.dumps(self.layout).encode()), dtype=torch.uint8)
         for i, state in enumerate(self.layers):
@@ -285,7 +289,7 @@ class SeqArchCache:
                 cache.layout = saved_layout  # no model yet: _made_from stays None, so the first user is checked
         cache.seen_tokens = int(seen)
         cache.holds_padding = bool(tensors.get("holds_padding", False))  # (absent from states saved before it)
-        cache.holds_beams = bool(tensors.get("holds_beams", False))
+        cache.holds_beams = bool(tensors.get("holds_beams", False))  # (written only when set)
         for key, tensor in tensors.items():
             if key in ("seen_tokens", "holds_padding", "holds_beams", "layout"):
                 continue

@@ -752,6 +752,20 @@ def _check_call(tensors, kwargs):
         raise ValueError(f"num_items_in_batch must be one number >= 0 (the labels the loss sums over), got {count!r}.")
 
 
+def _refuse_zero_count_with_labels(kwargs, count_labels):
+    """num_items_in_batch 0 is a batch without a label the loss counts (loss 0 / 0, nan, as Llama's): with such labels
+    in this batch (count_labels(): how many) the loss would be their sum / 0, inf, silently. Only a CPU count is read
+    (a GPU's would wait for the device)."""
+    count = kwargs.get("num_items_in_batch")
+    if count is None or isinstance(count, torch.Tensor) and count.device.type != "cpu" or float(count) != 0:
+        return
+    labelled = int(count_labels())
+    if labelled:
+        raise ValueError(f"num_items_in_batch is 0, but this batch has {labelled} labels the loss counts: the loss "
+                         "would be their sum / 0 (inf). num_items_in_batch counts the labels (not -100) of the whole "
+                         "accumulated batch, this one's included.")
+
+
 def _refuse_packing_arguments(kwargs):
     """Packed sequences marked by their boundaries rather than by position_ids (`_refuse_packed_sequences`)."""
     given = [name for name in PACKING_ARGUMENTS if kwargs.get(name) is not None]
@@ -817,6 +831,14 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        """generate()'s beam search, at each step: the cache's rows picked for the beams kept, and the cache marked as
+        holding beams (`SeqArchCache.holds_beams`; only here: reorder_cache picking rows is otherwise a plain choice)."""
+        past_key_values.reorder_cache(beam_idx)
+        if isinstance(past_key_values, SeqArchCache):
+            past_key_values.holds_beams = True
+        return past_key_values
 
     def set_output_embeddings(self, value):
         self.lm_head = value
@@ -887,6 +909,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T or logits_to_keep, vocab)
         loss = None
         if labels is not None:
+            _refuse_zero_count_with_labels(kwargs, lambda: (labels[:, 1:] != -100).sum())  # (the loss shifts them)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -1091,12 +1114,14 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
     def _loss(self, logits, labels, kwargs):
         """transformers' sequence-classification loss, in float32 (as its causal LM loss is: a bf16 cross-entropy is off
         in the second digit; float targets too, as BCE would return a half-precision loss for half-precision ones)."""
+        every_label_counts = _sequence_problem(self.config, labels) in ("regression", "multi_label_classification")
+        _refuse_zero_count_with_labels(kwargs, lambda: labels.numel() if every_label_counts else (labels != -100).sum())
         float_logits = logits.float()
         labels = labels.float() if labels.is_floating_point() else labels
         loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits, config=self.config,
                                   **kwargs)
         num_items = kwargs.get("num_items_in_batch")
-        if num_items is not None and self.config.problem_type in ("regression", "multi_label_classification"):
+        if num_items is not None and every_label_counts:
             # transformers' MSE / BCE losses return this micro-batch's mean and ignore num_items_in_batch, while the
             # Trainer (seeing **kwargs) no longer divides by the accumulation steps: make it sum / num_items.
             loss = loss * labels.numel() / num_items
@@ -1217,6 +1242,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
+            _refuse_zero_count_with_labels(kwargs, lambda: (labels != -100).sum())
             loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions

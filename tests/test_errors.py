@@ -929,6 +929,28 @@ def test_num_items_in_batch_must_be_one_number_at_least_0(count):
     assert model(input_ids=random_ids(2, 4), labels=torch.rand(2), num_items_in_batch=torch.tensor(2)).loss.dim() == 0
 
 
+def test_num_items_in_batch_0_with_labels_is_refused():
+    """0 with labels the loss counts made the loss their sum / 0: inf, silently (the regression and multi-label heads
+    rescale by it themselves; transformers' cross-entropy divides by it). Without such labels it stays nan (0 / 0)."""
+    ids = random_ids(2, 4)
+    lm = tiny_model(SeqArchForCausalLM, ["lstm"])
+    last_only = torch.full_like(ids, -100)
+    last_only[:, 0] = 5  # the first position is never a target (the loss shifts the labels): still none counted
+    assert torch.isnan(lm(input_ids=ids, labels=last_only, num_items_in_batch=0).loss)
+    tokens = tiny_model(SeqArchForTokenClassification, ["lstm"], num_labels=3)
+    labelled = [
+        (lm, ids), (tokens, torch.tensor([[-100, 1, -100, -100], [-100] * 4])),
+        (tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=3), torch.tensor([-100, 2])),
+        (tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=1, problem_type="regression"), torch.rand(2)),
+        (tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=3), torch.tensor([[1.0, 0, 1], [0, 0, 0]])),
+    ]
+    for model, labels in labelled:
+        for count in (0, torch.tensor(0), torch.tensor(0.0)):
+            with pytest.raises(ValueError, match="num_items_in_batch is 0, but this batch has [0-9]+ labels"):
+                model(input_ids=ids, labels=labels, num_items_in_batch=count)
+    assert torch.isnan(tokens(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=0).loss)
+
+
 def test_ops_take_sizes_past_the_input_and_their_documented_defaults():
     """A chunk or window longer than the sequence padded it to that size (chunk_size=10**6 on 5 tokens: an allocator
     error); a numpy window was refused where the other ops take numpy integers; scan_step without a state failed

@@ -4,6 +4,8 @@ Models are built with initializer_range=0.3 instead of 0.02: that spreads the lo
 picks are far from ties and the generated tokens vary, which makes token equality a real check.
 """
 
+import pickle
+
 import pytest
 import torch
 import transformers
@@ -342,3 +344,23 @@ def test_a_cache_from_beam_search_is_not_continued():
     greedy = getattr(model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
                                     return_dict_in_generate=True), CACHE_FIELD)
     assert not greedy.holds_beams
+    assert "holds_beams" not in greedy.state_dict()  # (written only when set: earlier versions load the rest)
+
+
+def test_rows_picked_with_reorder_cache_continue_in_generate():
+    """reorder_cache picking rows (as the batch-size error suggests) is not beam search: generate() continues such a
+    cache (it was refused as beam search's), as a fresh run of those rows. A cache pickled before holds_beams existed
+    reads it as unset."""
+    model = causal_lm("lstm+attention")
+    ids, pick = random_ids(3, 5), torch.tensor([2, 0])
+    cache = getattr(model(input_ids=ids[:, :-1], use_cache=True), CACHE_FIELD)
+    cache.reorder_cache(pick)
+    assert not cache.holds_beams
+    continued = model.generate(ids[pick], cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(continued, model.generate(ids[pick], max_new_tokens=3, do_sample=False, pad_token_id=0))
+    old = getattr(model(input_ids=ids[:, :-1], use_cache=True), CACHE_FIELD)
+    del old.holds_beams  # as unpickled from an earlier version
+    old = pickle.loads(pickle.dumps(old))
+    assert not old.holds_beams and "holds_beams" not in old.state_dict()
+    assert torch.equal(model.generate(ids, cache=old, max_new_tokens=3, do_sample=False, pad_token_id=0),
+                       model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0))
