@@ -492,9 +492,11 @@ def _factorised_path_heads(a, L, q=None, k=None, v=None):
     half of them factorise; with fewer, all take the exact path. Given q, k and v, heads whose products could
     overflow float32 there are left out (`_products_stay_finite`)."""
     factorised = _factorised_heads(a, L)
-    if factorised is not None and v is not None:
+    if factorised is None or 2 * int(factorised.sum()) < len(factorised):
+        return None  # (before reading q, k and v: passes over them, for strong gates, which go to the exact path)
+    if v is not None:
         factorised = factorised & _products_stay_finite(a, L, q, k, v)
-    return None if factorised is None or 2 * int(factorised.sum()) < len(factorised) else factorised
+    return None if 2 * int(factorised.sum()) < len(factorised) else factorised
 
 
 def _products_stay_finite(a, L, q, k, v):

@@ -235,6 +235,17 @@ def test_large_activations_at_a_wide_spread_take_the_exact_path():
     assert ops_chunked_scan._factorised_path_heads(a, 64, q / 3000, k / 3000, v / 3000).all()  # ordinary sizes
 
 
+def test_strong_gates_choose_the_exact_path_without_reading_the_inputs(monkeypatch):
+    """Where the decays alone send most heads to the exact path, the inputs' magnitudes (a pass over q, k and v each)
+    are not read."""
+    def refuse(*args):
+        raise AssertionError("the inputs were read")
+
+    monkeypatch.setattr(ops_chunked_scan, "_products_stay_finite", refuse)
+    q = k = v = torch.ones(1, 64, 2, 8)
+    assert ops_chunked_scan._factorised_path_heads(torch.full((1, 64, 2), -8.0), 64, q, k, v) is None
+
+
 def test_long_sequence_strong_decay_is_finite():
     T = 16384
     q, k, v, a, s0 = make_inputs(B=1, T=T, H=2, N=16, P=16, dtype=torch.float32, strong=True)
