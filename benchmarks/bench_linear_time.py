@@ -31,7 +31,7 @@ that malloc keeps such blocks.
 """
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import statistics
@@ -106,8 +106,12 @@ def anchor_backend(device) -> str:
     """The path transformers' Mamba2 takes: mamba_ssm's CUDA kernels where they are importable (transformers 4.x also
     needs causal_conv1d: its is_fast_path_available) and the model is on CUDA, else its PyTorch path."""
     importable = getattr(modeling_mamba2, "is_fast_path_available", None)
-    if importable is None:  # transformers 5: each function falls back to PyTorch on its own, mamba_ssm's if importable
-        importable = importlib.util.find_spec("mamba_ssm") is not None
+    if importable is None:  # transformers 5: each function falls back to PyTorch on its own, mamba_ssm's if it imports
+        try:
+            importlib.import_module("mamba_ssm")
+            importable = True
+        except Exception:  # (not installed, or failing to import: transformers then falls back too)
+            importable = False
     return "mamba_ssm kernels" if importable and device.type == "cuda" else "PyTorch path"
 
 

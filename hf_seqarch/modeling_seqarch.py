@@ -752,18 +752,19 @@ def _check_call(tensors, kwargs):
         raise ValueError(f"num_items_in_batch must be one number >= 0 (the labels the loss sums over), got {count!r}.")
 
 
-def _refuse_zero_count_with_labels(kwargs, count_labels):
+def _refuse_zero_count_with_labels(kwargs, labels, every_label_counts=False):
     """num_items_in_batch 0 is a batch without a label the loss counts (loss 0 / 0, nan, as Llama's): with such labels
-    in this batch (count_labels(): how many) the loss would be their sum / 0, inf, silently. Only a CPU count is read
-    (a GPU's would wait for the device)."""
+    in this batch the loss would be their sum / 0, inf, silently. The labels counted are those the loss reads (a causal
+    LM's `shift_labels` if given), but for its ignore_index (all of them where every label counts). Only a CPU count is
+    read (a GPU's would wait for the device)."""
     count = kwargs.get("num_items_in_batch")
     if count is None or isinstance(count, torch.Tensor) and count.device.type != "cpu" or float(count) != 0:
         return
-    labelled = int(count_labels())
+    labelled = labels.numel() if every_label_counts else int((labels != kwargs.get("ignore_index", -100)).sum())
     if labelled:
         raise ValueError(f"num_items_in_batch is 0, but this batch has {labelled} labels the loss counts: the loss "
-                         "would be their sum / 0 (inf). num_items_in_batch counts the labels (not -100) of the whole "
-                         "accumulated batch, this one's included.")
+                         "would be their sum / 0 (inf). num_items_in_batch counts the labels (not ignore_index, -100) "
+                         "of the whole accumulated batch, this one's included.")
 
 
 def _refuse_packing_arguments(kwargs):
@@ -909,7 +910,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T or logits_to_keep, vocab)
         loss = None
         if labels is not None:
-            _refuse_zero_count_with_labels(kwargs, lambda: (labels[:, 1:] != -100).sum())  # (the loss shifts them)
+            shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
+            _refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -1115,7 +1117,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         """transformers' sequence-classification loss, in float32 (as its causal LM loss is: a bf16 cross-entropy is off
         in the second digit; float targets too, as BCE would return a half-precision loss for half-precision ones)."""
         every_label_counts = _sequence_problem(self.config, labels) in ("regression", "multi_label_classification")
-        _refuse_zero_count_with_labels(kwargs, lambda: labels.numel() if every_label_counts else (labels != -100).sum())
+        _refuse_zero_count_with_labels(kwargs, labels, every_label_counts)
         float_logits = logits.float()
         labels = labels.float() if labels.is_floating_point() else labels
         loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits, config=self.config,
@@ -1242,7 +1244,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
-            _refuse_zero_count_with_labels(kwargs, lambda: (labels != -100).sum())
+            _refuse_zero_count_with_labels(kwargs, labels)
             loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions

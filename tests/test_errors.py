@@ -949,6 +949,11 @@ def test_num_items_in_batch_0_with_labels_is_refused():
             with pytest.raises(ValueError, match="num_items_in_batch is 0, but this batch has [0-9]+ labels"):
                 model(input_ids=ids, labels=labels, num_items_in_batch=count)
     assert torch.isnan(tokens(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=0).loss)
+    # counted as the loss counts: its ignore_index, and a causal LM's shift_labels where given
+    assert torch.isnan(tokens(input_ids=ids, labels=torch.full_like(ids, 2), num_items_in_batch=0, ignore_index=2).loss)
+    assert torch.isnan(lm(input_ids=ids, labels=ids, shift_labels=torch.full_like(ids, -100), num_items_in_batch=0).loss)
+    with pytest.raises(ValueError, match="num_items_in_batch is 0, but this batch has 2 labels"):
+        lm(input_ids=ids, labels=last_only, shift_labels=last_only, num_items_in_batch=0)
 
 
 def test_ops_take_sizes_past_the_input_and_their_documented_defaults():
