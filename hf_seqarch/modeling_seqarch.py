@@ -1037,6 +1037,11 @@ def _refuse_cache_misuse(model, arguments, cache, use_cache, chunked_prefill):
     if chunked_prefill and embeds:
         raise ValueError("prefill_chunk_size does not work with inputs_embeds (transformers splits the prompt's "
                          "input_ids into chunks): pass input_ids, or drop prefill_chunk_size.")
+    if chunked_prefill and TRANSFORMERS_MAJOR < 5 and isinstance(cache, SeqArchCache) and cache.get_seq_length() > 0:
+        # transformers 4.x's chunked prefill feeds the prompt from position 0: the cache would read its tokens again.
+        raise ValueError(f"On transformers 4.x, prefill_chunk_size restarts the prompt at position 0, so it cannot "
+                         f"continue a cache that holds tokens ({cache.get_seq_length()} here): its states would read "
+                         "them again. Continue without prefill_chunk_size, or upgrade to transformers 5.")
     if chunked_prefill and TRANSFORMERS_MAJOR < 5 and model.config.has_attention and _padded(model, arguments, ids):
         # transformers 4.x's chunked prefill numbers the positions without the mask: padded rows get shifted RoPE.
         raise ValueError("On transformers 4.x, prefill_chunk_size with a padded batch gives attention layers wrong "

@@ -317,6 +317,23 @@ def test_generate_refuses_what_it_would_get_silently_wrong_with_a_cache():
                    **{CACHE_FIELD: SeqArchCache(model.config)}, **NEW)
 
 
+@pytest.mark.parametrize("stack", ["lstm", "lstm+attention"])
+def test_chunked_prefill_continuing_a_cache(stack):
+    """transformers 5 continues a cache that holds tokens in chunks, as without them; 4.x's chunked prefill restarts
+    at position 0, and the states read the prompt twice (18 tokens counted for 9, then a mask error): refused there,
+    before the cache is touched."""
+    model = causal_lm(stack)
+    ids = random_ids(1, 9)
+    cache = getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)
+    if TRANSFORMERS_MAJOR < 5:
+        with pytest.raises(ValueError, match="On transformers 4.x, prefill_chunk_size restarts the prompt"):
+            model.generate(ids, cache=cache, prefill_chunk_size=2, do_sample=False, **NEW)
+        assert cache.get_seq_length() == 4
+        return
+    chunked = model.generate(ids, cache=cache, prefill_chunk_size=2, do_sample=False, **NEW)
+    assert torch.equal(chunked, model.generate(ids, do_sample=False, **NEW))
+
+
 @pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5 numbers chunked prefill's positions with the mask")
 def test_padded_chunked_prefill_through_attention_is_refused_on_transformers_4_without_a_mask_too():
     """transformers 4.x makes the mask from the pad ids when none is passed: the padding was then not seen."""
