@@ -221,7 +221,8 @@ class SeqArchCache:
                 "This cache is mid-update: either a forward using it raised midway (some layers read its last input "
                 "and others did not, so it holds no one sequence: start from a fresh cache, or one saved before), or "
                 "another forward is updating it right now (the same cache in two concurrent or nested calls: give "
-                "each its own, e.g. a copy.deepcopy)."
+                "each its own, e.g. a copy.deepcopy, which takes a cache filled without gradients: under "
+                "torch.no_grad(), as generate() fills it)."
             )
 
     def begin_update(self):
