@@ -10,8 +10,8 @@
    - mamba2: ops_ssd.ssd_chunked vs ssd_reference with Mamba-2's inputs at initialisation (B and C shared
      by the 8 heads, each head's dt about a level log-uniform in [0.001, 0.1], A in [-16, -1]).
    The printed path says which heads take the factorised scan: with these gentle gates all of them. On CPU each
-   core is measured again with strong gates (steps' log decays up to 8, resp. dt levels in [0.1, 1]), which take
-   the exact path, the only one on GPUs.
+   core is measured again with strong gates (steps' log decays up to 8, resp. dt levels in [0.1, 1]), which at these
+   sizes take the exact path, the only one on GPUs.
 2. chunked_scan (the core both mixers run) forward+backward at T = 1024 ... 16384: time, peak memory,
    and the growth per doubling of T (target <= 2.2x, i.e. linear). Peak memory: torch.cuda.max_memory_allocated
    on CUDA; on CPU (where torch keeps no count) the peak of the tensors' bytes held at once during one

@@ -250,6 +250,9 @@ def main():
     global clock
     clock = CLOCKS[args.clock]
     hf_logging.set_verbosity_error()  # HF Mamba2 warns at every call that its CUDA kernels are missing
+    if args.clock == "cpu" and args.threads > 1:
+        parser.error(f"--clock cpu adds up the CPU time of all {args.threads} threads (OpenMP's idle threads spin while "
+                     "they wait): use it with --threads 1, or --clock wall")
     torch.set_num_threads(args.threads)
     contexts = args.contexts or ([128, 1024] if args.quick else [128, 1024, 4096, 8192])
     new_tokens = args.new_tokens or (16 if args.quick else 64)

@@ -756,9 +756,11 @@ def _refuse_zero_count_with_labels(kwargs, labels, every_label_counts=False):
     """num_items_in_batch 0 is a batch without a label the loss counts (loss 0 / 0, nan, as Llama's): with such labels
     in this batch the loss would be their sum / 0, inf, silently. The labels counted are those the loss reads (a causal
     LM's `shift_labels` if given), but for its ignore_index (all of them where every label counts). Only a CPU count is
-    read (a GPU's would wait for the device)."""
+    read (a GPU's would wait for the device): with a GPU count the loss is inf there, as transformers' own."""
     count = kwargs.get("num_items_in_batch")
-    if count is None or isinstance(count, torch.Tensor) and count.device.type != "cpu" or float(count) != 0:
+    if count is None or capturing_graph() or isinstance(count, torch.Tensor) and count.device.type != "cpu":
+        return  # (no reading of values in a recorded graph)
+    if float(count) != 0:
         return
     labelled = labels.numel() if every_label_counts else int((labels != kwargs.get("ignore_index", -100)).sum())
     if labelled:
@@ -857,6 +859,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
             kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
         chunked_prefill = _generation_option(self, arguments, "prefill_chunk_size")
+        if TRANSFORMERS_MAJOR < 5 and (_generation_option(self, arguments, "num_beams") or 1) > 1:
+            chunked_prefill = None  # transformers 4.x chunks the prompt in greedy search and sampling only
         use_cache = _generation_option(self, arguments, "use_cache")
         cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
         _refuse_cache_misuse(self, arguments, cache, use_cache, chunked_prefill)
@@ -894,6 +898,9 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
                     "input, without logits_to_keep."
                 )
             labels = _class_ids(labels, self.config.vocab_size, "vocab_size")
+        if labels is not None:  # (before the layers: a refused call leaves a cache passed in as it was)
+            shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
+            _refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -910,8 +917,6 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])  # (B, T or logits_to_keep, vocab)
         loss = None
         if labels is not None:
-            shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
-            _refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
@@ -1236,6 +1241,8 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
                                  f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
             labels = _class_ids(labels, self.num_labels, "num_labels")
+        if labels is not None:
+            _refuse_zero_count_with_labels(kwargs, labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1249,7 +1256,6 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
-            _refuse_zero_count_with_labels(kwargs, labels)
             loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions

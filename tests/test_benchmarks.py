@@ -43,9 +43,10 @@ def test_benchmark_runs_and_reports(script):
         assert line in stdout, f"{script} did not print {line!r}:\n{stdout[-3000:]}"
 
 
-@pytest.mark.parametrize("script", ["bench_train_step.py", "bench_chunked_scan.py", "bench_linear_time.py"])
+@pytest.mark.parametrize("script", sorted(RUNS))
 def test_cpu_clock_refused_with_several_threads(script):
     """--clock cpu sums every thread's CPU time, idle spinning included: only a single-threaded run is measured so."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--clock", "cpu", "--threads", "2"],
-                            capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT, timeout=120)
+    arguments = [*RUNS[script][0], "--clock", "cpu", "--threads", "2"]  # (tiny sizes: a regression fails quickly)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments],
+                            capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT, timeout=240)
     assert result.returncode == 2 and "use it with --threads 1" in result.stderr, result.stderr[-2000:]

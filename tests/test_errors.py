@@ -949,6 +949,15 @@ def test_num_items_in_batch_0_with_labels_is_refused():
             with pytest.raises(ValueError, match="num_items_in_batch is 0, but this batch has [0-9]+ labels"):
                 model(input_ids=ids, labels=labels, num_items_in_batch=count)
     assert torch.isnan(tokens(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=0).loss)
+    # every label counts for regression and multi-label targets, -100.0 too (it is a value there)
+    regression = tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=1, problem_type="regression")
+    with pytest.raises(ValueError, match="num_items_in_batch is 0, but this batch has 2 labels"):
+        regression(input_ids=ids, labels=torch.full((2,), -100.0), num_items_in_batch=0)
+    # refused before the layers run: a cache passed in is left as it was
+    cache = getattr(lm(input_ids=ids, use_cache=True), CACHE_FIELD)
+    with pytest.raises(ValueError, match="num_items_in_batch is 0"):
+        lm(input_ids=ids, labels=ids, cache=cache, use_cache=True, num_items_in_batch=0)
+    assert cache.get_seq_length() == 4
     # counted as the loss counts: its ignore_index, and a causal LM's shift_labels where given
     assert torch.isnan(tokens(input_ids=ids, labels=torch.full_like(ids, 2), num_items_in_batch=0, ignore_index=2).loss)
     assert torch.isnan(lm(input_ids=ids, labels=ids, shift_labels=torch.full_like(ids, -100), num_items_in_batch=0).loss)

@@ -319,12 +319,22 @@ def test_generate_refuses_what_it_would_get_silently_wrong_with_a_cache():
 
 @pytest.mark.parametrize("stack", ["lstm", "lstm+attention"])
 def test_chunked_prefill_continuing_a_cache(stack):
-    """transformers 5 continues a cache that holds tokens in chunks, as without them; 4.x's chunked prefill restarts
-    at position 0, and the states read the prompt twice (18 tokens counted for 9, then a mask error): refused there,
-    before the cache is touched."""
+    """transformers 5 continues a cache that holds tokens in chunks, as without them. 4.x's chunked prefill (greedy
+    search and sampling only) restarts at position 0: the states read the cached tokens again, and the call then failed
+    on a mask of the wrong shape, the cache left damaged. Refused there before the cache is touched; beam search, which
+    4.x does not chunk, continues it."""
     model = causal_lm(stack)
     ids = random_ids(1, 9)
-    cache = getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)
+
+    def cache_of_4():
+        return getattr(model(input_ids=ids[:, :4], use_cache=True), CACHE_FIELD)
+
+    beams = dict(num_beams=2, do_sample=False, **NEW)
+    beam_cache = cache_of_4()
+    beam_cache.batch_repeat_interleave(2)  # a row per beam
+    assert torch.equal(model.generate(ids, cache=beam_cache, prefill_chunk_size=2, **beams),
+                       model.generate(ids, **beams))
+    cache = cache_of_4()
     if TRANSFORMERS_MAJOR < 5:
         with pytest.raises(ValueError, match="On transformers 4.x, prefill_chunk_size restarts the prompt"):
             model.generate(ids, cache=cache, prefill_chunk_size=2, do_sample=False, **NEW)
