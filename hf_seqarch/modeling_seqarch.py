@@ -754,9 +754,10 @@ def _check_call(tensors, kwargs):
 
 def _refuse_zero_count_with_labels(kwargs, labels, every_label_counts=False):
     """num_items_in_batch 0 is a batch without a label the loss counts (loss 0 / 0, nan, as Llama's): with such labels
-    in this batch the loss would be their sum / 0, inf, silently. The labels counted are those the loss reads (a causal
-    LM's `shift_labels` if given), but for its ignore_index (all of them where every label counts). Only a CPU count is
-    read (a GPU's would wait for the device): with a GPU count the loss is inf there, as transformers' own."""
+    in this batch the loss would be their sum / 0, inf, silently. Counted: the labels the loss reads (a causal LM's
+    `shift_labels` if given) but those equal to its ignore_index (-100 unless passed); every one where every label
+    counts (regression, multi-label). Only a CPU count is read (a GPU's would wait for the device): with a GPU count
+    the loss is inf there, as transformers' own."""
     count = kwargs.get("num_items_in_batch")
     if count is None or capturing_graph() or isinstance(count, torch.Tensor) and count.device.type != "cpu":
         return  # (no reading of values in a recorded graph)
@@ -835,6 +836,9 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
     def _reorder_cache(self, past_key_values, beam_idx):
         """generate()'s beam search, at each step: the cache's rows picked for the beams kept, and the cache marked as
         holding beams (`SeqArchCache.holds_beams`; only here: reorder_cache picking rows is otherwise a plain choice)."""
@@ -842,9 +846,6 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         if isinstance(past_key_values, SeqArchCache):
             past_key_values.holds_beams = True
         return past_key_values
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
 
     def generate(self, *args, **kwargs):
         """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below). Prefill
@@ -898,7 +899,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
                     "input, without logits_to_keep."
                 )
             labels = _class_ids(labels, self.config.vocab_size, "vocab_size")
-        if labels is not None:  # (before the layers: a refused call leaves a cache passed in as it was)
+            # (a refusal here, before the layers, leaves a cache passed in as it was)
             shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
             _refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
         outputs = self.model(
@@ -1241,7 +1242,6 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
                                  f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
             labels = _class_ids(labels, self.num_labels, "num_labels")
-        if labels is not None:
             _refuse_zero_count_with_labels(kwargs, labels)
         outputs = self.model(
             input_ids=input_ids,
