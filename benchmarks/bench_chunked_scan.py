@@ -46,7 +46,7 @@ from hf_seqarch.ops_chunked_scan import _factorised_path_heads, chunked_scan, sc
 from hf_seqarch.ops_ssd import ssd_chunked, ssd_reference  # noqa: E402
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
-from step_timing import medians_over_rounds, per_doubling  # noqa: E402
+from step_timing import medians_over_rounds, per_doubling, refuse_cpu_clock_with_threads  # noqa: E402
 
 
 def make_inputs(args, T, device, strong_gates=False):
@@ -199,9 +199,7 @@ def main():
         p.error("--clock cpu is for --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.clock == "cpu" and torch.get_num_threads() > 1:
-        p.error(f"--clock cpu adds up the CPU time of all {torch.get_num_threads()} threads (OpenMP's idle threads "
-                     "spin while they wait): use it with --threads 1")
+    refuse_cpu_clock_with_threads(p, args.clock, torch.get_num_threads())
 
     if args._child is not None:  # one length, in a fresh process (CPU)
         print(json.dumps(measure_length(args, args._child)))

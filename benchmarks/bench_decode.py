@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, StreamingSession  # noqa: E402
 from hf_seqarch.configuration_seqarch import RECURRENT_MIXERS  # noqa: E402
 from hf_seqarch.modeling_seqarch import CACHE_FIELD, MIXER_CLASSES  # noqa: E402  (CACHE_FIELD: "cache" in transformers 5.24+)
+from step_timing import refuse_cpu_clock_with_threads  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, conv=4)
@@ -250,9 +251,7 @@ def main():
     global clock
     clock = CLOCKS[args.clock]
     hf_logging.set_verbosity_error()  # HF Mamba2 warns at every call that its CUDA kernels are missing
-    if args.clock == "cpu" and args.threads > 1:
-        parser.error(f"--clock cpu adds up the CPU time of all {args.threads} threads (OpenMP's idle threads spin while "
-                     "they wait): use it with --threads 1, or --clock wall")
+    refuse_cpu_clock_with_threads(parser, args.clock, args.threads)
     torch.set_num_threads(args.threads)
     contexts = args.contexts or ([128, 1024] if args.quick else [128, 1024, 4096, 8192])
     new_tokens = args.new_tokens or (16 if args.quick else 64)

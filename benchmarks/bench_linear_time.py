@@ -51,7 +51,8 @@ from hf_seqarch.kernels_mamba2 import conv1d_backend, mamba2_backend  # noqa: E4
 from hf_seqarch.tools.compare.measure import TensorMemoryTracker  # noqa: E402
 from malloc_settings import env_keeping_freed_memory  # noqa: E402
 from step_timing import (  # noqa: E402
-    count, lm_loss, medians_over_rounds, paired_step_times, per_doubling, step_seconds, sync,
+    count, lm_loss, medians_over_rounds, paired_step_times, per_doubling, refuse_cpu_clock_with_threads, step_seconds,
+    sync,
 )
 
 VOCAB, HIDDEN, LAYERS = 256, 256, 4
@@ -257,9 +258,7 @@ def main():
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.clock == "cpu" and torch.get_num_threads() > 1:
-        parser.error(f"--clock cpu adds up the CPU time of all {torch.get_num_threads()} threads (OpenMP's idle threads "
-                     "spin while they wait): use it with --threads 1")
+    refuse_cpu_clock_with_threads(parser, args.clock, torch.get_num_threads())
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     quick = args.quick
     args.throughput_lengths = args.throughput_lengths or ([1024] if quick else [1024, 4096, 8192])

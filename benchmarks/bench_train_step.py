@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
 from hf_seqarch import SeqArchConfig, SeqArchForCausalLM  # noqa: E402
 from malloc_settings import keeps_freed_memory, restart_keeping_freed_memory  # noqa: E402
-from step_timing import count, lm_loss, paired_step_times  # noqa: E402
+from step_timing import count, lm_loss, paired_step_times, refuse_cpu_clock_with_threads  # noqa: E402
 
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 TARGETS = {"attention": 1.0, "lstm": 1.05}
@@ -120,9 +120,7 @@ def main():
         parser.error("--clock cpu measures CPU work; time a GPU with the wall clock")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.clock == "cpu" and torch.get_num_threads() > 1:
-        parser.error(f"--clock cpu adds up the CPU time of all {torch.get_num_threads()} threads (OpenMP's idle threads "
-                     "spin while they wait): use it with --threads 1")
+    refuse_cpu_clock_with_threads(parser, args.clock, torch.get_num_threads())
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     warmup, repeats = (1, 3) if args.quick else (2, 11)
     repeats = args.repeats or repeats

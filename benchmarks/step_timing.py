@@ -6,6 +6,14 @@ import statistics
 import torch
 
 
+def refuse_cpu_clock_with_threads(parser, clock: str, threads: int):
+    """--clock cpu sums the CPU time of every thread, OpenMP's idle ones spinning while they wait: refused (through
+    the script's parser) unless the run has one thread."""
+    if clock == "cpu" and threads > 1:
+        parser.error(f"--clock cpu adds up the CPU time of all {threads} threads (OpenMP's idle threads spin while they "
+                     "wait): use it with --threads 1, or the wall clock")
+
+
 def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

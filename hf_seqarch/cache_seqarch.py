@@ -57,8 +57,8 @@ class SeqArchCache:
     # deciding whether it may run one step ahead and undo it.
     is_croppable = False
     # Reordered by beam search (SeqArchForCausalLM._reorder_cache): its rows are the beams of beam search's last step,
-    # not the sequences generate() returns, in their order, so generate() refuses to continue it. (A class default
-    # too: caches pickled before it existed have no such attribute.)
+    # not the sequences generate() returns, in their order, so generate() refuses to continue it. (A class default,
+    # so that caches pickled before it existed read it unset too.)
     holds_beams = False
 
     def __init__(self, config=None, num_layers=None):
@@ -73,8 +73,7 @@ class SeqArchCache:
         self.seen_tokens = 0
         # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
         # of the past tokens (generate() passes it; a forward without one, and a StreamingSession, are refused).
-        self.holds_padding = False
-        self.holds_beams = False
+        self.holds_padding = False  # (holds_beams: a class default, see there)
         # Set while a forward reads its length and its layers read new tokens into it, cleared by advance() (or by
         # cancel_update() for a call refused before its layers ran): still set, a forward raised midway
         # (an interrupt, out of memory) and left some layers past the others, or another forward is updating it now

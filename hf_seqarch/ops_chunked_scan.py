@@ -726,10 +726,15 @@ def scan_step(q, k, v, log_decay, state):
 def _step(q, k, v, log_decay, state):
     """`scan_step` with q and k per head, unchecked."""
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
-    q, k, v, log_decay = q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype)
-    new_state = torch.exp(log_decay)[..., None, None] * state.to(dtype) + v[..., :, None] * k[..., None, :]
-    y = (new_state @ q[..., None]).squeeze(-1)  # (B, H, P, N) @ (B, H, N, 1) -> (B, H, P)
+    y, new_state = _recurrence(q.to(dtype), k.to(dtype), v.to(dtype), log_decay.to(dtype).exp(), state.to(dtype))
     return y.to(out_dtype), new_state.to(state.dtype)
+
+
+def _recurrence(q, k, v, decay, state):
+    """One step of the recurrence, in the inputs' dtype: q, k (B, H, N), v (B, H, P), decay (B, H) (exp of the log
+    decay), state (B, H, P, N) -> y (B, H, P), the new state."""
+    new_state = decay[..., None, None] * state + v[..., :, None] * k[..., None, :]  # (B, H, P, N)
+    return (new_state @ q[..., None]).squeeze(-1), new_state  # (B, H, P, N) @ (B, H, N, 1) -> (B, H, P)
 
 
 def _check_inputs(q, k, v, log_decay, state, dims):
@@ -775,14 +780,14 @@ def scan_reference(q, k, v, log_decay, initial_state=None):
     H, P = v.shape[2], v.shape[3]
     out_dtype, dtype = q.dtype, _compute_dtype(q.dtype)
     state_dtype = initial_state.dtype if initial_state is not None else q.dtype
-    # Cast and exponentiated once, outside the loop: its body is the recurrence alone (`_step`'s, without the casts).
+    # Cast and exponentiated once, outside the loop: its body is the recurrence alone (`_step` without the casts).
     q, k = _heads_of_groups(q.to(dtype), H), _heads_of_groups(k.to(dtype), H)
     v, decay = v.to(dtype), log_decay.to(dtype).exp()
     state = q.new_zeros(B, H, P, N) if initial_state is None else initial_state.to(dtype)
     ys = []
     # unbind (not q[:, t]): its backward is one stack, not T full-size zero tensors
     for q_t, k_t, v_t, decay_t in zip(q.unbind(1), k.unbind(1), v.unbind(1), decay.unbind(1)):
-        state = decay_t[..., None, None] * state + v_t[..., :, None] * k_t[..., None, :]  # (B, H, P, N)
-        ys.append((state @ q_t[..., None]).squeeze(-1))  # (B, H, P)
+        y_t, state = _recurrence(q_t, k_t, v_t, decay_t, state)  # (B, H, P), (B, H, P, N)
+        ys.append(y_t)
     y = torch.stack(ys, 1) if ys else v.new_zeros(B, 0, H, P)  # (B, T, H, P)
     return y.to(out_dtype), state.to(state_dtype)
