@@ -60,6 +60,9 @@ class SeqArchCache:
     # not the sequences generate() returns, in their order, so generate() refuses to continue it. (A class default,
     # so that caches pickled before it existed read it unset too.)
     holds_beams = False
+    # Each row's count of the tokens it read as real, (B,) int64, or None while every position of every row was real
+    # (no padding read yet). A later mask of the past must agree with it (the model checks). (A class default too.)
+    real_tokens = None
 
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:
@@ -237,8 +240,12 @@ class SeqArchCache:
         if not torch.compiler.is_compiling():
             self.mid_update = False
 
-    def advance(self, num_tokens: int):
-        """Called by the model once all layers have consumed `num_tokens` new positions."""
+    def advance(self, num_tokens: int, real: torch.Tensor | None = None):
+        """Called by the model once all layers have consumed `num_tokens` new positions, of which `real` (B,) in each
+        row were real tokens (None: all of them)."""
+        if real is not None or self.real_tokens is not None:
+            before = self.real_tokens if self.real_tokens is not None else self.seen_tokens
+            self.real_tokens = before + (real if real is not None else num_tokens)  # (B,)
         self.seen_tokens += num_tokens
         self.mid_update = False
         self.changes += 1
@@ -256,6 +263,8 @@ class SeqArchCache:
         tensors = {"seen_tokens": torch.tensor(self.seen_tokens), "holds_padding": torch.tensor(self.holds_padding)}
         if self.holds_beams:  # (only then: states without it load in earlier versions too)
             tensors["holds_beams"] = torch.tensor(True)
+        if self.real_tokens is not None:  # (the same)
+            tensors["real_tokens"] = self.real_tokens
         if self.layout is not None:  # its model's layout, as JSON bytes (a dict of tensors holds no strings)
             tensors["layout"] = torch.tensor(list(json.dumps(self.layout).encode()), dtype=torch.uint8)
         for i, state in enumerate(self.layers):
@@ -290,8 +299,14 @@ class SeqArchCache:
         cache.seen_tokens = int(seen)
         cache.holds_padding = bool(tensors.get("holds_padding", False))  # (absent from states saved before it)
         cache.holds_beams = bool(tensors.get("holds_beams", False))  # (written only when set)
+        real = tensors.get("real_tokens")  # (the same)
+        if real is not None:
+            if real.dim() != 1 or real.is_complex() or not bool(((real >= 0) & (real <= cache.seen_tokens)).all()):
+                raise ValueError(f"This cache state's 'real_tokens' must be one count in [0, seen_tokens="
+                                 f"{cache.seen_tokens}] per row; got {real!r}. Save it again from the cache.")
+            cache.real_tokens = real.long()
         for key, tensor in tensors.items():
-            if key in ("seen_tokens", "holds_padding", "holds_beams", "layout"):
+            if key in ("seen_tokens", "holds_padding", "holds_beams", "real_tokens", "layout"):
                 continue
             parts = key.split(".", 2)
             if len(parts) != 3 or parts[0] != "layers" or not parts[1].isdigit() or int(parts[1]) >= num_layers:
@@ -319,7 +334,10 @@ class SeqArchCache:
                 )
 
     def _map_states(self, fn):
+        """fn, on each state tensor's rows (dim 0: the batch) and each row's count of real tokens."""
         self.layers = [None if s is None else {k: fn(t) for k, t in s.items()} for s in self.layers]
+        if self.real_tokens is not None:
+            self.real_tokens = fn(self.real_tokens)
         self._kv_room.clear()  # the states are new tensors now
         self.changes += 1
 

@@ -1,5 +1,7 @@
 """SeqArchConfig: one token mixer per layer, chosen by name, plus the usual transformers fields."""
 
+import difflib
+import inspect
 import math
 
 from transformers import PretrainedConfig
@@ -9,6 +11,7 @@ MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linea
 RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer
 ATTENTION_MIXERS = ("attention", "sliding_attention")  # keys/values per token
 BOOL_FIELDS = ("bidirectional", "linear_attention_use_decay", "tie_word_embeddings", "use_cache")
+DROPOUT_FIELDS = ("attention_dropout", "classifier_dropout")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")  # as transformers'
 FLOAT32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: smaller rounds to 0 in float32
 
@@ -127,6 +130,10 @@ class SeqArchConfig(PretrainedConfig):
                 f"partial_rotary_factor={kwargs['partial_rotary_factor']!r}: hf_seqarch's attention applies rotary "
                 "embeddings over the whole head (1.0) only."
             )
+        _refuse_misspelt_fields(kwargs)
+        if num_hidden_layers is not None and not _is_int(num_hidden_layers):
+            raise ValueError(f"num_hidden_layers must be an integer (or None: one layer per entry of mixer_types), got "
+                             f"{num_hidden_layers!r}.")
         if mixer_types is None:
             mixer_types = ["attention"] * (num_hidden_layers if num_hidden_layers is not None else 4)
         mixer_types = _mixer_list(mixer_types)
@@ -197,6 +204,9 @@ class SeqArchConfig(PretrainedConfig):
             value = _mixer_list(value)
         if name in BOOL_FIELDS:
             value = _as_bool(value)  # 0 and 1, as older configs and command lines write them
+            _check_bool(name, value)  # (here too: a field set after the model was built is read by its forward)
+        if name in DROPOUT_FIELDS:
+            _check_dropout(name, value)
         super().__setattr__(name, value)
         if name == "mixer_types":
             super().__setattr__("num_hidden_layers", len(value))
@@ -277,17 +287,10 @@ class SeqArchConfig(PretrainedConfig):
         if not _is_number(self.initializer_range) or self.initializer_range < 0:
             raise ValueError(f"initializer_range must be a finite number >= 0 (the std of the initial weights), got "
                              f"{self.initializer_range!r}.")
-        for name in ("attention_dropout", "classifier_dropout"):
-            value = getattr(self, name)
-            if name == "classifier_dropout" and value is None:
-                continue
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1]" + (" or None" if name == "classifier_dropout"
-                                 else "") + f", got {value!r}.")
+        for name in DROPOUT_FIELDS:
+            _check_dropout(name, getattr(self, name))
         for name in BOOL_FIELDS:
-            # A string such as "false" (from a command line or a hand-edited config.json) would count as True.
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+            _check_bool(name, getattr(self, name))
         _check_num_labels(self.num_labels)
         _check_problem_type(self.problem_type)
         if self.max_position_embeddings is not None and (
@@ -352,7 +355,41 @@ def _mixer_list(mixer_types) -> list:
     if isinstance(mixer_types, str):  # list("lstm") would be ['l', 's', 't', 'm']
         raise ValueError(f"mixer_types must be a list with one mixer name per layer, e.g. [{mixer_types!r}]; got the "
                          f"string {mixer_types!r}.")
+    if not isinstance(mixer_types, (list, tuple)):  # (a dict or a set would give its keys, in no set order)
+        raise ValueError(f"mixer_types must be a list with one mixer name per layer, e.g. ['attention', 'lstm']; got "
+                         f"{type(mixer_types).__name__} {mixer_types!r}.")
     return list(mixer_types)
+
+
+def _refuse_misspelt_fields(kwargs):
+    """transformers keeps a keyword its config does not know as an attribute, unused: one a letter or two off a field
+    of ours (mixer_type, bidirectonal) would build another model than asked, silently. Refused, naming the field meant.
+    Token ids are left out: transformers' own (sep_token_id, forced_eos_token_id) are as close to ours."""
+    fields = [name for name in inspect.signature(SeqArchConfig.__init__).parameters if name not in ("self", "kwargs")]
+    for name in kwargs:
+        if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS:
+            continue
+        meant = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
+        if meant:
+            raise ValueError(f"SeqArchConfig has no field {name!r}: did you mean {meant[0]!r}? (An unknown keyword "
+                             f"would be kept but never read.)")
+
+
+_TRANSFORMERS_FIELDS = frozenset(PretrainedConfig().to_dict())  # the base config's own fields, never refused
+
+
+def _check_dropout(name, value):
+    if name == "classifier_dropout" and value is None:  # (transformers' "the model's dropout": 0 here)
+        return
+    if not _is_number(value) or not 0 <= value < 1:  # (1 would zero every output, silently)
+        raise ValueError(f"{name} must be a probability in [0, 1)" + (" or None" if name == "classifier_dropout"
+                         else "") + f", got {value!r}.")
+
+
+def _check_bool(name, value):
+    # A string such as "false" (from a command line or a hand-edited config.json) would count as True.
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
 def _plain_scalar(value):

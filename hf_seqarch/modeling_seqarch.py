@@ -3,6 +3,7 @@
 Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads.
 """
 
+import difflib
 import inspect
 import math
 import numbers
@@ -234,6 +235,15 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                                        revision=revision)
 
 
+def _refuse_other_configs(model, config):
+    """Each model class's first check: its config is a SeqArchConfig (by model_type: remote code's SeqArchConfig is
+    another class of the same config). Another model's config failed on the first field it lacks."""
+    if getattr(config, "model_type", None) != SeqArchConfig.model_type:
+        name = type(model).__name__
+        raise TypeError(f"{name} takes a SeqArchConfig, got {type(config).__name__}: e.g. "
+                        f"{name}(SeqArchConfig(mixer_types=['attention', 'lstm'])).")
+
+
 def _refuse_head_tied_against_config(model):
     """config.tie_word_embeddings set to False on a tied model leaves lm_head and the embeddings one tensor: saved, the
     folder lacked lm_head.weight while its config said untied, and from_pretrained refused it (saving again wrote the
@@ -386,6 +396,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
     """Embedding, the mixer blocks, a final RMSNorm. Returns hidden states and (use_cache) a SeqArchCache."""
 
     def __init__(self, config: SeqArchConfig):
+        _refuse_other_configs(self, config)
         config.validate_seqarch()  # again: fields may have been set after the config was built
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -462,7 +473,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         if cache is not None:
-            cache.advance(length)
+            mask = context.padding_mask
+            cache.advance(length, real=None if mask is None else mask[:, -length:].sum(1))
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
@@ -575,7 +587,8 @@ class SeqArchModel(SeqArchPreTrainedModel):
         batch, length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         padding_mask = self._padding_mask(attention_mask, batch, length, past_length,
-                                          past_padded=past_length > 0 and cache.holds_padding)  # (B, past + T)
+                                          past_padded=past_length > 0 and cache.holds_padding,
+                                          past_real=cache.real_tokens if cache is not None else None)  # (B, past + T)
         positions_given = position_ids is not None
         if position_ids is None and padding_mask is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
@@ -650,10 +663,12 @@ class SeqArchModel(SeqArchPreTrainedModel):
             raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
         return input_ids
 
-    def _padding_mask(self, attention_mask, batch, length, past_length, past_padded=False):
+    def _padding_mask(self, attention_mask, batch, length, past_length, past_padded=False, past_real=None):
         """2-D mask -> (B, past + T) bool, or None when every position is real. past_padded: the cache holds pads,
-        which only a mask with 0 at them keeps attention layers from reading."""
-        mask = None if attention_mask is None else self._checked_mask(attention_mask, batch, length, past_length)
+        which only a mask with 0 at them keeps attention layers from reading; past_real: the cache's count of real
+        tokens in each row (`SeqArchCache.real_tokens`), which the mask's past part must agree with."""
+        mask = None if attention_mask is None else self._checked_mask(attention_mask, batch, length, past_length,
+                                                                      past_real)
         if mask is None and past_padded and self.config.has_attention:
             raise ValueError(
                 "This cache holds padded positions (it was filled from a padded batch), which its attention layers "
@@ -662,7 +677,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
         return mask
 
-    def _checked_mask(self, attention_mask, batch, length, past_length):
+    def _checked_mask(self, attention_mask, batch, length, past_length, past_real=None):
         """`_padding_mask` of a given mask: checked against the input and the cache, None when it is all ones."""
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
             length,
@@ -685,19 +700,49 @@ class SeqArchModel(SeqArchPreTrainedModel):
             # An all-zero float mask is an additive one without pads. (An all-zero integer one is a chunk of pads:
             # chunked prefill of a left-padded batch passes such chunks.)
             none_real = ~mask.any() if attention_mask.is_floating_point() and mask.numel() else mask.new_zeros(())
-            all_real, none_real, not_binary = torch.stack([mask.all(), none_real, not_binary]).tolist()  # one sync
+            past_disagrees = mask.new_zeros(())
+            if past_length and mask.shape[1] == past_length + length:
+                past_counts = mask[:, :past_length].sum(1)  # (B,)
+                expected = past_real.to(mask.device) if past_real is not None else past_length
+                past_disagrees = (past_counts != expected).any()
+            checks = torch.stack([mask.all(), none_real, not_binary, past_disagrees]).tolist()  # one sync
+            all_real, none_real, not_binary, past_disagrees = checks
             if not_binary or none_real:
                 raise ValueError(
                     "attention_mask must hold 1 at real tokens and 0 at padding (bool, int or float); got "
                     + ("other values" if not_binary else "only zeros (read as padding everywhere)")
                     + ". Additive masks (0 to keep, -inf or a large negative number to drop) are not taken here."
                 )
+            if past_disagrees:
+                _refuse_past_mask_disagreeing(mask[:, :past_length], past_real, length)
             if all_real:
                 return None
         if mask.shape[1] == length and past_length:
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
             mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
         return mask
+
+
+def _refuse_past_mask_disagreeing(past_mask, past_real, length):
+    """The mask's part for the cache's positions (B, past) marks another number of real tokens in some row than the
+    cache read there: the cache's states hold what it read, so the layers would continue from one sequence while the
+    mask (and the positions it numbers) describe another. generate() makes such a mask itself from pad_token_id when a
+    cache read pad ids as tokens (a stream holding the pad id, or the pads generate() adds after a row's eos)."""
+    batch, past_length = past_mask.shape
+    counts = past_mask.sum(1).tolist()
+    expected = past_real.tolist() if past_real is not None else [past_length] * batch
+    row = next(i for i, (marked, read) in enumerate(zip(counts, expected)) if marked != read)
+    where = (f"attention_mask's first {past_length} positions (the cache's) mark {counts[row]} real tokens in row "
+             f"{row}, but the cache read {expected[row]} there")
+    if counts[row] > expected[row]:
+        raise ValueError(f"{where} (it was filled from a padded batch): pass the attention_mask of the past and new "
+                         f"tokens, ({batch}, {past_length + length}), that it was filled with (0 at its pads).")
+    raise ValueError(
+        f"{where}: the mask of the past must be the one the cache was filled with. generate() makes a mask from "
+        "pad_token_id: if the cache read pad ids as tokens (a stream holding the pad id, or the pads generate() adds "
+        "after a row's eos), pass attention_mask yourself, with 1 wherever the cache read a token (e.g. "
+        "torch.ones_like(input_ids))."
+    )
 
 
 def _is_integer(tensor) -> bool:
@@ -730,15 +775,24 @@ def _refuse_packed_sequences(position_ids, token_mask):
 PACKING_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
+# The forwards' named arguments, and the keywords their **kwargs take knowingly: the loss's (transformers' loss
+# functions read them), transformers 4.x generate()'s cache_position and a tokenizer's token_type_ids (not needed).
+FORWARD_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
+                     "labels", "use_cache", "output_hidden_states", "output_attentions", "logits_to_keep", "return_dict")
+KNOWN_KEYWORDS = ("num_items_in_batch", "ignore_index", "shift_labels", "cache_position", "token_type_ids")
+
+
 def _check_call(tensors, kwargs):
     """The inputs (name -> value) of a forward are tensors or None (lists and numpy arrays failed deep inside), and
-    its extra keyword arguments are none of the packing marks (`_refuse_packing_arguments`) and no bad
-    num_items_in_batch (the Trainer's count of the labels the loss sums over)."""
+    its extra keyword arguments are none of the packing marks (`_refuse_packing_arguments`), no misspelt argument
+    (`_refuse_misspelt_arguments`) and no bad num_items_in_batch (the Trainer's count of the labels the loss sums
+    over)."""
     for name, value in tensors.items():
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (or None), got {type(value).__name__}: e.g. "
                             f"torch.tensor({name}).")
     _refuse_packing_arguments(kwargs)
+    _refuse_misspelt_arguments(kwargs)
     count = kwargs.get("num_items_in_batch")
     if count is None:
         return
@@ -768,6 +822,22 @@ def _refuse_zero_count_with_labels(kwargs, labels, every_label_counts=False):
         raise ValueError(f"num_items_in_batch is 0, but this batch has {labelled} labels the loss counts: the loss "
                          "would be their sum / 0 (inf). num_items_in_batch counts the labels (not ignore_index, -100) "
                          "of the whole accumulated batch, this one's included.")
+
+
+def _refuse_misspelt_arguments(kwargs):
+    """A keyword the forwards do not know is ignored, as transformers' models ignore theirs (callers pass extra ones);
+    but one a letter or two off an argument's name (atention_mask, output_attention) is a typo that would run without
+    it, silently: refused, naming the argument meant. So is head_mask, which older transformers models took: no mixer
+    here masks heads."""
+    if kwargs.get("head_mask") is not None:
+        raise ValueError("head_mask is not supported: no mixer here masks attention heads (it would be ignored).")
+    for name in kwargs:
+        if name in KNOWN_KEYWORDS or name in FORWARD_ARGUMENTS:  # (another head's argument: its own checks)
+            continue
+        meant = difflib.get_close_matches(name, FORWARD_ARGUMENTS, n=1, cutoff=0.75)
+        if meant:
+            raise ValueError(f"{name!r} is not an argument of these models' forward: did you mean {meant[0]!r}? (An "
+                             "unknown keyword would be ignored.)")
 
 
 def _refuse_packing_arguments(kwargs):
@@ -823,6 +893,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     _tied_weights_keys = TIED_LM_HEAD
 
     def __init__(self, config: SeqArchConfig):
+        _refuse_other_configs(self, config)
         if config.bidirectional:
             raise ValueError(
                 "SeqArchForCausalLM needs a causal model, but config.bidirectional=True (an encoder that sees future "
@@ -853,6 +924,10 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         arguments = _generate_arguments(self, args, kwargs)
         _refuse_assisted_decoding(self, arguments)
         ids, mask = arguments.get("inputs", arguments.get("input_ids")), arguments.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # (transformers' own code fails on it first)
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}"
+                             + (": e.g. input_ids[None] for one sequence." if ids.dim() == 1 else "."))
+        _refuse_special_ids_out_of_range(self, arguments)
         if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
             # (generate() numbers positions from the mask: the forward would blame positions the caller never gave)
             raise ValueError(f"attention_mask must have the shape of the input ids, {tuple(ids.shape)}, with 1 at "
@@ -998,6 +1073,21 @@ def _generation_option(model, arguments, name):
     return own if own is not None else default
 
 
+def _refuse_special_ids_out_of_range(model, arguments):
+    """generate()'s pad, eos and bos ids (its arguments, else the generation config's) are token ids the model has:
+    an eos it cannot produce never stops generation, and a pad it cannot read, fed back for a finished row, failed
+    with the forward's message about the caller's token ids. (The config refuses them; these may differ from it.)"""
+    vocab_size = model.config.vocab_size
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = _generation_option(model, arguments, name)
+        if value is None:
+            continue
+        ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+        ids = ids if isinstance(ids, (list, tuple)) else [ids]
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"generate(): {name} must be token id(s) in [0, vocab_size={vocab_size}), got {value!r}.")
+
+
 def _refuse_assisted_decoding(model, arguments):
     """Assisted decoding (a draft model, prompt lookup, early exit, multi-token prediction) drafts tokens and then
     drops the rejected ones from the main model's cache and the draft model's. A recurrent state cannot drop tokens
@@ -1070,6 +1160,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
     """Pools one vector per sequence: the last real token (causal) or the masked mean (bidirectional)."""
 
     def __init__(self, config: SeqArchConfig):
+        _refuse_other_configs(self, config)
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = SeqArchModel(config)
@@ -1211,6 +1302,7 @@ def _sequence_labels(labels, batch, config):
 
 class SeqArchForTokenClassification(SeqArchPreTrainedModel):
     def __init__(self, config: SeqArchConfig):
+        _refuse_other_configs(self, config)
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = SeqArchModel(config)

@@ -62,8 +62,8 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(partial_rotary_factor=0.25), "rotary embeddings over the whole head"),
         (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
         (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
-        (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\]"),
-        (dict(classifier_dropout=-0.1), r"classifier_dropout must be a probability in \[0, 1\]"),
+        (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\)"),
+        (dict(classifier_dropout=-0.1), r"classifier_dropout must be a probability in \[0, 1\)"),
         (dict(bidirectional="false"), "bidirectional must be True or False, got 'false'"),  # a string once built an encoder
         (dict(mixer_types=["linear_attention"], linear_attention_use_decay="false"),
          "linear_attention_use_decay must be True or False, got 'false'"),
@@ -73,11 +73,94 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(num_labels=3.0), "num_labels must be a positive integer"),  # once a TypeError inside transformers
         (dict(problem_type="regresion"), "problem_type must be None .* or one of"),  # transformers 5 accepts it
         (dict(max_position_embeddings=-1), "max_position_embeddings must be None or a positive integer"),
+        (dict(attention_dropout=1.0), r"attention_dropout must be a probability in \[0, 1\)"),  # zeroed every output
+        (dict(classifier_dropout=1.0), r"classifier_dropout must be a probability in \[0, 1\)"),
+        (dict(mixer_type=["lstm"]), "SeqArchConfig has no field 'mixer_type': did you mean 'mixer_types'"),
+        (dict(bidirectonal=True), "did you mean 'bidirectional'"),  # once a causal model, silently
+        (dict(mixer_types=["mamba2"], mamba_state_sise=16), "did you mean 'mamba_state_size'"),
     ],
 )
 def test_bad_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(overrides.pop("mixer_types", ["attention"]), **overrides)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(mixer_types={"lstm": 1}), "mixer_types must be a list .* got dict"),  # once the dict's keys
+        (dict(num_hidden_layers=True), "num_hidden_layers must be an integer"),  # once one layer
+        (dict(num_hidden_layers=2.5), "num_hidden_layers must be an integer"),  # once a TypeError
+    ],
+)
+def test_layers_of_another_type_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SeqArchConfig(**fields)
+
+
+def test_transformers_own_fields_and_far_unknown_keywords_are_kept():
+    """transformers' configs keep keywords they do not know: only near misses of our fields are refused (not token
+    ids: transformers' own, such as sep_token_id, are as near to ours)."""
+    config = tiny_config(["lstm"], sep_token_id=2, my_note="kept", forced_eos_token_id=3)
+    assert (config.sep_token_id, config.my_note) == (2, "kept")
+
+
+def test_fields_set_after_the_config_was_made_are_checked():
+    """A model's forward reads these from its config: a bad value set later once ran (use_cache "no" as True) or failed
+    inside torch."""
+    config = tiny_config(["attention"])
+    with pytest.raises(ValueError, match="use_cache must be True or False, got 'no'"):
+        config.use_cache = "no"
+    with pytest.raises(ValueError, match=r"attention_dropout must be a probability in \[0, 1\), got 5.0"):
+        config.attention_dropout = 5.0
+    config.use_cache = 0  # (as older configs write it)
+    assert config.use_cache is False
+
+
+@pytest.mark.parametrize("head", [SeqArchModel, SeqArchForCausalLM, SeqArchForSequenceClassification,
+                                  SeqArchForTokenClassification])
+@pytest.mark.parametrize("config", [None, {"mixer_types": ["lstm"]}, "llama"])
+def test_a_config_of_another_kind_is_refused(head, config):
+    if config == "llama":
+        from transformers import LlamaConfig
+        config = LlamaConfig()
+    with pytest.raises(TypeError, match=f"{head.__name__} takes a SeqArchConfig, got {type(config).__name__}"):
+        head(config)
+
+
+@pytest.mark.parametrize("head", [SeqArchModel, SeqArchForCausalLM, SeqArchForTokenClassification])
+@pytest.mark.parametrize("typo,meant", [("atention_mask", "attention_mask"), ("attn_mask", "attention_mask"),
+                                        ("output_attention", "output_attentions"), ("input_id", "input_ids")])
+def test_a_misspelt_forward_argument_is_refused(head, typo, meant):
+    """It was dropped with the other unknown keywords: a misspelt mask read the padding as tokens."""
+    model = tiny_model(head, ["lstm"], bidirectional=head is SeqArchForTokenClassification)
+    ids = random_ids(2, 5)
+    with pytest.raises(ValueError, match=f"'{typo}' is not an argument .* did you mean '{meant}'"):
+        model(input_ids=ids, **{typo: torch.ones_like(ids)})
+    with pytest.raises(ValueError, match="head_mask is not supported"):
+        model(input_ids=ids, head_mask=torch.ones(1, 4))
+    # what callers pass along (a tokenizer's token_type_ids, transformers 4.x generate()'s cache_position) and keywords
+    # far from any argument are ignored, as transformers' models ignore them
+    expected = model(input_ids=ids)[0]
+    taken = model(input_ids=ids, token_type_ids=torch.zeros_like(ids), cache_position=torch.arange(5), note="x")
+    torch.testing.assert_close(taken[0], expected)
+
+
+@pytest.mark.parametrize("option", [dict(pad_token_id=VOCAB), dict(eos_token_id=[1, VOCAB + 5]),
+                                    dict(bos_token_id=-1)])
+def test_generate_refuses_special_ids_the_model_cannot_have(option):
+    """An out-of-range pad fed back for a finished row once failed blaming the caller's ids; an eos out of range never
+    stops generation."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"generate\\(\\): {name} must be token id\\(s\\) in \\[0, vocab_size={VOCAB}\\)"):
+        model.generate(random_ids(2, 4), max_new_tokens=2, **option)
+
+
+def test_generate_refuses_ids_of_one_dimension():
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, length\), got shape \(4,\): e.g. input_ids\[None\]"):
+        model.generate(random_ids(1, 4)[0], max_new_tokens=2)
 
 
 def test_rope_parameters_set_rope_theta_and_are_not_saved_beside_it(tmp_path):

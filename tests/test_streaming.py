@@ -346,3 +346,50 @@ def test_feed_keeps_only_the_next_token_logits():
     kept = session._last_logits  # (1, vocab)
     assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
     torch.testing.assert_close(session.greedy(None, 3), StreamingSession(model).greedy(ids, 3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stack", ["lstm", "mamba2+attention"])
+def test_a_stream_holding_the_pad_id_continues_only_with_the_mask_it_was_read_with(stack):
+    """generate() makes its mask from pad_token_id: a stream that holds the pad id (read as a token) got 0 there, and
+    the layers continued from one sequence while the mask (and attention's positions) described another: wrong
+    tokens, silently. Refused; with the mask of what the cache read, it continues as the session does."""
+    model = causal_lm(stack)
+    stream, prompt = random_ids(1, 12, seed=2), random_ids(1, 3, seed=3)
+    stream[0, 4] = 0  # the pad id, read as a token
+    ids = torch.cat([stream, prompt], 1)
+    new = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
+    session = StreamingSession(model)
+    session.feed(stream)
+    with pytest.raises(ValueError, match="mark 11 real tokens in row 0, but the cache read 12 there"):
+        model.generate(ids, cache=session.cache, **new)
+    assert session.cache.seen_tokens == 12  # (refused before any layer read the prompt)
+    continued = model.generate(ids, attention_mask=torch.ones_like(ids), cache=session.cache, **new)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), **new)
+    torch.testing.assert_close(continued, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stack", ["lstm", "mamba2+attention"])
+def test_a_batch_cache_continues_with_the_mask_it_was_filled_with(stack):
+    """A row that ends early gets pad ids after its eos, read as tokens (mask 1); continuing, generate() masks them
+    (0): refused. The left pads of a padded prompt, which the cache skipped, are what generate()'s own mask says:
+    it continues as one run from scratch. The counts follow the rows (reordered, saved and loaded)."""
+    model = causal_lm(stack)
+    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    ids[1, :2], mask[1, :2] = 0, 0  # row 1 left-padded
+    eos = int(model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2, pad_token_id=0)[0, -1])
+    new = dict(do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, return_dict_in_generate=True)
+    out = model.generate(ids, attention_mask=mask, **new)
+    assert (out.sequences[0, 8:] == 0).all() and (out.sequences[1, 6:] != 0).all()  # row 0 ended; row 1 did not
+    cache = getattr(out, CACHE_FIELD)
+    assert cache.real_tokens.tolist() == [cache.seen_tokens, cache.seen_tokens - 2]
+    follow = torch.cat([out.sequences, random_ids(2, 2, seed=4)], 1)
+    with pytest.raises(ValueError, match="mark 8 real tokens in row 0, but the cache read 10 there"):
+        model.generate(follow, **{CACHE_FIELD: cache}, **new)
+    read = torch.cat([mask, torch.ones(2, follow.shape[1] - 6, dtype=torch.long)], 1)  # what the cache read
+    restored = SeqArchCache.from_state_dict(cache.state_dict(), len(cache))
+    assert restored.real_tokens.tolist() == cache.real_tokens.tolist()
+    continued = model.generate(follow, attention_mask=read, **{CACHE_FIELD: restored}, **new)
+    expected = model.generate(follow, attention_mask=read, **new)
+    torch.testing.assert_close(continued.sequences, expected.sequences, rtol=0, atol=0)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert cache.real_tokens.tolist() == [cache.seen_tokens - 2, cache.seen_tokens]
