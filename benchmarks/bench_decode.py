@@ -2,8 +2,8 @@
 with transformers' LlamaForCausalLM (attention; with its default DynamicCache and with a StaticCache) and
 Mamba2ForCausalLM (mamba2); then our streaming step path against generate() for small recurrent models.
 
-Part 1, generate(): for each mixer a SeqArchForCausalLM of 4 layers of it (vocab 256, hidden 256, MLP 1024, as
-anchors.md; the mamba2 stack has no MLP, like Mamba2ForCausalLM: 8 heads x 64, expand 2, state 64, chunk 64).
+Part 1, generate(): for each mixer a SeqArchForCausalLM of 4 layers of it (vocab 256, hidden 256, MLP 1024, the
+anchors' sizes; the mamba2 stack has no MLP, like Mamba2ForCausalLM: 8 heads x 64, expand 2, state 64, chunk 64).
 For each context length a greedy generate() continues a random prompt of that length; a logits processor reads
 the clock at every step, and the cost per token is the median interval (one full step of generate's loop). The
 clock is this process's CPU time (--clock cpu, the default): the machine may be shared, and wall time would count
@@ -18,7 +18,7 @@ no cache (transformers 4.x's Mamba2). The whole sweep runs
 Part 2, streaming: per-token time of StreamingSession.greedy (the single-token step path) against generate()
 for the same model, and a plain forward loop (model(...) per token under no_grad) to show where the time goes.
 
-Targets (issue 3): recurrent stacks' per-token time at 8192 within 1.15x of that at 128; ours / anchor <= 1.0
+Targets: recurrent stacks' per-token time at 8192 within 1.15x of that at 128; ours / anchor <= 1.0
 (attention vs Llama, mamba2 vs Mamba2); generate() / streaming step >= 3 for a small recurrent model.
 
     python benchmarks/bench_decode.py [--quick] [--contexts 128 1024] [--mixers lstm attention] [--threads 1]

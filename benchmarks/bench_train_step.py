@@ -1,4 +1,5 @@
-"""Training-step time (forward + loss + backward) of our stacks against their anchors (shared/anchors.md).
+"""Training-step time (forward + loss + backward) of our stacks against their anchors: the
+implementations users would otherwise reach for.
 
 - attention: SeqArchForCausalLM with 4 attention layers vs transformers' LlamaForCausalLM, same widths,
   heads, depth, vocab, tied embeddings and sdpa kernel, so both have the same parameter count.

@@ -2,7 +2,7 @@
 
 glibc returns large freed blocks to the OS (any block over 32 MiB, and the top of the heap once more than
 twice the largest recent block is free), so a tensor that size is page-faulted in again at every step:
-kernel time that on the 2-core machine of anchors.md was up to a third of an op's time. PyTorch's CPU
+kernel time that on the 2-core CPU machine this project is measured on was up to a third of an op's time. PyTorch's CPU
 performance guide recommends jemalloc or tcmalloc for this reason; these glibc tunables have the same
 effect (malloc keeps what it freed). They must be set before the process starts.
 """

@@ -75,7 +75,9 @@ def load_config(preset: str, overrides: str | None, tokenizer):
     if config.bidirectional:
         raise SystemExit(f"The config from {preset!r} with --config_overrides {overrides!r} is bidirectional (an "
                          "encoder): a causal language model must not see the tokens it predicts. Pretrain it causal; a "
-                         "classifier can load the checkpoint as an encoder: from_pretrained(..., bidirectional=True).")
+                         "classifier can load the checkpoint as an encoder, from_pretrained(..., bidirectional=True), "
+                         "where its layers are attention, mamba2 or linear attention (an LSTM/GRU's direction is fixed "
+                         "in its weights).")
     return config
 
 

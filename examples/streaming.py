@@ -6,7 +6,7 @@ state half way, resume it in a fresh session, and continue the text. Offline, by
 The model is trained for a few steps on the Python reference docs that every install carries
 (`pydoc_data.topics`), then reads a long stretch of them as one stream and reports, per chunk, the bits per byte
 it predicts the stream with and the bytes its state holds. A full-attention model would hold its keys and
-values for every byte read; this one holds the same few kilobytes from the first chunk to the last.
+values for every byte read; this one holds the same ~36 KiB from the first chunk to the last.
 """
 
 import argparse

@@ -1,11 +1,12 @@
 """SeqArchCache: the one cache of a SeqArch model, whatever its mixers.
 
 Per layer it holds a small dict of tensors, batch first, that only that layer's mixer reads and writes:
-keys/values for attention (at most `sliding_window` positions for sliding attention), h (and c) for
+keys/values for attention (at most `sliding_window - 1` positions for sliding attention), h (and c) for
 LSTM/GRU, the conv and SSM state for mamba2, the state matrix for linear attention. The cache also
 counts the tokens it has seen, which gives positions (RoPE) and the mask offsets.
 """
 
+import copy
 import json
 import threading
 import weakref
@@ -66,6 +67,8 @@ class SeqArchCache:
 
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:
+            if config is None:
+                raise ValueError("SeqArchCache needs its model's config (or num_layers): SeqArchCache(model.config).")
             num_layers = config.num_hidden_layers
         # The model layout it was made for (None if unknown, or made inside torch.compile, which would break its graph
         # on this Python): a model checks it before reading the cache, unless it is the config it was made from. A
@@ -104,6 +107,7 @@ class SeqArchCache:
     def reorder_cache(self, beam_idx: torch.LongTensor):
         """Pick the batch rows `beam_idx` (in that order, repeats allowed) in every state: what beam search does at each
         step, through the model's `_reorder_cache`, which also marks the cache `holds_beams`."""
+        beam_idx = self._checked_rows(beam_idx, "reorder_cache")
         self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def to(self, device) -> "SeqArchCache":
@@ -116,10 +120,43 @@ class SeqArchCache:
         return self
 
     def batch_repeat_interleave(self, repeats: int):
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"batch_repeat_interleave takes a number of copies of each row >= 1, got {repeats!r}.")
         self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
-        self._map_states(lambda t: t[indices])
+        indices = self._checked_rows(indices, "batch_select_indices")
+        self._map_states(lambda t: t[indices.to(t.device)])
+
+    def _checked_rows(self, rows, method) -> torch.Tensor:
+        """rows (a tensor or list of row indices, 1-D, or a bool mask of the rows) as int64 indices, each in
+        [0, batch size) where the cache holds rows."""
+        rows = torch.as_tensor(rows)
+        states = [t for state in self.layers if state for t in state.values()]
+        batch = states[0].shape[0] if states else None
+        if rows.dtype == torch.bool and rows.dim() == 1 and batch in (None, len(rows)):
+            rows = rows.nonzero()[:, 0]  # (a mask of the rows, as DynamicCache's indexing takes one)
+        if rows.dim() != 1 or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+            raise ValueError(f"{method} takes a 1-D list of row indices (or a bool mask of the {batch} rows), got "
+                             f"{rows.dtype} of shape {tuple(rows.shape)}.")
+        if batch is not None and rows.numel() and not bool(((rows >= 0) & (rows < batch)).all()):
+            raise ValueError(f"{method}: row indices must be in [0, {batch}) (this cache holds {batch} rows), got "
+                             f"{rows.tolist()}.")
+        return rows.long()
+
+    def __deepcopy__(self, memo):
+        """A copy of every state (as the default deepcopy), refused with a clear message where torch's deepcopy would
+        fail deep inside: a state that is part of an autograd graph (filled with gradients on)."""
+        if any(t.grad_fn is not None for state in self.layers if state for t in state.values()):
+            raise RuntimeError(
+                "This cache was filled with gradients on: its states are part of an autograd graph, which "
+                "copy.deepcopy cannot copy. Fill it under torch.no_grad() (as generate() does) to copy it, or save it "
+                "with state_dict() / torch.save."
+            )
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def __getstate__(self):
         """Picklable (torch.save, a generate() output holding it): without the weak reference to the config checked
@@ -243,6 +280,8 @@ class SeqArchCache:
     def advance(self, num_tokens: int, real: torch.Tensor | None = None):
         """Called by the model once all layers have consumed `num_tokens` new positions, of which `real` (B,) in each
         row were real tokens (None: all of them)."""
+        if not isinstance(num_tokens, int) or num_tokens < 0:  # (the count only grows: a recurrent state cannot go back)
+            raise ValueError(f"advance takes the number of tokens the layers have read, >= 0, got {num_tokens!r}.")
         if real is not None or self.real_tokens is not None:
             before = self.real_tokens if self.real_tokens is not None else self.seen_tokens
             self.real_tokens = before + (real if real is not None else num_tokens)  # (B,)
@@ -273,9 +312,24 @@ class SeqArchCache:
         return tensors
 
     @classmethod
-    def from_state_dict(cls, tensors: dict[str, torch.Tensor], num_layers: int, config=None) -> "SeqArchCache":
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], num_layers: int | None = None,
+                        config=None) -> "SeqArchCache":
         """The cache `state_dict` wrote. Its layout (saved with it) is checked against `config` now if given, else
-        against each model that uses it."""
+        against each model that uses it. num_layers: the config's, else the saved layout's, if not given."""
+        saved_layout = None
+        if "layout" in tensors:
+            try:
+                saved_layout = json.loads(bytes(tensors["layout"].to(torch.uint8).tolist()).decode())  # (even if cast)
+            except ValueError as error:
+                raise ValueError(f"This cache state's layout is damaged ({error}): save it again.") from None
+        if num_layers is None and config is not None:
+            num_layers = config.num_hidden_layers
+        elif num_layers is None:
+            saved_mixers = (saved_layout or {}).get("mixer_types")
+            if saved_mixers is None:
+                raise ValueError("This cache state holds no layout: give from_state_dict its model's number of layers "
+                                 "(num_layers) or its config.")
+            num_layers = len(json.loads(saved_mixers))
         cache = cls(config, num_layers=num_layers)
         seen = tensors.get("seen_tokens")  # (any dtype: a state_dict may have been cast whole)
         if not isinstance(seen, torch.Tensor) or seen.numel() != 1 or not float(seen) >= 0 or float(seen) % 1:
@@ -287,11 +341,7 @@ class SeqArchCache:
             raise ValueError(f"This cache state was cast to {seen.dtype}, which holds token counts exactly only below "
                              f"{exact_below}; 'seen_tokens' reads {float(seen):g}. Save the cache's state_dict without "
                              "casting it.")
-        if "layout" in tensors:
-            try:
-                saved_layout = json.loads(bytes(tensors["layout"].to(torch.uint8).tolist()).decode())  # (even if cast)
-            except ValueError as error:
-                raise ValueError(f"This cache state's layout is damaged ({error}): save it again.") from None
+        if saved_layout is not None:
             if config is not None:
                 _refuse_other_layout(saved_layout, config)
             else:
@@ -315,6 +365,7 @@ class SeqArchCache:
             index, name = int(parts[1]), parts[2]
             cache.layers[index] = {**(cache.layers[index] or {}), name: tensor}
         cache._refuse_missing_states()
+        cache._refuse_damaged_states()
         return cache
 
     def _refuse_missing_states(self):
@@ -332,6 +383,31 @@ class SeqArchCache:
                     + (f"{sorted(expected) or 'none'}" if expected is not None else "its layer's state")
                     + ". Save it again from the cache (state_dict), whole."
                 )
+
+    def _refuse_damaged_states(self):
+        """A restored state whose tensors cannot be what a forward wrote, where that would give wrong outputs silently:
+        cast to integers (truncated), of several batch sizes, or (full attention) keys for another number of positions
+        than the tokens seen (sliding attention: the last sliding_window - 1 of them)."""
+        saved_mixers = (self.layout or {}).get("mixer_types")
+        mixers = json.loads(saved_mixers) if saved_mixers else [None] * len(self.layers)
+        window = int(self.layout["sliding_window"]) if "sliding_window" in (self.layout or {}) else None
+        batch_sizes = {len(self.real_tokens)} if self.real_tokens is not None else set()
+        for index, (state, mixer) in enumerate(zip(self.layers, mixers)):
+            for name, tensor in (state or {}).items():
+                where = f"This cache state's layers.{index}.{name}"
+                if not tensor.is_floating_point() or tensor.dim() < 2:
+                    raise ValueError(f"{where} is a {tensor.dtype} tensor of shape {tuple(tensor.shape)}: a state is "
+                                     "floating point, batch first (a cast to integers truncates it). Save it again.")
+                batch_sizes.add(tensor.shape[0])
+                positions = {"attention": self.seen_tokens, "sliding_attention":
+                             min(self.seen_tokens, window - 1) if window else None}.get(mixer)
+                if name in ("key", "value") and positions is not None and (tensor.dim() != 4 or tensor.shape[2] != positions):
+                    raise ValueError(f"{where} has shape {tuple(tensor.shape)}: after {self.seen_tokens} tokens its "
+                                     f"{mixer} layer keeps {positions} positions (batch, heads, {positions}, head dim). "
+                                     "Save it again from the cache, whole.")
+        if len(batch_sizes) > 1:
+            raise ValueError(f"This cache state holds rows of several batch sizes {sorted(batch_sizes)}: a cache holds "
+                             "one batch. Save it again from the cache, whole.")
 
     def _map_states(self, fn):
         """fn, on each state tensor's rows (dim 0: the batch) and each row's count of real tokens."""

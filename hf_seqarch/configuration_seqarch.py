@@ -73,9 +73,18 @@ class SeqArchConfig(PretrainedConfig):
             sliding_window - 1 tokens before it, and in an encoder (bidirectional) also as many after it.
         bidirectional: encoder mode for the classification heads (non-causal attention,
             bidirectional recurrences, forward+backward scans). Causal LMs refuse it. Fixed once a model is built.
-        classifier_dropout: dropout before the token-classification head (None: 0).
-        mamba_*: Mamba-2 settings, named as in transformers' `Mamba2Config`.
-        linear_attention_*: linear attention settings.
+        attention_dropout / classifier_dropout: dropout of the attention weights (training only), and before the
+            token-classification head (None: 0); each in [0, 1).
+        mamba_state_size / mamba_head_dim / mamba_expand / mamba_conv_kernel / mamba_chunk_size / mamba_n_groups:
+            the Mamba-2 block's state size N (64), head dim P (64), inner width expand * hidden_size (2), causal conv
+            width (4), scan chunk length (64), and groups of heads sharing B and C (1). Named as in transformers'
+            `Mamba2Config` (whose defaults differ: state 128, 8 groups, chunk 256).
+        linear_attention_num_heads / linear_attention_head_dim: heads and key/value size per head of
+            `"linear_attention"` layers (None: num_attention_heads, and hidden_size / heads).
+        linear_attention_feature_map: the positive feature map of queries and keys: "elu" (elu + 1, the default),
+            "relu" or "identity".
+        linear_attention_use_decay: a learned per-head decay of the state (True, the default; False: plain causal
+            linear attention). linear_attention_chunk_size: the scan's chunk length (64).
     """
 
     model_type = "seqarch"

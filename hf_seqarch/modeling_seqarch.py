@@ -867,16 +867,23 @@ def _check_classification_inputs(head, output_layer, input_ids, attention_mask, 
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
                              "SeqArchForCausalLM or SeqArchModel to continue from one.")
+    pools_rows = isinstance(head, SeqArchForSequenceClassification)
+    if pools_rows and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not capturing_graph():
+        empty = ~attention_mask.bool().any(1)  # (B,): rows without a real token, which would pool a pad or zeros
+        if bool(empty.any()):  # (no reading of values in a recorded graph)
+            raise ValueError(f"attention_mask row {int(empty.nonzero()[0, 0])} has no real token (all 0): nothing to "
+                             "classify there. Give each row at least one token.")
     if input_ids is not None:
         head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
 
-def _class_ids(labels, num_classes, name):
+def _class_ids(labels, num_classes, name, argument="labels"):
     """Class-id labels checked to be in [0, num_classes) or -100, as int64: what cross_entropy takes (int32, int16 or
     uint8 ids fail inside it). One device sync (a GPU waits for the work queued before it: the heads check before
     running their layers)."""
     if not _is_integer(labels):
-        raise ValueError(f"labels must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got {labels.dtype}.")
+        raise ValueError(f"{argument} must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got "
+                         f"{labels.dtype}.")
     labels = labels.long()
     if capturing_graph() or not labels.numel():
         return labels  # no reading of values in a recorded graph (graph_capture)
@@ -884,7 +891,7 @@ def _class_ids(labels, num_classes, name):
     low, high = _value_range(labels.masked_fill(ignored, 0))  # ignored ones read as class 0
     if low < 0 or high >= num_classes:
         valid = labels[~ignored]
-        raise ValueError(f"labels must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
+        raise ValueError(f"{argument} must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
                          f"[{int(valid.min())}, {int(valid.max())}].")
     return labels
 
@@ -928,6 +935,9 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}"
                              + (": e.g. input_ids[None] for one sequence." if ids.dim() == 1 else "."))
         _refuse_special_ids_out_of_range(self, arguments)
+        if _generation_option(self, arguments, "return_legacy_cache"):  # (transformers 4.x; 5.x refuses it itself)
+            raise ValueError("return_legacy_cache: a SeqArchCache has no legacy (tuple of key/value) form; recurrent "
+                             "layers keep states, not keys. Leave it unset: the cache returned is a SeqArchCache.")
         if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
             # (generate() numbers positions from the mask: the forward would blame positions the caller never gave)
             raise ValueError(f"attention_mask must have the shape of the input ids, {tuple(ids.shape)}, with 1 at "
@@ -976,6 +986,12 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             labels = _class_ids(labels, self.config.vocab_size, "vocab_size")
             # (a refusal here, before the layers, leaves a cache passed in as it was)
             shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
+            if shifted is not None:  # the loss's targets then, position for position: checked as labels are
+                if not isinstance(shifted, torch.Tensor) or tuple(shifted.shape) != logits_shape:
+                    got = tuple(shifted.shape) if isinstance(shifted, torch.Tensor) else type(shifted).__name__
+                    raise ValueError(f"shift_labels must hold one target per logit, shape {logits_shape}, got {got}.")
+                shifted = kwargs["shift_labels"] = _class_ids(shifted, self.config.vocab_size, "vocab_size",
+                                                              "shift_labels")
             _refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
         outputs = self.model(
             input_ids=input_ids,

@@ -1094,3 +1094,83 @@ def test_small_ops_say_what_they_take():
         sliding_window_attention(query, query, query, 2, 0.5, dropout=-1.0)
     with pytest.raises(ValueError, match="StreamingSession"):
         StreamingSession.load(None, "state.safetensors")
+
+
+def test_shift_labels_are_checked_as_labels_are():
+    """They are the loss's targets when given: a wrong shape, ids out of range or floats failed inside the loss."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    ids = random_ids(2, 5)
+    for shift_labels, message in ((ids[:, :3], r"shift_labels must hold one target per logit, shape \(2, 5\), got \(2, 3\)"),
+                                  (ids + VOCAB, r"shift_labels must be in \[0, vocab_size="),
+                                  (ids.float(), "shift_labels must be integer ids")):
+        with pytest.raises(ValueError, match=message):
+            model(input_ids=ids, labels=ids, shift_labels=shift_labels)
+    shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids, shift_labels=shifted.int()).loss,
+                               model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "encoder"])
+def test_sequence_classification_refuses_a_row_without_tokens(bidirectional):
+    """It pooled a pad (causal) or zeros (an encoder's mean: logits 0), silently."""
+    model = tiny_model(SeqArchForSequenceClassification, ["lstm"], bidirectional=bidirectional)
+    ids, mask = random_ids(2, 5), torch.ones(2, 5, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="attention_mask row 1 has no real token"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_the_cache_methods_check_their_arguments():
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    with pytest.raises(ValueError, match=r"SeqArchCache needs its model's config \(or num_layers\)"):
+        SeqArchCache()
+    with torch.no_grad():
+        cache = getattr(model(input_ids=random_ids(2, 4), use_cache=True), CACHE_FIELD)
+    for call, message in (
+        (lambda: cache.reorder_cache(torch.tensor([0, 5])), r"reorder_cache: row indices must be in \[0, 2\)"),
+        (lambda: cache.reorder_cache(torch.tensor([-1, 0])), r"row indices must be in \[0, 2\)"),
+        (lambda: cache.batch_select_indices(torch.tensor([[0]])), "takes a 1-D list of row indices"),
+        (lambda: cache.batch_repeat_interleave(0), "number of copies of each row >= 1, got 0"),
+        (lambda: cache.batch_repeat_interleave(2.0), "number of copies of each row >= 1, got 2.0"),
+        (lambda: cache.advance(-3), "advance takes the number of tokens the layers have read, >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert cache.seen_tokens == 4 and cache.layers[0]["h"].shape[0] == 2  # (refused before any change)
+    cache.reorder_cache([1, 0])  # a list, as DynamicCache takes one
+    cache.batch_select_indices(torch.tensor([True, False]))  # a mask of the rows
+    assert cache.layers[1]["key"].shape[0] == 1
+
+
+def test_a_damaged_cache_state_is_refused_at_loading():
+    """Keys for another number of positions than the tokens seen, or states cast to integers, once loaded and gave
+    wrong logits silently; rows of two batch sizes failed inside torch."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    with torch.no_grad():
+        state = getattr(model(input_ids=random_ids(2, 5), use_cache=True), CACHE_FIELD).state_dict()
+    for damage, message in (
+        (dict(**{"layers.1.key": state["layers.1.key"][:, :, :2]}), r"layers.1.key has shape \(2, 2, 2, 8\): after 5 "
+                                                                      "tokens its attention layer keeps 5 positions"),
+        (dict(seen_tokens=torch.tensor(100)), "after 100 tokens its attention layer keeps 100 positions"),
+        (dict(**{"layers.0.h": state["layers.0.h"].long()}), "layers.0.h is a torch.int64 tensor"),
+        (dict(**{"layers.0.c": state["layers.0.c"][:1]}), r"rows of several batch sizes \[1, 2\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SeqArchCache.from_state_dict({**state, **damage}, config=model.config)
+
+
+def test_deepcopy_of_a_cache_filled_under_autograd_says_how_to_copy_it():
+    """torch's own error blamed weight_norm."""
+    import copy
+
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    cache = getattr(model(input_ids=random_ids(1, 4), use_cache=True), CACHE_FIELD)
+    with pytest.raises(RuntimeError, match=r"filled with gradients on.* Fill it under torch.no_grad\(\)"):
+        copy.deepcopy(cache)
+
+
+def test_generate_refuses_a_legacy_cache():
+    """transformers 4.57 failed on it inside generate() (an AttributeError); there is no tuple form of these states."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    with pytest.raises(ValueError, match="return_legacy_cache: a SeqArchCache has no legacy"):
+        model.generate(random_ids(1, 4), max_new_tokens=2, return_legacy_cache=True, return_dict_in_generate=True)

@@ -393,3 +393,16 @@ def test_a_batch_cache_continues_with_the_mask_it_was_filled_with(stack):
     torch.testing.assert_close(continued.sequences, expected.sequences, rtol=0, atol=0)
     cache.reorder_cache(torch.tensor([1, 0]))
     assert cache.real_tokens.tolist() == [cache.seen_tokens - 2, cache.seen_tokens]
+
+
+def test_a_saved_cache_restores_from_its_own_layout():
+    """from_state_dict once needed num_layers (a TypeError without it), which the saved layout holds."""
+    model = causal_lm("mamba2+attention")
+    cache = getattr(model(input_ids=random_ids(1, 5), use_cache=True), CACHE_FIELD)
+    for restored in (SeqArchCache.from_state_dict(cache.state_dict()),
+                     SeqArchCache.from_state_dict(cache.state_dict(), config=model.config)):
+        assert len(restored) == len(cache) and restored.seen_tokens == 5
+    no_layout = {key: value for key, value in cache.state_dict().items() if key != "layout"}
+    with pytest.raises(ValueError, match=r"holds no layout: give from_state_dict its model.s number of layers \(num_layers\)"):
+        SeqArchCache.from_state_dict(no_layout)
+    assert len(SeqArchCache.from_state_dict(no_layout, len(cache))) == len(cache)
