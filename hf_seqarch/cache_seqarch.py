@@ -280,7 +280,7 @@ class SeqArchCache:
     def advance(self, num_tokens: int, real: torch.Tensor | None = None):
         """Called by the model once all layers have consumed `num_tokens` new positions, of which `real` (B,) in each
         row were real tokens (None: all of them)."""
-        if not isinstance(num_tokens, int) or num_tokens < 0:  # (the count only grows: a recurrent state cannot go back)
+        if not isinstance(num_tokens, int) or num_tokens < 0:  # (a recurrent state cannot go back)
             raise ValueError(f"advance takes the number of tokens the layers have read, >= 0, got {num_tokens!r}.")
         if real is not None or self.real_tokens is not None:
             before = self.real_tokens if self.real_tokens is not None else self.seen_tokens
@@ -401,10 +401,11 @@ class SeqArchCache:
                 batch_sizes.add(tensor.shape[0])
                 positions = {"attention": self.seen_tokens, "sliding_attention":
                              min(self.seen_tokens, window - 1) if window else None}.get(mixer)
-                if name in ("key", "value") and positions is not None and (tensor.dim() != 4 or tensor.shape[2] != positions):
+                wrong_positions = tensor.dim() != 4 or tensor.shape[2] != positions
+                if name in ("key", "value") and positions is not None and wrong_positions:
                     raise ValueError(f"{where} has shape {tuple(tensor.shape)}: after {self.seen_tokens} tokens its "
-                                     f"{mixer} layer keeps {positions} positions (batch, heads, {positions}, head dim). "
-                                     "Save it again from the cache, whole.")
+                                     f"{mixer} layer keeps {positions} positions (batch, heads, {positions}, head "
+                                     "dim). Save it again from the cache, whole.")
         if len(batch_sizes) > 1:
             raise ValueError(f"This cache state holds rows of several batch sizes {sorted(batch_sizes)}: a cache holds "
                              "one batch. Save it again from the cache, whole.")

@@ -144,6 +144,20 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         elif hasattr(module, "init_mixer_weights"):  # mixers with special parameters (decays, time steps)
             module.init_mixer_weights(init)
 
+    def resize_token_embeddings(self, new_num_tokens=None, *args, **kwargs):
+        """transformers' resize, refused for a vocabulary that leaves out the config's pad, bos or eos id (generation
+        could never stop on an eos the model cannot produce) or holds no token."""
+        if new_num_tokens is not None:
+            config = self.config
+            eos = config.eos_token_id if isinstance(config.eos_token_id, (list, tuple)) else [config.eos_token_id]
+            special = [i for i in (config.pad_token_id, config.bos_token_id, *eos) if i is not None]
+            smallest = max([1] + [i + 1 for i in special])
+            integer = isinstance(new_num_tokens, numbers.Integral) and not isinstance(new_num_tokens, bool)
+            if not integer or new_num_tokens < smallest:
+                raise ValueError(f"resize_token_embeddings takes a vocabulary of at least {smallest} token(s) (one, "
+                                 f"and the config's pad, bos and eos ids {special}), got {new_num_tokens!r}.")
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers' from_pretrained, but refuses to leave weights of the model body random: body
@@ -614,8 +628,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
-        if positions_given and length > 1 and not capturing_graph():  # (no reading of values in a recorded graph)
-            _refuse_packed_sequences(position_ids, context.token_mask)
+        if positions_given and not capturing_graph():  # (no reading of values in a recorded graph)
+            if position_ids.is_floating_point() and not bool(torch.isfinite(position_ids).all()):
+                raise ValueError("position_ids hold NaN or infinite values: give each token a finite position.")
+            if length > 1:
+                _refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(
                 position_ids, self.config.attention_head_dim, self.config.rope_theta, inputs_embeds.dtype
@@ -777,8 +794,10 @@ PACKING_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_leng
 
 # The forwards' named arguments, and the keywords their **kwargs take knowingly: the loss's (transformers' loss
 # functions read them), transformers 4.x generate()'s cache_position and a tokenizer's token_type_ids (not needed).
-FORWARD_ARGUMENTS = ("input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds",
-                     "labels", "use_cache", "output_hidden_states", "output_attentions", "logits_to_keep", "return_dict")
+FORWARD_ARGUMENTS = (
+    "input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds", "labels", "use_cache",
+    "output_hidden_states", "output_attentions", "logits_to_keep", "return_dict",
+)
 KNOWN_KEYWORDS = ("num_items_in_batch", "ignore_index", "shift_labels", "cache_position", "token_type_ids")
 
 
@@ -869,8 +888,12 @@ def _check_classification_inputs(head, output_layer, input_ids, attention_mask, 
                              "SeqArchForCausalLM or SeqArchModel to continue from one.")
     pools_rows = isinstance(head, SeqArchForSequenceClassification)
     if pools_rows and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not capturing_graph():
-        empty = ~attention_mask.bool().any(1)  # (B,): rows without a real token, which would pool a pad or zeros
-        if bool(empty.any()):  # (no reading of values in a recorded graph)
+        # (B,): rows of 0s, which would pool a pad or zeros. Of a mask of 0s and 1s: the model refuses other values,
+        # and an all-zero float mask (additive, without pads), with its own message.
+        empty = ~attention_mask.bool().any(1)
+        binary = (attention_mask == 0) | (attention_mask == 1)
+        any_empty, binary, all_empty = torch.stack([empty.any(), binary.all(), empty.all()]).tolist()  # (one read)
+        if any_empty and binary and not (all_empty and attention_mask.is_floating_point()):
             raise ValueError(f"attention_mask row {int(empty.nonzero()[0, 0])} has no real token (all 0): nothing to "
                              "classify there. Give each row at least one token.")
     if input_ids is not None:

@@ -85,6 +85,8 @@ def _check_shapes(x, weight, bias, past):
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         raise ValueError("causal_conv takes tensors x, weight and bias (and past or None); got "
                          f"{[type(t).__name__ for t in tensors]}.")
+    if not all(t.is_floating_point() for t in tensors):  # (as the scans: integer or complex inputs computed silently)
+        raise ValueError(f"causal_conv takes real floating-point tensors; got {[t.dtype for t in tensors]}.")
     batch, channels = (x.shape[0], x.shape[2]) if x.dim() == 3 else (None, None)
     kernel = weight.shape[1] if weight.dim() == 2 else None
     if not (

@@ -285,7 +285,8 @@ def test_mask_of_other_values_than_0_and_1_is_refused(mask):
     with pytest.raises(ValueError, match="1 at real tokens and 0 at padding.*Additive masks"):
         model(input_ids=random_ids(2, 4), attention_mask=torch.tensor(mask))
     chunk_of_pads = torch.zeros(2, 4, dtype=torch.long)  # (chunked prefill of a left-padded batch passes such chunks)
-    assert model(input_ids=random_ids(2, 4), attention_mask=chunk_of_pads).logits.isfinite().all()
+    base = tiny_model(SeqArchModel, ["lstm", "attention"], pad_token_id=0)
+    assert base(input_ids=random_ids(2, 4), attention_mask=chunk_of_pads).last_hidden_state.isfinite().all()
     bool_mask = torch.tensor([[True] * 4, [False, False, True, True]])
     for same in (bool_mask.float(), bool_mask.to(torch.int8)):  # 0/1 of any dtype is the bool mask
         torch.testing.assert_close(model(input_ids=random_ids(2, 4), attention_mask=same).logits,
@@ -1174,3 +1175,30 @@ def test_generate_refuses_a_legacy_cache():
     model = tiny_model(SeqArchForCausalLM, ["lstm"])
     with pytest.raises(ValueError, match="return_legacy_cache: a SeqArchCache has no legacy"):
         model.generate(random_ids(1, 4), max_new_tokens=2, return_legacy_cache=True, return_dict_in_generate=True)
+
+
+def test_resizing_the_vocabulary_keeps_the_special_ids():
+    """A vocabulary without the eos id once resized, and generation could never stop; 0 tokens left every input
+    refused, a negative count failed inside torch."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"], pad_token_id=20, eos_token_id=30)
+    for size in (10, 0, -5, 2.5):
+        with pytest.raises(ValueError, match=r"at least 31 token\(s\) .* pad, bos and eos ids \[20, 30\]"):
+            model.resize_token_embeddings(size)
+    assert model.resize_token_embeddings(31).num_embeddings == model.config.vocab_size == 31
+
+
+def test_position_ids_that_are_not_finite_are_refused():
+    """A NaN position gave finite logits, silently other ones."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"])
+    positions = torch.arange(5, dtype=torch.float32)[None]
+    positions[0, 2] = float("nan")
+    with pytest.raises(ValueError, match="position_ids hold NaN or infinite values"):
+        model(input_ids=random_ids(1, 5), position_ids=positions)
+
+
+def test_causal_conv_refuses_integer_inputs():
+    from hf_seqarch.ops_causal_conv import causal_conv
+
+    x, weight, bias = torch.ones(1, 3, 2, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="causal_conv takes real floating-point tensors"):
+        causal_conv(x, weight, bias)
