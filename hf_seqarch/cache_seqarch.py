@@ -8,6 +8,7 @@ counts the tokens it has seen, which gives positions (RoPE) and the mask offsets
 
 import copy
 import json
+import operator
 import threading
 import weakref
 
@@ -62,8 +63,10 @@ class SeqArchCache:
     # so that caches pickled before it existed read it unset too.)
     holds_beams = False
     # Each row's count of the tokens it read as real, (B,) int64, or None while every position of every row was real
-    # (no padding read yet). A later mask of the past must agree with it (the model checks). (A class default too.)
+    # (no padding read yet). A later mask of the past must agree with it (the model checks). Unknown for a padded
+    # cache saved or pickled before the counts existed: not checked then. (Class defaults, as holds_beams.)
     real_tokens = None
+    real_tokens_unknown = False
 
     def __init__(self, config=None, num_layers=None):
         if num_layers is None:
@@ -120,9 +123,13 @@ class SeqArchCache:
         return self
 
     def batch_repeat_interleave(self, repeats: int):
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        try:
+            copies = operator.index(repeats)  # (an int, numpy int or 0-d integer tensor)
+        except TypeError:
+            copies = None
+        if copies is None or isinstance(repeats, bool) or copies < 1:
             raise ValueError(f"batch_repeat_interleave takes a number of copies of each row >= 1, got {repeats!r}.")
-        self._map_states(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map_states(lambda t: t.repeat_interleave(copies, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         indices = self._checked_rows(indices, "batch_select_indices")
@@ -130,16 +137,18 @@ class SeqArchCache:
 
     def _checked_rows(self, rows, method) -> torch.Tensor:
         """rows (a tensor or list of row indices, 1-D, or a bool mask of the rows) as int64 indices, each in
-        [0, batch size) where the cache holds rows."""
-        rows = torch.as_tensor(rows)
-        states = [t for state in self.layers if state for t in state.values()]
-        batch = states[0].shape[0] if states else None
+        [0, batch size) where the cache holds rows (the values read on CPU only: elsewhere that would wait for the
+        device at every beam step)."""
+        rows = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows, dtype=None if len(rows) else torch.long)
+        first = self._first_state()
+        batch = None if first is None else first.shape[0]
         if rows.dtype == torch.bool and rows.dim() == 1 and batch in (None, len(rows)):
             rows = rows.nonzero()[:, 0]  # (a mask of the rows, as DynamicCache's indexing takes one)
         if rows.dim() != 1 or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
             raise ValueError(f"{method} takes a 1-D list of row indices (or a bool mask of the {batch} rows), got "
                              f"{rows.dtype} of shape {tuple(rows.shape)}.")
-        if batch is not None and rows.numel() and not bool(((rows >= 0) & (rows < batch)).all()):
+        readable = rows.device.type == "cpu" and rows.numel()
+        if batch is not None and readable and not bool(((rows >= 0) & (rows < batch)).all()):
             raise ValueError(f"{method}: row indices must be in [0, {batch}) (this cache holds {batch} rows), got "
                              f"{rows.tolist()}.")
         return rows.long()
@@ -155,13 +164,19 @@ class SeqArchCache:
             )
         copied = self.__class__.__new__(self.__class__)
         memo[id(self)] = copied
-        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        copied.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
         return copied
 
     def __getstate__(self):
         """Picklable (torch.save, a generate() output holding it): without the weak reference to the config checked
         last, so that the next model to use the unpickled cache is checked against its layout again."""
         return {**self.__dict__, "_made_from": None}
+
+    def __setstate__(self, state):
+        """A cache pickled before the counts of real tokens existed, which read padding: its counts are unknown."""
+        self.__dict__.update(state)
+        if "real_tokens" not in state and state.get("holds_padding"):
+            self.real_tokens_unknown = True
 
     # -- checks before use --------------------------------------------------------------------------
     def check_usable_by(self, config, batch_size: int | None = None, device: torch.device | None = None):
@@ -179,7 +194,7 @@ class SeqArchCache:
         elif self._made_from is None or self._made_from() is not config:  # (not for each decode step of one model)
             _refuse_other_layout(self.layout, config)
         self._made_from = weakref.ref(config)  # the config checked last: the next call with it skips the comparison
-        first = next((t for state in self.layers if state for t in state.values()), None)
+        first = self._first_state()
         if first is not None and device is not None and first.device != device:
             raise ValueError(f"This cache is on {first.device}; the input is on {device}. Move the cache with the "
                              f"model: cache.to({str(device)!r}).")
@@ -191,6 +206,10 @@ class SeqArchCache:
                              "or reorder_cache to pick rows.")
 
     # -- what the mixers use -----------------------------------------------------------------------
+    def _first_state(self) -> torch.Tensor | None:
+        """Any one cached tensor (batch first), or None before any layer has a state."""
+        return next((t for state in self.layers if state for t in state.values()), None)
+
     def get_state(self, layer_idx: int) -> dict[str, torch.Tensor] | None:
         state = self.layers[layer_idx]
         if state is not None and torch.is_grad_enabled() and any(t.is_inference() for t in state.values()):
@@ -282,7 +301,7 @@ class SeqArchCache:
         row were real tokens (None: all of them)."""
         if not isinstance(num_tokens, int) or num_tokens < 0:  # (a recurrent state cannot go back)
             raise ValueError(f"advance takes the number of tokens the layers have read, >= 0, got {num_tokens!r}.")
-        if real is not None or self.real_tokens is not None:
+        if (real is not None or self.real_tokens is not None) and not self.real_tokens_unknown:
             before = self.real_tokens if self.real_tokens is not None else self.seen_tokens
             self.real_tokens = before + (real if real is not None else num_tokens)  # (B,)
         self.seen_tokens += num_tokens
@@ -355,6 +374,8 @@ class SeqArchCache:
                 raise ValueError(f"This cache state's 'real_tokens' must be one count in [0, seen_tokens="
                                  f"{cache.seen_tokens}] per row; got {real!r}. Save it again from the cache.")
             cache.real_tokens = real.long()
+        elif cache.holds_padding:  # (saved before the counts existed)
+            cache.real_tokens_unknown = True
         for key, tensor in tensors.items():
             if key in ("seen_tokens", "holds_padding", "holds_beams", "real_tokens", "layout"):
                 continue
@@ -368,12 +389,16 @@ class SeqArchCache:
         cache._refuse_damaged_states()
         return cache
 
+    def _saved_mixers(self) -> list:
+        """Each layer's mixer as the saved layout names it (JSON there; another number of layers: check_usable_by),
+        None where unknown."""
+        saved_mixers = (self.layout or {}).get("mixer_types")
+        return json.loads(saved_mixers) if saved_mixers else [None] * len(self.layers)
+
     def _refuse_missing_states(self):
         """A restored cache holds a state for every layer once it has seen tokens (none before), each with its mixer's
         tensors where the layout is known: a missing one would restart that layer from zeros, silently."""
-        saved_mixers = (self.layout or {}).get("mixer_types")  # JSON (another number of layers: check_usable_by)
-        mixers = json.loads(saved_mixers) if saved_mixers else [None] * len(self.layers)
-        for index, (state, mixer) in enumerate(zip(self.layers, mixers)):
+        for index, (state, mixer) in enumerate(zip(self.layers, self._saved_mixers())):
             expected = STATE_NAMES.get(mixer) if self.seen_tokens else set()
             names = set(state or ())
             if (expected is None and self.seen_tokens and not names) or (expected is not None and names != expected):
@@ -388,11 +413,9 @@ class SeqArchCache:
         """A restored state whose tensors cannot be what a forward wrote, where that would give wrong outputs silently:
         cast to integers (truncated), of several batch sizes, or (full attention) keys for another number of positions
         than the tokens seen (sliding attention: the last sliding_window - 1 of them)."""
-        saved_mixers = (self.layout or {}).get("mixer_types")
-        mixers = json.loads(saved_mixers) if saved_mixers else [None] * len(self.layers)
         window = int(self.layout["sliding_window"]) if "sliding_window" in (self.layout or {}) else None
         batch_sizes = {len(self.real_tokens)} if self.real_tokens is not None else set()
-        for index, (state, mixer) in enumerate(zip(self.layers, mixers)):
+        for index, (state, mixer) in enumerate(zip(self.layers, self._saved_mixers())):
             for name, tensor in (state or {}).items():
                 where = f"This cache state's layers.{index}.{name}"
                 if not tensor.is_floating_point() or tensor.dim() < 2:

@@ -3,6 +3,7 @@
 import difflib
 import inspect
 import math
+from collections.abc import Iterable, Mapping, Set
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
@@ -140,6 +141,7 @@ class SeqArchConfig(PretrainedConfig):
                 "embeddings over the whole head (1.0) only."
             )
         _refuse_misspelt_fields(kwargs)
+        num_hidden_layers = _plain_scalar(num_hidden_layers)
         if num_hidden_layers is not None and not _is_int(num_hidden_layers):
             raise ValueError(f"num_hidden_layers must be an integer (or None: one layer per entry of mixer_types), got "
                              f"{num_hidden_layers!r}.")
@@ -364,27 +366,41 @@ def _mixer_list(mixer_types) -> list:
     if isinstance(mixer_types, str):  # list("lstm") would be ['l', 's', 't', 'm']
         raise ValueError(f"mixer_types must be a list with one mixer name per layer, e.g. [{mixer_types!r}]; got the "
                          f"string {mixer_types!r}.")
-    if not isinstance(mixer_types, (list, tuple)):  # (a dict or a set would give its keys, in no set order)
+    if isinstance(mixer_types, (bytes, Mapping, Set)) or not isinstance(mixer_types, Iterable):
+        # (a dict or a set would give its keys, a set in no set order; any sequence is taken: a numpy array, Hydra's
+        # ListConfig)
         raise ValueError(f"mixer_types must be a list with one mixer name per layer, e.g. ['attention', 'lstm']; got "
                          f"{type(mixer_types).__name__} {mixer_types!r}.")
     return list(mixer_types)
+
+
+def near_miss(name: str, names) -> str | None:
+    """The one of `names` that `name` looks like a misspelling of (a letter or two off: atention_mask, mixer_type), or
+    None. Not a name that holds one of them or is held by one with more around it (encoder_attention_mask,
+    use_sliding_window, hidden_states): another model's argument, not a typo of ours."""
+    meant = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    if not meant:
+        return None
+    longer, shorter = sorted((name, meant[0]), key=len, reverse=True)
+    return None if shorter in longer and len(longer) - len(shorter) > 2 else meant[0]
 
 
 def _refuse_misspelt_fields(kwargs):
     """transformers keeps a keyword its config does not know as an attribute, unused: one a letter or two off a field
     of ours (mixer_type, bidirectonal) would build another model than asked, silently. Refused, naming the field meant.
     Token ids are left out: transformers' own (sep_token_id, forced_eos_token_id) are as close to ours."""
-    fields = [name for name in inspect.signature(SeqArchConfig.__init__).parameters if name not in ("self", "kwargs")]
     for name in kwargs:
         if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS:
             continue
-        meant = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
+        meant = near_miss(name, _SEQARCH_FIELDS)
         if meant:
-            raise ValueError(f"SeqArchConfig has no field {name!r}: did you mean {meant[0]!r}? (An unknown keyword "
+            raise ValueError(f"SeqArchConfig has no field {name!r}: did you mean {meant!r}? (An unknown keyword "
                              f"would be kept but never read.)")
 
 
 _TRANSFORMERS_FIELDS = frozenset(PretrainedConfig().to_dict())  # the base config's own fields, never refused
+_SEQARCH_FIELDS = tuple(name for name in inspect.signature(SeqArchConfig.__init__).parameters
+                        if name not in ("self", "kwargs"))
 
 
 def _check_dropout(name, value):

@@ -3,7 +3,6 @@
 Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads.
 """
 
-import difflib
 import inspect
 import math
 import numbers
@@ -26,7 +25,7 @@ from transformers.models.auto import modeling_auto
 from transformers.utils import can_return_tuple, logging
 
 from .cache_seqarch import SeqArchCache
-from .configuration_seqarch import SeqArchConfig
+from .configuration_seqarch import SeqArchConfig, near_miss
 from .graph_capture import capturing_graph, recording_one_graph
 from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
@@ -600,9 +599,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         cache and its past length, the rotary embeddings of attention layers."""
         batch, length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
-        padding_mask = self._padding_mask(attention_mask, batch, length, past_length,
-                                          past_padded=past_length > 0 and cache.holds_padding,
-                                          past_real=cache.real_tokens if cache is not None else None)  # (B, past + T)
+        padding_mask = self._padding_mask(attention_mask, batch, length, past_length, cache)  # (B, past + T)
         positions_given = position_ids is not None
         if position_ids is None and padding_mask is None:
             position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
@@ -680,13 +677,11 @@ class SeqArchModel(SeqArchPreTrainedModel):
             raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
         return input_ids
 
-    def _padding_mask(self, attention_mask, batch, length, past_length, past_padded=False, past_real=None):
-        """2-D mask -> (B, past + T) bool, or None when every position is real. past_padded: the cache holds pads,
-        which only a mask with 0 at them keeps attention layers from reading; past_real: the cache's count of real
-        tokens in each row (`SeqArchCache.real_tokens`), which the mask's past part must agree with."""
-        mask = None if attention_mask is None else self._checked_mask(attention_mask, batch, length, past_length,
-                                                                      past_real)
-        if mask is None and past_padded and self.config.has_attention:
+    def _padding_mask(self, attention_mask, batch, length, past_length, cache=None):
+        """2-D mask -> (B, past + T) bool, or None when every position is real. Where the cache holds pads, only a
+        mask with 0 at them keeps attention layers from reading them."""
+        mask = None if attention_mask is None else self._checked_mask(attention_mask, batch, length, past_length, cache)
+        if mask is None and past_length and cache.holds_padding and self.config.has_attention:
             raise ValueError(
                 "This cache holds padded positions (it was filled from a padded batch), which its attention layers "
                 f"keep: pass the attention_mask of the past and new tokens, ({batch}, {past_length + length}), with 0 "
@@ -694,8 +689,9 @@ class SeqArchModel(SeqArchPreTrainedModel):
             )
         return mask
 
-    def _checked_mask(self, attention_mask, batch, length, past_length, past_real=None):
-        """`_padding_mask` of a given mask: checked against the input and the cache, None when it is all ones."""
+    def _checked_mask(self, attention_mask, batch, length, past_length, cache=None):
+        """`_padding_mask` of a given mask: checked against the input and the cache (its past part against the
+        cache's counts of the real tokens it read, `SeqArchCache.real_tokens`), None when it is all ones."""
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in (
             length,
             past_length + length,
@@ -717,8 +713,9 @@ class SeqArchModel(SeqArchPreTrainedModel):
             # An all-zero float mask is an additive one without pads. (An all-zero integer one is a chunk of pads:
             # chunked prefill of a left-padded batch passes such chunks.)
             none_real = ~mask.any() if attention_mask.is_floating_point() and mask.numel() else mask.new_zeros(())
-            past_disagrees = mask.new_zeros(())
-            if past_length and mask.shape[1] == past_length + length:
+            past_disagrees, past_real = mask.new_zeros(()), None
+            if past_length and mask.shape[1] == past_length + length and not cache.real_tokens_unknown:
+                past_real = cache.real_tokens  # (None: every past position was real)
                 past_counts = mask[:, :past_length].sum(1)  # (B,)
                 expected = past_real.to(mask.device) if past_real is not None else past_length
                 past_disagrees = (past_counts != expected).any()
@@ -850,12 +847,12 @@ def _refuse_misspelt_arguments(kwargs):
     here masks heads."""
     if kwargs.get("head_mask") is not None:
         raise ValueError("head_mask is not supported: no mixer here masks attention heads (it would be ignored).")
-    for name in kwargs:
-        if name in KNOWN_KEYWORDS or name in FORWARD_ARGUMENTS:  # (another head's argument: its own checks)
+    for name, value in kwargs.items():
+        if value is None or name in KNOWN_KEYWORDS or name in FORWARD_ARGUMENTS:  # (another head's: its own checks)
             continue
-        meant = difflib.get_close_matches(name, FORWARD_ARGUMENTS, n=1, cutoff=0.75)
+        meant = near_miss(name, FORWARD_ARGUMENTS)
         if meant:
-            raise ValueError(f"{name!r} is not an argument of these models' forward: did you mean {meant[0]!r}? (An "
+            raise ValueError(f"{name!r} is not an argument of these models' forward: did you mean {meant!r}? (An "
                              "unknown keyword would be ignored.)")
 
 
@@ -894,8 +891,8 @@ def _check_classification_inputs(head, output_layer, input_ids, attention_mask, 
         binary = (attention_mask == 0) | (attention_mask == 1)
         any_empty, binary, all_empty = torch.stack([empty.any(), binary.all(), empty.all()]).tolist()  # (one read)
         if any_empty and binary and not (all_empty and attention_mask.is_floating_point()):
-            raise ValueError(f"attention_mask row {int(empty.nonzero()[0, 0])} has no real token (all 0): nothing to "
-                             "classify there. Give each row at least one token.")
+            raise ValueError(f"attention_mask row {int(empty.nonzero()[0, 0])} has no real token (all 0; an empty "
+                             "text?): nothing to classify there. Give each row at least one token.")
     if input_ids is not None:
         head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
@@ -1115,9 +1112,11 @@ def _generation_option(model, arguments, name):
 def _refuse_special_ids_out_of_range(model, arguments):
     """generate()'s pad, eos and bos ids (its arguments, else the generation config's) are token ids the model has:
     an eos it cannot produce never stops generation, and a pad it cannot read, fed back for a finished row, failed
-    with the forward's message about the caller's token ids. (The config refuses them; these may differ from it.)"""
+    with the forward's message about the caller's token ids; bos starts generation without a prompt. (The config
+    refuses them; these may differ from it.)"""
     vocab_size = model.config.vocab_size
-    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+    prompted = any(arguments.get(name) is not None for name in ("inputs", "input_ids", "inputs_embeds"))
+    for name in ("pad_token_id", "eos_token_id") + (() if prompted else ("bos_token_id",)):
         value = _generation_option(model, arguments, name)
         if value is None:
             continue

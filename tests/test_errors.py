@@ -98,6 +98,15 @@ def test_layers_of_another_type_are_refused(fields, message):
         SeqArchConfig(**fields)
 
 
+def test_layers_from_numpy_and_other_sequences_are_taken():
+    """A sweep's numpy numbers and arrays, and any sequence (Hydra's ListConfig), as list(...) took them."""
+    import numpy as np
+
+    assert SeqArchConfig(num_hidden_layers=np.int64(2)).num_hidden_layers == 2
+    assert SeqArchConfig(mixer_types=np.array(["lstm", "gru"])).mixer_types == ["lstm", "gru"]
+    assert SeqArchConfig(mixer_types=("lstm", "gru")).mixer_types == ["lstm", "gru"]
+
+
 def test_transformers_own_fields_and_far_unknown_keywords_are_kept():
     """transformers' configs keep keywords they do not know: only near misses of our fields are refused (not token
     ids: transformers' own, such as sep_token_id, are as near to ours)."""
@@ -139,10 +148,12 @@ def test_a_misspelt_forward_argument_is_refused(head, typo, meant):
         model(input_ids=ids, **{typo: torch.ones_like(ids)})
     with pytest.raises(ValueError, match="head_mask is not supported"):
         model(input_ids=ids, head_mask=torch.ones(1, 4))
-    # what callers pass along (a tokenizer's token_type_ids, transformers 4.x generate()'s cache_position) and keywords
-    # far from any argument are ignored, as transformers' models ignore them
+    # what callers pass along (a tokenizer's token_type_ids, transformers 4.x generate()'s cache_position), other
+    # models' arguments (another word around one of ours), keywords set to None and keywords far from any argument are
+    # ignored, as transformers' models ignore them
     expected = model(input_ids=ids)[0]
-    taken = model(input_ids=ids, token_type_ids=torch.zeros_like(ids), cache_position=torch.arange(5), note="x")
+    taken = model(input_ids=ids, token_type_ids=torch.zeros_like(ids), cache_position=torch.arange(5), note="x",
+                  encoder_attention_mask=torch.ones_like(ids), hidden_states=1, atention_mask=None)
     torch.testing.assert_close(taken[0], expected)
 
 
@@ -154,7 +165,14 @@ def test_generate_refuses_special_ids_the_model_cannot_have(option):
     model = tiny_model(SeqArchForCausalLM, ["lstm"])
     name = next(iter(option))
     with pytest.raises(ValueError, match=f"generate\\(\\): {name} must be token id\\(s\\) in \\[0, vocab_size={VOCAB}\\)"):
-        model.generate(random_ids(2, 4), max_new_tokens=2, **option)
+        prompt = {} if name == "bos_token_id" else {"inputs": random_ids(2, 4)}  # (bos starts an unprompted one)
+        model.generate(**prompt, max_new_tokens=2, **option)
+
+
+def test_generate_takes_a_bos_out_of_range_with_a_prompt():
+    """bos only starts generation without a prompt."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"])
+    assert model.generate(random_ids(1, 4), max_new_tokens=2, bos_token_id=VOCAB + 5).shape == (1, 6)
 
 
 def test_generate_refuses_ids_of_one_dimension():
@@ -1155,6 +1173,8 @@ def test_a_damaged_cache_state_is_refused_at_loading():
         (dict(seen_tokens=torch.tensor(100)), "after 100 tokens its attention layer keeps 100 positions"),
         (dict(**{"layers.0.h": state["layers.0.h"].long()}), "layers.0.h is a torch.int64 tensor"),
         (dict(**{"layers.0.c": state["layers.0.c"][:1]}), r"rows of several batch sizes \[1, 2\]"),
+        (dict(real_tokens=torch.tensor([5, 6])), r"'real_tokens' must be one count in \[0, seen_tokens=5\] per row"),
+        (dict(real_tokens=torch.tensor([5, 4, 3])), r"rows of several batch sizes \[2, 3\]"),
     ):
         with pytest.raises(ValueError, match=message):
             SeqArchCache.from_state_dict({**state, **damage}, config=model.config)

@@ -1,5 +1,6 @@
 """StreamingSession: chunked feeding, the single-token decode path, save and restore, for every stack."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -369,30 +370,59 @@ def test_a_stream_holding_the_pad_id_continues_only_with_the_mask_it_was_read_wi
 
 
 @pytest.mark.parametrize("stack", ["lstm", "mamba2+attention"])
-def test_a_batch_cache_continues_with_the_mask_it_was_filled_with(stack):
-    """A row that ends early gets pad ids after its eos, read as tokens (mask 1); continuing, generate() masks them
-    (0): refused. The left pads of a padded prompt, which the cache skipped, are what generate()'s own mask says:
-    it continues as one run from scratch. The counts follow the rows (reordered, saved and loaded)."""
+def test_a_cache_continues_with_the_mask_it_was_filled_with(stack):
+    """A cache counts each row's real tokens: a later mask of the past must agree (as generate() makes one from
+    pad_token_id: 0 at pad ids the cache read as tokens, such as those after a row's eos). The counts follow the rows
+    (reordered, selected, repeated, copied, saved and loaded)."""
     model = causal_lm(stack)
-    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    ids, mask = random_ids(2, 8), torch.ones(2, 8, dtype=torch.long)
     ids[1, :2], mask[1, :2] = 0, 0  # row 1 left-padded
-    eos = int(model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=2, pad_token_id=0)[0, -1])
-    new = dict(do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=eos, return_dict_in_generate=True)
-    out = model.generate(ids, attention_mask=mask, **new)
-    assert (out.sequences[0, 8:] == 0).all() and (out.sequences[1, 6:] != 0).all()  # row 0 ended; row 1 did not
-    cache = getattr(out, CACHE_FIELD)
-    assert cache.real_tokens.tolist() == [cache.seen_tokens, cache.seen_tokens - 2]
-    follow = torch.cat([out.sequences, random_ids(2, 2, seed=4)], 1)
-    with pytest.raises(ValueError, match="mark 8 real tokens in row 0, but the cache read 10 there"):
-        model.generate(follow, **{CACHE_FIELD: cache}, **new)
-    read = torch.cat([mask, torch.ones(2, follow.shape[1] - 6, dtype=torch.long)], 1)  # what the cache read
-    restored = SeqArchCache.from_state_dict(cache.state_dict(), len(cache))
-    assert restored.real_tokens.tolist() == cache.real_tokens.tolist()
-    continued = model.generate(follow, attention_mask=read, **{CACHE_FIELD: restored}, **new)
-    expected = model.generate(follow, attention_mask=read, **new)
-    torch.testing.assert_close(continued.sequences, expected.sequences, rtol=0, atol=0)
-    cache.reorder_cache(torch.tensor([1, 0]))
-    assert cache.real_tokens.tolist() == [cache.seen_tokens - 2, cache.seen_tokens]
+    ids[0, 6:] = 0  # row 0 ends in pad ids read as tokens, as generate() feeds them after an eos
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :6], attention_mask=mask[:, :6], use_cache=True), CACHE_FIELD)
+        model(input_ids=ids[:, 6:], attention_mask=mask, cache=cache)
+    assert cache.real_tokens.tolist() == [8, 6]
+    new = random_ids(2, 2, seed=4)
+    full, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], 1)
+    as_generate_masks = full_mask.clone()
+    as_generate_masks[0, 6:8] = 0  # the pad ids, masked
+    with pytest.raises(ValueError, match="mark 6 real tokens in row 0, but the cache read 8 there"):
+        model(input_ids=new, attention_mask=as_generate_masks, cache=cache)
+    assert cache.seen_tokens == 8  # (refused before any layer read the tokens)
+    restored = SeqArchCache.from_state_dict(cache.state_dict())
+    assert restored.real_tokens.tolist() == [8, 6]
+    with torch.no_grad():
+        continued = model(input_ids=new, attention_mask=full_mask, cache=restored).logits
+    torch.testing.assert_close(continued, model(input_ids=full, attention_mask=full_mask).logits[:, 8:],
+                               rtol=1e-5, atol=1e-5)
+    for rows, counts in ((lambda c: c.reorder_cache(torch.tensor([1, 0])), [6, 8]),
+                         (lambda c: c.batch_select_indices(torch.tensor([1])), [6]),
+                         (lambda c: c.batch_repeat_interleave(2), [8, 8, 6, 6])):
+        reshaped = copy.deepcopy(cache)
+        rows(reshaped)
+        assert reshaped.real_tokens.tolist() == counts
+
+
+def test_a_padded_cache_saved_before_the_counts_continues_unchecked(tmp_path):
+    """A padded cache's state or pickle from before the counts of real tokens existed: its counts are unknown, so its
+    mask is taken as before (once refused, as if every past position had been real)."""
+    model = causal_lm("mamba2+attention")
+    ids, mask = random_ids(2, 6), torch.ones(2, 6, dtype=torch.long)
+    ids[1, :2], mask[1, :2] = 0, 0
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids, attention_mask=mask, use_cache=True), CACHE_FIELD)
+    state = {key: value for key, value in cache.state_dict().items() if key != "real_tokens"}  # as saved before
+    pickled = copy.deepcopy(cache)
+    del pickled.__dict__["real_tokens"]
+    torch.save(pickled, tmp_path / "old.pt")
+    old_pickle = torch.load(tmp_path / "old.pt", weights_only=False)
+    new, full_mask = random_ids(2, 1, seed=4), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        expected = model(input_ids=new, attention_mask=full_mask, cache=copy.deepcopy(cache)).logits
+        for old in (SeqArchCache.from_state_dict(state), old_pickle):
+            assert old.real_tokens_unknown
+            torch.testing.assert_close(model(input_ids=new, attention_mask=full_mask, cache=old).logits, expected)
+            assert old.real_tokens is None  # (still unknown)
 
 
 def test_a_saved_cache_restores_from_its_own_layout():
