@@ -258,20 +258,42 @@ def _refuse_other_configs(model, config):
 
 
 def _refuse_head_tied_against_config(model):
-    """config.tie_word_embeddings set to False on a tied model leaves lm_head and the embeddings one tensor: saved, the
-    folder lacked lm_head.weight while its config said untied, and from_pretrained refused it (saving again wrote the
-    same folder)."""
+    """config.tie_word_embeddings set against the tensors, at saving. To False on a tied model, lm_head and the
+    embeddings stay one tensor: the folder lacked lm_head.weight while its config said untied, and from_pretrained
+    refused it. To True on an untied model (or a tied one given a head of its own), the model runs its own head while
+    the folder says tied: loading replaced the trained head by the embeddings (transformers 4.x), or the next
+    tie_weights() did (5.x), silently. A head of another width than config.vocab_size is refused too."""
     head, embeddings = getattr(model, "lm_head", None), embedding_table(model.get_input_embeddings())
-    if model.config.tie_word_embeddings or head is None or embeddings is None:
+    if head is None or embeddings is None:
         return
-    one_storage = head.weight.data_ptr() == embeddings.weight.data_ptr() != 0  # (0: offloaded to meta, unknown)
-    if head.weight is embeddings.weight or one_storage:
+    _refuse_head_of_another_vocabulary(model)
+    known = head.weight.data_ptr() != 0 and embeddings.weight.data_ptr() != 0  # (0: offloaded to meta, unknown)
+    one_tensor = head.weight is embeddings.weight or known and head.weight.data_ptr() == embeddings.weight.data_ptr()
+    if not model.config.tie_word_embeddings and one_tensor:
         raise ValueError(
             "config.tie_word_embeddings is False, but lm_head.weight is still the input embeddings' tensor (the model "
             "was built tied): saved, the folder would say untied and hold no lm_head.weight. Untie the tensors first, "
             "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone()), or set "
             "config.tie_word_embeddings back to True."
         )
+    if model.config.tie_word_embeddings and known and not one_tensor:
+        raise ValueError(
+            "config.tie_word_embeddings is True, but lm_head.weight is a tensor of its own, not the input embeddings' "
+            "(the model was built untied, or given another head): saved, the folder would say tied, and loading "
+            "would replace this head by the embeddings. Tie them first, model.tie_weights(), or set "
+            "config.tie_word_embeddings back to False."
+        )
+
+
+def _refuse_head_of_another_vocabulary(model):
+    """A causal LM's head (its output width) against config.vocab_size, as the embeddings are checked: a head set
+    with set_output_embeddings of another width failed inside the loss, and generate() produced ids past the
+    vocabulary."""
+    head = model.get_output_embeddings()
+    width = getattr(head, "out_features", None)
+    if width is not None and width != model.config.vocab_size:
+        raise ValueError(f"lm_head has {width} outputs, but config.vocab_size is {model.config.vocab_size}: change the "
+                         f"vocabulary with model.resize_token_embeddings(n), which resizes both.")
 
 
 def embedding_table(embeddings: nn.Module | None) -> nn.Embedding | None:
@@ -871,7 +893,8 @@ def _check_classification_inputs(head, output_layer, input_ids, attention_mask, 
     """The classification heads run whole sequences: a cache passed to them would be silently ignored (refused), and
     pad ids without a mask are read as tokens, every output of an encoder seeing them (warned, as transformers does).
     config.num_labels (or id2label) changed after the head was built is refused: the labels would be checked against
-    it and the loss would fail inside torch on the layer's other width, as it does in transformers' own heads."""
+    it and the loss would fail inside torch on the layer's other width, as it does in transformers' own heads. A
+    sequence classifier refuses a row without a real token (it would pool a pad, or zeros)."""
     if output_layer.out_features != head.config.num_labels:
         raise ValueError(
             f"config.num_labels is {head.config.num_labels} (id2label has as many entries), but this "
@@ -993,6 +1016,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     ):
         _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, labels=labels), kwargs)
+        _refuse_head_of_another_vocabulary(self)
         tokens = _batch_and_length(input_ids, inputs_embeds)
         keep = _positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
         if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step
@@ -1383,6 +1407,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
+        self.dropout.p = self.config.classifier_dropout or 0.0  # (an edit of the config is followed, as attention's)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:

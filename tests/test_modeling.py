@@ -13,7 +13,14 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from hf_seqarch import SeqArchCache, SeqArchConfig, SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
+from hf_seqarch import (
+    SeqArchCache,
+    SeqArchConfig,
+    SeqArchForCausalLM,
+    SeqArchForSequenceClassification,
+    SeqArchForTokenClassification,
+    SeqArchModel,
+)
 from hf_seqarch import ops_sliding_attention
 from hf_seqarch.mixer_attention import rotary_cos_sin
 from hf_seqarch.mixer_context import MixerContext
@@ -91,9 +98,12 @@ def test_a_tied_checkpoint_loaded_untied_with_its_head_offloaded_is_refused(tmp_
 
 
 def test_save_checks_a_config_changed_since_it_was_built(tmp_path):
-    """Resized below its pad_token_id, a model trained and saved, and then from_pretrained refused its own checkpoint."""
+    """Resized below its pad_token_id, a model trained and saved, and then from_pretrained refused its own checkpoint:
+    the resize is refused now, and save_pretrained checks a config set by hand."""
     model = tiny_model(SeqArchForCausalLM, ["lstm"], pad_token_id=VOCAB - 1)
-    model.resize_token_embeddings(VOCAB - 2)
+    with pytest.raises(ValueError, match=f"resize_token_embeddings takes a vocabulary of at least {VOCAB} token"):
+        model.resize_token_embeddings(VOCAB - 2)
+    model.config.pad_token_id = VOCAB + 2
     with pytest.raises(ValueError, match="pad_token_id must be None or a token id"):
         model.save_pretrained(tmp_path)
 
@@ -717,3 +727,32 @@ def test_cells_written_out_match_torchs():
         upstream = [torch.randn(a.shape, generator=generator, dtype=torch.float64) for a in got]
         for a, b in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_head_against_its_config_is_refused(tmp_path):
+    """config.tie_word_embeddings set to True on an untied model: it ran its own head while the folder said tied, and
+    loading replaced the head by the embeddings (4.x; 5.x at the next tie_weights()), silently. A head of another
+    width than the vocabulary failed inside the loss, and generate() produced ids past it."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm"], tie_word_embeddings=False)
+    model.config.tie_word_embeddings = True
+    with pytest.raises(ValueError, match="tie_word_embeddings is True, but lm_head.weight is a tensor of its own"):
+        model.save_pretrained(tmp_path)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)  # (tied now, as the config says)
+    wide = tiny_model(SeqArchForCausalLM, ["lstm"], tie_word_embeddings=False)
+    wide.set_output_embeddings(torch.nn.Linear(wide.config.hidden_size, VOCAB + 16, bias=False))
+    for call in (lambda: wide(input_ids=random_ids(1, 4)), lambda: wide.generate(random_ids(1, 4), max_new_tokens=2),
+                 lambda: wide.save_pretrained(tmp_path / "wide")):
+        with pytest.raises(ValueError, match=f"lm_head has {VOCAB + 16} outputs, but config.vocab_size is {VOCAB}"):
+            call()
+
+
+def test_token_classification_follows_its_dropout_config():
+    """config.classifier_dropout set after the model was built was ignored (its nn.Dropout kept the first p), while a
+    reloaded model used it."""
+    model = tiny_model(SeqArchForTokenClassification, ["lstm"], classifier_dropout=0.0).train()
+    ids = random_ids(2, 6)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.config.classifier_dropout = 0.5
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
