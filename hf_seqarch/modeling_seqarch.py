@@ -289,8 +289,10 @@ def _refuse_head_of_another_vocabulary(model):
     """A causal LM's head (its output width) against config.vocab_size, as the embeddings are checked: a head set
     with set_output_embeddings of another width failed inside the loss, and generate() produced ids past the
     vocabulary."""
-    head = model.get_output_embeddings()
+    head, embeddings = model.get_output_embeddings(), embedding_table(model.get_input_embeddings())
     width = getattr(head, "out_features", None)
+    if embeddings is not None and embeddings.num_embeddings != model.config.vocab_size:
+        return  # (config.vocab_size itself changed by hand: the embeddings' check says so, refuse_config_changed...)
     if width is not None and width != model.config.vocab_size:
         raise ValueError(f"lm_head has {width} outputs, but config.vocab_size is {model.config.vocab_size}: change the "
                          f"vocabulary with model.resize_token_embeddings(n), which resizes both.")
