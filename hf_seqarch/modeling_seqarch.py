@@ -1409,7 +1409,9 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        self.dropout.p = self.config.classifier_dropout or 0.0  # (an edit of the config is followed, as attention's)
+        dropout = self.config.classifier_dropout or 0.0
+        if self.dropout.p != dropout:  # an edit of the config is followed, as attention_dropout's
+            self.dropout.p = dropout
         logits = self.classifier(self.dropout(outputs.last_hidden_state))  # (B, T, num_labels)
         loss = None
         if labels is not None:
