@@ -5,8 +5,11 @@ import inspect
 import math
 from collections.abc import Iterable, Mapping, Set
 
+import transformers
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])  # (4.x and 5.x differ in a few APIs)
 
 MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention")
 RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer

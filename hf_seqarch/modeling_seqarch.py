@@ -1,18 +1,17 @@
 """SeqArch models: a stack of pre-norm residual blocks, each a token mixer (chosen per layer) and an MLP.
 
-Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads.
+Reads top-down: mixer registry, MLP, block, the shared PreTrainedModel, the base model, the four heads. What they
+refuse (bad arguments, a checkpoint that would load wrong, generate() options these models cannot honour) is in
+checks_arguments_seqarch, checks_loading_seqarch and checks_generation_seqarch.
 """
 
-import inspect
-import math
 import numbers
-import operator
 import os
 import tempfile
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -25,7 +24,38 @@ from transformers.models.auto import modeling_auto
 from transformers.utils import can_return_tuple, logging
 
 from .cache_seqarch import SeqArchCache
-from .configuration_seqarch import SeqArchConfig, near_miss
+from .checks_arguments_seqarch import (
+    batch_and_length,
+    check_call,
+    check_classification_inputs,
+    class_ids,
+    is_integer,
+    kept_count,
+    positions_to_keep,
+    refuse_packed_sequences,
+    refuse_past_mask_disagreeing,
+    refuse_zero_count_with_labels,
+    sequence_labels,
+    sequence_problem,
+    value_range,
+)
+from .checks_generation_seqarch import (
+    generate_arguments,
+    generation_option,
+    refuse_assisted_decoding,
+    refuse_cache_misuse,
+    refuse_special_ids_out_of_range,
+)
+from .checks_loading_seqarch import (
+    embedding_table,
+    explain_load_error,
+    refuse_head_of_another_vocabulary,
+    refuse_head_tied_against_config,
+    refuse_recurrences_made_bidirectional,
+    refuse_tying_a_trained_head,
+    untie_lm_head_left_out,
+)
+from .configuration_seqarch import TRANSFORMERS_MAJOR, SeqArchConfig
 from .graph_capture import capturing_graph, recording_one_graph
 from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
@@ -64,7 +94,6 @@ MIXER_CLASSES = {
 # transformers 5.24 renamed the output's `past_key_values` to `cache`; fill whichever this release has.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # A dict {target: source} in transformers 5, a list of targets in 4.x.
-TRANSFORMERS_MAJOR = int(__import__("transformers").__version__.split(".")[0])
 TIED_LM_HEAD = {"lm_head.weight": "model.embed_tokens.weight"} if TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
 
 
@@ -179,17 +208,17 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                     f"{str(folder)!r} has no config.json: the model's mixers and sizes are read from it. Save with "
                     f"save_pretrained (which writes it), or pass config=SeqArchConfig(...) to from_pretrained."
                 )
-        _refuse_recurrences_made_bidirectional(source, kwargs)
+        refuse_recurrences_made_bidirectional(source, kwargs)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except Exception as error:
-            explained = _explain_load_error(error, source)
+            explained = explain_load_error(error, source)
             if explained is None:
                 raise
             raise explained from error
         prefix = cls.base_model_prefix + "."
-        _untie_lm_head_left_out(model, info, source, kwargs)
-        _refuse_tying_a_trained_head(model, source, kwargs)
+        untie_lm_head_left_out(model, info, source, kwargs)
+        refuse_tying_a_trained_head(model, source, kwargs)
 
         def body(keys):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
@@ -221,7 +250,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         # A config changed since it was built (resize_token_embeddings below pad_token_id, a field set by hand) is
         # checked now, not by the from_pretrained that would refuse it after the training that led here.
         self.config.validate_seqarch()
-        _refuse_head_tied_against_config(self)
+        refuse_head_tied_against_config(self)
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         if is_main_process:
@@ -255,160 +284,6 @@ def _refuse_other_configs(model, config):
         name = type(model).__name__
         raise TypeError(f"{name} takes a SeqArchConfig, got {type(config).__name__}: e.g. "
                         f"{name}(SeqArchConfig(mixer_types=['attention', 'lstm'])).")
-
-
-def _refuse_head_tied_against_config(model):
-    """config.tie_word_embeddings set against the tensors, at saving. To False on a tied model, lm_head and the
-    embeddings stay one tensor: the folder lacked lm_head.weight while its config said untied, and from_pretrained
-    refused it. To True on an untied model (or a tied one given a head of its own), the model runs its own head while
-    the folder says tied: loading replaced the trained head by the embeddings (transformers 4.x), or the next
-    tie_weights() did (5.x), silently. A head of another width than config.vocab_size is refused too."""
-    head, embeddings = getattr(model, "lm_head", None), embedding_table(model.get_input_embeddings())
-    if head is None or embeddings is None:
-        return
-    _refuse_head_of_another_vocabulary(model)
-    known = head.weight.data_ptr() != 0 and embeddings.weight.data_ptr() != 0  # (0: offloaded to meta, unknown)
-    one_tensor = head.weight is embeddings.weight or known and head.weight.data_ptr() == embeddings.weight.data_ptr()
-    if not model.config.tie_word_embeddings and one_tensor:
-        raise ValueError(
-            "config.tie_word_embeddings is False, but lm_head.weight is still the input embeddings' tensor (the model "
-            "was built tied): saved, the folder would say untied and hold no lm_head.weight. Untie the tensors first, "
-            "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone()), or set "
-            "config.tie_word_embeddings back to True."
-        )
-    if model.config.tie_word_embeddings and known and not one_tensor:
-        raise ValueError(
-            "config.tie_word_embeddings is True, but lm_head.weight is a tensor of its own, not the input embeddings' "
-            "(the model was built untied, or given another head): saved, the folder would say tied, and loading "
-            "would replace this head by the embeddings. Tie them first, model.tie_weights(), or set "
-            "config.tie_word_embeddings back to False."
-        )
-
-
-def _refuse_head_of_another_vocabulary(model):
-    """A causal LM's head (its output width) against config.vocab_size, as the embeddings are checked: a head set
-    with set_output_embeddings of another width failed inside the loss, and generate() produced ids past the
-    vocabulary."""
-    head, embeddings = model.get_output_embeddings(), embedding_table(model.get_input_embeddings())
-    width = getattr(head, "out_features", None)
-    if embeddings is not None and embeddings.num_embeddings != model.config.vocab_size:
-        return  # (config.vocab_size itself changed by hand: the embeddings' check says so, refuse_config_changed...)
-    if width is not None and width != model.config.vocab_size:
-        raise ValueError(f"lm_head has {width} outputs, but config.vocab_size is {model.config.vocab_size}: change the "
-                         f"vocabulary with model.resize_token_embeddings(n), which resizes both.")
-
-
-def embedding_table(embeddings: nn.Module | None) -> nn.Embedding | None:
-    """The nn.Embedding that holds the vocabulary: the input embeddings themselves, or the one inside a wrapper (PEFT's
-    LoRA on the embeddings and its trainable tokens keep it as their base layer, as may a module of the user's);
-    None if there is none."""
-    modules = embeddings.modules() if embeddings is not None else ()
-    return next((module for module in modules if isinstance(module, nn.Embedding)), None)
-
-
-def _untie_lm_head_left_out(model, info, source, load_kwargs):
-    """An untied lm_head the checkpoint has no weight for (it was saved tied, and transformers stored only the
-    embeddings; or it is a model body alone) starts from the input embeddings, what a tied head is, not random.
-    Unless the checkpoint's own config.json says it is an untied causal LM: then its trained head is lost (whatever
-    config the caller passed, as the Auto classes always pass one), and loading refuses."""
-    missing = info.get("missing_keys", [])
-    head = getattr(model, "lm_head", None)
-    if "lm_head.weight" not in missing or head is None or model.config.tie_word_embeddings:
-        return
-    if _saved_as_untied_causal_lm(source, load_kwargs):
-        raise ValueError(
-            f"The checkpoint {source!r} was saved as a SeqArchForCausalLM with untied embeddings "
-            "(tie_word_embeddings=false in its config.json) but has no lm_head.weight: its weights are incomplete, "
-            "and the head would not be the one trained. Save the model again; or load the body alone "
-            "(SeqArchModel.from_pretrained) and put a head of your own on it. (A folder saved from a tied model whose "
-            "config alone was set untied, which earlier versions allowed, has the embeddings as its head: set "
-            "tie_word_embeddings to true in its config.json.)"
-        )
-    if head.weight.is_meta or model.get_input_embeddings().weight.is_meta:  # offloaded by device_map
-        raise ValueError(
-            f"The checkpoint {source!r} has no lm_head.weight (it was saved tied), so the untied lm_head must start "
-            "from the input embeddings, but device_map offloads one of them (to the CPU or disk), where they cannot "
-            "be copied. Load it tied (without tie_word_embeddings=False), or with both on the main device."
-        )
-    with torch.no_grad():
-        head.weight.copy_(model.get_input_embeddings().weight)
-    info["missing_keys"] = type(missing)(key for key in missing if key != "lm_head.weight")
-    logger.warning("The checkpoint has no lm_head.weight (saved with tied embeddings, or a model body alone): the "
-                   "untied lm_head starts from the input embeddings, the head a tied model has.")
-
-
-def _refuse_tying_a_trained_head(model, source, load_kwargs):
-    """A causal LM saved untied has a trained lm_head of its own: loaded with tie_word_embeddings=True, transformers
-    4.x replaced it by the input embeddings without a word, and 5.x kept it beside a config saying it is tied (whose
-    next save_pretrained drops it)."""
-    if getattr(model, "lm_head", None) is None or not model.config.tie_word_embeddings:
-        return
-    if _saved_as_untied_causal_lm(source, load_kwargs):
-        raise ValueError(
-            f"The checkpoint {source!r} is a causal LM saved with untied embeddings: its lm_head.weight is trained, "
-            "and tie_word_embeddings=True would replace it by the input embeddings. Load it as saved; to tie it "
-            "anyway, set model.config.tie_word_embeddings = True and call model.tie_weights() after loading."
-        )
-
-
-# from_pretrained's arguments that say where and how its files are fetched (and so its config.json)
-HUB_DOWNLOAD_ARGUMENTS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-
-
-def _refuse_recurrences_made_bidirectional(source, load_kwargs):
-    """A checkpoint loads with its direction switched (a causal one as an encoder, bidirectional=True, or an encoder as
-    causal) where its mixers keep their weights: attention, mamba2, linear attention. A bidirectional LSTM/GRU has
-    other weights than a causal one (two directions of half the width each): say so, rather than fail on "other
-    shapes" (whose advice, ignore_mismatched_sizes=True, would start those layers from random)."""
-    asked = load_kwargs.get("bidirectional", getattr(load_kwargs.get("config"), "bidirectional", None))
-    if asked is None:
-        return
-    saved = _saved_config(source, load_kwargs)
-    recurrences = sorted({"lstm", "gru"} & set(saved.get("mixer_types") or []))
-    saved_bidirectional = bool(saved.get("bidirectional", False))
-    if saved and recurrences and bool(asked) != saved_bidirectional:
-        encoder, causal = "an encoder (bidirectional=True)", "a causal model (bidirectional=False)"
-        saved_as, asked_as = (encoder, causal) if saved_bidirectional else (causal, encoder)
-        raise ValueError(
-            f"{source!r} is {saved_as} with {' and '.join(recurrences)} layers, which cannot load as {asked_as}: a "
-            "bidirectional LSTM/GRU has two directions of half the width, other weights than a causal one's. Load it "
-            "as it was saved, or train the other kind from scratch (attention, mamba2 and linear attention layers do "
-            "load either way)."
-        )
-
-
-def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:
-    """Whether the checkpoint's own config.json says it is a causal LM with an lm_head of its own (untied)."""
-    saved = _saved_config(source, load_kwargs)
-    return saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or [])
-
-
-def _saved_config(source, load_kwargs) -> dict:
-    """The checkpoint's own config.json as a dict ({} where it cannot be read: a config passed for a folder without
-    one), fetched as from_pretrained fetched the weights."""
-    where = {name: load_kwargs[name] for name in HUB_DOWNLOAD_ARGUMENTS if name in load_kwargs}
-    try:
-        return SeqArchConfig.get_config_dict(source, **where)[0]
-    except (OSError, ValueError):
-        return {}
-
-
-def _explain_load_error(error, source):
-    """A clearer exception for the load failures users meet, or None to re-raise the original."""
-    text = str(error)
-    if type(error).__name__ == "SafetensorError" or "deserializing header" in text:
-        return OSError(
-            f"Could not read the weights of {source!r}: a .safetensors file there is truncated or corrupted "
-            f"({text}). Save the model again, or download it again with from_pretrained(..., force_download=True)."
-        )
-    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
-        return ValueError(
-            f"The weights of {source!r} have other shapes than this config gives (the loading report above lists "
-            f"them). If only a task head differs (score or classifier: another num_labels), pass "
-            f"ignore_mismatched_sizes=True to start it afresh; otherwise check that config.mixer_types and the sizes "
-            f"match the checkpoint. ({text})"
-        )
-    return None
 
 
 # The config fields a model's layers are built from, and rope_theta (read at every forward, checked only when the
@@ -471,7 +346,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
         self.refuse_config_changed_since_built()
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("Pass the cache once, as `cache=` or as `past_key_values=`, not both.")
-        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds), kwargs)
         inputs_embeds = self._embedded(input_ids, inputs_embeds)  # (B, T, width)
         batch, length = inputs_embeds.shape[:2]
@@ -653,7 +528,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             if position_ids.is_floating_point() and not bool(torch.isfinite(position_ids).all()):
                 raise ValueError("position_ids hold NaN or infinite values: give each token a finite position.")
             if length > 1:
-                _refuse_packed_sequences(position_ids, context.token_mask)
+                refuse_packed_sequences(position_ids, context.token_mask)
         if self.config.has_attention:
             context.position_embeddings = rotary_cos_sin(
                 position_ids, self.config.attention_head_dim, self.config.rope_theta, inputs_embeds.dtype
@@ -688,7 +563,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
 
     def _checked_token_ids(self, input_ids):
         """input_ids, checked, as int64 if of a narrower integer dtype (nn.Embedding takes int32 and int64 only)."""
-        if not _is_integer(input_ids):
+        if not is_integer(input_ids):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         if input_ids.dtype not in (torch.int32, torch.int64):
             input_ids = input_ids.long()
@@ -696,7 +571,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             return input_ids  # no reading of values in a recorded graph (graph_capture); the embedding bounds-checks
         if not input_ids.numel():
             return input_ids
-        low, high = _value_range(input_ids)
+        low, high = value_range(input_ids)
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(f"Token ids must be in [0, vocab_size={self.config.vocab_size}); got values in [{low}, {high}].")
         return input_ids
@@ -752,193 +627,13 @@ class SeqArchModel(SeqArchPreTrainedModel):
                     + ". Additive masks (0 to keep, -inf or a large negative number to drop) are not taken here."
                 )
             if past_disagrees:
-                _refuse_past_mask_disagreeing(mask[:, :past_length], past_real, length)
+                refuse_past_mask_disagreeing(mask[:, :past_length], past_real, length)
             if all_real:
                 return None
         if mask.shape[1] == length and past_length:
             past = torch.ones(batch, past_length, dtype=torch.bool, device=mask.device)
             mask = torch.cat([past, mask], dim=1)  # recurrent layers only read the new tokens' part
         return mask
-
-
-def _refuse_past_mask_disagreeing(past_mask, past_real, length):
-    """The mask's part for the cache's positions (B, past) marks another number of real tokens in some row than the
-    cache read there: the cache's states hold what it read, so the layers would continue from one sequence while the
-    mask (and the positions it numbers) describe another. generate() makes such a mask itself from pad_token_id when a
-    cache read pad ids as tokens (a stream holding the pad id, or the pads generate() adds after a row's eos)."""
-    batch, past_length = past_mask.shape
-    counts = past_mask.sum(1).tolist()
-    expected = past_real.tolist() if past_real is not None else [past_length] * batch
-    row = next(i for i, (marked, read) in enumerate(zip(counts, expected)) if marked != read)
-    where = (f"attention_mask's first {past_length} positions (the cache's) mark {counts[row]} real tokens in row "
-             f"{row}, but the cache read {expected[row]} there")
-    if counts[row] > expected[row]:
-        raise ValueError(f"{where} (it was filled from a padded batch): pass the attention_mask of the past and new "
-                         f"tokens, ({batch}, {past_length + length}), that it was filled with (0 at its pads).")
-    raise ValueError(
-        f"{where}: the mask of the past must be the one the cache was filled with. generate() makes a mask from "
-        "pad_token_id: if the cache read pad ids as tokens (a stream holding the pad id, or the pads generate() adds "
-        "after a row's eos), pass attention_mask yourself, with 1 wherever the cache read a token (e.g. "
-        "torch.ones_like(input_ids))."
-    )
-
-
-def _is_integer(tensor) -> bool:
-    """Integer dtype (any width), not bool."""
-    return not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
-
-
-def _refuse_packed_sequences(position_ids, token_mask):
-    """position_ids that go back within a row, from one real token to a later one, mark several sequences packed
-    into the row (transformers' DataCollatorWithFlattening, padding-free training). No mixer here separates them:
-    recurrences would carry one sequence's state into the next and attention would see across them."""
-    positions = position_ids.expand(token_mask.shape) if token_mask is not None else position_ids  # (B or 1, T)
-    highest = positions  # so far, over the real tokens (pads may have any position: generate gives them 1)
-    if token_mask is not None:
-        lowest = -math.inf if positions.is_floating_point() else torch.iinfo(positions.dtype).min
-        highest = torch.where(token_mask, positions, lowest)
-    backwards = positions[:, 1:] < highest.cummax(1).values[:, :-1]  # (B or 1, T - 1)
-    if token_mask is not None:
-        backwards &= token_mask[:, 1:]
-    if bool(backwards.any()):
-        raise ValueError(
-            "position_ids go back within a row, as they do when several sequences are packed into one "
-            "(DataCollatorWithFlattening, padding-free training): these models would carry each sequence into the "
-            "next. Pad the sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
-        )
-
-
-# What DataCollatorWithFlattening passes for packed sequences without position_ids (return_flash_attn_kwargs,
-# return_seq_idx): the forwards' **kwargs would take them, silently.
-PACKING_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-
-
-# The forwards' named arguments, and the keywords their **kwargs take knowingly: the loss's (transformers' loss
-# functions read them), transformers 4.x generate()'s cache_position and a tokenizer's token_type_ids (not needed).
-FORWARD_ARGUMENTS = (
-    "input_ids", "attention_mask", "position_ids", "cache", "past_key_values", "inputs_embeds", "labels", "use_cache",
-    "output_hidden_states", "output_attentions", "logits_to_keep", "return_dict",
-)
-KNOWN_KEYWORDS = ("num_items_in_batch", "ignore_index", "shift_labels", "cache_position", "token_type_ids")
-
-
-def _check_call(tensors, kwargs):
-    """The inputs (name -> value) of a forward are tensors or None (lists and numpy arrays failed deep inside), and
-    its extra keyword arguments are none of the packing marks (`_refuse_packing_arguments`), no misspelt argument
-    (`_refuse_misspelt_arguments`) and no bad num_items_in_batch (the Trainer's count of the labels the loss sums
-    over)."""
-    for name, value in tensors.items():
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor (or None), got {type(value).__name__}: e.g. "
-                            f"torch.tensor({name}).")
-    _refuse_packing_arguments(kwargs)
-    _refuse_misspelt_arguments(kwargs)
-    count = kwargs.get("num_items_in_batch")
-    if count is None:
-        return
-    if isinstance(count, torch.Tensor):
-        one_number = count.numel() == 1 and not (count.is_complex() or count.dtype == torch.bool)
-        readable = count.device.type == "cpu"  # (a GPU's value is not read: that would wait for the device)
-    else:
-        one_number, readable = isinstance(count, numbers.Real) and not isinstance(count, bool), True
-    # 0 is a batch without a label (an eval example truncated inside its prompt): its loss is 0/0, as Llama's.
-    if not one_number or (readable and not float(count) >= 0):
-        raise ValueError(f"num_items_in_batch must be one number >= 0 (the labels the loss sums over), got {count!r}.")
-
-
-def _refuse_zero_count_with_labels(kwargs, labels, every_label_counts=False):
-    """num_items_in_batch 0 is a batch without a label the loss counts (loss 0 / 0, nan, as Llama's): with such labels
-    in this batch the loss would be their sum / 0, inf, silently. Counted: the labels the loss reads (a causal LM's
-    `shift_labels` if given) but those equal to its ignore_index (-100 unless passed); every one where every label
-    counts (regression, multi-label). Only a CPU count is read (a GPU's would wait for the device): with a GPU count
-    the loss is inf there, as transformers' own."""
-    count = kwargs.get("num_items_in_batch")
-    if count is None or capturing_graph() or isinstance(count, torch.Tensor) and count.device.type != "cpu":
-        return  # (no reading of values in a recorded graph)
-    if float(count) != 0:
-        return
-    labelled = labels.numel() if every_label_counts else int((labels != kwargs.get("ignore_index", -100)).sum())
-    if labelled:
-        raise ValueError(f"num_items_in_batch is 0, but this batch has {labelled} labels the loss counts: the loss "
-                         "would be their sum / 0 (inf). num_items_in_batch counts the labels (not ignore_index, -100) "
-                         "of the whole accumulated batch, this one's included.")
-
-
-def _refuse_misspelt_arguments(kwargs):
-    """A keyword the forwards do not know is ignored, as transformers' models ignore theirs (callers pass extra ones);
-    but one a letter or two off an argument's name (atention_mask, output_attention) is a typo that would run without
-    it, silently: refused, naming the argument meant. So is head_mask, which older transformers models took: no mixer
-    here masks heads."""
-    if kwargs.get("head_mask") is not None:
-        raise ValueError("head_mask is not supported: no mixer here masks attention heads (it would be ignored).")
-    for name, value in kwargs.items():
-        if value is None or name in KNOWN_KEYWORDS or name in FORWARD_ARGUMENTS:  # (another head's: its own checks)
-            continue
-        meant = near_miss(name, FORWARD_ARGUMENTS)
-        if meant:
-            raise ValueError(f"{name!r} is not an argument of these models' forward: did you mean {meant!r}? (An "
-                             "unknown keyword would be ignored.)")
-
-
-def _refuse_packing_arguments(kwargs):
-    """Packed sequences marked by their boundaries rather than by position_ids (`_refuse_packed_sequences`)."""
-    given = [name for name in PACKING_ARGUMENTS if kwargs.get(name) is not None]
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} mark several sequences packed into one row (DataCollatorWithFlattening, padding-free "
-            "training): no mixer here keeps them apart, so each sequence would read the one before it. Pad the "
-            "sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
-        )
-
-
-def _check_classification_inputs(head, output_layer, input_ids, attention_mask, kwargs):
-    """The classification heads run whole sequences: a cache passed to them would be silently ignored (refused), and
-    pad ids without a mask are read as tokens, every output of an encoder seeing them (warned, as transformers does).
-    config.num_labels (or id2label) changed after the head was built is refused: the labels would be checked against
-    it and the loss would fail inside torch on the layer's other width, as it does in transformers' own heads. A
-    sequence classifier refuses a row without a real token (it would pool a pad, or zeros)."""
-    if output_layer.out_features != head.config.num_labels:
-        raise ValueError(
-            f"config.num_labels is {head.config.num_labels} (id2label has as many entries), but this "
-            f"{type(head).__name__} was built with {output_layer.out_features} labels: its output layer has that width. "
-            "Set num_labels or id2label before building the model, or give a new head its size with "
-            "from_pretrained(..., num_labels=N, ignore_mismatched_sizes=True)."
-        )
-    for name in ("cache", "past_key_values"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
-                             "SeqArchForCausalLM or SeqArchModel to continue from one.")
-    pools_rows = isinstance(head, SeqArchForSequenceClassification)
-    if pools_rows and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not capturing_graph():
-        # (B,): rows of 0s, which would pool a pad or zeros. Of a mask of 0s and 1s: the model refuses other values,
-        # and an all-zero float mask (additive, without pads), with its own message.
-        empty = ~attention_mask.bool().any(1)
-        binary = (attention_mask == 0) | (attention_mask == 1)
-        any_empty, binary, all_empty = torch.stack([empty.any(), binary.all(), empty.all()]).tolist()  # (one read)
-        if any_empty and binary and not (all_empty and attention_mask.is_floating_point()):
-            raise ValueError(f"attention_mask row {int(empty.nonzero()[0, 0])} has no real token (all 0; an empty "
-                             "text?): nothing to classify there. Give each row at least one token.")
-    if input_ids is not None:
-        head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
-
-
-def _class_ids(labels, num_classes, name, argument="labels"):
-    """Class-id labels checked to be in [0, num_classes) or -100, as int64: what cross_entropy takes (int32, int16 or
-    uint8 ids fail inside it). One device sync (a GPU waits for the work queued before it: the heads check before
-    running their layers)."""
-    if not _is_integer(labels):
-        raise ValueError(f"{argument} must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got "
-                         f"{labels.dtype}.")
-    labels = labels.long()
-    if capturing_graph() or not labels.numel():
-        return labels  # no reading of values in a recorded graph (graph_capture)
-    ignored = labels == -100
-    low, high = _value_range(labels.masked_fill(ignored, 0))  # ignored ones read as class 0
-    if low < 0 or high >= num_classes:
-        valid = labels[~ignored]
-        raise ValueError(f"{argument} must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
-                         f"[{int(valid.min())}, {int(valid.max())}].")
-    return labels
 
 
 class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
@@ -973,14 +668,14 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
     def generate(self, *args, **kwargs):
         """transformers' generate(), refusing up front what it cannot do with a SeqArchCache (see below). Prefill
         chunking (prefill_chunk_size) gets the cache it needs: transformers makes none for these models."""
-        arguments = _generate_arguments(self, args, kwargs)
-        _refuse_assisted_decoding(self, arguments)
+        arguments = generate_arguments(self, args, kwargs)
+        refuse_assisted_decoding(self, arguments)
         ids, mask = arguments.get("inputs", arguments.get("input_ids")), arguments.get("attention_mask")
         if isinstance(ids, torch.Tensor) and ids.dim() != 2:  # (transformers' own code fails on it first)
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(ids.shape)}"
                              + (": e.g. input_ids[None] for one sequence." if ids.dim() == 1 else "."))
-        _refuse_special_ids_out_of_range(self, arguments)
-        if _generation_option(self, arguments, "return_legacy_cache"):  # (transformers 4.x; 5.x refuses it itself)
+        refuse_special_ids_out_of_range(self, arguments)
+        if generation_option(self, arguments, "return_legacy_cache"):  # (transformers 4.x; 5.x refuses it itself)
             raise ValueError("return_legacy_cache: a SeqArchCache has no legacy (tuple of key/value) form; recurrent "
                              "layers keep states, not keys. Leave it unset: the cache returned is a SeqArchCache.")
         if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
@@ -989,12 +684,12 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
                              f"real tokens and 0 at padding; got {tuple(mask.shape)}.")
         if CACHE_FIELD != "cache" and kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
             kwargs[CACHE_FIELD] = kwargs.pop("cache")  # transformers 4.x knows our name for it not
-        chunked_prefill = _generation_option(self, arguments, "prefill_chunk_size")
-        if TRANSFORMERS_MAJOR < 5 and (_generation_option(self, arguments, "num_beams") or 1) > 1:
+        chunked_prefill = generation_option(self, arguments, "prefill_chunk_size")
+        if TRANSFORMERS_MAJOR < 5 and (generation_option(self, arguments, "num_beams") or 1) > 1:
             chunked_prefill = None  # transformers 4.x chunks the prompt in greedy search and sampling only
-        use_cache = _generation_option(self, arguments, "use_cache")
+        use_cache = generation_option(self, arguments, "use_cache")
         cache = next((kwargs[name] for name in ("cache", "past_key_values") if kwargs.get(name) is not None), None)
-        _refuse_cache_misuse(self, arguments, cache, use_cache, chunked_prefill)
+        refuse_cache_misuse(self, arguments, cache, use_cache, chunked_prefill)
         if chunked_prefill and use_cache is not False:  # (without a cache transformers says it needs one)
             if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
                 kwargs[CACHE_FIELD] = SeqArchCache(self.config)  # the name this transformers release reads
@@ -1016,29 +711,29 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
-        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, labels=labels), kwargs)
-        _refuse_head_of_another_vocabulary(self)
-        tokens = _batch_and_length(input_ids, inputs_embeds)
-        keep = _positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
+        refuse_head_of_another_vocabulary(self)
+        tokens = batch_and_length(input_ids, inputs_embeds)
+        keep = positions_to_keep(logits_to_keep, None if tokens is None else tokens[1], labels is not None)
         if labels is not None and tokens is not None:  # before the layers run: a GPU is then not stalled mid-step
-            logits_shape = (tokens[0], _kept_count(keep, tokens[1]))
+            logits_shape = (tokens[0], kept_count(keep, tokens[1]))
             if tuple(labels.shape[:2]) != logits_shape or labels.dim() != 2:
                 raise ValueError(
                     f"labels {tuple(labels.shape)} need a logit at every position, but there are logits for "
                     f"{logits_shape} (logits_to_keep={logits_to_keep!r}): pass labels (batch, length) for the whole "
                     "input, without logits_to_keep."
                 )
-            labels = _class_ids(labels, self.config.vocab_size, "vocab_size")
+            labels = class_ids(labels, self.config.vocab_size, "vocab_size")
             # (a refusal here, before the layers, leaves a cache passed in as it was)
             shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
             if shifted is not None:  # the loss's targets then, position for position: checked as labels are
                 if not isinstance(shifted, torch.Tensor) or tuple(shifted.shape) != logits_shape:
                     got = tuple(shifted.shape) if isinstance(shifted, torch.Tensor) else type(shifted).__name__
                     raise ValueError(f"shift_labels must hold one target per logit, shape {logits_shape}, got {got}.")
-                shifted = kwargs["shift_labels"] = _class_ids(shifted, self.config.vocab_size, "vocab_size",
+                shifted = kwargs["shift_labels"] = class_ids(shifted, self.config.vocab_size, "vocab_size",
                                                               "shift_labels")
-            _refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
+            refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1065,159 +760,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
         )
 
 
-def _kept_count(keep, length):
-    """How many of `length` positions `keep` (from `_positions_to_keep`) leaves. Arithmetic on the slice, where
-    len(range(length)[keep]) would make torch.compile specialize the graph to one length (a recompile for each)."""
-    if isinstance(keep, slice):  # slice(-n, None): the last n, 0 keeping all
-        return length if keep.start == 0 else min(-keep.start, length)
-    return keep.shape[-1]
-
-
-def _positions_to_keep(logits_to_keep, length, with_labels):
-    """logits_to_keep as an index of the positions (transformers' meaning): an int n >= 0, the last n (0: all), or a
-    1-D tensor of positions. With labels, a tensor must name the positions an int would (the last n, in order): the
-    loss pairs logits with labels by place."""
-    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 0 and _is_integer(logits_to_keep):
-        logits_to_keep = int(logits_to_keep)
-    if isinstance(logits_to_keep, numbers.Integral) and not isinstance(logits_to_keep, bool):  # numpy ints too
-        if operator.index(logits_to_keep) < 0:
-            raise ValueError(f"logits_to_keep must be >= 0 (the last n positions; 0 keeps all), got {logits_to_keep}.")
-        return slice(-operator.index(logits_to_keep), None)
-    if not isinstance(logits_to_keep, torch.Tensor) or logits_to_keep.dim() != 1 or not _is_integer(logits_to_keep):
-        raise ValueError("logits_to_keep must be an int (the last n positions; 0 keeps all) or a 1-D integer tensor "
-                         f"of positions, got {logits_to_keep!r}.")
-    keep = logits_to_keep.long()  # (a uint8 tensor would index as a boolean mask)
-    if length is None or capturing_graph():
-        return keep
-    low, high = _value_range(keep) if len(keep) else (0, 0)
-    if low < -length or high >= length:
-        raise ValueError(f"logits_to_keep holds positions in [{low}, {high}]; the input has {length} tokens.")
-    if with_labels and not torch.equal(keep.remainder(length).cpu(), torch.arange(length - len(keep), length)):
-        raise ValueError(
-            "With labels, logits_to_keep must keep the last positions in order (the loss pairs each logit with the "
-            "label at its place): pass labels (batch, length) for the whole input, without logits_to_keep."
-        )
-    return keep
-
-
-def _value_range(tensor) -> tuple:
-    """(min, max) of a non-empty tensor as Python numbers: one pass, one device sync."""
-    low, high = torch.stack(torch.aminmax(tensor)).tolist()
-    return low, high
-
-
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
-
-
-def _generate_arguments(model, args, kwargs):
-    """generate(*args, **kwargs)'s arguments by name, its **kwargs options flat among them."""
-    arguments = inspect.signature(GenerationMixin.generate).bind_partial(model, *args, **kwargs).arguments
-    return {**arguments.pop("kwargs", {}), **arguments}
-
-
-def _generation_option(model, arguments, name):
-    """The value of a generation option generate() will use: the argument (None too: generate() sets what its keyword
-    arguments name), else the generation config passed, unless it leaves the option at its default (transformers then
-    takes the model's generation config's, but with use_model_defaults=False), else the model's."""
-    if name in arguments:
-        return arguments[name]
-    default = getattr(GenerationConfig(), name, None)
-    passed_config = arguments.get("generation_config")
-    passed = getattr(passed_config, name, None)
-    own_defaults_off = passed_config is not None and arguments.get("use_model_defaults") is False
-    if (passed is not None and passed != default) or own_defaults_off:
-        return passed
-    own = getattr(model.generation_config, name, None)
-    return own if own is not None else default
-
-
-def _refuse_special_ids_out_of_range(model, arguments):
-    """generate()'s pad, eos and bos ids (its arguments, else the generation config's) are token ids the model has:
-    an eos it cannot produce never stops generation, and a pad it cannot read, fed back for a finished row, failed
-    with the forward's message about the caller's token ids; bos starts generation without a prompt. (The config
-    refuses them; these may differ from it.)"""
-    vocab_size = model.config.vocab_size
-    prompted = any(arguments.get(name) is not None for name in ("inputs", "input_ids", "inputs_embeds"))
-    for name in ("pad_token_id", "eos_token_id") + (() if prompted else ("bos_token_id",)):
-        value = _generation_option(model, arguments, name)
-        if value is None:
-            continue
-        ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
-        ids = ids if isinstance(ids, (list, tuple)) else [ids]
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-            raise ValueError(f"generate(): {name} must be token id(s) in [0, vocab_size={vocab_size}), got {value!r}.")
-
-
-def _refuse_assisted_decoding(model, arguments):
-    """Assisted decoding (a draft model, prompt lookup, early exit, multi-token prediction) drafts tokens and then
-    drops the rejected ones from the main model's cache and the draft model's. A recurrent state cannot drop tokens
-    once read, so SeqArchCache cannot, on either side; transformers would fail later with an error about a missing
-    cache or method. Options are read as generate() will (_generation_option): one set in the model's generation
-    config counts too, when the config passed leaves it at its default."""
-    asked = [name for name in ASSISTED_DECODING_OPTIONS
-             if (value := _generation_option(model, arguments, name)) is not None and value is not False]  # (0 asks)
-    if asked:
-        raise ValueError(
-            f"Assisted decoding ({', '.join(asked)}) is not supported by hf_seqarch models: it drops rejected draft "
-            "tokens from the cache, and recurrent states (LSTM, GRU, Mamba-2, linear attention) cannot be rolled "
-            "back. Use greedy search, sampling or beam search."
-        )
-    if _generation_option(model, arguments, "is_assistant"):
-        raise ValueError(
-            "hf_seqarch models cannot be the assistant (draft) model of assisted decoding: after each round the "
-            "draft tokens the main model rejects are dropped from the assistant's cache, and recurrent states (LSTM, "
-            "GRU, Mamba-2, linear attention) cannot be rolled back. Generate without assistant_model, or draft with a "
-            "model whose cache can be cropped."
-        )
-
-
-def _refuse_cache_misuse(model, arguments, cache, use_cache, chunked_prefill):
-    """What transformers' generate() would get silently wrong (or fail on deep inside) with these models."""
-    ids = arguments.get("inputs") if arguments.get("inputs") is not None else arguments.get("input_ids")
-    embeds = arguments.get("inputs_embeds") is not None  # (transformers then always decodes with a cache)
-    if isinstance(cache, SeqArchCache) and cache.holds_beams:
-        raise ValueError("This cache comes from beam search: it holds the beams of its last step, not the sequences "
-                         "generate() returned, in their order, so continuing it would continue other sequences. Pass "
-                         "the returned sequences without a cache (or generate without beams to continue a cache).")
-    if cache is not None and use_cache is False and not embeds:
-        raise ValueError("generate() was given a cache, and use_cache is False (passed, or in the model's "
-                         "generation_config): without a cache, generate() feeds the whole sequence at every step, "
-                         "which the cache would read again on top of what it holds. Pass use_cache=True, or no cache.")
-    for name, prompt, rank in (("input_ids", ids, 2), ("inputs_embeds", arguments.get("inputs_embeds"), 3)):
-        if not (isinstance(cache, SeqArchCache) and isinstance(prompt, torch.Tensor) and prompt.dim() == rank):
-            continue
-        if 0 < prompt.shape[1] <= cache.get_seq_length():
-            raise ValueError(f"The cache holds {cache.get_seq_length()} tokens and {name} has {prompt.shape[1]} "
-                             "positions: generate() feeds only the positions past the cache's length, so pass the "
-                             "whole sequence so far (what the cache has read, then at least one new position).")
-    if chunked_prefill and embeds:
-        raise ValueError("prefill_chunk_size does not work with inputs_embeds (transformers splits the prompt's "
-                         "input_ids into chunks): pass input_ids, or drop prefill_chunk_size.")
-    if chunked_prefill and TRANSFORMERS_MAJOR < 5 and isinstance(cache, SeqArchCache) and cache.get_seq_length() > 0:
-        # transformers 4.x's chunked prefill feeds the prompt from position 0: the cache would read its tokens again.
-        raise ValueError(f"On transformers 4.x, prefill_chunk_size restarts the prompt at position 0, so it cannot "
-                         f"continue a cache that holds tokens ({cache.get_seq_length()} here): its states would read "
-                         "them again. Continue without prefill_chunk_size, or upgrade to transformers 5.")
-    if chunked_prefill and TRANSFORMERS_MAJOR < 5 and model.config.has_attention and _padded(model, arguments, ids):
-        # transformers 4.x's chunked prefill numbers the positions without the mask: padded rows get shifted RoPE.
-        raise ValueError("On transformers 4.x, prefill_chunk_size with a padded batch gives attention layers wrong "
-                         "positions; upgrade to transformers 5, or generate without prefill_chunk_size.")
-
-
-def _padded(model, arguments, ids) -> bool:
-    """Whether generate() will see padding: zeros in the mask passed, or without one, as transformers makes it, the
-    pad token (when it is not also the end-of-sequence token) among the ids."""
-    mask = arguments.get("attention_mask")
-    if mask is not None:
-        return not bool(mask.all())
-    pad, eos = (_generation_option(model, arguments, name) for name in ("pad_token_id", "eos_token_id"))
-    if pad is None or not isinstance(ids, torch.Tensor) or pad in (eos if isinstance(eos, list) else [eos]):
-        return False
-    return bool((ids == pad).any())
 
 
 class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
@@ -1243,12 +787,12 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, labels=labels), kwargs)
-        _check_classification_inputs(self, self.score, input_ids, attention_mask, kwargs)
-        tokens = _batch_and_length(input_ids, inputs_embeds)
+        check_classification_inputs(self, self.score, input_ids, attention_mask, kwargs, pools_rows=True)
+        tokens = batch_and_length(input_ids, inputs_embeds)
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
-            labels = _sequence_labels(labels, tokens[0], self.config)
+            labels = sequence_labels(labels, tokens[0], self.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1282,8 +826,8 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
     def _loss(self, logits, labels, kwargs):
         """transformers' sequence-classification loss, in float32 (as its causal LM loss is: a bf16 cross-entropy is off
         in the second digit; float targets too, as BCE would return a half-precision loss for half-precision ones)."""
-        every_label_counts = _sequence_problem(self.config, labels) in ("regression", "multi_label_classification")
-        _refuse_zero_count_with_labels(kwargs, labels, every_label_counts)
+        every_label_counts = sequence_problem(self.config, labels) in ("regression", "multi_label_classification")
+        refuse_zero_count_with_labels(kwargs, labels, every_label_counts)
         float_logits = logits.float()
         labels = labels.float() if labels.is_floating_point() else labels
         loss = self.loss_function(logits=float_logits, labels=labels, pooled_logits=float_logits, config=self.config,
@@ -1322,48 +866,6 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         return all_real
 
 
-def _batch_and_length(input_ids, inputs_embeds):
-    """(B, T) of the inputs given, or None when they are not one (B, T) or (B, T, width) tensor (the model says so)."""
-    inputs = input_ids if input_ids is not None else inputs_embeds
-    return tuple(inputs.shape[:2]) if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 else None
-
-
-def _sequence_problem(config, labels) -> str:
-    """The problem transformers' sequence-classification loss takes `labels` for: config.problem_type, else the one
-    it infers (and then sets) as it does; integer labels of any width count as class ids (it would take int16 or
-    uint8 ones for multi-label targets and fail inside BCE)."""
-    if config.problem_type is not None:
-        return config.problem_type
-    if config.num_labels == 1:
-        return "regression"
-    return "single_label_classification" if _is_integer(labels) else "multi_label_classification"
-
-
-def _sequence_labels(labels, batch, config):
-    """`labels` checked to have the shape (and kind) the problem takes, class ids as int64: transformers' losses would
-    fail inside torch, or (MSE on other shapes) broadcast into a wrong loss. One per sequence, in any shape with
-    `batch` elements, as transformers' loss flattens them; (batch, num_labels) where there are several."""
-    problem, num_labels = _sequence_problem(config, labels), config.num_labels
-    if problem == "single_label_classification":
-        if labels.numel() != batch:
-            raise ValueError(f"{problem} takes one class id per sequence: labels of shape ({batch},), got "
-                             f"{tuple(labels.shape)}.")
-        return _class_ids(labels, num_labels, "num_labels")
-    one_each = problem == "regression" and num_labels == 1
-    fits = labels.numel() == batch if one_each else tuple(labels.shape) == (batch, num_labels)
-    if not fits or (problem == "multi_label_classification" and not labels.is_floating_point()):
-        what = "one target per label" if problem == "regression" else "float 0/1 targets, one per label"
-        shape = f"({batch},)" if one_each else str((batch, num_labels))
-        raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape {shape}, got "
-                         f"{tuple(labels.shape)} ({labels.dtype}).")
-    if problem == "multi_label_classification" and labels.numel() and not capturing_graph():
-        low, high = _value_range(labels)  # (one device sync, as class ids take)
-        if not (0 <= low and high <= 1):  # (NaN fails both)
-            raise ValueError(f"multi_label_classification takes targets in [0, 1] (1: the label applies); got values "
-                             f"in [{low}, {high}].")
-    return labels
-
-
 class SeqArchForTokenClassification(SeqArchPreTrainedModel):
     def __init__(self, config: SeqArchConfig):
         _refuse_other_configs(self, config)
@@ -1386,10 +888,10 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
         output_attentions=None,
         **kwargs,
     ):
-        _check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        check_call(dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, labels=labels), kwargs)
-        _check_classification_inputs(self, self.classifier, input_ids, attention_mask, kwargs)
-        tokens = _batch_and_length(input_ids, inputs_embeds)
+        check_classification_inputs(self, self.classifier, input_ids, attention_mask, kwargs)
+        tokens = batch_and_length(input_ids, inputs_embeds)
         if labels is not None and self.num_labels == 1:  # (not regression, as for sequences: cross-entropy)
             raise ValueError("Token classification with num_labels=1 has nothing to learn: the cross-entropy over one "
                              "class is 0 for every token. Use num_labels >= 2 (one per tag; e.g. 2 for yes/no).")
@@ -1397,8 +899,8 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             if tuple(labels.shape) not in (tokens, (tokens[0] * tokens[1],)):  # (transformers' loss flattens them)
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
                                  f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
-            labels = _class_ids(labels, self.num_labels, "num_labels")
-            _refuse_zero_count_with_labels(kwargs, labels)
+            labels = class_ids(labels, self.num_labels, "num_labels")
+            refuse_zero_count_with_labels(kwargs, labels)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -322,7 +322,7 @@ class _FactorizedChunkedScan(torch.autograd.Function):
     def backward(ctx, dy, dstate):
         _refuse_double_backward()
         q, k, v, grow, shrink, qk, states, y = ctx.saved_tensors
-        (B, T, groups, _), L, per_group = q.shape, qk.shape[-1], grow.shape[-1]  # per_group: R
+        (B, _, groups, _), L, per_group = q.shape, qk.shape[-1], grow.shape[-1]  # per_group: R
         # dy is multiplied by exp(cs), as small as e^-60: uniformly tiny upstream gradients (under ~1e-12) went into
         # float32's denormals (errors of 1e-2 at 1e-17). They are scaled by a power of two that brings the largest to
         # about 1, and every gradient returned (linear in them) is scaled back: exact.

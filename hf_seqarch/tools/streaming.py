@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..cache_seqarch import SeqArchCache, state_layout
-from ..modeling_seqarch import _is_integer
+from ..checks_arguments_seqarch import is_integer
 from .single_token_decoder import SingleTokenDecoder
 
 _FORMAT = "hf_seqarch.stream/1"
@@ -113,7 +113,7 @@ class StreamingSession:
         `max_new_tokens` times. Returns the new tokens (B, max_new_tokens); the state has consumed all of them."""
         if self.lm_head is None:
             raise ValueError("greedy decoding needs logits: build the session from a SeqArchForCausalLM.")
-        if isinstance(max_new_tokens, torch.Tensor) and max_new_tokens.numel() == 1 and _is_integer(max_new_tokens):
+        if isinstance(max_new_tokens, torch.Tensor) and max_new_tokens.numel() == 1 and is_integer(max_new_tokens):
             max_new_tokens = max_new_tokens.item()  # (a 0-d integer tensor)
         if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
@@ -180,7 +180,7 @@ class StreamingSession:
 
     def _check_ids(self, ids, name):
         self._refuse_padded_cache()
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or not _is_integer(ids):
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or not is_integer(ids):
             shape = f"{tuple(ids.shape)} of {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name} must be an integer tensor (batch, tokens) with at least one token, got {shape}.")
         batch = self._state_batch_size()
