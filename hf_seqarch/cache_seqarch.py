@@ -14,6 +14,7 @@ import weakref
 
 import torch
 
+from .checks_loading_seqarch import is_unaligned
 from .graph_capture import capturing_graph
 
 _CLAIMING = threading.Lock()  # held while a forward checks and claims a cache (SeqArchCache.begin_update)
@@ -384,6 +385,7 @@ class SeqArchCache:
                 raise ValueError(f"Not an entry of a {num_layers}-layer SeqArchCache state_dict: {key!r} (layers are "
                                  f"'layers.<0 to {num_layers - 1}>.<name>').")
             index, name = int(parts[1]), parts[2]
+            tensor = tensor.clone() if is_unaligned(tensor) else tensor  # (see there: read from a file, as streams are)
             cache.layers[index] = {**(cache.layers[index] or {}), name: tensor}
         cache._refuse_missing_states()
         cache._refuse_damaged_states()

@@ -163,3 +163,28 @@ def explain_load_error(error, source):
             f"match the checkpoint. ({text})"
         )
     return None
+
+
+
+# torch's CPU allocator aligns every tensor to 64 bytes; its matrix kernels (MKL, oneDNN) take other code paths, which
+# round differently, for operands that are not.
+ALIGNMENT = 64
+
+
+def is_unaligned(tensor: torch.Tensor) -> bool:
+    """A CPU tensor not aligned as torch's allocator aligns: one read from a safetensors file (transformers 5 and
+    safe_open place them 8 bytes past a 64-byte boundary)."""
+    return tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT != 0
+
+
+def align_loaded_weights(model):
+    """Copy the CPU weights and buffers that loading left unaligned into tensors of their own. On unaligned weights
+    torch's GEMMs (an nn.GRU's, for one) round differently from the same weights as built: the loaded model's outputs
+    differed from the saved one's by ~1e-7. Tied weights stay tied: a Parameter keeps its identity (only its data
+    moves), and tensors that shared memory share the copy."""
+    copies = {}  # (address, shape, strides) -> the aligned copy
+    for module in model.modules():
+        for tensor in (*module._parameters.values(), *module._buffers.values()):
+            if tensor is not None and is_unaligned(tensor):
+                key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+                tensor.data = copies.setdefault(key, tensor.data.clone())

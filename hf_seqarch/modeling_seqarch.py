@@ -47,6 +47,7 @@ from .checks_generation_seqarch import (
     refuse_special_ids_out_of_range,
 )
 from .checks_loading_seqarch import (
+    align_loaded_weights,
     embedding_table,
     explain_load_error,
     refuse_head_of_another_vocabulary,
@@ -197,6 +198,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         A causal LM loaded untied (tie_word_embeddings=False) from a checkpoint without lm_head.weight (saved
         tied, or a body alone) starts its lm_head from the input embeddings, the head a tied model has; a checkpoint
         whose own config.json says it is an untied causal LM has lost its trained head, and is refused.
+        CPU weights come back aligned as built (`align_loaded_weights`), so the loaded model computes bit for bit
+        what the saved one did.
         """
         return_info = kwargs.pop("output_loading_info", False)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
@@ -236,6 +239,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                    "be re-initialised (ignore_mismatched_sizes only suits a task head); " if mismatched_body else "")
                 + "check that config.mixer_types and the sizes match the checkpoint."
             )
+        align_loaded_weights(model)
         return (model, info) if return_info else model
 
     def save_pretrained(self, save_directory, is_main_process=True, *args, push_to_hub=False, tags=None, **kwargs):

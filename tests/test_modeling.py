@@ -63,6 +63,21 @@ def test_save_load_roundtrip_is_exact(stack, head, tied, tmp_path):
         assert (reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()) == tied
 
 
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_loaded_weights_are_aligned_as_built(tied, tmp_path):
+    """transformers 5 reads safetensors into tensors 8 bytes past a 64-byte boundary, where torch's GEMMs round
+    differently (an nn.GRU's output moved by 1e-7 at a vocabulary of 384): loading copies them to aligned memory, as
+    torch's allocator gives a model built in memory, keeping tied weights one tensor."""
+    model = tiny_model(SeqArchForCausalLM, ["gru", "lstm", "attention"], vocab_size=384, tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path)
+    reloaded = SeqArchForCausalLM.from_pretrained(tmp_path).eval()
+    unaligned = [name for name, tensor in reloaded.state_dict().items() if tensor.data_ptr() % 64]
+    assert not unaligned
+    assert (reloaded.lm_head.weight is reloaded.model.embed_tokens.weight) == tied
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
 def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
     """A tied checkpoint stores no lm_head.weight: loaded with tie_word_embeddings=False, the untied head starts as
     the tied model's head was (the embeddings), not random, and is then a weight of its own."""

@@ -195,6 +195,7 @@ def test_saved_state_resumes_in_another_process(tmp_path):
         f"""
         import torch
         from hf_seqarch import SeqArchForCausalLM, StreamingSession
+        torch.set_num_threads({torch.get_num_threads()})  # (as here: another split of the work rounds differently)
         model = SeqArchForCausalLM.from_pretrained({str(tmp_path / "model")!r}).eval()
         session = StreamingSession.load(model, {str(tmp_path / "stream.safetensors")!r})
         torch.save(session.feed(torch.load({str(tmp_path / "rest.pt")!r})), {str(tmp_path / "out.pt")!r})
