@@ -174,22 +174,23 @@ def check_classification_inputs(head, output_layer, input_ids, attention_mask, k
         head.warn_if_padding_and_no_attention_mask(input_ids, attention_mask)
 
 
-def class_ids(labels, num_classes, name, argument="labels"):
-    """Class-id labels checked to be in [0, num_classes) or -100, as int64: what cross_entropy takes (int32, int16 or
-    uint8 ids fail inside it). One device sync (a GPU waits for the work queued before it: the heads check before
-    running their layers)."""
+def class_ids(labels, num_classes, name, argument="labels", ignore_index=-100):
+    """Class-id labels checked to be in [0, num_classes) or ignore_index (the loss's: -100 unless passed), as int64:
+    what cross_entropy takes (int32, int16 or uint8 ids fail inside it). One device sync (a GPU waits for the work
+    queued before it: the heads check before running their layers)."""
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index must be an int (the label value the loss ignores), got {ignore_index!r}.")
+    allowed = f"[0, {name}={num_classes}) or {ignore_index} (ignored)"
     if not is_integer(labels):
-        raise ValueError(f"{argument} must be integer ids in [0, {name}={num_classes}) or -100 (ignored), got "
-                         f"{labels.dtype}.")
+        raise ValueError(f"{argument} must be integer ids in {allowed}, got {labels.dtype}.")
     labels = labels.long()
     if capturing_graph() or not labels.numel():
         return labels  # no reading of values in a recorded graph (graph_capture)
-    ignored = labels == -100
+    ignored = labels == ignore_index
     low, high = value_range(labels.masked_fill(ignored, 0))  # ignored ones read as class 0
     if low < 0 or high >= num_classes:
         valid = labels[~ignored]
-        raise ValueError(f"{argument} must be in [0, {name}={num_classes}) or -100 (ignored); got values in "
-                         f"[{int(valid.min())}, {int(valid.max())}].")
+        raise ValueError(f"{argument} must be in {allowed}; got values in [{int(valid.min())}, {int(valid.max())}].")
     return labels
 
 
@@ -251,7 +252,7 @@ def sequence_problem(config, labels) -> str:
     return "single_label_classification" if is_integer(labels) else "multi_label_classification"
 
 
-def sequence_labels(labels, batch, config):
+def sequence_labels(labels, batch, config, ignore_index=-100):
     """`labels` checked to have the shape (and kind) the problem takes, class ids as int64: transformers' losses would
     fail inside torch, or (MSE on other shapes) broadcast into a wrong loss. One per sequence, in any shape with
     `batch` elements, as transformers' loss flattens them; (batch, num_labels) where there are several."""
@@ -260,7 +261,7 @@ def sequence_labels(labels, batch, config):
         if labels.numel() != batch:
             raise ValueError(f"{problem} takes one class id per sequence: labels of shape ({batch},), got "
                              f"{tuple(labels.shape)}.")
-        return class_ids(labels, num_labels, "num_labels")
+        return class_ids(labels, num_labels, "num_labels", ignore_index=ignore_index)
     one_each = problem == "regression" and num_labels == 1
     fits = labels.numel() == batch if one_each else tuple(labels.shape) == (batch, num_labels)
     if not fits or (problem == "multi_label_classification" and not labels.is_floating_point()):

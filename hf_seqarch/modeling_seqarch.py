@@ -728,7 +728,8 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
                     f"{logits_shape} (logits_to_keep={logits_to_keep!r}): pass labels (batch, length) for the whole "
                     "input, without logits_to_keep."
                 )
-            labels = class_ids(labels, self.config.vocab_size, "vocab_size")
+            ignore_index = kwargs.get("ignore_index", -100)  # (the loss's)
+            labels = class_ids(labels, self.config.vocab_size, "vocab_size", ignore_index=ignore_index)
             # (a refusal here, before the layers, leaves a cache passed in as it was)
             shifted = kwargs.get("shift_labels")  # (else the loss shifts labels: position 0 is never a target)
             if shifted is not None:  # the loss's targets then, position for position: checked as labels are
@@ -736,7 +737,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
                     got = tuple(shifted.shape) if isinstance(shifted, torch.Tensor) else type(shifted).__name__
                     raise ValueError(f"shift_labels must hold one target per logit, shape {logits_shape}, got {got}.")
                 shifted = kwargs["shift_labels"] = class_ids(shifted, self.config.vocab_size, "vocab_size",
-                                                              "shift_labels")
+                                                              "shift_labels", ignore_index)
             refuse_zero_count_with_labels(kwargs, shifted if shifted is not None else labels[:, 1:])
         outputs = self.model(
             input_ids=input_ids,
@@ -796,7 +797,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
         check_classification_inputs(self, self.score, input_ids, attention_mask, kwargs, pools_rows=True)
         tokens = batch_and_length(input_ids, inputs_embeds)
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
-            labels = sequence_labels(labels, tokens[0], self.config)
+            labels = sequence_labels(labels, tokens[0], self.config, kwargs.get("ignore_index", -100))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -903,7 +904,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             if tuple(labels.shape) not in (tokens, (tokens[0] * tokens[1],)):  # (transformers' loss flattens them)
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
                                  f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
-            labels = class_ids(labels, self.num_labels, "num_labels")
+            labels = class_ids(labels, self.num_labels, "num_labels", ignore_index=kwargs.get("ignore_index", -100))
             refuse_zero_count_with_labels(kwargs, labels)
         outputs = self.model(
             input_ids=input_ids,

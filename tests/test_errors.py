@@ -1067,6 +1067,31 @@ def test_num_items_in_batch_0_with_labels_is_refused():
         lm(input_ids=ids, labels=last_only, shift_labels=last_only, num_items_in_batch=0)
 
 
+
+def test_labels_are_checked_against_the_ignore_index_passed():
+    """The heads take ignore_index= and hand it to transformers' loss, but their label check allowed only -100: labels
+    using the ignore_index passed were refused, and -100 with another ignore_index failed inside cross_entropy."""
+    ids = random_ids(2, 6)
+    heads = [
+        (tiny_model(SeqArchForCausalLM, ["lstm"]), ids.clone()),
+        (tiny_model(SeqArchForTokenClassification, ["lstm"], num_labels=3), ids % 3),
+        (tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=3), torch.tensor([1, 2])),
+    ]
+    for model, labels in heads:
+        labels.view(-1)[-1] = -1
+        ignored = labels.clone()
+        ignored.view(-1)[-1] = -100
+        # -1 ignored as -100 is: the same loss
+        torch.testing.assert_close(model(input_ids=ids, labels=labels, ignore_index=-1).loss,
+                                   model(input_ids=ids, labels=ignored).loss)
+        with pytest.raises(ValueError, match=r"labels must be in \[0, [a-z_]+=[0-9]+\) or 2 \(ignored\); got values in \[-100"):
+            model(input_ids=ids, labels=ignored, ignore_index=2)
+        with pytest.raises(ValueError, match="ignore_index must be an int"):
+            model(input_ids=ids, labels=ignored, ignore_index=-100.0)
+    lm = heads[0][0]
+    with pytest.raises(ValueError, match=r"shift_labels must be in \[0, vocab_size=32\) or -1 \(ignored\)"):
+        lm(input_ids=ids, labels=ids, shift_labels=torch.full_like(ids, -100), ignore_index=-1)
+
 def test_ops_take_sizes_past_the_input_and_their_documented_defaults():
     """A chunk or window longer than the sequence padded it to that size (chunk_size=10**6 on 5 tokens: an allocator
     error); a numpy window was refused where the other ops take numpy integers; scan_step without a state failed
