@@ -2,6 +2,8 @@
 would be lost or replaced, a recurrent checkpoint loaded in the other direction, and clearer messages for unreadable
 or misfitting weights. Used by SeqArchPreTrainedModel (modeling_seqarch)."""
 
+import os
+
 import torch
 from torch import nn
 from transformers.utils import logging
@@ -139,7 +141,10 @@ def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:
 
 def _saved_config(source, load_kwargs) -> dict:
     """The checkpoint's own config.json as a dict ({} where it cannot be read: a config passed for a folder without
-    one), fetched as from_pretrained fetched the weights."""
+    one; no source at all, from_pretrained(None, config=..., state_dict=...)), fetched as from_pretrained fetched the
+    weights."""
+    if not isinstance(source, (str, os.PathLike)):
+        return {}  # (None would be looked up on the Hub as a repository named "None")
     where = {name: load_kwargs[name] for name in HUB_DOWNLOAD_ARGUMENTS if name in load_kwargs}
     try:
         return SeqArchConfig.get_config_dict(source, **where)[0]

@@ -205,7 +205,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if kwargs.get("config") is None and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             folder = os.path.join(source, kwargs.get("subfolder") or "")
-            if not os.path.isfile(os.path.join(folder, "config.json")):
+            has = {name: os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json")}
+            if not any(has.values()):  # (a PEFT adapter's folder names its base model: transformers loads both)
                 # transformers would build a default config and fail later on the weights' shapes
                 raise OSError(
                     f"{str(folder)!r} has no config.json: the model's mixers and sizes are read from it. Save with "

@@ -104,6 +104,22 @@ class ScaledEmbeddings(torch.nn.Module):
         return self.inner(ids) * 2.0
 
 
+
+def test_a_peft_adapter_folder_loads_with_its_base_model(tmp_path):
+    """transformers loads a PEFT adapter's folder (its adapter_config.json names the base model) with from_pretrained,
+    as it does for Llama: ours refused it for lacking a config.json."""
+    peft = pytest.importorskip("peft")
+    tiny_model(SeqArchForCausalLM, ["attention", "lstm"]).save_pretrained(tmp_path / "base")
+    base = SeqArchForCausalLM.from_pretrained(tmp_path / "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        expected = lora(input_ids=ids).logits
+        for loader in (SeqArchForCausalLM, AutoModelForCausalLM):
+            loaded = loader.from_pretrained(tmp_path / "adapter").eval()
+            torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
 @pytest.mark.parametrize("stack", ["lstm", "mamba2+attention"])
 @pytest.mark.parametrize("wrapping", ["lora", "trainable_tokens", "user"])
 def test_wrapped_input_embeddings_work(stack, wrapping):

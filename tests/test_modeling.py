@@ -78,6 +78,23 @@ def test_loaded_weights_are_aligned_as_built(tied, tmp_path):
     ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
+
+def test_a_state_dict_loads_without_a_source(monkeypatch):
+    """from_pretrained(None, config=..., state_dict=...), transformers' way to build a model from a state dict: the
+    checks that read the checkpoint's own config.json looked up a Hub repository named "None" (tens of seconds of
+    retries offline)."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+
+    def no_lookup(source, **kwargs):
+        raise AssertionError(f"looked up a config for {source!r}")
+
+    monkeypatch.setattr(SeqArchConfig, "get_config_dict", no_lookup)
+    for tied in (True, False):
+        config = SeqArchConfig(**{**model.config.to_dict(), "tie_word_embeddings": tied})
+        loaded = SeqArchForCausalLM.from_pretrained(None, config=config, state_dict=model.state_dict())
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+
 def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
     """A tied checkpoint stores no lm_head.weight: loaded with tie_word_embeddings=False, the untied head starts as
     the tied model's head was (the embeddings), not random, and is then a weight of its own."""
