@@ -141,6 +141,9 @@ def main():
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("all", {**train_metrics, **eval_metrics})
     trainer.save_state()  # trainer_state.json: the loss curve (log_history)
+    # The Trainer set config.use_cache to TrainingArguments.use_cache (False): saved so, the model would generate
+    # without a cache, reading the whole sequence again at every step. (Its checkpoint-N/ folders keep False.)
+    model.config.use_cache = True
     trainer.save_model()  # weights, config and tokenizer in output_dir
 
     if trainer.is_world_process_zero():

@@ -137,6 +137,12 @@ def test_checkpoints_load_with_auto_classes(run):
         assert model.config.mixer_types == arch["mixer_types"]
     lm = AutoModelForCausalLM.from_pretrained(out / results["architectures"]["transformer"]["text"]["checkpoint"])
     assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, PRESET.vocab_size)
+    # saved to generate with a cache (the Trainer sets config.use_cache to its own argument, False)
+    assert lm.config.use_cache and lm.generation_config.use_cache
+    fed = []
+    lm.register_forward_pre_hook(lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    lm.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False)
+    assert fed == [3, 1, 1]
 
 
 def test_report_names_only_this_runs_checkpoints(run, tmp_path, capsys):

@@ -115,6 +115,7 @@ def test_pretrain_then_finetune_a_classifier(single_process_run, tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(pretrained)
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
     assert lm.config.vocab_size == len(tokenizer) and lm.config.mixer_types == ["attention", "lstm"]
+    assert lm.config.use_cache and lm.generation_config.use_cache  # (the Trainer set it to False: restored)
 
     output_dir = str(tmp_path / "classifier")
     stdout = run_script([sys.executable, FINETUNE, "--model_name_or_path", pretrained, "--output_dir", output_dir,

@@ -68,6 +68,9 @@ def train(config, make_batch, steps: int, preset, device: torch.device, progress
         start = time.perf_counter()
         output = trainer.train()
         wall = time.perf_counter() - start
+    # The Trainer sets config.use_cache to its own use_cache argument (False): saved so, the checkpoint would generate
+    # without a cache, reading the whole sequence again at every step.
+    model.config.use_cache = True
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = dict(steps=trainer.state.global_step, wall_seconds=wall, mean_train_loss=output.training_loss,
                    final_logged_loss=losses[-1] if losses else None)
