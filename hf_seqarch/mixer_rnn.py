@@ -46,12 +46,25 @@ class RecurrentMixer(nn.Module):
             # (torch.func has no rule for the fused layers; export cannot record packing)
             output, final = self._forward_by_cells(hidden_states, mask, initial)
         elif mask is None:
-            output, final = self.rnn(hidden_states, initial)
+            output, final = self._fused(hidden_states, initial)
         else:
             output, final = self._forward_masked(hidden_states, mask, initial)
         if cache is not None:
             cache.set_state(self.layer_idx, self._pack_state(final))
         return output  # (B, T, width)
+
+    def _fused(self, hidden_states, initial):
+        """The fused nn.LSTM / nn.GRU call. Under CPU float16 autocast, which sends nn.LSTM to a float16 oneDNN LSTM
+        that does not exist (it fails creating its primitive), the LSTM runs in its weights' dtype, as the packed path
+        (`_forward_masked`, which autocast leaves alone) does."""
+        cpu_float16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        if not (self.is_lstm and cpu_float16 and hidden_states.device.type == "cpu"):
+            return self.rnn(hidden_states, initial)
+        weight = getattr(self.rnn, "weight_ih_l0", None)  # (a quantized layer has none: its input's dtype, then)
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else hidden_states.dtype
+        with torch.autocast("cpu", enabled=False):
+            initial = tuple(part.to(dtype) for part in initial) if initial is not None else None
+            return self.rnn(hidden_states.to(dtype), initial)
 
     def _cell_applies(self) -> bool:
         """Whether the cell path can read the layer's weights itself. Not for a layer replaced by another kind

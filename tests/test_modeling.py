@@ -373,6 +373,24 @@ def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads, kernel_gr
         torch.testing.assert_close(blocked, eager, rtol=1e-5, atol=1e-6)
 
 
+
+def test_lstm_runs_under_cpu_float16_autocast():
+    """CPU float16 autocast sends nn.LSTM to a float16 oneDNN LSTM that does not exist: an unpadded input failed inside
+    oneDNN ("could not create a primitive descriptor"); the LSTM runs in its weights' dtype there, as padded input did."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]).train()
+    ids = random_ids(2, 6)
+    reference = model(input_ids=ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(input_ids=ids, labels=ids).loss
+        with torch.no_grad():  # a prefill continued from a cache: the LSTM's initial state in the weights' dtype too
+            cache = getattr(model(input_ids=ids[:, :3], use_cache=True), CACHE_FIELD)
+            continued = model(input_ids=ids[:, 3:], cache=cache, use_cache=True).logits
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(loss.float(), reference, atol=2e-2, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(continued.float(), model(input_ids=ids).logits[:, 3:], atol=2e-2, rtol=0)
+
 def test_blocked_sliding_window_trains_under_autocast():
     """Under bf16 autocast RoPE gives float32 q and k beside a bf16 v (as in Llama), which sdpa casts itself: the
     blocked path refused them ("one dtype"), failing the Trainer's --bf16 on sliding-window models."""
