@@ -1,20 +1,19 @@
 """PNG plots of the results (matplotlib, the `plots` extra). Returns the file names written."""
 
+import importlib.util
 import math
 import os
 
 from .tasks import chance_levels
 
 PLOTS_MISSING = "matplotlib is not installed: no plots (pip install 'hf-seqarch[plots]')"
+NOTHING_TO_PLOT = "no plots: no stage measured what they draw"
 PLOT_FILES = ("throughput.png", "memory.png", "decode.png", "recall.png")  # every plot write_plots can draw
 
 
 def write_plots(results: dict, output_dir: str) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
+    try:  # Figure objects, not pyplot: files only, no display, and the caller's pyplot backend is left as it was
+        from matplotlib.figure import Figure
     except ImportError:
         return []
     archs = results["architectures"]  # a failed stage leaves its key out: each plot draws what was measured
@@ -24,7 +23,6 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(os.path.join(output_dir, name), dpi=110)
-        plt.close(fig)
         written.append(name)
 
     def lines(ax, key, x, y, scale=1.0):
@@ -40,7 +38,8 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
         ("training_speed", "peak_memory_bytes", 2**-20, "peak memory of a step (MiB)", "memory.png"),
     ):
         if any(a.get(key) for a in archs.values()):
-            fig, ax = plt.subplots(figsize=(6, 4))
+            fig = Figure(figsize=(6, 4))
+            ax = fig.subplots()
             lines(ax, key, "seq_len", y, scale)
             ax.set(xlabel="sequence length (tokens per step fixed)", ylabel=label)
             ax.set_title(f"{label} vs length\n{device}", fontsize=10)
@@ -49,7 +48,8 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
             save(fig, name)
 
     if any(a.get("decode") for a in archs.values()):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+        fig = Figure(figsize=(10, 4))
+        left, right = fig.subplots(1, 2)
         lines(left, "decode", "context", "ms_per_token")
         left.set(xlabel="context length", ylabel="ms per generated token", title="decode time per token")
         lines(right, "decode", "context", "cache_bytes", 1 / 1024)
@@ -61,7 +61,8 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
     if scored:
         lengths = sorted({int(k) for a in scored.values() for k in a.get("mqar", {}).get("accuracy", {})})
         groups = [f"MQAR {n}" for n in lengths] + ["selective copying"]
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig = Figure(figsize=(8, 4))
+        ax = fig.subplots()
         width = 0.8 / len(scored)
         for i, (name, arch) in enumerate(scored.items()):
             # NaN where unmeasured (e.g. a task that failed): no bar, where 0.0 would draw a 0% one
@@ -78,3 +79,8 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
         ax.legend(fontsize=8)
         save(fig, "recall.png")
     return written
+
+
+def plots_note() -> str:
+    """Why write_plots drew nothing: matplotlib missing, or nothing measured."""
+    return NOTHING_TO_PLOT if importlib.util.find_spec("matplotlib") else PLOTS_MISSING

@@ -26,7 +26,7 @@ from ...kernels_mamba2 import conv1d_backend, mamba2_backend
 from ..output_dir import prepare_output_dir
 from .architectures import matched_configs, resolve_architectures
 from .measure import decode_costs, memory_method, training_step_costs
-from .plots import PLOT_FILES, PLOTS_MISSING, write_plots
+from .plots import PLOT_FILES, plots_note, write_plots
 from .presets import get_preset
 from .report import render
 from .tasks import ByteText, check_copying, check_mqar, copying_batch, generator, mqar_batch
@@ -164,7 +164,15 @@ def _refuse_foreign_checkpoints(output_dir: str, names: list[str]) -> bool:
     only its own."""
     earlier_run = _written_by_compare(output_dir)
     checkpoints = os.path.join(output_dir, "checkpoints")
+    if os.path.lexists(checkpoints) and (os.path.islink(checkpoints) or not os.path.isdir(checkpoints)):
+        raise ValueError(f"{checkpoints} is {_what(checkpoints)}, where compare saves its checkpoints (a folder): move "
+                         "it, or choose another --output-dir.")
     replaced = [name for name in names if os.path.lexists(os.path.join(checkpoints, name))]
+    for name in replaced:  # (rmtree refuses a link, and saving would write through it into the folder it names)
+        folder = os.path.join(checkpoints, name)
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            raise ValueError(f"{folder} is {_what(folder)}, not a checkpoint folder compare wrote; this run would "
+                             "replace it. Move it, or choose another --output-dir.")
     if replaced and not earlier_run:
         raise ValueError(
             f"{checkpoints} holds {replaced}, which this run would replace, but {output_dir} has no results.json of an "
@@ -172,6 +180,10 @@ def _refuse_foreign_checkpoints(output_dir: str, names: list[str]) -> bool:
             "--output-dir."
         )
     return earlier_run
+
+
+def _what(path: str) -> str:
+    return "a symbolic link" if os.path.islink(path) else "a file"
 
 
 def _clear_earlier_outputs(output_dir: str, names: list[str], earlier_run: bool):
@@ -296,7 +308,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
         plots = write_plots(results, output_dir)
         results["plots"] = plots
         if not plots:
-            results["plots_note"] = PLOTS_MISSING
+            results["plots_note"] = plots_note()
         _write_report(results, output_dir, plots)
     return results
 

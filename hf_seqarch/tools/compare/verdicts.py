@@ -28,7 +28,8 @@ CLAIMS = {
 THRESHOLDS = (
     f"speed ratios count beyond {SPEED_MARGIN:.2f}x; cost exponents (log-log slope of time per sequence "
     f"between the two longest lengths) differ when {EXPONENT_MARGIN} apart and are linear up to {LINEAR_EXPONENT} "
-    f"(a linear-time model's: up to {EXPONENT_MARGIN} above the LSTM/GRU's, but at least {EXPONENT_MARGIN} below "
+    f"(a linear-time model's: up to {EXPONENT_MARGIN} above the LSTM/GRU's or above 1, whichever is larger, but at "
+    f"least {EXPONENT_MARGIN} below "
     f"the transformer's where that is over {LINEAR_EXPONENT + EXPONENT_MARGIN}); "
     f"a cache is constant when it grows by at most {CONSTANT_GROWTH - 1:.0%}; accuracy gaps count from "
     f"{ACCURACY_MARGIN:.0%}, and a recall task (MQAR at its longest length, selective copying) counts once "
@@ -120,8 +121,11 @@ def quadratic_cost(archs):
     rnn_mem = cost_exponent(archs[rec]["training_speed"], "peak_memory_bytes")
     evidence = (f"time per sequence grows as n^{att:.2f} for the transformer and n^{rnn:.2f} for the {rec} "
                 f"(peak memory per sequence: n^{_exp(att_mem)} and n^{_exp(rnn_mem)})")
-    if att - rnn >= EXPONENT_MARGIN and rnn <= LINEAR_EXPONENT:
+    if att - rnn >= EXPONENT_MARGIN and rnn <= LINEAR_EXPONENT < att:
         return _verdict("quadratic", SUPPORTED, evidence)
+    if att - rnn >= EXPONENT_MARGIN and att <= LINEAR_EXPONENT:  # (the recurrence's below n^1: noise or fixed costs)
+        return _verdict("quadratic", INCONCLUSIVE, evidence + " (attention's own cost grows no faster than linear, up "
+                                                              f"to n^{LINEAR_EXPONENT}, at these lengths)")
     if att - rnn < EXPONENT_MARGIN / 2:
         return _verdict("quadratic", NOT_SUPPORTED, evidence + " (attention's cost grows no faster than the "
                                                                f"{rec}'s at these lengths)")
