@@ -27,12 +27,19 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         width = x.shape[-1]
+        # On the rows in x's memory order (a time-major LSTM stream, see backward): a reduction and products over a
+        # permuted layout walk memory out of order, about 1.5x slower.
+        order = _memory_order(x) or tuple(range(x.dim()))
+        rows = x.permute(order)  # contiguous where x is dense in some order of its dims
         # mean(x^2) from the 2-norm: one fused reduction, where vecdot(x, x) on CPU writes x * x out first
-        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(width)  # (..., 1)
+        mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(width)  # (..., 1)
         r = mean_square.add_(eps).rsqrt_()
+        y = torch.mul(rows, r).mul_(weight)
+        inverse = sorted(range(len(order)), key=order.__getitem__)
+        r = r.permute(inverse)
         ctx.save_for_backward(x, weight, r)
         ctx.eps = eps
-        return torch.mul(x, r).mul_(weight)
+        return y.permute(inverse)  # laid out like x
 
     @staticmethod
     def backward(ctx, grad_output):
