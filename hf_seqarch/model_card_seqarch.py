@@ -84,7 +84,7 @@ def model_card_text(model, repo_id: str | None = None, title: str | None = None,
     from huggingface_hub import ModelCard, ModelCardData
 
     config = model.config
-    head = type(model).__name__
+    head = next((c.__name__ for c in type(model).__mro__ if c.__name__ in HEAD_AUTO_CLASSES), type(model).__name__)
     auto_class, pipeline_tag = HEAD_AUTO_CLASSES.get(head, ("AutoModel", None))
     repo = repo_id or "<org>/<name>"
     mixers = list(config.mixer_types)

@@ -5,14 +5,18 @@ refuse (bad arguments, a checkpoint that would load wrong, generate() options th
 checks_arguments_seqarch, checks_loading_seqarch and checks_generation_seqarch.
 """
 
+import contextlib
 import numbers
 import os
+import shutil
+import sys
 import tempfile
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -257,7 +261,18 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         self.config.validate_seqarch()
         refuse_head_tied_against_config(self)
         self.config.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        # A subclass defined in the user's own module: transformers would copy that module, which imports hf_seqarch,
+        # and point auto_map at it; the folder then failed to load where hf_seqarch is not installed. It ships our
+        # code instead, and loads there as the hf_seqarch head it extends.
+        subclass_elsewhere = type(self).__module__ != __name__
+        if subclass_elsewhere:
+            logger.warning(f"{type(self).__name__} is defined outside hf_seqarch: the saved folder's code (for "
+                           "trust_remote_code) is hf_seqarch's, and loads it as the head it extends; its own code is "
+                           "not saved.")
+        with _without_auto_class(type(self)) if subclass_elsewhere else contextlib.nullcontext():
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if is_main_process and subclass_elsewhere:
+            _copy_own_code(save_directory)
         if is_main_process:
             repo_id = hub_kwargs.pop("repo_id", None)
             if push_to_hub:  # created first: the card names the full owner/name the upload goes to
@@ -280,6 +295,30 @@ class SeqArchPreTrainedModel(PreTrainedModel):
             return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message,
                                        commit_description=commit_description, private=private, create_pr=create_pr,
                                        revision=revision)
+
+
+@contextlib.contextmanager
+def _without_auto_class(cls):
+    """cls with no Auto class of its own for a while: transformers' save_pretrained then copies none of its code."""
+    own = cls.__dict__.get("_auto_class", _MISSING)
+    cls._auto_class = None
+    try:
+        yield
+    finally:
+        if own is _MISSING:
+            del cls._auto_class
+        else:
+            cls._auto_class = own
+
+
+_MISSING = object()
+
+
+def _copy_own_code(folder):
+    """This file and the files it imports relatively, flat into `folder`: what save_pretrained copies for our classes."""
+    source = sys.modules[__name__].__file__
+    for path in (source, *get_relative_import_files(source)):
+        shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
 
 
 def _refuse_other_configs(model, config):

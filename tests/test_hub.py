@@ -215,6 +215,52 @@ def test_saved_folder_is_a_self_contained_repository(tmp_path):
     assert set(python_files) - {"modeling_seqarch.py"} <= direct, "import these in modeling_seqarch.py too"
 
 
+
+def test_a_subclass_of_a_head_saves_a_self_contained_folder(tmp_path, monkeypatch):
+    """A head subclassed in the user's own module: transformers copied that module (which imports hf_seqarch) and
+    pointed auto_map at it, so the folder failed to load without hf_seqarch; and the card named AutoModel, with no
+    pipeline tag. It ships our code, loads as the head it extends, and its own class keeps its Auto class."""
+    package = tmp_path / "users_code"
+    package.mkdir()
+    (package / "my_heads.py").write_text("from hf_seqarch import SeqArchForCausalLM\n\n\n"
+                                         "class MyLM(SeqArchForCausalLM):\n    pass\n")
+    monkeypatch.syspath_prepend(str(package))
+    from my_heads import MyLM
+
+    model = tiny_model(MyLM, ["attention", "lstm"])
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    assert MyLM._auto_class == "AutoModelForCausalLM"  # (inherited, as before the save)
+    python_files = {f for f in os.listdir(folder) if f.endswith(".py")}
+    assert "my_heads.py" not in python_files and {"modeling_seqarch.py", "mixer_rnn.py"} <= python_files
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_seqarch.SeqArchForCausalLM"
+    card = (folder / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM.from_pretrained" in card
+
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        torch.save((ids, model(input_ids=ids).logits), tmp_path / "expected.pt")
+    child = textwrap.dedent(
+        """
+        import sys
+        sys.modules["hf_seqarch"] = None  # as if it were not installed
+        import torch, transformers
+        torch.set_num_threads(int(sys.argv[3]))
+        ids, expected = torch.load(sys.argv[2])
+        model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHON", "TRANSFORMERS"))}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", child, str(folder), str(tmp_path / "expected.pt"), str(torch.get_num_threads())],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
 def _imports(nodes):
     for node in nodes:
         if isinstance(node, ast.Import):
