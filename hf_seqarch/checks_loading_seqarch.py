@@ -90,7 +90,8 @@ def untie_lm_head_left_out(model, info, source, load_kwargs):
         head.weight.copy_(model.get_input_embeddings().weight)
     info["missing_keys"] = type(missing)(key for key in missing if key != "lm_head.weight")
     logger.warning("The checkpoint has no lm_head.weight (saved with tied embeddings, or a model body alone): the "
-                   "untied lm_head starts from the input embeddings, the head a tied model has.")
+                   "untied lm_head starts from the input embeddings, the head a tied model has (not newly initialized, "
+                   "as transformers' loading report may say).")
 
 
 def refuse_tying_a_trained_head(model, source, load_kwargs):
