@@ -135,9 +135,11 @@ def refuse_recurrences_made_bidirectional(source, load_kwargs):
 
 
 def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:
-    """Whether the checkpoint's own config.json says it is a causal LM with an lm_head of its own (untied)."""
+    """Whether the checkpoint's own config.json says it is a causal LM with an lm_head of its own (untied): its
+    architectures name SeqArchForCausalLM, or the class its auto_map loads as a causal LM (a user's subclass)."""
     saved = _saved_config(source, load_kwargs)
-    return saved.get("tie_word_embeddings") is False and "SeqArchForCausalLM" in (saved.get("architectures") or [])
+    causal = {"SeqArchForCausalLM", str((saved.get("auto_map") or {}).get("AutoModelForCausalLM", "")).split(".")[-1]}
+    return saved.get("tie_word_embeddings") is False and bool(causal & set(saved.get("architectures") or []))
 
 
 def _saved_config(source, load_kwargs) -> dict:
@@ -193,4 +195,6 @@ def align_loaded_weights(model):
         for tensor in (*module._parameters.values(), *module._buffers.values()):
             if tensor is not None and is_unaligned(tensor):
                 key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
-                tensor.data = copies.setdefault(key, tensor.data.clone())
+                if key not in copies:
+                    copies[key] = tensor.data.clone()
+                tensor.data = copies[key]

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 
 import torch
 from torch import nn
@@ -203,14 +204,15 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         tied, or a body alone) starts its lm_head from the input embeddings, the head a tied model has; a checkpoint
         whose own config.json says it is an untied causal LM has lost its trained head, and is refused.
         CPU weights come back aligned as built (`align_loaded_weights`), so the loaded model computes bit for bit
-        what the saved one did.
+        what the saved one did (weights offloaded with device_map excepted: accelerate loads them at each call).
         """
         return_info = kwargs.pop("output_loading_info", False)
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         if kwargs.get("config") is None and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
             folder = os.path.join(source, kwargs.get("subfolder") or "")
-            has = {name: os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json")}
-            if not any(has.values()):  # (a PEFT adapter's folder names its base model: transformers loads both)
+            # (a PEFT adapter's folder has no config.json: its adapter_config.json names the base model, and
+            # transformers loads both)
+            if not any(os.path.isfile(os.path.join(folder, name)) for name in ("config.json", "adapter_config.json")):
                 # transformers would build a default config and fail later on the weights' shapes
                 raise OSError(
                     f"{str(folder)!r} has no config.json: the model's mixers and sizes are read from it. Save with "
@@ -261,18 +263,24 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         self.config.validate_seqarch()
         refuse_head_tied_against_config(self)
         self.config.auto_map = dict(AUTO_MAP)
-        # A subclass defined in the user's own module: transformers would copy that module, which imports hf_seqarch,
-        # and point auto_map at it; the folder then failed to load where hf_seqarch is not installed. It ships our
-        # code instead, and loads there as the hf_seqarch head it extends.
-        subclass_elsewhere = type(self).__module__ != __name__
-        if subclass_elsewhere:
-            logger.warning(f"{type(self).__name__} is defined outside hf_seqarch: the saved folder's code (for "
-                           "trust_remote_code) is hf_seqarch's, and loads it as the head it extends; its own code is "
-                           "not saved.")
-        with _without_auto_class(type(self)) if subclass_elsewhere else contextlib.nullcontext():
+        # A subclass defined in the user's own module, with the Auto class ours registered: transformers would copy
+        # that module, which imports hf_seqarch, and point auto_map at it; the folder then failed to load where
+        # hf_seqarch is not installed. It ships our code instead, and loads there as the hf_seqarch head it extends.
+        # (A subclass the user registered with an Auto class of its own keeps transformers' behaviour.)
+        ours = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        subclass_elsewhere = ours is not type(self) and "_auto_class" not in vars(type(self))
+        if not subclass_elsewhere:
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        if is_main_process and subclass_elsewhere:
-            _copy_own_code(save_directory)
+        else:
+            logger.warning_once(f"{type(self).__name__} is defined outside hf_seqarch: the saved folder's code (for "
+                                f"trust_remote_code) is hf_seqarch's, and loads it as the {ours.__name__} it extends; "
+                                "its own code is not saved.")
+            with _SAVING_SUBCLASS, _without_auto_class(type(self)):
+                super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+            if is_main_process:
+                _copy_own_code(save_directory)
+                self.config.architectures = [ours.__name__]  # what loads (transformers wrote the subclass's name)
+                self.config.save_pretrained(save_directory)
         if is_main_process:
             repo_id = hub_kwargs.pop("repo_id", None)
             if push_to_hub:  # created first: the card names the full owner/name the upload goes to
@@ -295,6 +303,9 @@ class SeqArchPreTrainedModel(PreTrainedModel):
             return upload_saved_folder(folder, repo_id, token=token, commit_message=commit_message,
                                        commit_description=commit_description, private=private, create_pr=create_pr,
                                        revision=revision)
+
+
+_SAVING_SUBCLASS = threading.Lock()  # (_without_auto_class changes the class, which other threads may be saving)
 
 
 @contextlib.contextmanager

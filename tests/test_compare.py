@@ -43,8 +43,8 @@ def test_writes_report_results_plots_and_checkpoints(run):
     assert set(results["architectures"]) == set(RUNNABLE)
     for name in ("report.md", "results.json", *results["plots"]):
         assert (out / name).is_file(), name
-    noise = PRESET.copy_length - PRESET.copy_tokens - 1  # (the task's layout: noise, then the markers)
-    assert f"{PRESET.copy_tokens} tokens scattered among {noise} positions of noise" in (out / "report.md").read_text()
+    region = PRESET.copy_length - PRESET.copy_tokens - 1  # (the task's layout: tokens among noise, then the markers)
+    assert f"{PRESET.copy_tokens} tokens scattered in the first {region} positions" in (out / "report.md").read_text()
     pytest.importorskip("matplotlib")
     assert set(results["plots"]) == set(PLOT_FILES)  # (the names a re-run clears first)
 

@@ -233,8 +233,9 @@ def test_a_subclass_of_a_head_saves_a_self_contained_folder(tmp_path, monkeypatc
     assert MyLM._auto_class == "AutoModelForCausalLM"  # (inherited, as before the save)
     python_files = {f for f in os.listdir(folder) if f.endswith(".py")}
     assert "my_heads.py" not in python_files and {"modeling_seqarch.py", "mixer_rnn.py"} <= python_files
-    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "modeling_seqarch.SeqArchForCausalLM"
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "modeling_seqarch.SeqArchForCausalLM"
+    assert saved["architectures"] == ["SeqArchForCausalLM"]  # what the folder loads as
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM.from_pretrained" in card
 
@@ -260,6 +261,23 @@ def test_a_subclass_of_a_head_saves_a_self_contained_folder(tmp_path, monkeypatc
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+    # Untied, its trained head is recognised as such: loading it tied is refused (it once replaced the head silently)
+    untied = tmp_path / "untied"
+    tiny_model(MyLM, ["lstm"], tie_word_embeddings=False).save_pretrained(untied)
+    with pytest.raises(ValueError, match="saved with untied embeddings"):
+        SeqArchForCausalLM.from_pretrained(untied, tie_word_embeddings=True)
+
+    # A subclass the user registered with an Auto class of its own keeps transformers' export: its module, its class
+    (package / "my_registered.py").write_text(
+        "from hf_seqarch import SeqArchForCausalLM\n\n\nclass MyRegisteredLM(SeqArchForCausalLM):\n    pass\n\n\n"
+        "MyRegisteredLM.register_for_auto_class('AutoModelForCausalLM')\n")
+    from my_registered import MyRegisteredLM
+
+    tiny_model(MyRegisteredLM, ["lstm"]).save_pretrained(tmp_path / "registered")
+    assert (tmp_path / "registered" / "my_registered.py").is_file()
+    saved = json.loads((tmp_path / "registered" / "config.json").read_text())
+    assert saved["auto_map"]["AutoModelForCausalLM"] == "my_registered.MyRegisteredLM"
 
 def _imports(nodes):
     for node in nodes:

@@ -82,5 +82,10 @@ def write_plots(results: dict, output_dir: str) -> list[str]:
 
 
 def plots_note() -> str:
-    """Why write_plots drew nothing: matplotlib missing, or nothing measured."""
-    return NOTHING_TO_PLOT if importlib.util.find_spec("matplotlib") else PLOTS_MISSING
+    """Why write_plots drew nothing: matplotlib missing (or failing to import), or nothing measured."""
+    try:
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as error:
+        installed = importlib.util.find_spec("matplotlib") is not None
+        return f"no plots: matplotlib fails to import ({error})" if installed else PLOTS_MISSING
+    return NOTHING_TO_PLOT

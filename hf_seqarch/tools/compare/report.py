@@ -97,9 +97,9 @@ def render(results: dict, plots: list[str]) -> str:
             f"architecture; scored on {preset['mqar_eval_examples']} "
             f"held-out sequences per length. Chance (a guess among the values a sequence showed): "
             f"{', '.join(f'{chance:.1%} at {length}' for length, chance in mqar_chance.items())}.",
-            f"- Selective copying: {preset['copy_tokens']} tokens scattered among "
-            f"{preset['copy_length'] - preset['copy_tokens'] - 1} positions of noise, then copied in order after "
-            f"markers ({preset['copy_length']} positions in all), "
+            f"- Selective copying: {preset['copy_tokens']} tokens scattered in the first "
+            f"{preset['copy_length'] - preset['copy_tokens'] - 1} positions (noise elsewhere), then copied in order "
+            f"after markers ({preset['copy_length']} positions in all), "
             f"alphabet {preset['copy_alphabet']}; {preset['copy_steps']} steps of {preset['copy_batch_size']}. "
             f"Chance: {copy_chance:.1%}.",
             "- An accuracy below twice chance (for a chance above a third, below halfway from it to 100%) is marked "
