@@ -59,7 +59,7 @@ def train(model, tokenizer, steps, block_size=64, batch_size=8):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/share_on_hub")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--push_to_hub", metavar="ORG/NAME", help="also upload the model and tokenizer there")

@@ -3,10 +3,11 @@
 mamba_ssm's fused SSD scan (`mamba_chunk_scan_combined`) and causal_conv1d's depthwise conv
 (`causal_conv1d_fn`) are used when they import, the tensors are on CUDA in a dtype they compute in (not
 float64: causal_conv1d refuses it, and the scan would compute in float32), and, for the conv, its width is
-one causal_conv1d has (2, 3 or 4); everything else runs the pure-PyTorch path
-(`ops_chunked_scan.chunked_scan`, `F.conv1d`). The choice is never silent: it is logged once per backend,
-device type and reason, and `mamba2_backend(device, dtype)` / `conv1d_backend(device, dtype, width)` say
-which one a forward uses.
+one causal_conv1d has (2, 3 or 4), and a conv from a zero state over unpadded tokens (a padded batch and a
+continued cache run the PyTorch conv, which keeps pads out and carries the state); everything else runs the
+pure-PyTorch path (`ops_ssd.ssd_chunked`, `ops_causal_conv.causal_conv`). The choice is never silent: it is logged
+once per backend, device type and reason, and `mamba2_backend(device, dtype)` / `conv1d_backend(device, dtype,
+width, fresh)` say which one a forward uses.
 """
 
 import torch
@@ -69,11 +70,17 @@ def mamba2_backend(device, dtype=torch.float32) -> str:
     return _choose("scan", mamba_chunk_scan_combined, "mamba-ssm", device, dtype)
 
 
-def conv1d_backend(device, dtype=torch.float32, width=4) -> str:
-    """The depthwise conv backend for tensors of `dtype` on `device` and a conv `width` wide: "causal_conv1d" (CUDA
-    kernel) or "torch"."""
-    other_width = None if width in CONV_KERNEL_WIDTHS else f"causal-conv1d has no kernel {width} wide"
-    return _choose("conv", causal_conv1d_fn, "causal-conv1d", device, dtype, other_width)
+def conv1d_backend(device, dtype=torch.float32, width=4, fresh=True) -> str:
+    """The depthwise conv backend for tensors of `dtype` on `device`, a conv `width` wide, from a zero state over
+    unpadded tokens (fresh; not a padded batch or a continued cache): "causal_conv1d" (CUDA kernel) or "torch"."""
+    if width not in CONV_KERNEL_WIDTHS:
+        reason = f"causal-conv1d has no kernel {width} wide"
+    elif not fresh:
+        reason = ("causal-conv1d's kernel as used here takes neither padding nor a carried state (a padded batch, a "
+                  "continued cache)")
+    else:
+        reason = None
+    return _choose("conv", causal_conv1d_fn, "causal-conv1d", device, dtype, reason)
 
 
 def ssd_kernel(x, dt, A, B, C, chunk_size, initial_state):

@@ -103,7 +103,7 @@ class ShortCausalConv(nn.Module):
         weight, bias, kernel = self.weight[:, 0], self.bias, self.kernel_size[0]  # weight (C, K)
 
         past = None if conv_state is None else conv_state.transpose(1, 2).to(xBC.dtype)  # (B, K-1, C)
-        if past is None and mask is None and conv1d_backend(xBC.device, xBC.dtype, kernel) == "causal_conv1d":
+        if conv1d_backend(xBC.device, xBC.dtype, kernel, fresh=past is None and mask is None) == "causal_conv1d":
             out = conv1d_kernel(xBC.transpose(1, 2), weight, bias).transpose(1, 2)  # (B, T, C)
         else:
             out = F.silu(causal_conv(xBC, weight, bias, past))  # (B, T, C)

@@ -451,6 +451,8 @@ def test_kernels_only_where_they_apply(monkeypatch):
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "causal_conv1d"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 5) == "torch"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float64, 4) == "torch"
+    # a padded batch or a continued cache runs the PyTorch conv: said (it was silent, the query answering the kernel)
+    assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4, fresh=False) == "torch"
     monkeypatch.setattr(kernels_mamba2, "plain_ops_only", lambda: True)  # torch.export, jit.trace, torch.func
     assert kernels_mamba2.mamba2_backend("cuda", torch.bfloat16) == "torch"
     assert kernels_mamba2.conv1d_backend("cuda", torch.float32, 4) == "torch"
@@ -458,7 +460,8 @@ def test_kernels_only_where_they_apply(monkeypatch):
     recording = "torch.export, torch.jit.trace or torch.func cannot take {}'s kernel"
     assert reasons == {"mamba-ssm's kernel does not compute in torch.float64", "causal-conv1d has no kernel 5 wide",
                        "causal-conv1d's kernel does not compute in torch.float64", recording.format("mamba-ssm"),
-                       recording.format("causal-conv1d")}
+                       recording.format("causal-conv1d"), "causal-conv1d's kernel as used here takes neither padding "
+                       "nor a carried state (a padded batch, a continued cache)"}
 
 
 def test_conv_kernel_input_is_channels_first():
@@ -472,6 +475,25 @@ def test_conv_kernel_input_is_channels_first():
     y = torch.randn(2, 230, 5)
     assert channels_first(y) is y
 
+
+
+def test_mamba2_asks_for_the_conv_kernel_only_where_it_applies(monkeypatch):
+    """The conv kernel runs only unpadded from a zero state: the mixer says which case it is in when it asks, so that
+    the PyTorch conv of a padded batch or a continued cache is announced (it ran silently, the query answering the
+    kernel)."""
+    from hf_seqarch import mixer_mamba2
+
+    asked = []
+    monkeypatch.setattr(mixer_mamba2, "conv1d_backend", lambda *args, fresh=True: asked.append(fresh) or "torch")
+    model = tiny_model(SeqArchForCausalLM, ["mamba2"])
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids, use_cache=True), CACHE_FIELD)
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids[:, :3], cache=cache, use_cache=True)  # (a chunk: one token decodes by a step of its own)
+    assert asked == [True, False, False]
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel,masked", [("mamba_ssm", False), ("mamba_ssm", True), ("causal_conv1d", False)])

@@ -14,7 +14,7 @@ import random
 
 import pydoc_data.topics
 
-# The largest sections, in a fixed order so that label ids never depend on the Python version's dict order.
+# Four large sections, in a fixed order so that label ids never depend on the Python version's dict order.
 DEFAULT_SECTIONS = ("specialnames", "compound", "types", "string-methods")
 
 
