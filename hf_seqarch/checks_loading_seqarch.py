@@ -155,17 +155,18 @@ def _saved_config(source, load_kwargs) -> dict:
         return {}
 
 
-def explain_load_error(error, source):
-    """A clearer exception for the load failures users meet, or None to re-raise the original."""
+def explain_load_error(error, shown):
+    """A clearer exception for the load failures users meet, or None to re-raise the original. shown: the checkpoint,
+    as messages name it."""
     text = str(error)
     if type(error).__name__ == "SafetensorError" or "deserializing header" in text:
         return OSError(
-            f"Could not read the weights of {source!r}: a .safetensors file there is truncated or corrupted "
+            f"Could not read the weights of {shown}: a .safetensors file there is truncated or corrupted "
             f"({text}). Save the model again, or download it again with from_pretrained(..., force_download=True)."
         )
     if "ignore_mismatched_sizes" in text or "size mismatch" in text:
         return ValueError(
-            f"The weights of {source!r} have other shapes than this config gives (the loading report above lists "
+            f"The weights of {shown} have other shapes than this config gives (the loading report above lists "
             f"them). If only a task head differs (score or classifier: another num_labels), pass "
             f"ignore_mismatched_sizes=True to start it afresh; otherwise check that config.mixer_types and the sizes "
             f"match the checkpoint. ({text})"

@@ -219,10 +219,11 @@ class SeqArchPreTrainedModel(PreTrainedModel):
                     f"save_pretrained (which writes it), or pass config=SeqArchConfig(...) to from_pretrained."
                 )
         refuse_recurrences_made_bidirectional(source, kwargs)
+        shown = repr(source) if source is not None else "state_dict=..."  # (as messages name it)
         try:
             model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except Exception as error:
-            explained = explain_load_error(error, source)
+            explained = explain_load_error(error, shown)
             if explained is None:
                 raise
             raise explained from error
@@ -238,7 +239,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         mismatched_body = body(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", []))
         if missing_body or unexpected_body or mismatched_body:
             raise ValueError(
-                f"The checkpoint {source!r} does not fit this {cls.__name__} "
+                f"The checkpoint {shown} does not fit this {cls.__name__} "
                 f"(mixer_types={list(model.config.mixer_types)}): "
                 + (f"it lacks {len(missing_body)} weight(s), e.g. {missing_body[:4]}, that would stay random; " if missing_body else "")
                 + (f"it has {len(unexpected_body)} weight(s) the model has no place for, e.g. {unexpected_body[:4]}; " if unexpected_body else "")
@@ -952,10 +953,11 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
             raise ValueError("Token classification with num_labels=1 has nothing to learn: the cross-entropy over one "
                              "class is 0 for every token. Use num_labels >= 2 (one per tag; e.g. 2 for yes/no).")
         if labels is not None and tokens is not None:  # before the layers run (which check the inputs themselves)
+            ignore_index = kwargs.get("ignore_index", -100)  # (the loss's)
             if tuple(labels.shape) not in (tokens, (tokens[0] * tokens[1],)):  # (transformers' loss flattens them)
                 raise ValueError(f"Token classification takes one label per token: labels of shape {tokens} "
-                                 f"(batch, length), -100 where ignored; got {tuple(labels.shape)}.")
-            labels = class_ids(labels, self.num_labels, "num_labels", ignore_index=kwargs.get("ignore_index", -100))
+                                 f"(batch, length), {ignore_index} where ignored; got {tuple(labels.shape)}.")
+            labels = class_ids(labels, self.num_labels, "num_labels", ignore_index=ignore_index)
             refuse_zero_count_with_labels(kwargs, labels)
         outputs = self.model(
             input_ids=input_ids,

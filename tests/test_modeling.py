@@ -94,6 +94,9 @@ def test_a_state_dict_loads_without_a_source(monkeypatch):
         loaded = SeqArchForCausalLM.from_pretrained(None, config=config, state_dict=model.state_dict())
         for name, tensor in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[name], tensor), name
+    partial = {name: tensor for name, tensor in model.state_dict().items() if ".layers.1." not in name}
+    with pytest.raises(ValueError, match=r"The checkpoint state_dict=\.\.\. does not fit"):  # (it said "None")
+        SeqArchForCausalLM.from_pretrained(None, config=model.config, state_dict=partial)
 
 def test_a_tied_checkpoint_loads_untied_with_its_head(tmp_path):
     """A tied checkpoint stores no lm_head.weight: loaded with tie_word_embeddings=False, the untied head starts as
