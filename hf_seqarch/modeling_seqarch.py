@@ -703,6 +703,7 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
                 "tokens). Use bidirectional=False, or a classification head for encoders."
             )
         super().__init__(config)
+        self.loss_type = "ForCausalLM"  # (transformers reads it from the class's name, which a subclass may not keep)
         self.model = SeqArchModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -827,6 +828,7 @@ class SeqArchForSequenceClassification(SeqArchPreTrainedModel):
     def __init__(self, config: SeqArchConfig):
         _refuse_other_configs(self, config)
         super().__init__(config)
+        self.loss_type = "ForSequenceClassification"  # (see SeqArchForCausalLM)
         self.num_labels = config.num_labels
         self.model = SeqArchModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
@@ -927,6 +929,7 @@ class SeqArchForTokenClassification(SeqArchPreTrainedModel):
     def __init__(self, config: SeqArchConfig):
         _refuse_other_configs(self, config)
         super().__init__(config)
+        self.loss_type = "ForTokenClassification"  # (see SeqArchForCausalLM)
         self.num_labels = config.num_labels
         self.model = SeqArchModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout or 0.0)  # None: transformers' "the model's", 0 here

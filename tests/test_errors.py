@@ -1092,6 +1092,19 @@ def test_labels_are_checked_against_the_ignore_index_passed():
     with pytest.raises(ValueError, match=r"shift_labels must be in \[0, vocab_size=32\) or -1 \(ignored\)"):
         lm(input_ids=ids, labels=ids, shift_labels=torch.full_like(ids, -100), ignore_index=-1)
 
+
+def test_a_subclass_under_another_name_keeps_its_heads_loss():
+    """transformers picks a model's loss from its class name: a subclass named otherwise (NERTagger) fell back to the
+    causal-LM loss and failed inside it (view() got a SeqArchConfig)."""
+    ids = random_ids(2, 6)
+    cases = [(SeqArchForCausalLM, {}, ids), (SeqArchForTokenClassification, dict(num_labels=3), ids % 3),
+             (SeqArchForSequenceClassification, dict(num_labels=3), torch.tensor([0, 2]))]
+    for head, overrides, labels in cases:
+        renamed = type("Renamed", (head,), {})
+        expected = tiny_model(head, ["lstm"], **overrides)(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(tiny_model(renamed, ["lstm"], **overrides)(input_ids=ids, labels=labels).loss,
+                                   expected, rtol=0, atol=0)
+
 def test_ops_take_sizes_past_the_input_and_their_documented_defaults():
     """A chunk or window longer than the sequence padded it to that size (chunk_size=10**6 on 5 tokens: an allocator
     error); a numpy window was refused where the other ops take numpy integers; scan_step without a state failed
