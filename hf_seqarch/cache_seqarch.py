@@ -114,9 +114,12 @@ class SeqArchCache:
         beam_idx = self._checked_rows(beam_idx, "reorder_cache")
         self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    def to(self, device) -> "SeqArchCache":
+    def to(self, device=None) -> "SeqArchCache":
         """Move every cached state to `device` (in place; returns the cache), as a model moved with .to(device).
-        States already there are left as they are (full attention keeps its spare room)."""
+        States already there are left as they are (full attention keeps its spare room). None leaves them where they
+        are, as a tensor's .to(None) does (accelerate's model-level offload hook sends None)."""
+        if device is None:
+            return self
         device = torch.device(device)
         states = [t for state in self.layers if state for t in state.values()]
         if any(t.device != device for t in states):

@@ -481,9 +481,18 @@ class SeqArchModel(SeqArchPreTrainedModel):
 
     @property
     def input_device(self) -> torch.device:
-        """Where token ids go: the embedding table's device (under device_map, not necessarily the first layer's)."""
+        """Where token ids go: the embedding table's device (under device_map, not necessarily the first layer's); for
+        a table offloaded by accelerate (its weight on "meta", loaded at each call), the device its hook runs it on."""
         table = embedding_table(self.embed_tokens)
-        return table.weight.device if table is not None else next(self.parameters()).device
+        weight = table.weight if table is not None else next(self.parameters())
+        if weight.device.type != "meta":
+            return weight.device
+        for module in (table, self.embed_tokens):
+            hook = getattr(module, "_hf_hook", None)
+            for one in getattr(hook, "hooks", [hook]):  # (a SequentialHook holds several)
+                if getattr(one, "execution_device", None) is not None:
+                    return torch.device(one.execution_device)
+        return torch.device("cpu")  # (accelerate's default execution device for offloaded weights on a CPU machine)
 
     def _embedded(self, input_ids, inputs_embeds):
         """The input as embeddings (B, T, width), checked: token ids embedded, or embeddings passed in (cast to the

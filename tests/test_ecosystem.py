@@ -1,6 +1,7 @@
 """The rest of the HuggingFace ecosystem, for every mixer stack: pipelines, PEFT LoRA, accelerate's
 device_map="auto", torch.compile."""
 
+import copy
 import os
 import subprocess
 import sys
@@ -270,6 +271,32 @@ def test_device_map_auto_with_disk_offload(stack, tmp_path):
         torch.testing.assert_close(split(input_ids=ids).logits, logits, rtol=0, atol=0)
     assert torch.equal(split.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False), generated)
 
+
+
+@pytest.mark.parametrize("offload", ["cpu_offload", "disk_offload"])
+def test_accelerate_offload_generates_and_streams(offload, tmp_path):
+    """accelerate.cpu_offload / disk_offload put a hook on the model that calls cache.to(None) at every forward (a
+    no-op for a tensor): generate() failed in SeqArchCache.to. And with the embeddings offloaded (weights on "meta",
+    loaded at each call), a StreamingSession sent the ids to "meta"."""
+    import accelerate
+
+    from hf_seqarch import StreamingSession
+
+    model = tiny_model(SeqArchForCausalLM, ["attention", "lstm"])
+    ids = random_ids(2, 6)
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        streamed = StreamingSession(model).feed(ids)
+    offloaded = copy.deepcopy(model)
+    if offload == "cpu_offload":
+        accelerate.cpu_offload(offloaded, execution_device="cpu")
+    else:
+        accelerate.disk_offload(offloaded, str(tmp_path), execution_device="cpu")
+    assert offloaded.model.embed_tokens.weight.device.type == "meta"
+    generated = offloaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(StreamingSession(offloaded).feed(ids), streamed, rtol=0, atol=0)
 
 def split_over_two_devices(model, from_layer):
     """The blocks from `from_layer` on, the final norm and the head run on a second device, as a device_map over two
