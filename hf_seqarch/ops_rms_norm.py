@@ -35,11 +35,9 @@ class RMSNormFunction(torch.autograd.Function):
         mean_square = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(width)  # (..., 1)
         r = mean_square.add_(eps).rsqrt_()
         y = torch.mul(rows, r).mul_(weight)
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        r = r.permute(inverse)
-        ctx.save_for_backward(x, weight, r)
-        ctx.eps = eps
-        return y.permute(inverse)  # laid out like x
+        ctx.save_for_backward(x, weight, r)  # (r in the rows' order)
+        ctx.eps, ctx.order = eps, order
+        return y.permute(_inverse(order))  # laid out like x
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -47,14 +45,12 @@ class RMSNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True (a double backward): a gradient that is itself differentiable
             reference = lambda x, weight: F.rms_norm(x, (x.shape[-1],), weight, ctx.eps)  # noqa: E731
             return (*gradients_through(reference, ctx, (x, weight), grad_output), None)
-        width = x.shape[-1]
-        # Work on the rows in x's memory order (an LSTM stack keeps its activations time-major, see
-        # modeling_seqarch): a permuted view, so nothing is copied and the gradient comes out laid out like x.
-        order = _memory_order(x)
-        if order is None:
-            x, order = x.contiguous(), tuple(range(x.dim()))
-        # nn.LSTM hands back its input gradient laid out like x; the final norm's comes batch-first (a copy here).
-        x, grad_output, r = x.permute(order), grad_output.permute(order).contiguous(), r.permute(order).contiguous()
+        width, order = x.shape[-1], ctx.order
+        # Work on the rows in x's memory order, as the forward did (an LSTM stack keeps its activations time-major, see
+        # modeling_seqarch): a permuted view, so nothing is copied (but an x dense in no order) and the gradient comes
+        # out laid out like x. nn.LSTM hands back its input gradient laid out like x; the final norm's comes
+        # batch-first (a copy here).
+        x, grad_output = x.permute(order).contiguous(), grad_output.permute(order).contiguous()
         # LayerNorm's fused CPU backward, given a mean of 0 and RMSNorm's r as its rstd, is RMSNorm's backward but
         # for the term of LayerNorm's mean subtraction, -r * mean(dy * weight) per row, added back below: one fused
         # pass where the composite takes a dozen. A frozen weight (adapters, partial fine-tuning) gets no gradient.
@@ -66,8 +62,7 @@ class RMSNormFunction(torch.autograd.Function):
             return None, grad_weight, None
         mean_term = (grad_output.view(-1, width) @ weight).mul_(r.view(-1)).div_(width)  # (N,)
         grad_input.view(-1, width).add_(mean_term[:, None])
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        return grad_input.permute(inverse), grad_weight, None
+        return grad_input.permute(_inverse(order)), grad_weight, None
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None):
@@ -79,6 +74,11 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     dims = tuple(range(-len(normalized_shape), 0))
     y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
     return y if weight is None else y * weight
+
+
+def _inverse(order: tuple[int, ...]) -> list[int]:
+    """The permutation that undoes x.permute(order)."""
+    return sorted(range(len(order)), key=order.__getitem__)
 
 
 def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
