@@ -77,14 +77,17 @@ def refuse_assisted_decoding(model, arguments):
         )
 
 
+BEAM_SEARCH_CACHE = ("This cache comes from beam search: it holds the beams of its last step, not the sequences "
+                     "generate() returned, in their order, so continuing it would continue other sequences.")
+
+
 def refuse_cache_misuse(model, arguments, cache, use_cache, chunked_prefill):
     """What transformers' generate() would get silently wrong (or fail on deep inside) with these models."""
     ids = arguments.get("inputs") if arguments.get("inputs") is not None else arguments.get("input_ids")
     embeds = arguments.get("inputs_embeds") is not None  # (transformers then always decodes with a cache)
     if isinstance(cache, SeqArchCache) and cache.holds_beams:
-        raise ValueError("This cache comes from beam search: it holds the beams of its last step, not the sequences "
-                         "generate() returned, in their order, so continuing it would continue other sequences. Pass "
-                         "the returned sequences without a cache (or generate without beams to continue a cache).")
+        raise ValueError(f"{BEAM_SEARCH_CACHE} Pass the returned sequences without a cache (or generate without beams "
+                         "to continue a cache).")
     if cache is not None and use_cache is False and not embeds:
         raise ValueError("generate() was given a cache, and use_cache is False (passed, or in the model's "
                          "generation_config): without a cache, generate() feeds the whole sequence at every step, "

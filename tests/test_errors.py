@@ -1260,3 +1260,27 @@ def test_causal_conv_refuses_integer_inputs():
     x, weight, bias = torch.ones(1, 3, 2, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.ones(2, dtype=torch.long)
     with pytest.raises(ValueError, match="causal_conv takes real floating-point tensors"):
         causal_conv(x, weight, bias)
+
+
+def test_the_example_datasets_check_their_fractions_and_counts():
+    """eval_fraction=0 still held out a paragraph per class, 1 left nothing to train on without a word (or blamed the
+    block size), and per_section=-1 gave texts without labels."""
+    from transformers import ByT5Tokenizer
+
+    from hf_seqarch.tools.text_data import lm_blocks, section_classification, section_paragraphs
+
+    tokenizer = ByT5Tokenizer()
+    train, held_out = section_classification(tokenizer, max_length=16, per_section=3, eval_fraction=0)
+    assert len(train) == 12 and held_out == []
+    train, held_out = lm_blocks(tokenizer, 16, max_chars=400, eval_fraction=0)
+    assert len(train) == 25 and held_out == []
+    for bad in (1.0, -0.1, 2, "0.1", True):
+        with pytest.raises(ValueError, match=re.escape("eval_fraction must be a number in [0, 1)")):
+            lm_blocks(tokenizer, 16, max_chars=400, eval_fraction=bad)
+        with pytest.raises(ValueError, match=re.escape("eval_fraction must be a number in [0, 1)")):
+            section_classification(tokenizer, per_section=3, eval_fraction=bad)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="per_section must be an integer >= 1"):
+            section_paragraphs(per_section=bad)
+    with pytest.raises(ValueError, match="none left to train on"):
+        lm_blocks(tokenizer, 16, max_chars=20, eval_fraction=0.5)

@@ -326,6 +326,45 @@ def test_a_session_refuses_a_cache_of_padded_rows_where_attention_would_read_the
     torch.testing.assert_close(step[1], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_a_session_refuses_a_beam_search_cache():
+    """generate() refuses to continue a beam-search cache (it holds the last step's beams, not the returned sequences,
+    in their order); a session took it, and continued other sequences than those returned without a word."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"], initializer_range=0.3)
+    out = model.generate(random_ids(1, 4), num_beams=2, num_return_sequences=2, do_sample=False, max_new_tokens=3,
+                         pad_token_id=0, return_dict_in_generate=True)
+    cache = getattr(out, CACHE_FIELD)
+    with pytest.raises(ValueError, match="comes from beam search"):
+        StreamingSession(model, cache=cache)
+    session = StreamingSession(model)
+    with pytest.raises(ValueError, match="comes from beam search"):
+        session.cache = cache  # set directly, as load() does
+    session.feed(out.sequences)  # what to do instead: a fresh session fed the returned sequences
+
+
+def test_step_refuses_a_head_of_another_vocabulary():
+    """forward() and feed() refuse an lm_head wider than the vocabulary; step() returned its logits, and greedy went
+    on to look up an id past the embeddings (an IndexError inside torch)."""
+    model = causal_lm("gru")
+    session = StreamingSession(model)
+    session.feed(random_ids(1, 3))
+    model.set_output_embeddings(torch.nn.Linear(model.config.hidden_size, VOCAB + 10, bias=False))
+    for call in (lambda: session.step(torch.tensor([1])), lambda: session.greedy(None, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=f"lm_head has {VOCAB + 10} outputs"):
+            call()
+
+
+def test_step_looks_up_embeddings_with_their_options():
+    """An embedding with max_norm renormalises the rows it looks up; the single-token path looked them up plainly and
+    its logits differed from the forward's."""
+    model = causal_lm("gru")
+    model.set_input_embeddings(torch.nn.Embedding(VOCAB, model.config.hidden_size, max_norm=0.1))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    session = StreamingSession(model)
+    session.feed(ids[:, :3])
+    step = session.step(ids[:, 3])[0]  # token 4 first looked up here (a lookup renormalises its row in place)
+    torch.testing.assert_close(step, model(input_ids=ids).logits[0, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_takes_numpy_and_tensor_token_counts():
     """max_new_tokens=np.int64(2) or torch.tensor(2) (a count computed with numpy or torch) was refused."""
     import numpy as np

@@ -347,6 +347,18 @@ def test_a_sharded_checkpoint_missing_a_shard_is_a_clear_error(uninterrupted_run
         check_resume_checkpoint(checkpoint)
 
 
+def test_an_fsdp_full_state_dict_checkpoint_passes_the_check(uninterrupted_run, tmp_path):
+    """Under FSDP with FULL_STATE_DICT (configs/accelerate/fsdp.yaml) accelerate names the optimizer state
+    optimizer.bin, which the Trainer's own resume reads; the check refused every such checkpoint as cut short."""
+    source, _ = uninterrupted_run
+    checkpoint = shutil.copytree(source / "checkpoint-3", tmp_path / "checkpoint-3")
+    (checkpoint / "optimizer.pt").rename(checkpoint / "optimizer.bin")
+    check_resume_checkpoint(checkpoint)
+    damage(checkpoint / "optimizer.bin", "truncated")
+    with pytest.raises(CheckpointError, match="optimizer.bin.*truncated or corrupted"):
+        check_resume_checkpoint(checkpoint)
+
+
 def test_torch_files_saved_without_crcs_pass_the_check(tmp_path):
     """torch writes CRC 0 after set_crc32_options(False): such files load fine and were refused as corrupted."""
     from hf_seqarch.tools.checkpoints import _unreadable

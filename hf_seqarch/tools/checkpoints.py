@@ -23,7 +23,7 @@ REQUIRED = {
         "pytorch_model.bin.index.json",
         "pytorch_model_fsdp_0",
     ),
-    "the optimizer state": ("optimizer.pt", "optimizer_0"),
+    "the optimizer state": ("optimizer.pt", "optimizer.bin", "optimizer_0"),
     "the learning-rate schedule": ("scheduler.pt",),
     "the step count and loss history": ("trainer_state.json",),
 }

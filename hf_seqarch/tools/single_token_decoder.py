@@ -44,6 +44,15 @@ def _rms_norm(norm: nn.Module):
     return lambda x: F.rms_norm(x, shape, norm.weight, norm.eps)
 
 
+def _embedding(embed: nn.Module):
+    if not _is_plain(embed, nn.Embedding):
+        return embed
+    # nn.Embedding.forward's call, with its options (max_norm renormalises the rows it looks up) read at each call
+    return lambda ids: F.embedding(
+        ids, embed.weight, embed.padding_idx, embed.max_norm, embed.norm_type, embed.scale_grad_by_freq, embed.sparse
+    )
+
+
 def _linear(linear: nn.Module):
     if not _is_plain(linear, nn.Linear):
         return linear
@@ -117,7 +126,7 @@ class SingleTokenDecoder:
 
     def __init__(self, base, lm_head, config):
         embed = base.embed_tokens
-        self.embed = (lambda ids: F.embedding(ids, embed.weight)) if _is_plain(embed, nn.Embedding) else embed
+        self.embed = _embedding(embed)
         self.blocks = [_block(block, config, i) for i, block in enumerate(base.layers)]
         self.norm = _rms_norm(base.norm)
         self.lm_head = None if lm_head is None else _linear(lm_head)

@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 
 from ..cache_seqarch import SeqArchCache, state_layout
 from ..checks_arguments_seqarch import is_integer
+from ..checks_generation_seqarch import BEAM_SEARCH_CACHE
+from ..checks_loading_seqarch import refuse_head_of_another_vocabulary
 from .single_token_decoder import SingleTokenDecoder
 
 _FORMAT = "hf_seqarch.stream/1"
@@ -75,7 +77,7 @@ class StreamingSession:
         if not isinstance(cache, SeqArchCache):
             raise ValueError(f"cache must be a SeqArchCache, got {type(cache).__name__}.")
         cache.check_usable_by(self.config, device=self.base.input_device)
-        self._refuse_padded_cache(cache)
+        self._refuse_uncontinuable_cache(cache)
         # The next-token logits where greedy(None) continues belong to the state that gave them: a new cache starts
         # without any, rather than continuing another stream's.
         self._cache, self._last_logits, self._last_logits_at = cache, None, None
@@ -118,7 +120,7 @@ class StreamingSession:
         if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
         max_new_tokens = int(max_new_tokens)
-        self._refuse_padded_cache()
+        self._refuse_uncontinuable_cache()
         if input_ids is not None:
             logits = self.feed(input_ids)[:, -1]
         elif self._last_logits is None:
@@ -162,6 +164,8 @@ class StreamingSession:
     def _build_decoder(self):
         """The single-token decoder over the model's current modules, and the modules it was built from."""
         self.base, self.lm_head = getattr(self.model, "model", self.model), getattr(self.model, "lm_head", None)
+        if self.lm_head is not None:  # (as the forward checks it: the decoder's logits would be of another width)
+            refuse_head_of_another_vocabulary(self.model)
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
         self._decoder_modules = tuple(self.model.modules())
 
@@ -169,9 +173,14 @@ class StreamingSession:
         """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then."""
         self._last_logits, self._last_logits_at = logits, self.cache.changes
 
-    def _refuse_padded_cache(self, cache=None):
-        """When a cache is set, and at every call: a forward elsewhere may have filled it from a padded batch since."""
-        if (cache if cache is not None else self.cache).holds_padding and self.config.has_attention:
+    def _refuse_uncontinuable_cache(self, cache=None):
+        """When a cache is set, and at every call (a forward or generate() elsewhere may have filled it since): one
+        that holds beam search's beams, or padded positions that attention layers would read."""
+        cache = cache if cache is not None else self.cache
+        if cache.holds_beams:
+            raise ValueError(f"{BEAM_SEARCH_CACHE} Start a session without it and feed it the sequences generate() "
+                             "returned.")
+        if cache.holds_padding and self.config.has_attention:
             raise ValueError(
                 "This cache holds padded positions (it was filled from a padded batch), and its attention layers "
                 "keep their keys: the session decodes without a mask and would attend to them. Continue it with "
@@ -179,7 +188,7 @@ class StreamingSession:
             )
 
     def _check_ids(self, ids, name):
-        self._refuse_padded_cache()
+        self._refuse_uncontinuable_cache()
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1 or not is_integer(ids):
             shape = f"{tuple(ids.shape)} of {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ValueError(f"{name} must be an integer tensor (batch, tokens) with at least one token, got {shape}.")

@@ -10,6 +10,7 @@ Both return plain lists of feature dicts: a list is a map-style dataset that the
 DataLoader take as is, and the collators (DataCollatorForLanguageModeling / DataCollatorWithPadding) pad them.
 """
 
+import numbers
 import random
 
 import pydoc_data.topics
@@ -31,12 +32,14 @@ def lm_blocks(tokenizer, block_size: int, max_chars: int | None = None, eval_fra
     """
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2 (an LM predicts each token from the previous ones), got {block_size}.")
+    _check_eval_fraction(eval_fraction)
     ids = tokenizer(corpus_text(max_chars), add_special_tokens=False)["input_ids"]
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     num_eval = max(1, int(len(blocks) * eval_fraction)) if eval_fraction > 0 else 0
     if len(blocks) <= num_eval:
         raise ValueError(
-            f"The corpus gives only {len(blocks)} block(s) of {block_size} tokens: lower block_size or raise max_chars."
+            f"The corpus gives only {len(blocks)} block(s) of {block_size} tokens, {num_eval} of them held out for "
+            f"evaluation (eval_fraction={eval_fraction}), none left to train on: lower block_size or raise max_chars."
         )
     to_features = lambda chunk: [{"input_ids": block} for block in chunk]  # noqa: E731
     return to_features(blocks[: len(blocks) - num_eval]), to_features(blocks[len(blocks) - num_eval :])
@@ -48,6 +51,10 @@ def section_paragraphs(sections=DEFAULT_SECTIONS, min_chars: int = 80, per_secti
     Each section keeps `per_section` paragraphs (default: as many as the smallest section has), so classes are
     balanced and chance accuracy is 1/len(sections).
     """
+    if per_section is not None and (
+        not isinstance(per_section, numbers.Integral) or isinstance(per_section, bool) or per_section < 1
+    ):
+        raise ValueError(f"per_section must be an integer >= 1 (paragraphs per section), or None, got {per_section!r}.")
     unknown = [s for s in sections if s not in pydoc_data.topics.topics]
     if unknown:
         raise ValueError(f"Unknown section(s) {unknown}; available: {sorted(pydoc_data.topics.topics)}.")
@@ -74,15 +81,23 @@ def section_classification(
     Paragraphs are truncated to `max_length` tokens, shuffled with `seed` and split class by class, so that both
     sets are balanced (chance is 1 / len(sections) in each).
     """
+    _check_eval_fraction(eval_fraction)
     texts, labels = section_paragraphs(sections, per_section=per_section)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     rng, train, held_out = random.Random(seed), [], []
     for label in range(len(sections)):
         of_class = [{"input_ids": ids, "label": label} for ids, y in zip(encoded, labels) if y == label]
         rng.shuffle(of_class)
-        num_eval = max(1, int(len(of_class) * eval_fraction)) if len(of_class) > 1 else 0  # (small sections: one)
+        num_eval = max(1, int(len(of_class) * eval_fraction)) if len(of_class) > 1 and eval_fraction > 0 else 0
         held_out += of_class[:num_eval]
         train += of_class[num_eval:]
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out
+
+
+def _check_eval_fraction(eval_fraction):
+    """The share of the data held out for evaluation: 0 (none) up to, not including, 1 (something must be trained on)."""
+    if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, numbers.Real) or not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be a number in [0, 1) (the share held out for evaluation), got "
+                         f"{eval_fraction!r}.")
