@@ -101,6 +101,9 @@ def _attention_mask(context, query_length, kv_length, window, attn_implementatio
         implicit_ok = (context.past_length == 0 or query_length == 1) and fits_window
     else:
         implicit_ok = fits_window
+    # Not while a graph is recorded: the choice, made from the example's lengths, would be replayed for every input
+    # (an example that fits the window, replayed on a longer input, attended past it).
+    implicit_ok = implicit_ok and not recording_one_graph()
     if attn_implementation in _KERNELS_WITH_IMPLICIT_CAUSAL and padding is None and implicit_ok:
         return None
 

@@ -39,6 +39,21 @@ def test_jit_trace_with_an_all_ones_mask_honours_padding_later(kind):
     torch.testing.assert_close(traced(ids, torch.ones_like(ids))[0], model(ids)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,example_length", [("sliding_attention", 3), ("attention", 1)])
+def test_jit_trace_on_a_short_example_keeps_the_window_and_causality(kind, example_length):
+    """sdpa without a mask takes is_causal and no mask where the keys fit the window: traced on such an example (the
+    default window is 128), the graph replayed that choice for longer inputs and attended past the window; traced on
+    one token (where transformers' sdpa drops is_causal), it attended to the future. (With grouped-query heads a
+    one-token trace records transformers' single-query head packing, which fails loudly on longer inputs.)"""
+    model = tiny_model(SeqArchForCausalLM, [kind], return_dict=False, use_cache=False, sliding_window=4,
+                       attn_implementation="sdpa", num_key_value_heads=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (random_ids(1, example_length),), strict=False)
+    ids = random_ids(2, 12)
+    torch.testing.assert_close(traced(ids)[0], model(ids)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_jit_trace_records_no_op_the_legacy_onnx_exporter_lacks():
     """The legacy ONNX exporter (torch.onnx.export(dynamo=False)) works from a jit trace and has no rms_norm and no
     in-place and (the attention mask's): while tracing, every norm (the blocks', the final one, mamba2's gated one) is
