@@ -34,6 +34,7 @@ def make_mixer(variant, bidirectional=False, seed=0):
     with torch.no_grad():
         for parameter in mixer.parameters():
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    mixer.reference_config = model.config  # what the references read, rather than the choices the mixer made from it
     return mixer
 
 
@@ -108,10 +109,15 @@ def linear_attention_core_reference(q, k, v, gamma):
     return torch.stack(ys, 1)  # (B, T, H, D)
 
 
+# The feature maps as the config documents them, written out rather than taken from the mixer under test.
+FEATURE_MAPS = {"elu": lambda x: F.elu(x) + 1, "relu": F.relu, "identity": lambda x: x}
+
+
 def linear_attention_reference(m, hidden, bidirectional=False):
     shape = (*hidden.shape[:2], m.num_heads, m.head_dim)
-    q = m.feature_map(m.q_proj(hidden).view(shape)) / m.head_dim**0.5
-    k = m.feature_map(m.k_proj(hidden).view(shape))
+    feature_map = FEATURE_MAPS[m.reference_config.linear_attention_feature_map]
+    q = feature_map(m.q_proj(hidden).view(shape)) / m.head_dim**0.5
+    k = feature_map(m.k_proj(hidden).view(shape))
     v = m.v_proj(hidden).view(shape)
     gamma = torch.sigmoid(m.decay_logit) if m.decay_logit is not None else torch.ones(m.num_heads)
     y = linear_attention_core_reference(q, k, v, gamma)

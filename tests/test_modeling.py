@@ -327,6 +327,48 @@ def test_left_padded_training_agrees_across_kernels(stack, dtype):
         torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def attention_formula(mixer, x, bidirectional, window):
+    """softmax(q k^T / sqrt(head_dim) + mask) v in float64, with RoPE written out from its formula (Llama's: frequencies
+    theta^(-2i/d), rotate-half pairing) and each key/value head repeated for its group of query heads; the window as
+    the config documents it: sliding_window - 1 tokens before (in an encoder also as many after)."""
+    batch, length, _ = x.shape
+    heads, kv_heads, dim = mixer.num_heads, mixer.num_key_value_heads, mixer.head_dim
+    q = mixer.q_proj(x).view(batch, length, heads, dim).transpose(1, 2)  # (B, heads, T, dim)
+    k, v = (proj(x).view(batch, length, kv_heads, dim).transpose(1, 2) for proj in (mixer.k_proj, mixer.v_proj))
+    frequencies = 500.0 ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,): rope_theta 500
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * frequencies  # (T, dim/2)
+
+    def rope(t):
+        first, second = t[..., : dim // 2], t[..., dim // 2 :]
+        return torch.cat([first * angle.cos() - second * angle.sin(), second * angle.cos() + first * angle.sin()], -1)
+
+    q, k = rope(q), rope(k).repeat_interleave(heads // kv_heads, 1)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = torch.ones(length, length, dtype=torch.bool) if bidirectional else j <= i
+    if window is not None:
+        allowed &= (i - j < window) & (j - i < window)
+    scores = (q @ k.transpose(-1, -2) / dim**0.5).masked_fill(~allowed, float("-inf"))
+    attended = scores.softmax(-1) @ v.repeat_interleave(heads // kv_heads, 1)  # (B, heads, T, dim)
+    return mixer.o_proj(attended.transpose(1, 2).reshape(batch, length, heads * dim))
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["attention", "sliding_attention"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "encoder"])
+def test_attention_computes_its_formula(attn_implementation, kind, bidirectional):
+    """Every kernel is handed q and k rotated by the same RoPE code and the same scaling, and the masks come from one
+    function, so comparing kernels cannot catch a wrong frequency, scale or window (the encoder's sliding window was
+    not tested at all): the mixer against attention written out. Length 11 with window 3: sdpa's blocked path."""
+    model = tiny_model(SeqArchModel, [kind], rope_theta=500.0, initializer_range=0.3, bidirectional=bidirectional,
+                       sliding_window=3, attn_implementation=attn_implementation).double().eval()
+    mixer, seen = model.layers[0].mixer, {}
+    mixer.register_forward_hook(lambda module, args, output: seen.update(x=args[0], output=output))
+    with torch.no_grad():
+        model(input_ids=random_ids(2, 11))
+        expected = attention_formula(mixer, seen["x"], bidirectional, 3 if kind == "sliding_attention" else None)
+    torch.testing.assert_close(seen["output"], expected, rtol=1e-10, atol=1e-10)
+
+
 def test_output_attentions_with_eager_and_a_warning_otherwise(caplog):
     """output_attentions=True gives the eager kernel's probabilities, one (B, heads, T, K) per attention layer
     (as transformers' models do); a pad query that may attend to nothing has a row of zeros. Other kernels never
@@ -354,8 +396,9 @@ def test_output_attentions_with_eager_and_a_warning_otherwise(caplog):
 
 
 @pytest.mark.parametrize("length", [7, 12, 31])  # window 3: not / a multiple of it, many blocks
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-@pytest.mark.parametrize("kernel_groups_heads", [True, False], ids=["enable_gqa", "repeated_kv"])
+@pytest.mark.parametrize(  # (how grouped heads reach sdpa matters only where there are groups)
+    "kv_heads,kernel_groups_heads", [(4, True), (2, True), (2, False)], ids=["mha", "gqa-enable_gqa", "gqa-repeated_kv"]
+)
 def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads, kernel_groups_heads, monkeypatch):
     # sdpa over a long unpadded sequence runs in blocks (ops_sliding_attention); eager keeps the full mask. Grouped
     # heads go to sdpa as groups on CPU and as repeated keys on CUDA (there enable_gqa with a mask is the math kernel).
@@ -428,7 +471,11 @@ def test_gradient_checkpointing_gives_same_gradients(stack):
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
             assert model.model.layers[0].gradient_checkpointing
+        runs = []  # each block's mixer runs once, and again in the backward where checkpointing recomputes it
+        for block in model.model.layers:
+            block.mixer.register_forward_hook(lambda module, args, output: runs.append(module))
         model(input_ids=ids, labels=ids).loss.backward()
+        assert len(runs) == len(model.model.layers) * (2 if checkpointing else 1)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
