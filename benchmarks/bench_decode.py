@@ -32,7 +32,7 @@ import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, Mamba2Config
-from transformers import Mamba2ForCausalLM
+from transformers import Mamba2ForCausalLM, StaticCache
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout
@@ -47,7 +47,7 @@ PREFILL_CHUNK = 1024
 # Our mixer -> its anchors: (name, extra generate() arguments). Llama runs with its default DynamicCache (which grows
 # by concatenation) and with a StaticCache (preallocated, the fair match for our buffers; prefilled in one piece).
 ANCHORS_OF = {
-    "attention": [("Llama", {}), ("Llama static", {"cache_implementation": "static"})],
+    "attention": [("Llama", {}), ("Llama static", {"static_cache": True})],
     "mamba2": [("HF Mamba2", {})],
 }
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -117,17 +117,22 @@ def anchor(mixer):
     )).eval()
 
 
-def generate_cost(model, context, new_tokens, seed=0, **generate_kwargs):
-    """(seconds per generated token, cache bytes at the end) of a greedy generate() after a prompt of `context` tokens."""
+def generate_cost(model, context, new_tokens, seed=0, static_cache=False):
+    """(seconds per generated token, cache bytes at the end) of a greedy generate() after a prompt of `context` tokens.
+    static_cache: Llama with a StaticCache of context + new_tokens slots, fresh for the call. (Not
+    cache_implementation="static": generate() then sizes the cache to the longest of the model's earlier calls, and
+    every context after the longest would attend over all its slots.)"""
     ids = torch.randint(1, VOCAB, (1, context), generator=torch.Generator().manual_seed(seed))  # no pad id (0)
     step_clock = StepClock()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   logits_processor=LogitsProcessorList([step_clock]), return_dict_in_generate=True)
     if isinstance(model, SeqArchForCausalLM):  # chunked prefill needs a cache before the first forward
         kwargs.update({CACHE_FIELD: SeqArchCache(model.config)}, prefill_chunk_size=PREFILL_CHUNK)
-    elif isinstance(model, LlamaForCausalLM) and "cache_implementation" not in generate_kwargs:
+    elif static_cache:
+        kwargs.update(past_key_values=StaticCache(config=model.config, max_cache_len=context + new_tokens))
+    elif isinstance(model, LlamaForCausalLM):
         kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
-    output = model.generate(ids, **kwargs, **generate_kwargs)
+    output = model.generate(ids, **kwargs)
     # The returned cache's name depends on the transformers release; transformers 4.x's Mamba2 returns none.
     cache = next((output[name] for name in ("cache", "past_key_values") if name in output), None)
     # The same count for both (get_memory_footprint() leaves out our spare room); None where no cache came back.
@@ -142,12 +147,12 @@ def part_one(mixers, contexts, new_tokens, repeats):
         models[mixer] = ours(mixer), {}
         if mixer in ANCHORS_OF:
             anchor_model = anchor(mixer)
-            for name, generate_kwargs in ANCHORS_OF[mixer]:
-                models[name] = anchor_model, generate_kwargs
+            for name, options in ANCHORS_OF[mixer]:
+                models[name] = anchor_model, options
     for name, (model, _) in models.items():
         print(f"  {name:<18} {sum(p.numel() for p in model.parameters()):>10,} parameters")
-    for model, generate_kwargs in models.values():  # warm-up: first calls pay one-time setup (kernels, allocations)
-        generate_cost(model, 32, 4, **generate_kwargs)
+    for model, options in models.values():  # warm-up: first calls pay one-time setup (kernels, allocations)
+        generate_cost(model, 32, 4, **options)
     times = {(name, c): [] for name in models for c in contexts}
     footprint = {}
     names = list(models)
@@ -156,9 +161,9 @@ def part_one(mixers, contexts, new_tokens, repeats):
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for context in contexts:
             for name in order:
-                model, generate_kwargs = models[name]
+                model, options = models[name]
                 seconds, footprint[name, context] = generate_cost(model, context, new_tokens, seed=repeat,
-                                                                  **generate_kwargs)
+                                                                  **options)
                 times[name, context].append(seconds)
             print(f"  repeat {repeat + 1}/{repeats}: context {context} done", flush=True)
     ms = {key: statistics.median(values) * 1e3 for key, values in times.items()}
@@ -252,6 +257,9 @@ def main():
     clock = CLOCKS[args.clock]
     hf_logging.set_verbosity_error()  # HF Mamba2 warns at every call that its CUDA kernels are missing
     refuse_cpu_clock_with_threads(parser, args.clock, args.threads)
+    if args.new_tokens is not None and args.new_tokens < 2:
+        parser.error(f"--new-tokens must be >= 2 (the time per token is the median interval between steps), got "
+                     f"{args.new_tokens}")
     torch.set_num_threads(args.threads)
     contexts = args.contexts or ([128, 1024] if args.quick else [128, 1024, 4096, 8192])
     new_tokens = args.new_tokens or (16 if args.quick else 64)

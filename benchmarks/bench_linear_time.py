@@ -6,7 +6,11 @@
    1 group, no MLP, untied head (the anchor's default). batch x length = 8192 tokens at T = 1024, 4096,
    8192. Both in this process, runs interleaved (AB BA ...: each first in turn) so both see the same machine
    load; the speed-up is the median of the back-to-back pairs' ratios.
-   Target: ours >= 1.5x the anchor's throughput.
+   Target: ours >= 1.5x the anchor's throughput. Measured at initialisation: on CPU our scan takes its faster
+   factorised path for heads with gentle decays (most of them at init, see ops_chunked_scan); heads whose decays
+   grow strong in training take the exact path, slower by up to ~1.5x in the scan alone. The anchor's speed does
+   not depend on the weights. Where mamba_ssm is installed, the anchor runs its fused kernels instead (which also
+   need causal_conv1d): the line "the anchor's" below says which.
 2. Time and peak memory of one training step at batch 1 for T = 1024 ... 16384, for mamba2,
    linear_attention, attention (sdpa and eager) and lstm stacks (4 layers, hidden 256, no MLP), and the
    growth per doubling of T. Target for the linear-time mixers: time x <= 2.2 per doubling. Each length is

@@ -50,3 +50,20 @@ def test_cpu_clock_refused_with_several_threads(script):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *arguments],
                             capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT, timeout=240)
     assert result.returncode == 2 and "use it with --threads 1" in result.stderr, result.stderr[-2000:]
+
+
+def test_the_decode_benchmarks_static_anchor_gets_a_cache_sized_to_each_call():
+    """generate(cache_implementation="static") sizes its cache to the longest of the model's earlier calls: from the
+    second repeat on, every context of the "Llama static" anchor attended over the longest context's slots (its
+    times overstated ~1.5x at 128, in our favour). Each call now gets a StaticCache of its own length."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    model = bench_decode.anchor("attention")
+    _, long_footprint = bench_decode.generate_cost(model, 28, 4, static_cache=True)
+    _, short_footprint = bench_decode.generate_cost(model, 8, 4, static_cache=True)  # after the longer call
+    config = model.config  # keys and values of every layer, float32, per slot
+    slot_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    assert long_footprint - short_footprint == (32 - 12) * slot_bytes  # slots: 28 + 4 against 8 + 4
