@@ -6,7 +6,9 @@ import math
 import os
 import re
 import signal
+import statistics
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from hf_seqarch.tools.compare.measure import TensorMemoryTracker
 from hf_seqarch.tools.compare.plots import NOTHING_TO_PLOT, PLOT_FILES, plots_note, write_plots
 from hf_seqarch.tools.compare.presets import PRESETS
 from hf_seqarch.tools.compare.tasks import IGNORE, ByteText, chance_levels, copying_batch, generator, mqar_batch
+from hf_seqarch.tools.compare.train import bits_per_byte, token_accuracy
 from hf_seqarch.tools.compare.verdicts import CLAIMS, INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, all_verdicts
 
 PRESET = PRESETS["test"]
@@ -344,6 +347,10 @@ def test_training_speed_interleaves_the_lengths_timed_steps(monkeypatch):
     assert timed_lengths == [8, 16, 32, 32, 16, 8, 8, 16, 32, 32, 16, 8]
     assert [row["seq_len"] for row in rows] == [8, 16, 32] and all(len(row["step_seconds"]) == 4 for row in rows)
     assert [row["batch_size"] for row in rows] == [8, 4, 2]
+    for row in rows:  # the throughput the report tables print: a step's tokens over its median time
+        assert row["median_step_seconds"] == statistics.median(row["step_seconds"])
+        assert row["tokens"] == row["batch_size"] * row["seq_len"] == 64
+        assert row["tokens_per_second"] == pytest.approx(64 / row["median_step_seconds"])
 
 
 def test_checkpoints_compare_did_not_write_are_never_deleted(tmp_path, capsys):
@@ -675,3 +682,36 @@ def test_a_failed_stage_costs_only_itself(tmp_path, monkeypatch):
 def test_any_cpu_device_name_is_the_cpu():
     """"cpu:1" was kept as given, and the report's CPU notes (which compare the name with "cpu") then went missing."""
     assert compare_run.resolve_device("cpu:1") == torch.device("cpu") and str(compare_run.resolve_device("cpu:1")) == "cpu"
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits are given: those of the rows it is called with, in order."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.start = logits, 0
+
+    def forward(self, input_ids=None, use_cache=None):
+        logits = self.logits[self.start : self.start + len(input_ids)]
+        self.start += len(input_ids)
+        return SimpleNamespace(logits=logits)
+
+
+def test_token_accuracy_scores_the_prediction_of_the_next_position():
+    """The recall verdicts rest on it: logits at t predict the label at t + 1 (more rows than one eval batch)."""
+    inputs, labels = mqar_batch(40, 32, 4, 64, generator(0, 1))
+    rows, positions = torch.nonzero(labels[:, 1:] != IGNORE, as_tuple=True)
+    oracle, late = torch.zeros(40, 32, 64), torch.zeros(40, 32, 64)
+    oracle[rows, positions, labels[rows, positions + 1]] = 1.0
+    late[rows, positions + 1, labels[rows, positions + 1]] = 1.0  # the right answer one position late
+    assert token_accuracy(FixedLogits(oracle), inputs, labels, torch.device("cpu")) == 1.0
+    assert token_accuracy(FixedLogits(late), inputs, labels, torch.device("cpu")) < 0.2
+
+
+def test_bits_per_byte_is_the_mean_negative_log2_likelihood():
+    ids = torch.randint(0, 256, (40, 16), generator=torch.Generator().manual_seed(0))
+    assert bits_per_byte(FixedLogits(torch.zeros(40, 16, 256)), ids, torch.device("cpu")) == pytest.approx(8.0)
+    half = torch.zeros(40, 16, 256)  # the next byte's logit log(255): probability 255 / (255 + 255) = 1/2, one bit
+    rows, positions = torch.meshgrid(torch.arange(40), torch.arange(15), indexing="ij")
+    half[rows, positions, ids[:, 1:]] = math.log(255)
+    assert bits_per_byte(FixedLogits(half), ids, torch.device("cpu")) == pytest.approx(1.0)

@@ -18,7 +18,7 @@ import torch
 from transformers import ByT5Tokenizer, pipeline
 
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchModel
-from hf_seqarch.model_card_seqarch import CARD_MARKER, layer_decoding_state
+from hf_seqarch.model_card_seqarch import CARD_MARKER, layer_decoding_state, model_card_text
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
 from tester import HEADS, STACKS, main_output, random_ids, tiny_config, tiny_model
 
@@ -342,11 +342,15 @@ def test_card_of_a_head_that_does_not_generate_and_of_an_unnamed_folder(tmp_path
     assert "Run with a cache (use_cache=True), the cache of one sequence grows by" in (folder / "body" / "README.md").read_text()
 
 
-@pytest.mark.parametrize("mixer", ALL_MIXERS)
-def test_card_decoding_state_matches_the_real_cache(mixer):
+@pytest.mark.parametrize(
+    "mixer,overrides",
+    [(mixer, {}) for mixer in ALL_MIXERS]
+    + [("mamba2", dict(mamba_n_groups=2, mamba_conv_kernel=3)), ("attention", dict(num_key_value_heads=1))],
+)
+def test_card_decoding_state_matches_the_real_cache(mixer, overrides):
     """The card's numbers are what SeqArchCache holds: per token for attention, capped by the window for
-    sliding attention, constant for recurrent layers."""
-    model = tiny_model(SeqArchForCausalLM, [mixer])
+    sliding attention, constant for recurrent layers; with the settings that shape a state varied."""
+    model = tiny_model(SeqArchForCausalLM, [mixer], **overrides)
     per_token, cap, constant = layer_decoding_state(model.config, mixer)
     cache, seen = None, 0
     with torch.no_grad():
@@ -355,6 +359,38 @@ def test_card_decoding_state_matches_the_real_cache(mixer):
             cache, seen = getattr(output, CACHE_FIELD), seen + length
             held = sum(t.numel() for t in cache.get_state(0).values())
             assert held == per_token * (seen if cap is None else min(seen, cap)) + constant, (mixer, seen)
+
+
+def test_the_cards_text_prints_the_real_caches_numbers():
+    """The card's table and summary are built from those numbers: checked as printed, against a real cache after 20
+    and 21 tokens (past the window of 3: the sliding layers full)."""
+    mixers = ["lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention"]
+    model = tiny_model(SeqArchForCausalLM, mixers)
+    text = " ".join(model_card_text(model).split())  # (the text may wrap)
+
+    def held_per_layer(length):
+        with torch.no_grad():
+            cache = getattr(model(input_ids=random_ids(1, length), use_cache=True), CACHE_FIELD)
+        return [sum(t.numel() for t in cache.get_state(i).values()) for i in range(len(mixers))]
+
+    held, held_later = held_per_layer(20), held_per_layer(21)
+    growing = bounded = constant = 0
+    for i, mixer in enumerate(mixers):
+        row = re.search(rf"\| {i} \| `{mixer}` \| ([^|]*)\|", text).group(1)
+        if mixer == "attention":
+            growing += held_later[i] - held[i]
+            assert row.startswith(f"{held_later[i] - held[i]:,} values per token"), row
+            continue
+        assert held[i] == held_later[i], mixer
+        if mixer == "sliding_attention":
+            bounded += held[i]
+            assert row.rstrip().endswith(f"{held[i]:,} values"), row
+        else:
+            constant += held[i]
+            assert row.startswith(f"{held[i]:,} values, constant"), row
+    assert f"grows by {growing:,} values per token" in text
+    assert f"holds at most {bounded:,} values in the sliding-window layers" in text
+    assert f"keeps {constant:,} values of recurrent state" in text
 
 
 def test_users_readme_is_kept_and_ours_is_refreshed(tmp_path):

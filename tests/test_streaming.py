@@ -61,6 +61,19 @@ def test_step_path_equals_forward_and_greedy_equals_generate(stack):
         torch.testing.assert_close(stepped, full[:, 5:9], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [dict(intermediate_size=0), dict(hidden_act="gelu")], ids=["no_mlp", "gelu"])
+@pytest.mark.parametrize("mixers", [["lstm", "gru"], ["attention", "mamba2"]], ids=["cells", "modules"])
+def test_step_path_equals_forward_for_other_blocks(mixers, overrides):
+    """The single-token decoder writes each block out (its own residual, MLP and activation): held to the forward
+    for blocks without an MLP and with another activation too, which the tiny config (a SiLU MLP) never has."""
+    model = tiny_model(SeqArchForCausalLM, mixers, initializer_range=0.3, **overrides)
+    ids = random_ids(2, 9)
+    session = StreamingSession(model)
+    session.feed(ids[:, :5])
+    stepped = torch.stack([session.step(ids[:, t]) for t in range(5, 9)], dim=1)  # (B, 4, vocab)
+    torch.testing.assert_close(stepped, model(input_ids=ids).logits[:, 5:], rtol=1e-5, atol=1e-5)
+
+
 def test_greedy_after_the_cache_read_more_elsewhere_needs_a_prompt():
     """A forward outside the session (as the README's generate() continuation does) moves the cache past the logits
     greedy(None) would continue from: refused (it once picked the next token from an earlier position)."""
