@@ -134,6 +134,37 @@ def refuse_recurrences_made_bidirectional(source, load_kwargs):
         )
 
 
+def refuse_heads_split_otherwise(model, source, load_kwargs):
+    """Loaded with other head counts or head sizes (from_pretrained's keyword overrides, or a config= of its own), a
+    checkpoint keeps every weight's shape wherever heads x head size is unchanged, and its weights are read as another
+    model's, silently (Llama alike). Refused, naming the fields (the resume check refuses the same)."""
+    if not model.config.has_attention:  # (linear attention's per-head norm weight changes shape with the head size)
+        return
+    saved = _saved_config(source, load_kwargs)
+    if not saved.get("mixer_types"):
+        return
+    try:
+        saved_config = type(model.config).from_dict(saved)
+    except Exception:  # noqa: BLE001  (a config.json it cannot read is the load's own error, raised before this)
+        return
+
+    def projection_widths(config):  # the q and k / v projections' output widths: the weights' shapes
+        return config.hidden_size, (config.num_attention_heads * config.attention_head_dim,
+                                    config.num_key_value_heads * config.attention_head_dim)
+
+    if projection_widths(saved_config) != projection_widths(model.config):
+        return  # other shapes: the load's own check says so
+    fields = ["num_attention_heads", "num_key_value_heads", "attention_head_dim"]
+    changed = [(name, getattr(saved_config, name), getattr(model.config, name)) for name in fields
+               if getattr(saved_config, name) != getattr(model.config, name)]
+    if changed:
+        raise ValueError(
+            f"{source!r} was saved with " + ", ".join(f"{name}={saved}" for name, saved, _ in changed) + "; with "
+            + ", ".join(f"{name}={asked}" for name, _, asked in changed) + " instead, its weights (of the same "
+            "shapes) would be split into other heads: another model. Load it with the head layout it was saved with."
+        )
+
+
 def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:
     """Whether the checkpoint's own config.json says it is a causal LM with an lm_head of its own (untied): its
     architectures name SeqArchForCausalLM, or the class its auto_map loads as a causal LM (a user's subclass)."""

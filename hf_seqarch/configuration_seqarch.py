@@ -144,6 +144,7 @@ class SeqArchConfig(PretrainedConfig):
                 "embeddings over the whole head (1.0) only."
             )
         _refuse_misspelt_fields(kwargs)
+        _refuse_other_models_layer_fields(kwargs)
         num_hidden_layers = _plain_scalar(num_hidden_layers)
         if num_hidden_layers is not None and not _is_int(num_hidden_layers):
             raise ValueError(f"num_hidden_layers must be an integer (or None: one layer per entry of mixer_types), got "
@@ -200,11 +201,16 @@ class SeqArchConfig(PretrainedConfig):
     def __setattr__(self, name, value):
         # num_hidden_layers follows mixer_types, also when a field is set after __init__ (as from_pretrained does
         # with its keyword overrides), so that the model built from this config has one layer per mixer.
-        if name == "num_hidden_layers" and "mixer_types" in self.__dict__ and value != len(self.mixer_types):
-            raise ValueError(
-                f"num_hidden_layers={value} does not match len(mixer_types)={len(self.mixer_types)}; "
-                "set mixer_types instead (num_hidden_layers is derived from it)."
-            )
+        if name == "num_hidden_layers" and "mixer_types" in self.__dict__:
+            value = _plain_scalar(value)
+            if not _is_int(value):
+                raise ValueError(f"num_hidden_layers must be an integer, len(mixer_types)={len(self.mixer_types)}, "
+                                 f"got {value!r}; set mixer_types instead (num_hidden_layers is derived from it).")
+            if value != len(self.mixer_types):
+                raise ValueError(
+                    f"num_hidden_layers={value!r} does not match len(mixer_types)={len(self.mixer_types)}; "
+                    "set mixer_types instead (num_hidden_layers is derived from it)."
+                )
         if name in ("rope_parameters", "rope_scaling"):  # set after __init__ (Llama recipes set rope_scaling so)
             if value is not None:  # its rope_theta, if it has one, replaces ours; a scaling is refused
                 theta_given = isinstance(value, dict) and value.get("rope_theta") is not None
@@ -231,11 +237,17 @@ class SeqArchConfig(PretrainedConfig):
         It applies an override only where the config has the attribute, and rope_parameters / rope_scaling are never
         stored (see __setattr__): they were dropped (AutoConfig) or passed on to the model's __init__ (a TypeError),
         so they are set here."""
+        _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
+        _refuse_other_models_layer_fields(kwargs)
         rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
+        # With mixer_types overridden too, num_hidden_layers is checked against the new list, whichever came first.
+        layers = kwargs.pop("num_hidden_layers", None) if "mixer_types" in kwargs else None
         loaded = super().from_dict(config_dict, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         for name, value in rope_overrides.items():
             setattr(config, name, value)
+        if layers is not None:
+            config.num_hidden_layers = layers
         config.validate_seqarch()
         return loaded
 
@@ -393,12 +405,24 @@ def _refuse_misspelt_fields(kwargs):
     of ours (mixer_type, bidirectonal) would build another model than asked, silently. Refused, naming the field meant.
     Token ids are left out: transformers' own (sep_token_id, forced_eos_token_id) are as close to ours."""
     for name in kwargs:
-        if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS:
+        if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS or name in _SEQARCH_FIELDS:
             continue
         meant = near_miss(name, _SEQARCH_FIELDS)
         if meant:
             raise ValueError(f"SeqArchConfig has no field {name!r}: did you mean {meant!r}? (An unknown keyword "
                              f"would be kept but never read.)")
+
+
+# Other models' names for the layers (transformers' per-layer layer_types, GPT-2's n_layer, ...): kept as attributes
+# and never read, they built a model of other layers than asked.
+_OTHER_MODELS_LAYER_FIELDS = ("layer_types", "num_layers", "n_layer", "n_layers", "mixers")
+
+
+def _refuse_other_models_layer_fields(kwargs):
+    for name in _OTHER_MODELS_LAYER_FIELDS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"SeqArchConfig takes its layers as mixer_types (one mixer name per layer, e.g. "
+                             f"['attention', 'lstm']), not {name}={kwargs[name]!r}, which it would never read.")
 
 
 _TRANSFORMERS_FIELDS = frozenset(PretrainedConfig().to_dict())  # the base config's own fields, never refused

@@ -57,6 +57,7 @@ from .checks_loading_seqarch import (
     explain_load_error,
     refuse_head_of_another_vocabulary,
     refuse_head_tied_against_config,
+    refuse_heads_split_otherwise,
     refuse_recurrences_made_bidirectional,
     refuse_tying_a_trained_head,
     untie_lm_head_left_out,
@@ -230,6 +231,7 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         prefix = cls.base_model_prefix + "."
         untie_lm_head_left_out(model, info, source, kwargs)
         refuse_tying_a_trained_head(model, source, kwargs)
+        refuse_heads_split_otherwise(model, source, kwargs)
 
         def body(keys):
             return sorted(k for k in keys if not k.removeprefix(prefix).startswith(cls._head_weight_prefixes))
@@ -262,6 +264,8 @@ class SeqArchPreTrainedModel(PreTrainedModel):
         # A config changed since it was built (resize_token_embeddings below pad_token_id, a field set by hand) is
         # checked now, not by the from_pretrained that would refuse it after the training that led here.
         self.config.validate_seqarch()
+        # A field the layers were built from, set since: saved, the folder would load as another model than this one.
+        self.base_model.refuse_config_changed_since_built()
         refuse_head_tied_against_config(self)
         self.config.auto_map = dict(AUTO_MAP)
         # A subclass defined in the user's own module, with the Auto class ours registered: transformers would copy

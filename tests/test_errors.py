@@ -224,6 +224,53 @@ def test_rope_overrides_at_load_time_are_applied_or_refused(tmp_path):
             load(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
 
 
+def test_other_models_layer_fields_and_a_non_integer_layer_count_are_refused():
+    """layer_types (transformers' per-layer field) was kept and never read: four "sliding_attention" built full
+    attention. num_hidden_layers set to 2.0 or True was stored, and building the model failed inside range()."""
+    for name in ("layer_types", "num_layers", "n_layer"):
+        with pytest.raises(ValueError, match=f"takes its layers as mixer_types .* not {name}="):
+            SeqArchConfig(**{name: ["sliding_attention"] * 2})
+    config = tiny_config(["lstm", "gru"])
+    for value in (2.0, True, "2"):
+        with pytest.raises(ValueError, match=re.escape(f"num_hidden_layers must be an integer, len(mixer_types)=2, "
+                                                       f"got {value!r}")):
+            config.num_hidden_layers = value
+    config.num_hidden_layers = 2
+    assert config.num_hidden_layers == 2
+
+
+def test_config_overrides_at_load_time_are_checked(tmp_path):
+    """from_pretrained's keyword overrides: a misspelt one (sliding_windw) was dropped without a word (transformers
+    applies an override only where the config has the attribute), and mixer_types with num_hidden_layers loaded in
+    one order and was refused in the other."""
+    tiny_config(["attention", "gru"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no field 'sliding_windw': did you mean 'sliding_window'"):
+        AutoConfig.from_pretrained(tmp_path, sliding_windw=4)
+    with pytest.raises(ValueError, match="not layer_types="):
+        AutoConfig.from_pretrained(tmp_path, layer_types=["lstm", "lstm"])
+    for overrides in (dict(mixer_types=["gru"] * 3, num_hidden_layers=3), dict(num_hidden_layers=3, mixer_types=["gru"] * 3)):
+        config = AutoConfig.from_pretrained(tmp_path, **overrides)
+        assert (config.mixer_types, config.num_hidden_layers) == (["gru"] * 3, 3)
+    with pytest.raises(ValueError, match="does not match len"):
+        AutoConfig.from_pretrained(tmp_path, num_hidden_layers=2, mixer_types=["gru"] * 3)
+
+
+@pytest.mark.parametrize("mixer,overrides", [
+    ("attention", dict(num_attention_heads=8, num_key_value_heads=4)),  # hidden 32: 8 x 4 = 4 x 8, 4 x 4 = 2 x 8
+    ("sliding_attention", dict(num_attention_heads=2, num_key_value_heads=1)),  # 2 x 16 = 4 x 8, 1 x 16 = 2 x 8
+])
+def test_loading_with_another_head_layout_is_refused(mixer, overrides, tmp_path):
+    """Overridden at load time, head counts whose products keep every weight's shape loaded without a word, the same
+    weights split into other heads (logits ~0.4 off): refused, as the resume check already refused it."""
+    tiny_model(SeqArchForCausalLM, [mixer, "lstm"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="would be split into other heads"):
+        SeqArchForCausalLM.from_pretrained(tmp_path, **overrides)
+    config = AutoConfig.from_pretrained(tmp_path, **overrides)  # a config of its own, passed whole: the same
+    with pytest.raises(ValueError, match="would be split into other heads"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, config=config)
+    SeqArchForCausalLM.from_pretrained(tmp_path, sliding_window=8)  # other overrides still load
+
+
 def test_mixer_types_as_a_string_is_refused():
     """list("lstm") would be four unknown mixers named by letters."""
     with pytest.raises(ValueError, match=r"one mixer name per layer, e.g. \['lstm'\]"):
@@ -613,11 +660,12 @@ def test_bidirectional_changed_after_the_model_was_built_is_refused(built_bidire
     ("linear_attention_feature_map", "relu"), ("head_dim", 4), ("num_attention_heads", 2),
     ("mixer_types", ["attention", "linear_attention"]),
 ])
-def test_a_config_field_changed_after_the_model_was_built_is_refused(name, value):
+def test_a_config_field_changed_after_the_model_was_built_is_refused(name, value, tmp_path):
     """The layers are built from these fields (and rope_theta, read at each forward, is checked only when a config is
     built or saved): set afterwards, the model ran one thing and saved another (reloaded logits 0.075 to 0.4 off), ran
     an invalid rope_theta (0: finite, wrong logits), or failed inside torch (head sizes); a StreamingSession kept the
-    old rope_theta. Refused at every forward and session step, with the values."""
+    old rope_theta; save_pretrained wrote the new value, and the folder loaded as another model. Refused at every
+    forward, session step and save, with the values."""
     model = tiny_model(SeqArchForCausalLM, ["sliding_attention", "linear_attention"], intermediate_size=16,
                        sliding_window=3)
     session = StreamingSession(model)
@@ -629,6 +677,9 @@ def test_a_config_field_changed_after_the_model_was_built_is_refused(name, value
         model(input_ids=random_ids(1, 4))
     with pytest.raises(ValueError, match=re.escape(message)):
         session.step(random_ids(1, 1)[0])
+    with pytest.raises(ValueError, match=re.escape(message) if name != "rope_theta" or value else "rope_theta"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
     setattr(model.config, name, built)  # set back: runs
     assert model(input_ids=random_ids(1, 4)).logits.shape == (1, 4, VOCAB)
 
