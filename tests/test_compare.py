@@ -327,6 +327,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_compare_started_as_one_of_several_processes_is_refused(tmp_path, capsys, monkeypatch):
+    """Under accelerate launch --num_processes 2 each process trained on its own batches, averaged (other losses and
+    accuracies than a run's, the budget doubled), and both wrote the same report and checkpoints at once."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["compare", "--preset", "test", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "started as one of 2 (WORLD_SIZE=2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_training_speed_interleaves_the_lengths_timed_steps(monkeypatch):
     """Each length's repeats once ran back to back, so one slow spell of the machine fell on one length's cell and
     bent the growth exponent; each round now times every length once, the order reversed every other round."""

@@ -221,6 +221,13 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
                 architectures: str | None = None, threads: int | None = None, command: str | None = None) -> dict:
     """Run the comparison and write report.md, results.json, plots and checkpoints into `output_dir`."""
     preset = get_preset(preset)
+    processes = int(os.environ.get("WORLD_SIZE") or 1)  # (set by accelerate launch, torchrun)
+    if processes > 1:
+        # Each process would train on its own batches and average them (other numbers than a run's), and all would
+        # write the same report, results and checkpoints at once.
+        raise ValueError(f"compare measures each architecture in one process on one device; it was started as one of "
+                         f"{processes} (WORLD_SIZE={processes}, e.g. by accelerate launch or torchrun). Run it "
+                         "directly: hf-seqarch compare ...")
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}.")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
