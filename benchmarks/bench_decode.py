@@ -129,7 +129,7 @@ def generate_cost(model, context, new_tokens, seed=0, static_cache=False):
     if isinstance(model, SeqArchForCausalLM):  # chunked prefill needs a cache before the first forward
         kwargs.update({CACHE_FIELD: SeqArchCache(model.config)}, prefill_chunk_size=PREFILL_CHUNK)
     elif static_cache:
-        kwargs.update(past_key_values=StaticCache(config=model.config, max_cache_len=context + new_tokens))
+        kwargs.update({CACHE_FIELD: StaticCache(config=model.config, max_cache_len=context + new_tokens)})
     elif isinstance(model, LlamaForCausalLM):
         kwargs.update(prefill_chunk_size=PREFILL_CHUNK)
     output = model.generate(ids, **kwargs)

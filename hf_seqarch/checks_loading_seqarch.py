@@ -154,9 +154,13 @@ def refuse_heads_split_otherwise(model, source, load_kwargs):
 
     if projection_widths(saved_config) != projection_widths(model.config):
         return  # other shapes: the load's own check says so
-    fields = ["num_attention_heads", "num_key_value_heads", "attention_head_dim"]
-    changed = [(name, getattr(saved_config, name), getattr(model.config, name)) for name in fields
-               if getattr(saved_config, name) != getattr(model.config, name)]
+    def layout(config):  # head_dim as used (None in a config: hidden_size / num_attention_heads)
+        return dict(num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                    head_dim=config.attention_head_dim)
+
+    saved_layout, asked_layout = layout(saved_config), layout(model.config)
+    changed = [(name, saved_layout[name], asked_layout[name]) for name in saved_layout
+               if saved_layout[name] != asked_layout[name]]
     if changed:
         raise ValueError(
             f"{source!r} was saved with " + ", ".join(f"{name}={saved}" for name, saved, _ in changed) + "; with "

@@ -8,8 +8,11 @@ from collections.abc import Iterable, Mapping, Set
 import transformers
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.utils import logging
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])  # (4.x and 5.x differ in a few APIs)
+
+logger = logging.get_logger(__name__)
 
 MIXER_TYPES = ("lstm", "gru", "attention", "sliding_attention", "mamba2", "linear_attention")
 RECURRENT_MIXERS = ("lstm", "gru", "mamba2", "linear_attention")  # constant-size state per layer
@@ -204,7 +207,7 @@ class SeqArchConfig(PretrainedConfig):
         if name == "num_hidden_layers" and "mixer_types" in self.__dict__:
             value = _plain_scalar(value)
             if not _is_int(value):
-                raise ValueError(f"num_hidden_layers must be an integer, len(mixer_types)={len(self.mixer_types)}, "
+                raise ValueError(f"num_hidden_layers must be an integer (len(mixer_types), here {len(self.mixer_types)}), "
                                  f"got {value!r}; set mixer_types instead (num_hidden_layers is derived from it).")
             if value != len(self.mixer_types):
                 raise ValueError(
@@ -239,6 +242,11 @@ class SeqArchConfig(PretrainedConfig):
         so they are set here."""
         _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
         _refuse_other_models_layer_fields(kwargs)
+        stray = [name for name in _OTHER_MODELS_LAYER_FIELDS if config_dict.get(name) is not None]
+        if stray:  # saved by earlier versions, which kept them: the model was built from mixer_types all the same
+            logger.warning(f"This config.json holds {', '.join(stray)}, which SeqArchConfig never reads (its layers "
+                           f"are mixer_types): ignored.")
+            config_dict = {name: value for name, value in config_dict.items() if name not in stray}
         rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
         # With mixer_types overridden too, num_hidden_layers is checked against the new list, whichever came first.
         layers = kwargs.pop("num_hidden_layers", None) if "mixer_types" in kwargs else None

@@ -96,14 +96,14 @@ def _attention_mask(context, query_length, kv_length, window, attn_implementatio
     padding = context.padding_mask
     if _is_flash(attn_implementation):
         return None if padding is None else padding[:, -kv_length:]
-    fits_window = window is None or kv_length <= window
-    if context.causal:
-        implicit_ok = (context.past_length == 0 or query_length == 1) and fits_window
-    else:
-        implicit_ok = fits_window
     # Not while a graph is recorded: the choice, made from the example's lengths, would be replayed for every input
-    # (an example that fits the window, replayed on a longer input, attended past it).
-    implicit_ok = implicit_ok and not recording_one_graph()
+    # (an example that fits the window, replayed on a longer input, attended past it); nor are the lengths compared
+    # then (under torch.export the comparison bounds the exported lengths).
+    if recording_one_graph():
+        implicit_ok = False
+    else:
+        fits_window = window is None or kv_length <= window
+        implicit_ok = fits_window and (not context.causal or context.past_length == 0 or query_length == 1)
     if attn_implementation in _KERNELS_WITH_IMPLICIT_CAUSAL and padding is None and implicit_ok:
         return None
 

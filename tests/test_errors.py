@@ -1,5 +1,6 @@
 """Bad input gets a ValueError that says what was wrong and what is allowed."""
 
+import json
 import re
 
 import pytest
@@ -232,14 +233,14 @@ def test_other_models_layer_fields_and_a_non_integer_layer_count_are_refused():
             SeqArchConfig(**{name: ["sliding_attention"] * 2})
     config = tiny_config(["lstm", "gru"])
     for value in (2.0, True, "2"):
-        with pytest.raises(ValueError, match=re.escape(f"num_hidden_layers must be an integer, len(mixer_types)=2, "
-                                                       f"got {value!r}")):
+        with pytest.raises(ValueError, match=re.escape(f"num_hidden_layers must be an integer (len(mixer_types), "
+                                                       f"here 2), got {value!r}")):
             config.num_hidden_layers = value
     config.num_hidden_layers = 2
     assert config.num_hidden_layers == 2
 
 
-def test_config_overrides_at_load_time_are_checked(tmp_path):
+def test_config_overrides_at_load_time_are_checked(tmp_path, caplog):
     """from_pretrained's keyword overrides: a misspelt one (sliding_windw) was dropped without a word (transformers
     applies an override only where the config has the attribute), and mixer_types with num_hidden_layers loaded in
     one order and was refused in the other."""
@@ -253,6 +254,13 @@ def test_config_overrides_at_load_time_are_checked(tmp_path):
         assert (config.mixer_types, config.num_hidden_layers) == (["gru"] * 3, 3)
     with pytest.raises(ValueError, match="does not match len"):
         AutoConfig.from_pretrained(tmp_path, num_hidden_layers=2, mixer_types=["gru"] * 3)
+    # a config.json that holds one (earlier versions kept and saved it) loads, built from mixer_types as it was
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "layer_types": ["full_attention"] * 2}))
+    with caplog.at_level("WARNING"):
+        config = AutoConfig.from_pretrained(tmp_path)
+    assert config.mixer_types == ["attention", "gru"] and not hasattr(config, "layer_types")
+    assert "holds layer_types, which SeqArchConfig never reads" in caplog.text
 
 
 @pytest.mark.parametrize("mixer,overrides", [
@@ -263,7 +271,8 @@ def test_loading_with_another_head_layout_is_refused(mixer, overrides, tmp_path)
     """Overridden at load time, head counts whose products keep every weight's shape loaded without a word, the same
     weights split into other heads (logits ~0.4 off): refused, as the resume check already refused it."""
     tiny_model(SeqArchForCausalLM, [mixer, "lstm"]).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="would be split into other heads"):
+    with pytest.raises(ValueError, match=r"saved with num_attention_heads=4, num_key_value_heads=2, head_dim=8; with .*"
+                                         "would be split into other heads"):
         SeqArchForCausalLM.from_pretrained(tmp_path, **overrides)
     config = AutoConfig.from_pretrained(tmp_path, **overrides)  # a config of its own, passed whole: the same
     with pytest.raises(ValueError, match="would be split into other heads"):
