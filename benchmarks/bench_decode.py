@@ -44,7 +44,7 @@ from step_timing import refuse_cpu_clock_with_threads  # noqa: E402
 VOCAB, HIDDEN, LAYERS, INTERMEDIATE, HEADS = 256, 256, 4, 1024, 4
 MAMBA = dict(heads=8, head_dim=64, expand=2, state=64, chunk=64, conv=4)
 PREFILL_CHUNK = 1024
-# Our mixer -> its anchors: (name, extra generate() arguments). Llama runs with its default DynamicCache (which grows
+# Our mixer -> its anchors: (name, generate_cost options). Llama runs with its default DynamicCache (which grows
 # by concatenation) and with a StaticCache (preallocated, the fair match for our buffers; prefilled in one piece).
 ANCHORS_OF = {
     "attention": [("Llama", {}), ("Llama static", {"static_cache": True})],

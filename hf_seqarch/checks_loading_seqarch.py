@@ -154,6 +154,7 @@ def refuse_heads_split_otherwise(model, source, load_kwargs):
 
     if projection_widths(saved_config) != projection_widths(model.config):
         return  # other shapes: the load's own check says so
+
     def layout(config):  # head_dim as used (None in a config: hidden_size / num_attention_heads)
         return dict(num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
                     head_dim=config.attention_head_dim)

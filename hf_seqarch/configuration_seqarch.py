@@ -207,8 +207,9 @@ class SeqArchConfig(PretrainedConfig):
         if name == "num_hidden_layers" and "mixer_types" in self.__dict__:
             value = _plain_scalar(value)
             if not _is_int(value):
-                raise ValueError(f"num_hidden_layers must be an integer (len(mixer_types), here {len(self.mixer_types)}), "
-                                 f"got {value!r}; set mixer_types instead (num_hidden_layers is derived from it).")
+                raise ValueError(f"num_hidden_layers must be an integer (len(mixer_types), here "
+                                 f"{len(self.mixer_types)}), got {value!r}; set mixer_types instead (num_hidden_layers "
+                                 "is derived from it).")
             if value != len(self.mixer_types):
                 raise ValueError(
                     f"num_hidden_layers={value!r} does not match len(mixer_types)={len(self.mixer_types)}; "

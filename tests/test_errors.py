@@ -249,7 +249,8 @@ def test_config_overrides_at_load_time_are_checked(tmp_path, caplog):
         AutoConfig.from_pretrained(tmp_path, sliding_windw=4)
     with pytest.raises(ValueError, match="not layer_types="):
         AutoConfig.from_pretrained(tmp_path, layer_types=["lstm", "lstm"])
-    for overrides in (dict(mixer_types=["gru"] * 3, num_hidden_layers=3), dict(num_hidden_layers=3, mixer_types=["gru"] * 3)):
+    for overrides in (dict(mixer_types=["gru"] * 3, num_hidden_layers=3),
+                      dict(num_hidden_layers=3, mixer_types=["gru"] * 3)):
         config = AutoConfig.from_pretrained(tmp_path, **overrides)
         assert (config.mixer_types, config.num_hidden_layers) == (["gru"] * 3, 3)
     with pytest.raises(ValueError, match="does not match len"):

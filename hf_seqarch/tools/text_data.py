@@ -97,7 +97,7 @@ def section_classification(
 
 
 def _check_eval_fraction(eval_fraction):
-    """The share of the data held out for evaluation: 0 (none) up to, not including, 1 (something must be trained on)."""
+    """The share of the data held out for evaluation: 0 (none) up to, not including, 1 (some must be trained on)."""
     if isinstance(eval_fraction, bool) or not isinstance(eval_fraction, numbers.Real) or not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be a number in [0, 1) (the share held out for evaluation), got "
                          f"{eval_fraction!r}.")
