@@ -331,7 +331,10 @@ class SeqArchCache:
             tensors["layout"] = torch.tensor(list(json.dumps(self.layout).encode()), dtype=torch.uint8)
         for i, state in enumerate(self.layers):
             for name, tensor in (state or {}).items():
-                tensors[f"layers.{i}.{name}"] = tensor.contiguous()  # safetensors takes contiguous tensors only
+                # A copy: safetensors takes contiguous tensors only, and a contiguous view of a growing key/value
+                # buffer (one row, one head) would save, and keep alive once loaded, the buffer's spare room too.
+                whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes
+                tensors[f"layers.{i}.{name}"] = tensor if whole else tensor.clone(memory_format=torch.contiguous_format)
         return tensors
 
     @classmethod

@@ -75,7 +75,10 @@ def _memory_summary(config, head: str) -> str:
     if not growing:
         parts.append("so it does not grow with the length of the text")
     reading = "While decoding" if head == "SeqArchForCausalLM" else "Run with a cache (use_cache=True)"
-    return f"{reading}, the cache of one sequence " + ", ".join(parts) + "; a value is 2 bytes in bf16, 4 in fp32."
+    sizes = "a value is 2 bytes in bf16, 4 in fp32"
+    if {"mamba2", "linear_attention"} & set(config.mixer_types):
+        sizes += " (mamba2's and linear attention's scan states are kept in float32, 4 bytes, in any dtype)"
+    return f"{reading}, the cache of one sequence " + ", ".join(parts) + f"; {sizes}."
 
 
 def model_card_text(model, repo_id: str | None = None, title: str | None = None, tags=None) -> str:

@@ -393,6 +393,18 @@ def test_the_cards_text_prints_the_real_caches_numbers():
     assert f"keeps {constant:,} values of recurrent state" in text
 
 
+def test_the_card_says_which_states_stay_float32():
+    """mamba2's and linear attention's scan states are kept in float32 in a bf16 model: the card's "2 bytes in bf16"
+    understated their bytes (1,504 for 2,528)."""
+    model = tiny_model(SeqArchForCausalLM, ["mamba2", "attention"]).to(torch.bfloat16)
+    text = " ".join(model_card_text(model).split())
+    assert "scan states are kept in float32, 4 bytes, in any dtype" in text
+    with torch.no_grad():
+        cache = getattr(model(input_ids=random_ids(1, 5), use_cache=True), CACHE_FIELD)
+    assert cache.get_state(0)["ssm"].dtype == torch.float32 and cache.get_state(1)["key"].dtype == torch.bfloat16
+    assert "scan states" not in model_card_text(tiny_model(SeqArchForCausalLM, ["lstm", "attention"]))
+
+
 def test_users_readme_is_kept_and_ours_is_refreshed(tmp_path):
     (tmp_path / "README.md").write_text("# My own card\n")
     tiny_model(SeqArchForCausalLM, ["lstm"]).save_pretrained(tmp_path)

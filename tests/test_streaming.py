@@ -478,6 +478,20 @@ def test_a_padded_cache_saved_before_the_counts_continues_unchecked(tmp_path):
             assert old.real_tokens is None  # (still unknown)
 
 
+def test_a_saved_cache_holds_only_the_used_part_of_growing_buffers():
+    """With one row and one key/value head, the used keys and values of a full-attention buffer are a contiguous view
+    of it: state_dict returned the view, so torch.save wrote the buffer's spare room too (~30x), and the reloaded
+    cache kept it alive while get_memory_footprint() reported the used part."""
+    model = tiny_model(SeqArchForCausalLM, ["attention"], num_attention_heads=1, num_key_value_heads=1)
+    ids = random_ids(1, 9)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :8], use_cache=True), CACHE_FIELD)
+        model(input_ids=ids[:, 8:], cache=cache, use_cache=True)  # appended into a buffer with room to spare
+    saved = {name: t for name, t in cache.state_dict().items() if name.startswith("layers.")}
+    assert saved and all(t.untyped_storage().nbytes() == t.nbytes for t in saved.values())
+    assert sum(t.nbytes for t in saved.values()) == cache.get_memory_footprint()
+
+
 def test_a_saved_cache_restores_from_its_own_layout():
     """from_state_dict once needed num_layers (a TypeError without it), which the saved layout holds."""
     model = causal_lm("mamba2+attention")
