@@ -15,15 +15,20 @@ import weakref
 import torch
 
 
+def launched_processes() -> int:
+    """How many processes this one was started among (WORLD_SIZE, set by accelerate launch and torchrun); 1 alone."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def use_cpu_ddp_if_no_accelerator() -> bool:
     """Call before TrainingArguments is built. True when it switched a multi-process CPU launch to gloo DDP."""
-    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = launched_processes()
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    if launched_processes > 1 and not has_accelerator and "ACCELERATE_USE_CPU" not in os.environ:
+    if processes > 1 and not has_accelerator and "ACCELERATE_USE_CPU" not in os.environ:
         os.environ["ACCELERATE_USE_CPU"] = "true"
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and os.environ.get("RANK", "0") == "0":
             # (the Trainer shards only on GPUs: say so, rather than let an FSDP config run unsharded unannounced)
-            print(f"FSDP was asked for, but this machine has no GPU: the {launched_processes} processes train as plain "
+            print(f"FSDP was asked for, but this machine has no GPU: the {processes} processes train as plain "
                   "DDP over gloo (the same result, each holding the whole model).", file=sys.stderr)
         return True
     return False

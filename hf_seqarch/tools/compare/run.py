@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ... import __version__
 from ...kernels_mamba2 import conv1d_backend, mamba2_backend
+from ..distributed import launched_processes
 from ..output_dir import prepare_output_dir
 from .architectures import matched_configs, resolve_architectures
 from .measure import decode_costs, memory_method, training_step_costs
@@ -221,7 +222,7 @@ def run_compare(preset: str = "quick", output_dir: str = "outputs/compare", devi
                 architectures: str | None = None, threads: int | None = None, command: str | None = None) -> dict:
     """Run the comparison and write report.md, results.json, plots and checkpoints into `output_dir`."""
     preset = get_preset(preset)
-    processes = int(os.environ.get("WORLD_SIZE") or 1)  # (set by accelerate launch, torchrun)
+    processes = launched_processes()
     if processes > 1:
         # Each process would train on its own batches and average them (other numbers than a run's), and all would
         # write the same report, results and checkpoints at once.
