@@ -11,7 +11,7 @@ held to the fused call by tests.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .graph_capture import capturing_graph, transforming
 from .mixer_context import real_tokens_first
@@ -53,18 +53,19 @@ class RecurrentMixer(nn.Module):
             cache.set_state(self.layer_idx, self._pack_state(final))
         return output  # (B, T, width)
 
-    def _fused(self, hidden_states, initial):
-        """The fused nn.LSTM / nn.GRU call. Under CPU float16 autocast, which sends nn.LSTM to a float16 oneDNN LSTM
-        that does not exist (it fails creating its primitive), the LSTM runs in its weights' dtype, as the packed path
-        (`_forward_masked`, which autocast leaves alone) does."""
+    def _fused(self, inputs, initial):
+        """The fused nn.LSTM / nn.GRU call on a (B, T, width) tensor or a packed sequence. Under CPU float16 autocast,
+        which sends nn.LSTM to a float16 oneDNN LSTM that does not exist (it fails creating its primitive; a packed
+        sequence goes there too where all its rows have the same length), the LSTM runs in its weights' dtype."""
+        values = inputs.data if isinstance(inputs, PackedSequence) else inputs  # (B, T, width) or (tokens, width)
         cpu_float16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
-        if not (self.is_lstm and cpu_float16 and hidden_states.device.type == "cpu"):
-            return self.rnn(hidden_states, initial)
+        if not (self.is_lstm and cpu_float16 and values.device.type == "cpu"):
+            return self.rnn(inputs, initial)
         weight = getattr(self.rnn, "weight_ih_l0", None)  # (a quantized layer has none: its input's dtype, then)
-        dtype = weight.dtype if isinstance(weight, torch.Tensor) else hidden_states.dtype
+        dtype = weight.dtype if isinstance(weight, torch.Tensor) else values.dtype
         with torch.autocast("cpu", enabled=False):
             initial = tuple(part.to(dtype) for part in initial) if initial is not None else None
-            return self.rnn(hidden_states.to(dtype), initial)
+            return self.rnn(inputs.to(dtype), initial)
 
     def _cell_applies(self) -> bool:
         """Whether the cell path can read the layer's weights itself. Not for a layer replaced by another kind
@@ -119,7 +120,7 @@ class RecurrentMixer(nn.Module):
         packed_rows = hidden_states.gather(1, gather_index)  # (B, T, width), real tokens first
         # pack_padded_sequence refuses empty rows: run one dummy step for them and restore their state below.
         packed = pack_padded_sequence(packed_rows, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        packed_output, final = self.rnn(packed, initial)
+        packed_output, final = self._fused(packed, initial)
         output_rows, _ = pad_packed_sequence(packed_output, batch_first=True, total_length=length)
         output = torch.zeros_like(output_rows).scatter(1, order[..., None].expand_as(output_rows), output_rows)
         output = output * mask[..., None].to(output.dtype)

@@ -437,6 +437,20 @@ def test_lstm_runs_under_cpu_float16_autocast():
     with torch.no_grad():
         torch.testing.assert_close(continued.float(), model(input_ids=ids).logits[:, 3:], atol=2e-2, rtol=0)
 
+def test_padded_lstm_runs_under_cpu_float16_autocast():
+    """A padded batch whose rows all hold the same number of real tokens (or one padded row) is a packed sequence that
+    torch also sends to the float16 oneDNN LSTM under CPU float16 autocast: it failed there the same way."""
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"]).eval()
+    ids = random_ids(2, 6)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # one pad per row
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits.float()[real], reference[real], atol=2e-2, rtol=0)
+
+
 def test_blocked_sliding_window_trains_under_autocast():
     """Under bf16 autocast RoPE gives float32 q and k beside a bf16 v (as in Llama), which sdpa casts itself: the
     blocked path refused them ("one dtype"), failing the Trainer's --bf16 on sliding-window models."""
