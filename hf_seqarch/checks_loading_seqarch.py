@@ -137,9 +137,10 @@ def refuse_recurrences_made_bidirectional(source, load_kwargs):
 def refuse_heads_split_otherwise(model, source, load_kwargs):
     """Loaded with other head counts or head sizes (from_pretrained's keyword overrides, or a config= of its own), a
     checkpoint keeps every weight's shape wherever heads x head size is unchanged, and its weights are read as another
-    model's, silently (Llama alike). Refused, naming the fields (the resume check refuses the same)."""
-    if not model.config.has_attention:  # (linear attention's per-head norm weight changes shape with the head size)
-        return
+    model's, silently (Llama alike); so with mamba2's groups x state size (its B and C projections). Refused, naming
+    the fields (the resume check refuses the same)."""
+    if not (model.config.has_attention or "mamba2" in model.config.mixer_types):
+        return  # (linear attention's per-head norm weight changes shape with the head size: the load's own check)
     saved = _saved_config(source, load_kwargs)
     if not saved.get("mixer_types"):
         return
@@ -147,27 +148,42 @@ def refuse_heads_split_otherwise(model, source, load_kwargs):
         saved_config = type(model.config).from_dict(saved)
     except Exception:  # noqa: BLE001  (a config.json it cannot read is the load's own error, raised before this)
         return
-
-    def projection_widths(config):  # the q and k / v projections' output widths: the weights' shapes
-        return config.hidden_size, (config.num_attention_heads * config.attention_head_dim,
-                                    config.num_key_value_heads * config.attention_head_dim)
-
-    if projection_widths(saved_config) != projection_widths(model.config):
+    if _split_widths(saved_config) != _split_widths(model.config):
         return  # other shapes: the load's own check says so
-
-    def layout(config):  # head_dim as used (None in a config: hidden_size / num_attention_heads)
-        return dict(num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                    head_dim=config.attention_head_dim)
-
-    saved_layout, asked_layout = layout(saved_config), layout(model.config)
+    saved_layout, asked_layout = _split_layout(saved_config), _split_layout(model.config)
     changed = [(name, saved_layout[name], asked_layout[name]) for name in saved_layout
-               if saved_layout[name] != asked_layout[name]]
+               if saved_layout[name] != asked_layout.get(name)]
     if changed:
         raise ValueError(
             f"{source!r} was saved with " + ", ".join(f"{name}={saved}" for name, saved, _ in changed) + "; with "
             + ", ".join(f"{name}={asked}" for name, _, asked in changed) + " instead, its weights (of the same "
-            "shapes) would be split into other heads: another model. Load it with the head layout it was saved with."
+            "shapes) would be split into other heads or groups: another model. Load it with the layout it was saved "
+            "with."
         )
+
+
+def _split_widths(config) -> dict:
+    """The widths that the fields of _split_layout split, of the mixers the config has: the q and k / v projections'
+    output widths, mamba2's B / C projection width (groups x state size)."""
+    widths = {"hidden": config.hidden_size}
+    if config.has_attention:
+        widths.update(q=config.num_attention_heads * config.attention_head_dim,
+                      kv=config.num_key_value_heads * config.attention_head_dim)
+    if "mamba2" in config.mixer_types:
+        widths.update(mamba_b_c=config.mamba_n_groups * config.mamba_state_size)
+    return widths
+
+
+def _split_layout(config) -> dict:
+    """The fields that split a weight into heads or groups, of the mixers the config has (head_dim as used: None in a
+    config means hidden_size / num_attention_heads)."""
+    layout = {}
+    if config.has_attention:
+        layout.update(num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                      head_dim=config.attention_head_dim)
+    if "mamba2" in config.mixer_types:
+        layout.update(mamba_n_groups=config.mamba_n_groups, mamba_state_size=config.mamba_state_size)
+    return layout
 
 
 def _saved_as_untied_causal_lm(source, load_kwargs) -> bool:

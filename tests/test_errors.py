@@ -281,6 +281,17 @@ def test_loading_with_another_head_layout_is_refused(mixer, overrides, tmp_path)
     SeqArchForCausalLM.from_pretrained(tmp_path, sliding_window=8)  # other overrides still load
 
 
+def test_loading_mamba2_with_another_group_layout_is_refused(tmp_path):
+    """mamba_n_groups x mamba_state_size unchanged (1 x 8 = 2 x 4) keeps every weight's shape: the B and C channels
+    were read as other groups of another state size, without a word (logits ~0.03 off)."""
+    config = tiny_config(["mamba2"], mamba_n_groups=1, mamba_state_size=8, mamba_head_dim=8)
+    SeqArchForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="saved with mamba_n_groups=1, mamba_state_size=8; with mamba_n_groups=2, "
+                                         "mamba_state_size=4 instead.*split into other heads or groups"):
+        SeqArchForCausalLM.from_pretrained(tmp_path, mamba_n_groups=2, mamba_state_size=4)
+    SeqArchForCausalLM.from_pretrained(tmp_path, mamba_chunk_size=4)  # other overrides still load
+
+
 def test_mixer_types_as_a_string_is_refused():
     """list("lstm") would be four unknown mixers named by letters."""
     with pytest.raises(ValueError, match=r"one mixer name per layer, e.g. \['lstm'\]"):
