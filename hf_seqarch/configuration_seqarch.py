@@ -236,6 +236,14 @@ class SeqArchConfig(PretrainedConfig):
             super().__setattr__("num_hidden_layers", len(value))
 
     @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """transformers' reader of a config.json (from_pretrained's and from_json_file's), without the layer fields of
+        other models that earlier versions kept."""
+        # (warned once per file: several checks of one load read its config.json)
+        return _without_other_models_layer_fields(super()._dict_from_json_file(json_file), str(json_file),
+                                                  logger.warning_once)
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """As transformers' from_dict, which sets keyword overrides after __init__: validated again after them.
         It applies an override only where the config has the attribute, and rope_parameters / rope_scaling are never
@@ -243,11 +251,7 @@ class SeqArchConfig(PretrainedConfig):
         so they are set here."""
         _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
         _refuse_other_models_layer_fields(kwargs)
-        stray = [name for name in _OTHER_MODELS_LAYER_FIELDS if config_dict.get(name) is not None]
-        if stray:  # saved by earlier versions, which kept them: the model was built from mixer_types all the same
-            logger.warning(f"This config.json holds {', '.join(stray)}, which SeqArchConfig never reads (its layers "
-                           f"are mixer_types): ignored.")
-            config_dict = {name: value for name, value in config_dict.items() if name not in stray}
+        config_dict = _without_other_models_layer_fields(config_dict, "This config", logger.warning)
         rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
         # With mixer_types overridden too, num_hidden_layers is checked against the new list, whichever came first.
         layers = kwargs.pop("num_hidden_layers", None) if "mixer_types" in kwargs else None
@@ -425,6 +429,16 @@ def _refuse_misspelt_fields(kwargs):
 # Other models' names for the layers (transformers' per-layer layer_types, GPT-2's n_layer, ...): kept as attributes
 # and never read, they built a model of other layers than asked.
 _OTHER_MODELS_LAYER_FIELDS = ("layer_types", "num_layers", "n_layer", "n_layers", "mixers")
+
+
+def _without_other_models_layer_fields(config_dict: dict, source: str, warn) -> dict:
+    """A saved config without the layer fields of other models, which earlier versions kept (the model was built from
+    mixer_types all the same), with a warning naming `source`."""
+    stray = [name for name in _OTHER_MODELS_LAYER_FIELDS if config_dict.get(name) is not None]
+    if not stray:
+        return config_dict
+    warn(f"{source} holds {', '.join(stray)}, which SeqArchConfig never reads (its layers are mixer_types): ignored.")
+    return {name: value for name, value in config_dict.items() if name not in stray}
 
 
 def _refuse_other_models_layer_fields(kwargs):

@@ -264,6 +264,18 @@ def test_config_overrides_at_load_time_are_checked(tmp_path, caplog):
     assert "holds layer_types, which SeqArchConfig never reads" in caplog.text
 
 
+def test_an_old_config_json_with_layer_types_loads_through_every_reader(tmp_path, caplog):
+    """Earlier versions saved layer_types beside mixer_types: SeqArchConfig.from_json_file refused such a file, which
+    AutoConfig and from_pretrained load; and one from_pretrained warned twice (each check that read the file)."""
+    tiny_model(SeqArchForCausalLM, ["attention", "gru"]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "layer_types": ["full_attention"] * 2}))
+    with caplog.at_level("WARNING"):
+        assert SeqArchConfig.from_json_file(tmp_path / "config.json").mixer_types == ["attention", "gru"]
+        SeqArchForCausalLM.from_pretrained(tmp_path)
+    assert caplog.text.count("holds layer_types, which SeqArchConfig never reads") == 1
+
+
 @pytest.mark.parametrize("mixer,overrides", [
     ("attention", dict(num_attention_heads=8, num_key_value_heads=4)),  # hidden 32: 8 x 4 = 4 x 8, 4 x 4 = 2 x 8
     ("sliding_attention", dict(num_attention_heads=2, num_key_value_heads=1)),  # 2 x 16 = 4 x 8, 1 x 16 = 2 x 8
