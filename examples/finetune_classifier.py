@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -45,6 +46,26 @@ class ScriptArguments:
         default=False,
         metadata={"help": "Start a new classification layer when the checkpoint's has another number of labels."},
     )
+
+
+def sections_in_checkpoint_order(checkpoint: str, sections: list[str], announce: bool) -> list[str]:
+    """A sequence classifier's checkpoint keeps the trained rows of its classification layer, one per label: given its
+    sections in another order, the run takes the checkpoint's order (each row would be read as another section);
+    given other sections, it says that the rows are trained anew for them."""
+    try:
+        saved = AutoConfig.from_pretrained(checkpoint)
+    except (OSError, ValueError):
+        return sections  # (from_pretrained below says what is wrong)
+    if not any(name.endswith("ForSequenceClassification") for name in saved.architectures or []):
+        return sections  # a language model: a new classification layer
+    saved_sections = [saved.id2label[i] for i in range(saved.num_labels)]
+    if saved_sections == sections:
+        return sections
+    same = sorted(saved_sections) == sorted(sections)
+    if announce:
+        print(f"{checkpoint!r} was trained to classify {saved_sections}: "
+              + ("its order is kept." if same else f"its classification layer is trained anew for {sections}."))
+    return saved_sections if same else sections
 
 
 def accuracy(eval_prediction):
@@ -88,7 +109,11 @@ def main():
             f"Could not load a tokenizer from {script_args.model_name_or_path!r} ({error}). Give a checkpoint saved "
             "with its tokenizer, e.g. the output_dir of examples/pretrain_lm.py."
         ) from None
-    train_examples, eval_examples = section_classification(tokenizer, sections, max_length=script_args.max_length)
+    sections = sections_in_checkpoint_order(script_args.model_name_or_path, sections, training_args.process_index == 0)
+    try:
+        train_examples, eval_examples = section_classification(tokenizer, sections, max_length=script_args.max_length)
+    except ValueError as error:  # an unknown section
+        parser.error(str(error))
     train_examples = whole_global_batches(train_examples, training_args)  # the same in one process or several
     set_seed(training_args.seed)  # the new classification layer starts the same for the same --seed
     model = AutoModelForSequenceClassification.from_pretrained(

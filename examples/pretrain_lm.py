@@ -14,6 +14,7 @@ flag works too: --max_steps, --per_device_train_batch_size, --gradient_accumulat
 outputs/pretrain_lm/checkpoint-200, ...
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +46,36 @@ class ScriptArguments:
         default="transformer-tiny", metadata={"help": "A folder name in configs/, or a path to a folder with config.json."}
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": 'Config fields to change, e.g. "hidden_size=128,intermediate_size=512".'}
+        default=None, metadata={"help": 'Config fields to change, e.g. "hidden_size=128,intermediate_size=512" (not '
+                                        'vocab_size and the pad / eos ids: the byte tokenizer sets them; the model '
+                                        'is saved with use_cache true).'}
     )
     block_size: int = field(default=256, metadata={"help": "Tokens (bytes) per training sequence."})
     max_chars: int | None = field(default=None, metadata={"help": "Use only the first N characters of the corpus."})
     sample_prompt: str = field(default='The "while" statement', metadata={"help": "Prompt of the final sample."})
     sample_tokens: int = field(default=120, metadata={"help": "Bytes to generate for the final sample."})
+
+
+# Fields the byte tokenizer decides (load_config sets them from it): an override of one would be dropped.
+TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "eos_token_id")
+
+
+def apply_overrides(config, overrides: str):
+    """transformers' update_from_string ("a=1,b=x"), which types each value by the field's current one and so cannot
+    set a field that is None by default (head_dim): those take the value as JSON (8, 2.5, true), else as a string."""
+    for pair in overrides.split(","):
+        name, _, value = pair.partition("=")
+        if name.strip() in TOKENIZER_FIELDS:
+            raise ValueError(f"{name.strip()} comes from the byte tokenizer ({', '.join(TOKENIZER_FIELDS)} are set from "
+                             "it), not from --config_overrides.")
+        if hasattr(config, name) and getattr(config, name) is None:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a string
+            setattr(config, name, value)
+        else:
+            config.update_from_string(pair)
 
 
 def load_config(preset: str, overrides: str | None, tokenizer):
@@ -61,7 +86,7 @@ def load_config(preset: str, overrides: str | None, tokenizer):
     config = AutoConfig.from_pretrained(folder)
     if overrides:
         try:
-            config.update_from_string(overrides)
+            apply_overrides(config, overrides)
         except (ValueError, TypeError) as error:  # an unknown field, or a value of the wrong type
             raise SystemExit(f"--config_overrides {overrides!r}: {error}") from None
     # The byte tokenizer has 384 ids (pad, eos, unk, the 256 bytes, 125 sentinel ids): the presets' 256 are too few,
@@ -110,7 +135,10 @@ def main():
         parser.error(f"--max_chars must be >= 1 (leave it out for the whole corpus), got {script_args.max_chars}.")
 
     tokenizer = ByT5Tokenizer()
-    train_blocks, eval_blocks = lm_blocks(tokenizer, script_args.block_size, script_args.max_chars)
+    try:
+        train_blocks, eval_blocks = lm_blocks(tokenizer, script_args.block_size, script_args.max_chars)
+    except ValueError as error:  # too little text for one training and one evaluation block
+        parser.error(str(error))
     train_blocks = whole_global_batches(train_blocks, training_args)  # the same blocks in one process or several
     config = load_config(script_args.preset, script_args.config_overrides, tokenizer)
     set_seed(training_args.seed)  # before building the model: the same --seed gives the same initial weights

@@ -64,9 +64,13 @@ def main():
     os.makedirs(args.output_dir, exist_ok=True)
 
     data = torch.tensor(list(text), dtype=torch.long)
-    config = SeqArchConfig(vocab_size=256, hidden_size=128, mixer_types=args.mixers.split(","), intermediate_size=256,
-                           mamba_head_dim=32, mamba_state_size=32, mamba_chunk_size=64, num_attention_heads=4,
-                           sliding_window=256)
+    mixers = [name.strip() for name in args.mixers.split(",") if name.strip()]  # "mamba2, gru" as "mamba2,gru"
+    try:
+        config = SeqArchConfig(vocab_size=256, hidden_size=128, mixer_types=mixers, intermediate_size=256,
+                               mamba_head_dim=32, mamba_state_size=32, mamba_chunk_size=64, num_attention_heads=4,
+                               sliding_window=256)
+    except ValueError as error:  # an unknown mixer name
+        parser.error(f"--mixers {args.mixers!r}: {error}")
     model = SeqArchForCausalLM(config)
     print(f"model {config.mixer_types}, {model.num_parameters():,} parameters; training {args.steps} steps")
     train_briefly(model, data, args.steps)

@@ -281,6 +281,7 @@ def damage(path, how):
         (["attention", "mamba2", "lstm"], {}, "mixer_types"),  # once a segfault in fused Adam
         (RESUME_STACK, dict(num_attention_heads=2, num_key_value_heads=2), "num_attention_heads"),  # resumed silently
         (RESUME_STACK, dict(intermediate_size=128), "intermediate_size"),  # a size mismatch naming no cause
+        (RESUME_STACK, dict(id2label={0: "LABEL_1", 1: "LABEL_0", 2: "LABEL_2"}), "id2label"),  # rows renamed: silently
     ],
 )
 def test_resuming_a_checkpoint_of_another_model_is_a_clear_error(uninterrupted_run, stack, overrides, field):
@@ -290,6 +291,7 @@ def test_resuming_a_checkpoint_of_another_model_is_a_clear_error(uninterrupted_r
     check_resume_checkpoint(checkpoint, tiny_config(RESUME_STACK, mamba_chunk_size=8))
     with pytest.raises(CheckpointError, match=f"it holds another model \\({field}: .* in the checkpoint"):
         check_resume_checkpoint(checkpoint, tiny_config(stack, **overrides))
+
 
 def test_resume_true_takes_the_last_checkpoint_of_the_output_dir(uninterrupted_run, tmp_path):
     """The Trainer's resume_from_checkpoint=True, which the command line passes as the string "True" (the examples

@@ -4,6 +4,7 @@ against one process with the same global batch, then pretraining followed by fin
 Tiny runs (a preset of 165K parameters, 32-byte blocks, a few steps) so the file takes well under a minute.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -16,10 +17,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import hf_seqarch  # noqa: F401  (registers the seqarch Auto classes)
 from safetensors.torch import save_file
-from tester import ROOT, run_script
+from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification
+from tester import ROOT, run_script, tiny_config, tiny_model
 
 PRETRAIN = os.path.join(ROOT, "examples", "pretrain_lm.py")
 FINETUNE = os.path.join(ROOT, "examples", "finetune_classifier.py")
+STREAMING = os.path.join(ROOT, "examples", "streaming.py")
 # 1500 characters: 44 training blocks, so that 6 steps of 8 cross an epoch's end (where a short last batch once made
 # two processes train other blocks than one process does).
 TINY_RUN = [
@@ -165,16 +168,51 @@ def test_bad_arguments_stop_the_examples_before_training(tmp_path):
         (FINETUNE, ["--model_name_or_path", str(tmp_path), "--sections", "types,types"],
          "--sections needs two or more different sections"),
         (FINETUNE, ["--model_name_or_path", str(tmp_path), "--max_length", "0"], "--max_length must be >= 1"),
+        # these four were tracebacks (one saying "0 block(s) ..., 1 of them held out")
+        (PRETRAIN, ["--max_chars", "100"], "gives only 0 block(s) of 256 tokens, none left to train on"),
+        (PRETRAIN, ["--config_overrides", "vocab_size=100"], "vocab_size comes from the byte tokenizer"),
+        (STREAMING, ["--mixers", "transformer"], "--mixers 'transformer': Unknown mixer"),
     ]
     for step in (9, 10):  # a new run there once deleted them
         (tmp_path / "earlier_run" / f"checkpoint-{step}").mkdir(parents=True)
     cases.append((PRETRAIN, ["--output_dir", str(tmp_path / "earlier_run")],
                   "holds the checkpoints of another run (checkpoint-9, checkpoint-10)"))
     for script, arguments, message in cases:
-        result = subprocess.run([sys.executable, script, "--output_dir", str(tmp_path / "out"), *arguments],
+        output_flag = "--output-dir" if script == STREAMING else "--output_dir"  # (argparse's spelling, or HF's)
+        result = subprocess.run([sys.executable, script, output_flag, str(tmp_path / "out"), *arguments],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def load_example(path):
+    """An example script as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretrain_overrides_set_fields_that_default_to_none():
+    """transformers' update_from_string types a value by the field's current one: head_dim=8 (None by default) was
+    refused as "int, float, bool or string values ..., got 8"."""
+    config = tiny_config(["attention", "linear_attention"])
+    load_example(PRETRAIN).apply_overrides(config, "head_dim=8,linear_attention_head_dim=4,hidden_size=64")
+    assert (config.head_dim, config.linear_attention_head_dim, config.hidden_size) == (8, 4, 64)
+
+
+def test_finetuning_a_classifier_keeps_its_label_order(tmp_path, capsys):
+    """Fine-tuning a classifier checkpoint with its sections in another order renamed its trained rows (the row for
+    'a' was read as 'b'): the checkpoint's order is kept; other sections are said to be trained anew."""
+    sections_in_checkpoint_order = load_example(FINETUNE).sections_in_checkpoint_order
+    tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=3,
+               id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(tmp_path)
+    assert sections_in_checkpoint_order(str(tmp_path), ["b", "c", "a"], announce=True) == ["a", "b", "c"]
+    assert sections_in_checkpoint_order(str(tmp_path), ["a", "b", "d"], announce=True) == ["a", "b", "d"]
+    printed = capsys.readouterr().out
+    assert "its order is kept" in printed and "trained anew for ['a', 'b', 'd']" in printed
+    tiny_model(SeqArchForCausalLM, ["lstm"]).save_pretrained(tmp_path / "lm")  # a new classification layer: any order
+    assert sections_in_checkpoint_order(str(tmp_path / "lm"), ["b", "a"], announce=True) == ["b", "a"]
 
 
 def test_an_fsdp_launch_without_gpus_says_it_trains_as_ddp(monkeypatch, capsys):

@@ -31,13 +31,14 @@ REQUIRED = {
 
 # The config fields that decide what the saved weights mean: resuming a model built otherwise either fails deep in
 # torch (another shape, or the optimizer's parameter groups) or, worse, silently reads the weights as another model
-# (num_attention_heads 2 for 4: the same shapes). Dropout, chunk sizes and token ids may change on resume.
+# (num_attention_heads 2 for 4: the same shapes; a classifier's labels in another order: the same rows, renamed).
+# Dropout, chunk sizes and token ids may change on resume.
 MODEL_FIELDS = (
     "vocab_size", "hidden_size", "mixer_types", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "hidden_act", "rope_theta", "sliding_window", "bidirectional", "rms_norm_eps",
     "tie_word_embeddings", "num_labels", "mamba_state_size", "mamba_head_dim", "mamba_expand", "mamba_conv_kernel",
     "mamba_n_groups", "linear_attention_num_heads", "linear_attention_head_dim", "linear_attention_feature_map",
-    "linear_attention_use_decay",
+    "linear_attention_use_decay", "id2label",
 )
 
 

@@ -37,9 +37,10 @@ def lm_blocks(tokenizer, block_size: int, max_chars: int | None = None, eval_fra
     blocks = [ids[i : i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
     num_eval = max(1, int(len(blocks) * eval_fraction)) if eval_fraction > 0 else 0
     if len(blocks) <= num_eval:
+        held_out = f", {num_eval} of them held out for evaluation (eval_fraction={eval_fraction})" if blocks else ""
         raise ValueError(
-            f"The corpus gives only {len(blocks)} block(s) of {block_size} tokens, {num_eval} of them held out for "
-            f"evaluation (eval_fraction={eval_fraction}), none left to train on: lower block_size or raise max_chars."
+            f"The corpus gives only {len(blocks)} block(s) of {block_size} tokens{held_out}, none left to train on: "
+            "lower block_size or raise max_chars."
         )
     to_features = lambda chunk: [{"input_ids": block} for block in chunk]  # noqa: E731
     return to_features(blocks[: len(blocks) - num_eval]), to_features(blocks[len(blocks) - num_eval :])
