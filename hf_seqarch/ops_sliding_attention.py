@@ -42,15 +42,15 @@ def sliding_window_attention(query, key, value, window: int, scaling: float, dro
     j = torch.arange(2 * window, device=query.device)[None, :]
     allowed = ((j > i) & (j <= i + window)).repeat(batch * nb, 1, 1)  # (B * nb, W, 2W)
     allowed.view(batch, nb, window, 2 * window)[:, 0, :, :window] = False  # block 0 has no previous block
-    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-    mask.masked_fill_(~allowed, torch.finfo(query.dtype).min)  # additive: 0 where allowed
+    # (a boolean mask, not an additive finfo.min: in float16 that is -65504, which scores past it outweighed, and a
+    # query attended to keys outside its window. Every row allows its own key, so none is fully masked.)
 
     grouped = bool(heads != key.shape[1])  # (bool: under jit.trace sizes are traced values, which sdpa refuses)
     if grouped and not sdpa_groups_heads_under_a_mask(query.device):
         k, v = (x.repeat_interleave(heads // key.shape[1], dim=1) for x in (k, v))  # (B * nb, nh, 2W, hd)
         grouped = False
     output = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], dropout_p=dropout, scale=scaling, enable_gqa=grouped
+        q, k, v, attn_mask=allowed[:, None], dropout_p=dropout, scale=scaling, enable_gqa=grouped
     )  # (B * nb, nh, W, hd)
     output = output.view(batch, nb, heads, window, head_dim).transpose(2, 3)  # (B, nb, W, nh, hd)
     return output.reshape(batch, nb * window, heads, head_dim)[:, :length]  # (B, T, nh, hd)

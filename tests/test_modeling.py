@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -418,6 +419,19 @@ def test_blocked_sliding_window_equals_the_full_mask(length, kv_heads, kernel_gr
     for eager, blocked in zip(*results):
         torch.testing.assert_close(blocked, eager, rtol=1e-5, atol=1e-6)
 
+
+def test_blocked_sliding_window_is_causal_in_float16_at_large_scores():
+    """The blocks masked keys by adding float16's finfo.min, -65504: scores past it (|q|, |k| ~ 200) outweighed it and a
+    query attended to keys outside its window, later ones included (4.0 off the boolean-mask sdpa)."""
+    generator = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 1, 8, 16, generator=generator) * 200 for _ in range(2))
+    v = torch.randn(1, 1, 8, 16, generator=generator)
+    i, j = torch.arange(8)[:, None], torch.arange(8)[None]
+    allowed = (j <= i) & (j > i - 2)  # window 2
+    q, k, v = q.half(), k.half(), v.half()
+    blocked = ops_sliding_attention.sliding_window_attention(q, k, v, 2, 16**-0.5)  # (B, T, nh, hd)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=16**-0.5).transpose(1, 2)
+    torch.testing.assert_close(blocked, reference, rtol=0, atol=2e-3)
 
 
 def test_lstm_runs_under_cpu_float16_autocast():
