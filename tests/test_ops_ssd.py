@@ -75,6 +75,15 @@ def test_causal_conv_matches_conv1d(T, with_past):
     assert torch.autograd.gradcheck(causal_conv, (x, weight, bias, past))
 
 
+def test_causal_conv_of_no_steps():
+    """An empty sequence: the reference (the plain ops of torch.func, export and trace) failed inside F.conv1d, whose
+    window was shorter than its kernel, where the hand-written op returns an empty output."""
+    x, weight, bias = torch.randn(2, 0, 6), torch.randn(6, 4), torch.randn(6)
+    assert causal_conv(x, weight, bias).shape == causal_conv_reference(x, weight, bias).shape == (2, 0, 6)
+    gradient = torch.func.grad(lambda w: causal_conv(x, w, bias).sum())(weight)  # (the plain ops under torch.func)
+    assert torch.equal(gradient, torch.zeros_like(weight))
+
+
 @pytest.mark.parametrize("with_past", [False, True], ids=["zero_past", "past"])
 def test_causal_conv_double_backward(with_past):
     """A gradient penalty (create_graph=True) differentiates the conv's gradient again, the weight's part included:
