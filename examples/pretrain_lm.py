@@ -65,8 +65,9 @@ def apply_overrides(config, overrides: str):
     set a field that is None by default (head_dim): those take the value as JSON (8, 2.5, true), else as a string."""
     for pair in overrides.split(","):
         name, _, value = pair.partition("=")
-        if name.strip() in TOKENIZER_FIELDS:
-            raise ValueError(f"{name.strip()} comes from the byte tokenizer ({', '.join(TOKENIZER_FIELDS)} are set from "
+        name = name.strip()
+        if name in TOKENIZER_FIELDS:
+            raise ValueError(f"{name} comes from the byte tokenizer ({', '.join(TOKENIZER_FIELDS)} are set from "
                              "it), not from --config_overrides.")
         if hasattr(config, name) and getattr(config, name) is None:
             try:
