@@ -146,6 +146,10 @@ class SeqArchConfig(PretrainedConfig):
                 f"partial_rotary_factor={kwargs['partial_rotary_factor']!r}: hf_seqarch's attention applies rotary "
                 "embeddings over the whole head (1.0) only."
             )
+        for name in ("attention_bias", "mlp_bias"):  # Llama's switches (transformers stores them, unused)
+            if kwargs.get(name):
+                raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's attention and MLP projections have no bias "
+                                 "(as Llama's by default); leave it out or set it False.")
         _refuse_misspelt_fields(kwargs)
         _refuse_other_models_layer_fields(kwargs)
         num_hidden_layers = _plain_scalar(num_hidden_layers)

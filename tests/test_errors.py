@@ -61,6 +61,8 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
          r"rope_parameters sets \{'partial_rotary_factor': 0.5\}, which hf_seqarch's attention does not implement"),
         (dict(rope_scaling={"factor": 2.0}), r"rope_scaling sets \{'factor': 2.0\}"),
         (dict(partial_rotary_factor=0.25), "rotary embeddings over the whole head"),
+        (dict(attention_bias=True), "attention_bias=True: hf_seqarch's attention and MLP projections have no bias"),
+        (dict(mlp_bias=True), "mlp_bias=True: .* have no bias"),  # (Llama's switches: a ported config, silently)
         (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
         (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
         (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\)"),
