@@ -244,7 +244,7 @@ class SeqArchConfig(PretrainedConfig):
         """transformers' reader of a config.json (from_pretrained's and from_json_file's), without the layer fields of
         other models that earlier versions kept."""
         # (warned once per file: several checks of one load read its config.json)
-        return _without_other_models_layer_fields(super()._dict_from_json_file(json_file), str(json_file),
+        return _without_other_models_fields(super()._dict_from_json_file(json_file), str(json_file),
                                                   logger.warning_once)
 
     @classmethod
@@ -255,7 +255,7 @@ class SeqArchConfig(PretrainedConfig):
         so they are set here."""
         _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
         _refuse_other_models_layer_fields(kwargs)
-        config_dict = _without_other_models_layer_fields(config_dict, "This config", logger.warning)
+        config_dict = _without_other_models_fields(config_dict, "This config", logger.warning)
         rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
         # With mixer_types overridden too, num_hidden_layers is checked against the new list, whichever came first.
         layers = kwargs.pop("num_hidden_layers", None) if "mixer_types" in kwargs else None
@@ -424,10 +424,26 @@ def _refuse_misspelt_fields(kwargs):
     for name in kwargs:
         if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS or name in _SEQARCH_FIELDS:
             continue
+        if name in _OTHER_MODELS_NAMES:
+            raise ValueError(f"SeqArchConfig has no field {name!r} (another model's name): {_OTHER_MODELS_NAMES[name]}. "
+                             "(An unknown keyword would be kept but never read.)")
         meant = near_miss(name, _SEQARCH_FIELDS)
         if meant:
             raise ValueError(f"SeqArchConfig has no field {name!r}: did you mean {meant!r}? (An unknown keyword "
                              f"would be kept but never read.)")
+
+
+# transformers' Mamba2Config names (and GPT-2's norm epsilon) for fields of ours: a config ported from there built the
+# default sizes, silently.
+_OTHER_MODELS_NAMES = {
+    "state_size": "mamba2 layers take mamba_state_size",
+    "n_groups": "mamba2 layers take mamba_n_groups",
+    "chunk_size": "mamba2 layers take mamba_chunk_size (linear attention linear_attention_chunk_size)",
+    "expand": "mamba2 layers take mamba_expand",
+    "conv_kernel": "mamba2 layers take mamba_conv_kernel",
+    "num_heads": "attention takes num_attention_heads; mamba2's heads are mamba_expand * hidden_size / mamba_head_dim",
+    "layer_norm_epsilon": "the norms take rms_norm_eps",
+}
 
 
 # Other models' names for the layers (transformers' per-layer layer_types, GPT-2's n_layer, ...): kept as attributes
@@ -435,13 +451,14 @@ def _refuse_misspelt_fields(kwargs):
 _OTHER_MODELS_LAYER_FIELDS = ("layer_types", "num_layers", "n_layer", "n_layers", "mixers")
 
 
-def _without_other_models_layer_fields(config_dict: dict, source: str, warn) -> dict:
-    """A saved config without the layer fields of other models, which earlier versions kept (the model was built from
-    mixer_types all the same), with a warning naming `source`."""
-    stray = [name for name in _OTHER_MODELS_LAYER_FIELDS if config_dict.get(name) is not None]
+def _without_other_models_fields(config_dict: dict, source: str, warn) -> dict:
+    """A saved config without the fields of other models that earlier versions kept (the model was built from
+    mixer_types and our own fields all the same), with a warning naming `source`."""
+    stray = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if config_dict.get(name) is not None]
     if not stray:
         return config_dict
-    warn(f"{source} holds {', '.join(stray)}, which SeqArchConfig never reads (its layers are mixer_types): ignored.")
+    warn(f"{source} holds {', '.join(stray)}, which SeqArchConfig never reads (its layers are mixer_types; see its "
+         "docstring for the mamba2 fields): ignored.")
     return {name: value for name, value in config_dict.items() if name not in stray}
 
 

@@ -63,6 +63,10 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(partial_rotary_factor=0.25), "rotary embeddings over the whole head"),
         (dict(attention_bias=True), "attention_bias=True: hf_seqarch's attention and MLP projections have no bias"),
         (dict(mlp_bias=True), "mlp_bias=True: .* have no bias"),  # (Llama's switches: a ported config, silently)
+        # Mamba2Config's names: a ported config built the default sizes, silently
+        (dict(mixer_types=["mamba2"], state_size=16), r"no field 'state_size' \(another model's name\): mamba2 layers "
+                                                      "take mamba_state_size"),
+        (dict(mixer_types=["mamba2"], num_heads=2), "attention takes num_attention_heads; mamba2's heads are"),
         (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
         (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
         (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\)"),
@@ -276,6 +280,9 @@ def test_an_old_config_json_with_layer_types_loads_through_every_reader(tmp_path
         assert SeqArchConfig.from_json_file(tmp_path / "config.json").mixer_types == ["attention", "gru"]
         SeqArchForCausalLM.from_pretrained(tmp_path)
     assert caplog.text.count("holds layer_types, which SeqArchConfig never reads") == 1
+    # one that holds another model's name for a field of ours (a user passed it, and it was kept unread) loads too
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "chunk_size": 8}))
+    assert SeqArchForCausalLM.from_pretrained(tmp_path).config.mamba_chunk_size == saved["mamba_chunk_size"]
 
 
 @pytest.mark.parametrize("mixer,overrides", [
