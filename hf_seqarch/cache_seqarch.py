@@ -10,7 +10,6 @@ import copy
 import json
 import operator
 import threading
-import weakref
 
 import torch
 
@@ -45,6 +44,21 @@ def state_layout(config) -> dict[str, str]:
             for name, value in ((name, getattr(config, name)) for name in names)}
 
 
+# The config fields, as set, that state_layout's values follow from (its derived head counts and sizes included).
+_LAYOUT_SOURCES = (
+    "mixer_types", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+    "mamba_state_size", "mamba_head_dim", "mamba_expand", "mamba_conv_kernel", "mamba_n_groups",
+    "linear_attention_num_heads", "linear_attention_head_dim",
+)
+
+
+def _layout_sources(config) -> tuple:
+    """The values of _LAYOUT_SOURCES: equal ones give equal layouts. Read from the instance's dict (a config attribute
+    costs microseconds, and this runs at every decode step); a list copied, so that an edit in place shows."""
+    values = vars(config)
+    return tuple(tuple(value) if isinstance(value := values.get(name), list) else value for name in _LAYOUT_SOURCES)
+
+
 def _refuse_other_layout(layout: dict[str, str], config):
     for name, value in state_layout(config).items():
         if layout.get(name) != value:
@@ -63,6 +77,9 @@ class SeqArchCache:
     # not the sequences generate() returns, in their order, so generate() refuses to continue it. (A class default,
     # so that caches pickled before it existed read it unset too.)
     holds_beams = False
+    # The layout-shaping config fields of the model checked last (_layout_sources), or None: the next model is checked.
+    # (A class default, as holds_beams: a cache pickled before it existed has none.)
+    _checked_sources = None
     # Each row's count of the tokens it read as real, (B,) int64, or None while every position of every row was real
     # (no padding read yet). A later mask of the past must agree with it (the model checks). Unknown for a padded
     # cache saved or pickled before the counts existed: not checked then. (Class defaults, as holds_beams.)
@@ -75,10 +92,10 @@ class SeqArchCache:
                 raise ValueError("SeqArchCache needs its model's config (or num_layers): SeqArchCache(model.config).")
             num_layers = config.num_hidden_layers
         # The model layout it was made for (None if unknown, or made inside torch.compile, which would break its graph
-        # on this Python): a model checks it before reading the cache, unless it is the config it was made from. A
-        # cache made without one takes the layout of the first model that uses it.
+        # on this Python): a model checks it before reading the cache, unless its config's fields that shape the
+        # layout are those checked last. A cache made without one takes the layout of the first model that uses it.
         self.layout = state_layout(config) if config is not None and not torch.compiler.is_compiling() else None
-        self._made_from = weakref.ref(config) if self.layout is not None else None
+        self._checked_sources = _layout_sources(config) if self.layout is not None else None
         self.layers: list[dict[str, torch.Tensor] | None] = [None] * num_layers
         self.seen_tokens = 0
         # A forward wrote a padded batch into it: attention layers keep the pads' keys, so continuing needs the mask
@@ -172,9 +189,9 @@ class SeqArchCache:
         return copied
 
     def __getstate__(self):
-        """Picklable (torch.save, a generate() output holding it): without the weak reference to the config checked
-        last, so that the next model to use the unpickled cache is checked against its layout again."""
-        return {**self.__dict__, "_made_from": None}
+        """Picklable (torch.save, a generate() output holding it); the next model to use the unpickled cache is checked
+        against its layout again."""
+        return {**self.__dict__, "_checked_sources": None}
 
     def __setstate__(self, state):
         """A cache pickled before the counts of real tokens existed, which read padding: its counts are unknown."""
@@ -190,14 +207,15 @@ class SeqArchCache:
         if torch.compiler.is_compiling():
             return
         self.refuse_if_half_updated()
+        sources = _layout_sources(config)
         if len(self.layers) != config.num_hidden_layers:
             raise ValueError(f"This cache has {len(self.layers)} layers; the model has {config.num_hidden_layers}. "
                              "A cache is only valid for the model (configuration) that filled it.")
         if self.layout is None:  # made without a config: it takes the layout of the first model that uses it
             self.layout = state_layout(config)
-        elif self._made_from is None or self._made_from() is not config:  # (not for each decode step of one model)
+        elif sources != self._checked_sources:  # (not for each decode step of one model)
             _refuse_other_layout(self.layout, config)
-        self._made_from = weakref.ref(config)  # the config checked last: the next call with it skips the comparison
+        self._checked_sources = sources  # the next call with the same fields skips the comparison
         first = self._first_state()
         if first is not None and device is not None and first.device != device:
             raise ValueError(f"This cache is on {first.device}; the input is on {device}. Move the cache with the "
@@ -371,7 +389,7 @@ class SeqArchCache:
             if config is not None:
                 _refuse_other_layout(saved_layout, config)
             else:
-                cache.layout = saved_layout  # no model yet: _made_from stays None, so the first user is checked
+                cache.layout = saved_layout  # no model yet: nothing checked, so the first user is
         cache.seen_tokens = int(seen)
         cache.holds_padding = bool(tensors.get("holds_padding", False))  # (absent from states saved before it)
         cache.holds_beams = bool(tensors.get("holds_beams", False))  # (written only when set)

@@ -775,6 +775,16 @@ def test_a_cache_is_checked_against_the_model_and_batch(made_for, used_by, batch
         tiny_model(SeqArchForCausalLM, used_by)(input_ids=random_ids(batch, 1), cache=cache)
 
 
+def test_a_cache_is_checked_against_a_model_built_from_its_config_edited():
+    """The check was skipped for the config object checked last: edited in place and given to a second model, it let
+    the first model's cache through (sliding_window 3 -> 6: logits 0.1 off)."""
+    config = tiny_config(["sliding_attention"])
+    cache = getattr(SeqArchForCausalLM(config)(input_ids=random_ids(1, 6), use_cache=True), CACHE_FIELD)
+    config.sliding_window = 6
+    with pytest.raises(ValueError, match="made for a model with sliding_window=3; this model has sliding_window=6"):
+        SeqArchForCausalLM(config)(input_ids=random_ids(1, 1), cache=cache)
+
+
 def test_a_cache_is_checked_on_the_linear_attention_heads_in_use():
     """With linear_attention_num_heads None the head count comes from num_attention_heads: a cache of another count
     failed inside the scan."""
