@@ -70,9 +70,11 @@ class RecurrentMixer(nn.Module):
     def _cell_applies(self) -> bool:
         """Whether the cell path can read the layer's weights itself. Not for a layer replaced by another kind
         (torch's dynamically quantized LSTM / GRU keep packed int8 weights, no weight_ih_l0), nor for weights on the
-        meta device (offloaded by accelerate: only the module's own call loads them)."""
+        meta device (offloaded by accelerate: only the module's own call loads them), nor where the layer's call runs
+        hooks (pruning's and the old weight_norm's recompute the weights in a pre-hook: read directly, they were the
+        previous step's; a forward hook would never see decoding)."""
         weight = getattr(self.rnn, "weight_ih_l0", None)
-        return isinstance(weight, torch.Tensor) and not weight.is_meta
+        return isinstance(weight, torch.Tensor) and not weight.is_meta and not has_forward_hooks(self.rnn)
 
     def _forward_by_cells(self, hidden_states, mask, initial):
         """The layer as a loop of cell steps (torch.lstm_cell / gru_cell on its own weights), one direction after the
@@ -149,6 +151,13 @@ class RecurrentMixer(nn.Module):
         if self.is_lstm:
             return state["h"].transpose(0, 1).to(dtype).contiguous(), state["c"].transpose(0, 1).to(dtype).contiguous()
         return state["h"].transpose(0, 1).to(dtype).contiguous()
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling `module` runs forward (pre-)hooks: its own, or global ones (nn.modules.module's)."""
+    hooks = nn.modules.module
+    return bool(module._forward_pre_hooks or module._forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_forward_hooks)
 
 
 def lstm_cell(x, state, w_ih, w_hh, b_ih, b_hh):

@@ -68,7 +68,7 @@ from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
 from .mixer_linear_attention import LinearAttentionMixer
 from .mixer_mamba2 import Mamba2Mixer
-from .mixer_rnn import RecurrentMixer
+from .mixer_rnn import RecurrentMixer, has_forward_hooks
 from .model_card_seqarch import HUB_UPLOAD_ARGUMENTS, create_hub_repo, upload_saved_folder, write_model_card
 from .ops_rms_norm import RMSNorm  # nn.RMSNorm with a faster CPU training backward
 
@@ -507,7 +507,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}.")
             input_ids = self._checked_token_ids(input_ids)
-            if self.time_major and input_ids.shape[1] > 1 and not _has_hooks(self.embed_tokens):
+            if self.time_major and input_ids.shape[1] > 1 and not has_forward_hooks(self.embed_tokens):
                 # embedded time-major: no layout copy in forward. Not where a hook (NEFTune's noise, scaled by the
                 # output's shape) would see (T, B, width).
                 return self.embed_tokens(input_ids.t()).transpose(0, 1)  # (B, T, width), time-major
@@ -829,10 +829,6 @@ class SeqArchForCausalLM(SeqArchPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class SeqArchForSequenceClassification(SeqArchPreTrainedModel):

@@ -1,5 +1,6 @@
 """The shared tester: every property below runs over every mixer stack (and head where it applies)."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -450,6 +451,35 @@ def test_lstm_runs_under_cpu_float16_autocast():
     torch.testing.assert_close(loss.float(), reference, atol=2e-2, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(continued.float(), model(input_ids=ids).logits[:, 3:], atol=2e-2, rtol=0)
+
+def test_one_token_steps_see_weights_that_hooks_recompute():
+    """A one-token step reads the LSTM's weights itself (cell steps): under pruning, whose forward pre-hook recomputes
+    weight_hh_l0 from weight_hh_l0_orig, it read the previous call's (0.05 off after an optimizer step). And a global
+    hook on the embedding saw a time-major (T, B) input."""
+    from torch.nn.utils import prune
+
+    model, ids = tiny_model(SeqArchForCausalLM, ["lstm"]), random_ids(1, 6)
+    rnn = model.model.layers[0].mixer.rnn
+    prune.l1_unstructured(rnn, "weight_hh_l0", amount=0.5)
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids[:, :3], use_cache=True), CACHE_FIELD)  # (the pre-hook runs here)
+        rnn.weight_hh_l0_orig.mul_(3.0)  # an optimizer step
+        step = model(input_ids=ids[:, 3:4], cache=copy.deepcopy(cache)).logits[:, 0]
+        fused = model(input_ids=ids[:, 3:5], cache=cache).logits[:, 0]  # (two tokens: the fused call, its hook)
+    torch.testing.assert_close(step, fused)
+    shapes = []
+
+    def record_embedding_input(module, args, output):
+        if isinstance(module, torch.nn.Embedding):
+            shapes.append(tuple(args[0].shape))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record_embedding_input)
+    try:
+        tiny_model(SeqArchForCausalLM, ["lstm"], intermediate_size=0)(input_ids=random_ids(3, 5))
+    finally:
+        handle.remove()
+    assert shapes == [(3, 5)]
+
 
 def test_padded_lstm_runs_under_cpu_float16_autocast():
     """A padded batch whose rows all hold the same number of real tokens (or one padded row) is a packed sequence that
