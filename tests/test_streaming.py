@@ -503,3 +503,20 @@ def test_a_saved_cache_restores_from_its_own_layout():
     with pytest.raises(ValueError, match=r"holds no layout: give from_state_dict its model.s number of layers \(num_layers\)"):
         SeqArchCache.from_state_dict(no_layout)
     assert len(SeqArchCache.from_state_dict(no_layout, len(cache))) == len(cache)
+
+
+def test_a_copied_session_decodes_with_its_own_model():
+    """copy.deepcopy of a session copied its model, but its single-token path kept calling the original's modules
+    (0.4 off once the copy's weights changed); pickling it failed on that path's local functions."""
+    import pickle
+
+    session = StreamingSession(tiny_model(SeqArchForCausalLM, ["gru", "attention"]))
+    session.feed(random_ids(1, 6))
+    fork = copy.deepcopy(session)
+    with torch.no_grad():
+        for parameter in fork.model.parameters():
+            parameter.mul_(1.5)
+        expected = fork.model(input_ids=torch.tensor([[5]]), cache=copy.deepcopy(fork.cache)).logits[:, -1]
+    torch.testing.assert_close(fork.step(torch.tensor([5])), expected)
+    restored = pickle.loads(pickle.dumps(session))
+    torch.testing.assert_close(restored.step(torch.tensor([5])), session.step(torch.tensor([5])))

@@ -169,6 +169,15 @@ class StreamingSession:
         self._decoder = SingleTokenDecoder(self.base, self.lm_head, self.config)
         self._decoder_modules = tuple(self.model.modules())
 
+    def __getstate__(self):
+        """Copied (copy.deepcopy) or pickled without the single-token decoder, whose functions call the modules it was
+        built from (a deep copy decoded with the original model): the copy builds its own over its own model."""
+        return {name: value for name, value in self.__dict__.items() if name not in ("_decoder", "_decoder_modules")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._build_decoder()
+
     def _remember_logits(self, logits: torch.Tensor):
         """The next-token logits (B, vocab) where greedy(None) continues, and the cache's change count then."""
         self._last_logits, self._last_logits_at = logits, self.cache.changes
