@@ -69,6 +69,11 @@ class LinearAttentionMixer(nn.Module):
             with torch.no_grad():
                 self.decay_logit.copy_(logit)
 
+    def reset_parameters(self):
+        """torch's deferred-initialisation recipe (to_empty(), then each module's reset_parameters; FSDP's default):
+        the model's own initialisation of the decays."""
+        self.init_mixer_weights(nn.init)
+
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).
         bytes_per_token = self.num_heads * self.head_dim * max(hidden_states.element_size(), 4)  # q, k or v

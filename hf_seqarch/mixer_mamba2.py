@@ -43,6 +43,12 @@ def init_copy(init, parameter, value):
         return parameter.copy_(value)
 
 
+def init_conv(init, conv):
+    """The short conv's initialisation: nn.Conv1d's weights, a zero bias (as transformers' Mamba2)."""
+    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    init.zeros_(conv.bias)
+
+
 class GatedRMSNorm(nn.Module):
     """Mamba-2's output norm: RMSNorm(y * silu(z)) per group of channels, computed in float32."""
 
@@ -66,6 +72,11 @@ class GatedRMSNorm(nn.Module):
     def init_mixer_weights(self, init):
         init.ones_(self.weight)
 
+    def reset_parameters(self):
+        """torch's deferred-initialisation recipe (to_empty(), then each module's reset_parameters; FSDP's default):
+        the model's own initialisation."""
+        self.init_mixer_weights(nn.init)
+
 
 class ShortCausalConv(nn.Module):
     """Mamba-2's causal depthwise conv + SiLU over (B, T, C), from a cached state, padding-aware.
@@ -83,6 +94,10 @@ class ShortCausalConv(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Conv1d's init, drawn in its order
         nn.init.uniform_(self.bias, -(kernel**-0.5), kernel**-0.5)  # (fan-in of a depthwise conv: its kernel)
+
+    def reset_parameters(self):
+        """As the model initialises it (Mamba2Mixer.init_mixer_weights), for torch's deferred-initialisation recipe."""
+        init_conv(nn.init, self)
 
     def forward(self, xBC, conv_state, mask, keep_state, decode=False):
         if decode:
@@ -165,8 +180,12 @@ class Mamba2Mixer(nn.Module):
         init_copy(init, self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
         init_copy(init, self.A_log, torch.empty(heads).uniform_(1, 16).log())
         init.ones_(self.D)
-        init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
-        init.zeros_(self.conv1d.bias)
+        init_conv(init, self.conv1d)
+
+    def reset_parameters(self):
+        """torch's deferred-initialisation recipe (to_empty(), then each module's reset_parameters; FSDP's default):
+        the model's own initialisation."""
+        self.init_mixer_weights(nn.init)
 
     def forward(self, hidden_states: torch.Tensor, context) -> torch.Tensor:
         # A long causal sequence on CPU runs in blocks of tokens whose activations malloc keeps (mixer_token_blocks).

@@ -219,6 +219,26 @@ def test_padding_never_enters_the_state(variant, layout):
     assert_states_equal(batch_state, alone_cache.get_state(0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mixers", [["mamba2"], ["linear_attention"]])
+def test_deferred_initialisation_initialises_every_parameter(mixers):
+    """torch's recipe for a model built on the meta device (to_empty(), then each module's reset_parameters; FSDP's
+    default) left mamba2's dt_bias, A_log, D, conv and gated norm and linear attention's decays as raw memory."""
+    with torch.device("meta"):
+        model = SeqArchForCausalLM(tiny_config(mixers))
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(float("nan"))  # what the uninitialised memory may hold
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert [name for name, p in model.named_parameters() if p.isnan().any()] == []
+    mixer = model.model.layers[0].mixer
+    if mixers == ["mamba2"]:  # the model's own initialisation
+        assert torch.equal(mixer.D, torch.ones_like(mixer.D)) and not mixer.conv1d.bias.any()
+        assert ((-mixer.A_log.exp() <= -1) & (-mixer.A_log.exp() >= -16)).all()
+
+
 @pytest.mark.parametrize("kernel", [2, 4, 7])
 def test_mamba2_conv_has_a_depthwise_conv1ds_parameters_and_init(kernel):
     from hf_seqarch.mixer_mamba2 import ShortCausalConv
