@@ -131,17 +131,25 @@ class SeqArchCache:
         beam_idx = self._checked_rows(beam_idx, "reorder_cache")
         self._map_states(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
-    def to(self, device=None) -> "SeqArchCache":
+    def to(self, device=None, non_blocking: bool = False) -> "SeqArchCache":
         """Move every cached state to `device` (in place; returns the cache), as a model moved with .to(device).
         States already there are left as they are (full attention keeps its spare room). None leaves them where they
-        are, as a tensor's .to(None) does (accelerate's model-level offload hook sends None)."""
+        are, as a tensor's .to(None) does (accelerate's model-level offload hook sends None). Only a device: the states
+        keep their dtypes (a model reads them in its own; mamba2's and linear attention's stay float32)."""
         if device is None:
             return self
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"SeqArchCache.to takes a device, got the dtype {device}: the states keep their dtypes (a "
+                            "model reads them in its own dtype).")
         device = torch.device(device)
         states = [t for state in self.layers if state for t in state.values()]
         if any(t.device != device for t in states):
-            self._map_states(lambda t: t.to(device))
+            self._map_states(lambda t: t.to(device, non_blocking=non_blocking))
         return self
+
+    def __copy__(self):
+        raise TypeError("copy.copy(cache) would share the states that a forward updates in place (attention buffers "
+                        "grow in place), so using the copy would change the original: use copy.deepcopy(cache).")
 
     def batch_repeat_interleave(self, repeats: int):
         try:

@@ -1331,6 +1331,21 @@ def test_deepcopy_of_a_cache_filled_under_autograd_says_how_to_copy_it():
         copy.deepcopy(cache)
 
 
+def test_a_shallow_copy_or_a_dtype_cast_of_a_cache_says_what_to_do():
+    """copy.copy shared the states a forward updates in place: the original's later steps were 0.02-0.24 off. .to() of
+    a dtype failed inside torch.device."""
+    import copy
+
+    model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
+    with torch.no_grad():
+        cache = getattr(model(input_ids=random_ids(1, 4), use_cache=True), CACHE_FIELD)
+    with pytest.raises(TypeError, match=r"would share the states .* use copy.deepcopy\(cache\)"):
+        copy.copy(cache)
+    with pytest.raises(TypeError, match="takes a device, got the dtype torch.float16"):
+        cache.to(torch.float16)
+    assert cache.to("cpu", non_blocking=True) is cache
+
+
 def test_generate_refuses_a_legacy_cache():
     """transformers 4.57 failed on it inside generate() (an AttributeError); there is no tuple form of these states."""
     model = tiny_model(SeqArchForCausalLM, ["lstm"])
