@@ -59,6 +59,13 @@ def _layout_sources(config) -> tuple:
     return tuple(tuple(value) if isinstance(value := values.get(name), list) else value for name in _LAYOUT_SOURCES)
 
 
+def _used_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor, or a contiguous copy where it is a view of more (a growing key/value buffer: saved or pickled as it
+    is, the buffer's spare room would be written too, and kept alive once loaded)."""
+    whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes
+    return tensor if whole else tensor.clone(memory_format=torch.contiguous_format)
+
+
 def _refuse_other_layout(layout: dict[str, str], config):
     for name, value in state_layout(config).items():
         if layout.get(name) != value:
@@ -197,9 +204,11 @@ class SeqArchCache:
         return copied
 
     def __getstate__(self):
-        """Picklable (torch.save, a generate() output holding it); the next model to use the unpickled cache is checked
+        """Picklable (torch.save, a generate() output holding it), with each state's used part only (full attention's
+        spare room was pickled too: a 9 KB cache took 274 KB); the next model to use the unpickled cache is checked
         against its layout again."""
-        return {**self.__dict__, "_checked_sources": None}
+        layers = [None if state is None else {name: _used_part(t) for name, t in state.items()} for state in self.layers]
+        return {**self.__dict__, "layers": layers, "_kv_room": {}, "_checked_sources": None}
 
     def __setstate__(self, state):
         """A cache pickled before the counts of real tokens existed, which read padding: its counts are unknown."""
@@ -357,10 +366,7 @@ class SeqArchCache:
             tensors["layout"] = torch.tensor(list(json.dumps(self.layout).encode()), dtype=torch.uint8)
         for i, state in enumerate(self.layers):
             for name, tensor in (state or {}).items():
-                # A copy: safetensors takes contiguous tensors only, and a contiguous view of a growing key/value
-                # buffer (one row, one head) would save, and keep alive once loaded, the buffer's spare room too.
-                whole = tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes
-                tensors[f"layers.{i}.{name}"] = tensor if whole else tensor.clone(memory_format=torch.contiguous_format)
+                tensors[f"layers.{i}.{name}"] = _used_part(tensor)  # (safetensors takes contiguous tensors only)
         return tensors
 
     @classmethod

@@ -490,6 +490,15 @@ def test_a_saved_cache_holds_only_the_used_part_of_growing_buffers():
     saved = {name: t for name, t in cache.state_dict().items() if name.startswith("layers.")}
     assert saved and all(t.untyped_storage().nbytes() == t.nbytes for t in saved.values())
     assert sum(t.nbytes for t in saved.values()) == cache.get_memory_footprint()
+    # pickled (torch.save of the cache itself, a generate() output holding it): the same (it wrote the buffers whole)
+    import pickle
+
+    unpickled = pickle.loads(pickle.dumps(cache))
+    states = [t for state in unpickled.layers if state for t in state.values()]
+    assert sum(t.untyped_storage().nbytes() for t in states) == cache.get_memory_footprint()
+    with torch.no_grad():  # and it continues as the original does
+        torch.testing.assert_close(model(input_ids=ids[:, :1], cache=unpickled).logits,
+                                   model(input_ids=ids[:, :1], cache=cache).logits)
 
 
 def test_a_saved_cache_restores_from_its_own_layout():
