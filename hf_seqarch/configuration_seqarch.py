@@ -150,6 +150,10 @@ class SeqArchConfig(PretrainedConfig):
             if kwargs.get(name):
                 raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's attention and MLP projections have no bias "
                                  "(as Llama's by default); leave it out or set it False.")
+        for name, fixed in _MAMBA2_CONFIG_FIXED.items():  # Mamba2Config's options, which ours has one way only
+            if name in kwargs and _as_fixed(kwargs[name]) != fixed:
+                raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's mamba2 layers have {name}={fixed!r} only "
+                                 "(transformers' Mamba2Config option); leave it out.")
         _refuse_misspelt_fields(kwargs)
         _refuse_other_models_layer_fields(kwargs)
         num_hidden_layers = _plain_scalar(num_hidden_layers)
@@ -433,6 +437,18 @@ def _refuse_misspelt_fields(kwargs):
                              f"would be kept but never read.)")
 
 
+# transformers' Mamba2Config options that ours has one way only (its defaults): another value was stored, unused.
+_MAMBA2_CONFIG_FIXED = {
+    "use_conv_bias": True, "use_bias": False, "norm_before_gate": False, "rms_norm": True,
+    "time_step_limit": (0.0, math.inf), "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
+}
+
+
+def _as_fixed(value):
+    """A value as _MAMBA2_CONFIG_FIXED holds it: a list (JSON's) as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 # transformers' Mamba2Config names (and GPT-2's norm epsilon) for fields of ours: a config ported from there built the
 # default sizes, silently.
 _OTHER_MODELS_NAMES = {
@@ -455,6 +471,8 @@ def _without_other_models_fields(config_dict: dict, source: str, warn) -> dict:
     """A saved config without the fields of other models that earlier versions kept (the model was built from
     mixer_types and our own fields all the same), with a warning naming `source`."""
     stray = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if config_dict.get(name) is not None]
+    stray += [name for name, fixed in _MAMBA2_CONFIG_FIXED.items()
+              if name in config_dict and _as_fixed(config_dict[name]) != fixed]
     if not stray:
         return config_dict
     warn(f"{source} holds {', '.join(stray)}, which SeqArchConfig never reads (its layers are mixer_types; see its "

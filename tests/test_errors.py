@@ -67,6 +67,8 @@ from tester import VOCAB, random_ids, tiny_config, tiny_model
         (dict(mixer_types=["mamba2"], state_size=16), r"no field 'state_size' \(another model's name\): mamba2 layers "
                                                       "take mamba_state_size"),
         (dict(mixer_types=["mamba2"], num_heads=2), "attention takes num_attention_heads; mamba2's heads are"),
+        (dict(mixer_types=["mamba2"], use_conv_bias=False), "mamba2 layers have use_conv_bias=True only"),
+        (dict(mixer_types=["mamba2"], time_step_limit=[0.0, 1.0]), r"have time_step_limit=\(0.0, inf\) only"),
         (dict(initializer_range=-0.02), "initializer_range must be a finite number >= 0"),
         (dict(initializer_range=float("inf")), "initializer_range must be a finite number >= 0"),
         (dict(attention_dropout=1.5), r"attention_dropout must be a probability in \[0, 1\)"),
@@ -281,7 +283,7 @@ def test_an_old_config_json_with_layer_types_loads_through_every_reader(tmp_path
         SeqArchForCausalLM.from_pretrained(tmp_path)
     assert caplog.text.count("holds layer_types, which SeqArchConfig never reads") == 1
     # one that holds another model's name for a field of ours (a user passed it, and it was kept unread) loads too
-    (tmp_path / "config.json").write_text(json.dumps({**saved, "chunk_size": 8}))
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "chunk_size": 8, "time_step_min": 0.01}))
     assert SeqArchForCausalLM.from_pretrained(tmp_path).config.mamba_chunk_size == saved["mamba_chunk_size"]
 
 
