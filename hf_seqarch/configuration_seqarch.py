@@ -146,14 +146,7 @@ class SeqArchConfig(PretrainedConfig):
                 f"partial_rotary_factor={kwargs['partial_rotary_factor']!r}: hf_seqarch's attention applies rotary "
                 "embeddings over the whole head (1.0) only."
             )
-        for name in ("attention_bias", "mlp_bias"):  # Llama's switches (transformers stores them, unused)
-            if kwargs.get(name):
-                raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's attention and MLP projections have no bias "
-                                 "(as Llama's by default); leave it out or set it False.")
-        for name, fixed in _MAMBA2_CONFIG_FIXED.items():  # Mamba2Config's options, which ours has one way only
-            if name in kwargs and _as_fixed(kwargs[name]) != fixed:
-                raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's mamba2 layers have {name}={fixed!r} only "
-                                 "(transformers' Mamba2Config option); leave it out.")
+        _refuse_other_models_options(kwargs)
         _refuse_misspelt_fields(kwargs)
         _refuse_other_models_layer_fields(kwargs)
         num_hidden_layers = _plain_scalar(num_hidden_layers)
@@ -257,6 +250,7 @@ class SeqArchConfig(PretrainedConfig):
         It applies an override only where the config has the attribute, and rope_parameters / rope_scaling are never
         stored (see __setattr__): they were dropped (AutoConfig) or passed on to the model's __init__ (a TypeError),
         so they are set here."""
+        _refuse_other_models_options(kwargs)
         _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
         _refuse_other_models_layer_fields(kwargs)
         config_dict = _without_other_models_fields(config_dict, "This config", logger.warning)
@@ -442,6 +436,19 @@ _MAMBA2_CONFIG_FIXED = {
     "use_conv_bias": True, "use_bias": False, "norm_before_gate": False, "rms_norm": True,
     "time_step_limit": (0.0, math.inf), "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
 }
+
+
+def _refuse_other_models_options(kwargs):
+    """Llama's bias switches and Mamba2Config's options set to what our layers do not do: transformers would store
+    them, unused (or, as a load-time override, drop them)."""
+    for name in ("attention_bias", "mlp_bias"):
+        if kwargs.get(name):
+            raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's attention and MLP projections have no bias (as "
+                             "Llama's by default); leave it out or set it False.")
+    for name, fixed in _MAMBA2_CONFIG_FIXED.items():
+        if name in kwargs and _as_fixed(kwargs[name]) != fixed:
+            raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's mamba2 layers have {name}={fixed!r} only "
+                             "(transformers' Mamba2Config option); leave it out.")
 
 
 def _as_fixed(value):
