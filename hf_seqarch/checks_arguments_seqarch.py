@@ -40,20 +40,21 @@ def is_integer(tensor) -> bool:
 
 
 def refuse_packed_sequences(position_ids, token_mask):
-    """position_ids that go back within a row, from one real token to a later one, mark several sequences packed
-    into the row (transformers' DataCollatorWithFlattening, padding-free training). No mixer here separates them:
-    recurrences would carry one sequence's state into the next and attention would see across them."""
+    """position_ids that go back (or stay) within a row, from one real token to a later one, mark several sequences
+    packed into the row (transformers' DataCollatorWithFlattening, padding-free training; a sequence of one token then
+    starts 0, 0, 1, ...). No mixer here separates them: recurrences would carry one sequence's state into the next
+    and attention would see across them."""
     positions = position_ids.expand(token_mask.shape) if token_mask is not None else position_ids  # (B or 1, T)
     highest = positions  # so far, over the real tokens (pads may have any position: generate gives them 1)
     if token_mask is not None:
         lowest = -math.inf if positions.is_floating_point() else torch.iinfo(positions.dtype).min
         highest = torch.where(token_mask, positions, lowest)
-    backwards = positions[:, 1:] < highest.cummax(1).values[:, :-1]  # (B or 1, T - 1)
+    backwards = positions[:, 1:] <= highest.cummax(1).values[:, :-1]  # (B or 1, T - 1)
     if token_mask is not None:
         backwards &= token_mask[:, 1:]
     if bool(backwards.any()):
         raise ValueError(
-            "position_ids go back within a row, as they do when several sequences are packed into one "
+            "position_ids go back (or repeat) within a row, as they do when several sequences are packed into one "
             "(DataCollatorWithFlattening, padding-free training): these models would carry each sequence into the "
             "next. Pad the sequences instead (e.g. DataCollatorWithPadding / DataCollatorForLanguageModeling)."
         )

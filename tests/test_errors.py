@@ -445,7 +445,10 @@ def test_packed_sequences_are_refused():
 
     packed = DataCollatorWithFlattening()([{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
     model = tiny_model(SeqArchForCausalLM, ["lstm", "attention"])
-    with pytest.raises(ValueError, match="position_ids go back within a row.*Pad the sequences"):
+    with pytest.raises(ValueError, match=r"position_ids go back \(or repeat\) within a row.*Pad the sequences"):
+        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"])
+    packed = DataCollatorWithFlattening()([{"input_ids": [5]}, {"input_ids": [8, 9]}])  # positions 0, 0, 1: taken once
+    with pytest.raises(ValueError, match="position_ids go back"):
         model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], labels=packed["labels"])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 1, 1, 0]])  # left padding; holes and right padding
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # generate()'s: [[1, 1, 0, 1, 2], [0, 1, 1, 2, 1]]
@@ -476,7 +479,7 @@ def test_a_refused_call_leaves_the_cache_as_it_was():
         cache = getattr(model(input_ids=ids[:, :5], use_cache=True), CACHE_FIELD)
         mask = torch.ones(2, 8, dtype=torch.long)
         mask[1, 5] = 0
-        with pytest.raises(ValueError, match="position_ids go back within a row"):
+        with pytest.raises(ValueError, match="position_ids go back"):
             model(input_ids=ids[:, 5:], attention_mask=mask, position_ids=torch.tensor([[0, 1, 0], [0, 1, 2]]),
                   **{CACHE_FIELD: cache})
         assert not cache.holds_padding and cache.get_seq_length() == 5
