@@ -170,6 +170,13 @@ class SeqArchCache:
     def batch_select_indices(self, indices: torch.Tensor):
         indices = self._checked_rows(indices, "batch_select_indices")
         self._map_states(lambda t: t[indices.to(t.device)])
+        # Rows that read every past position as real, picked from a padded batch, hold no pads: a mask of all ones
+        # (or none) continues them, which the padded batch's flag would refuse. (Not where their counts are unknown,
+        # nor while a graph is recorded: no values are read there.)
+        counts = self.real_tokens
+        if self.holds_padding and counts is not None and not self.real_tokens_unknown and not capturing_graph():
+            if bool((counts == self.seen_tokens).all()):
+                self.holds_padding, self.real_tokens = False, None
 
     def _checked_rows(self, rows, method) -> torch.Tensor:
         """rows (a tensor or list of row indices, 1-D, or a bool mask of the rows) as int64 indices, each in

@@ -470,6 +470,20 @@ def test_packed_sequences_marked_without_positions_are_refused(marks):
             tiny_model(head, ["lstm", "attention"])(input_ids=packed["input_ids"], **boundaries)
 
 
+def test_unpadded_rows_picked_from_a_padded_cache_continue_without_a_mask():
+    """batch_select_indices of the unpadded row of a padded batch kept the batch's "holds padding" flag: an all-ones
+    mask (the right one) was refused as reading pads, and a mask with a pad was refused by the row's counts."""
+    model = tiny_model(SeqArchModel, ["attention", "lstm"])
+    ids, new = random_ids(2, 6), random_ids(1, 2, seed=3)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])  # row 0 left-padded
+    with torch.no_grad():
+        cache = getattr(model(input_ids=ids, attention_mask=mask, use_cache=True), CACHE_FIELD)
+        cache.batch_select_indices(torch.tensor([1]))
+        got = model(input_ids=new, attention_mask=torch.ones(1, 8, dtype=torch.long), cache=cache).last_hidden_state
+        expected = model(input_ids=torch.cat([ids[1:], new], 1)).last_hidden_state[:, 6:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_refused_call_leaves_the_cache_as_it_was():
     """A cached forward refused for its packed positions once marked the (unpadded) cache as holding padding: every
     later call on it was refused, the stream lost."""
