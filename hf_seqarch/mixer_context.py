@@ -38,7 +38,8 @@ class MixerContext:
         own memo (its masks on its device).
         """
         device = torch.device(device)
-        if self.position_ids.device == device:
+        mask = self.padding_mask
+        if self.position_ids.device == device and (mask is None or mask.device == device):  # (both: given apart)
             return self
         if device not in self.on_devices:
             def move(x):

@@ -351,6 +351,10 @@ def test_mixer_context_moves_its_tensors_once_per_device():
     assert all(t.device.type == "meta" for t in tensors)
     assert moved.cache is cache and moved.attentions is attentions  # shared: states stay beside their layers
     assert moved.memo == {} and context.memo == {"mask": "built on cpu"}  # masks are per device
+    # positions given on the model's device and a mask elsewhere: the mask moves too (it was taken as there already)
+    apart = MixerContext(padding_mask=torch.ones(1, 4, dtype=torch.bool),
+                         position_ids=torch.arange(4, device="meta")[None], past_length=0, cache=cache, causal=True)
+    assert apart.to("meta").padding_mask.device.type == "meta"
 
 
 # -- torch.compile -----------------------------------------------------------------------------------
