@@ -59,6 +59,29 @@ def _layout_sources(config) -> tuple:
     return tuple(tuple(value) if isinstance(value := values.get(name), list) else value for name in _LAYOUT_SOURCES)
 
 
+def _state_shapes(mixer, layout: dict[str, str]) -> dict[str, tuple]:
+    """The shape after the batch of each state a `mixer` layer of `layout` (state_layout's) keeps, None for attention's
+    positions; {} where the layout does not say (a state saved without one)."""
+    size = {name: int(value) for name, value in layout.items() if str(value).isdigit()}  # (mixer_types is JSON)
+    try:
+        if mixer in ("attention", "sliding_attention"):
+            keys = (size["num_key_value_heads"], None, size["attention_head_dim"])
+            return {"key": keys, "value": keys}
+        if mixer in ("lstm", "gru"):
+            return dict.fromkeys(STATE_NAMES[mixer], (1, size["hidden_size"]))  # (one direction: causal)
+        if mixer == "mamba2":
+            inner = size["mamba_expand"] * size["hidden_size"]
+            state, head_dim = size["mamba_state_size"], size["mamba_head_dim"]
+            return {"conv": (inner + 2 * size["mamba_n_groups"] * state, size["mamba_conv_kernel"] - 1),
+                    "ssm": (inner // head_dim, head_dim, state)}
+        if mixer == "linear_attention":
+            dim = size["linear_attention_head_dim_in_use"]
+            return {"state": (size["linear_attention_heads_in_use"], dim, dim)}
+    except KeyError:
+        pass
+    return {}
+
+
 def _used_part(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor, or a contiguous copy where it is a view of more (a growing key/value buffer: saved or pickled as it
     is, the buffer's spare room would be written too, and kept alive once loaded)."""
@@ -237,6 +260,7 @@ class SeqArchCache:
                              "A cache is only valid for the model (configuration) that filled it.")
         if self.layout is None:  # made without a config: it takes the layout of the first model that uses it
             self.layout = state_layout(config)
+            self._refuse_damaged_states()  # (restored without a layout: its states are checked against this one)
         elif sources != self._checked_sources:  # (not for each decode step of one model)
             _refuse_other_layout(self.layout, config)
         self._checked_sources = sources  # the next call with the same fields skips the comparison
@@ -476,6 +500,14 @@ class SeqArchCache:
                     raise ValueError(f"{where} has shape {tuple(tensor.shape)}: after {self.seen_tokens} tokens its "
                                      f"{mixer} layer keeps {positions} positions (batch, heads, {positions}, head "
                                      "dim). Save it again from the cache, whole.")
+                expected = _state_shapes(mixer, self.layout or {}).get(name)  # after the batch; None: positions
+                actual = tuple(tensor.shape[1:])
+                if expected is not None and (len(actual) != len(expected) or any(
+                        size is not None and size != got for size, got in zip(expected, actual))):
+                    # (another head count once broadcast over the model's heads as the keys were copied: wrong logits)
+                    shown = ", ".join("positions" if size is None else str(size) for size in expected)
+                    raise ValueError(f"{where} has shape {tuple(tensor.shape)}: {mixer} layers of this cache's layout "
+                                     f"keep (batch, {shown}). Save it again from the cache, whole.")
         if len(batch_sizes) > 1:
             raise ValueError(f"This cache state holds rows of several batch sizes {sorted(batch_sizes)}: a cache holds "
                              "one batch. Save it again from the cache, whole.")

@@ -1335,9 +1335,20 @@ def test_a_damaged_cache_state_is_refused_at_loading():
         (dict(**{"layers.0.c": state["layers.0.c"][:1]}), r"rows of several batch sizes \[1, 2\]"),
         (dict(real_tokens=torch.tensor([5, 6])), r"'real_tokens' must be one count in \[0, seen_tokens=5\] per row"),
         (dict(real_tokens=torch.tensor([5, 4, 3])), r"rows of several batch sizes \[2, 3\]"),
+        # one key/value head of two: broadcast over both as the keys were copied, 0.07 off, silently
+        (dict(**{"layers.1.key": state["layers.1.key"][:, :1]}),
+         r"layers.1.key has shape \(2, 1, 5, 8\): attention layers of this cache's layout keep \(batch, 2, positions, "
+         r"8\)"),
+        (dict(**{"layers.0.h": state["layers.0.h"][..., :16]}), r"layers.0.h has shape \(2, 1, 16\): lstm layers"),
     ):
         with pytest.raises(ValueError, match=message):
             SeqArchCache.from_state_dict({**state, **damage}, config=model.config)
+    # saved without its layout, the states are checked against that of the first model that uses them
+    damaged = {**state, "layers.1.key": state["layers.1.key"][:, :1]}
+    del damaged["layout"]
+    cache = SeqArchCache.from_state_dict(damaged, num_layers=2)
+    with pytest.raises(ValueError, match=r"layers.1.key has shape \(2, 1, 5, 8\)"):
+        model(input_ids=random_ids(2, 1), cache=cache)
 
 
 def test_deepcopy_of_a_cache_filled_under_autograd_says_how_to_copy_it():
