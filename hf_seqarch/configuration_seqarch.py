@@ -514,13 +514,18 @@ def _check_bool(name, value):
 
 
 def _plain_scalar(value):
-    """A numpy scalar (np.int64 from a sweep, np.float32) as the Python number it holds, also inside a list (eos
-    ids): what the checks accept and JSON can save. Anything else unchanged."""
-    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+    """A numpy scalar (np.int64 from a sweep, np.float32) or a 0-d torch tensor as the Python number it holds, also
+    inside a list (eos ids): what the checks accept and JSON can save (a tensor in a field the stack does not use was
+    kept, and save_pretrained failed inside json). Anything else unchanged."""
+    if _is_array_scalar(value):
         return value.item()
-    if isinstance(value, (list, tuple)) and any(type(item).__module__ == "numpy" for item in value):
+    if isinstance(value, (list, tuple)) and any(_is_array_scalar(item) for item in value):
         return type(value)(_plain_scalar(item) for item in value)
     return value
+
+
+def _is_array_scalar(value) -> bool:
+    return type(value).__module__ in ("numpy", "torch") and getattr(value, "ndim", None) == 0 and hasattr(value, "item")
 
 
 def _check_problem_type(problem_type):

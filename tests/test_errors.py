@@ -356,6 +356,10 @@ def test_numpy_numbers_are_taken_as_python_numbers(tmp_path):
     assert type(config.vocab_size) is int and [type(i) for i in config.eos_token_id] == [int, int]
     SeqArchForCausalLM(config).save_pretrained(tmp_path)
     assert SeqArchConfig.from_pretrained(tmp_path).sliding_window == 7
+    # a 0-d tensor (a sweep's value kept as one) the same: in a field the stack does not use, save_pretrained failed
+    config = tiny_config(["lstm"], mamba_head_dim=torch.tensor(16), hidden_size=torch.tensor(32))
+    assert type(config.mamba_head_dim) is int and type(config.hidden_size) is int
+    config.save_pretrained(tmp_path / "tensors")
 
 
 @pytest.mark.parametrize("mixer", ["lstm", "attention", "linear_attention", "mamba2"])
