@@ -238,11 +238,11 @@ class SeqArchConfig(PretrainedConfig):
 
     @classmethod
     def _dict_from_json_file(cls, json_file):
-        """transformers' reader of a config.json (from_pretrained's and from_json_file's), without the layer fields of
-        other models that earlier versions kept."""
+        """transformers' reader of a config.json (from_pretrained's and from_json_file's), without the fields of other
+        models that earlier versions kept."""
         # (warned once per file: several checks of one load read its config.json)
-        return _without_other_models_fields(super()._dict_from_json_file(json_file), str(json_file),
-                                                  logger.warning_once)
+        saved = super()._dict_from_json_file(json_file)
+        return _without_other_models_fields(saved, str(json_file), logger.warning_once)
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
