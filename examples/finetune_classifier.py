@@ -48,24 +48,25 @@ class ScriptArguments:
     )
 
 
-def sections_in_checkpoint_order(checkpoint: str, sections: list[str], announce: bool) -> list[str]:
-    """A sequence classifier's checkpoint keeps the trained rows of its classification layer, one per label: given its
-    sections in another order, the run takes the checkpoint's order (each row would be read as another section);
-    given other sections, it says that the rows are trained anew for them."""
+def sections_of_checkpoint(checkpoint: str, sections: list[str], announce: bool) -> tuple[list[str], bool]:
+    """(the sections in the order to train them, whether the checkpoint's classification layer must start anew). A
+    sequence classifier's checkpoint keeps the trained rows of that layer, one per label, which load as they are:
+    given its sections in another order, the run takes the checkpoint's order; given other sections, each row would
+    stand for another section than it was trained on, so the layer starts anew."""
     try:
         saved = AutoConfig.from_pretrained(checkpoint)
     except (OSError, ValueError):
-        return sections  # (from_pretrained below says what is wrong)
+        return sections, False  # (from_pretrained below says what is wrong)
     if not any(name.endswith("ForSequenceClassification") for name in saved.architectures or []):
-        return sections  # a language model: a new classification layer
+        return sections, False  # a language model: from_pretrained makes a new classification layer
     saved_sections = [saved.id2label[i] for i in range(saved.num_labels)]
     if saved_sections == sections:
-        return sections
+        return sections, False
     same = sorted(saved_sections) == sorted(sections)
     if announce:
         print(f"{checkpoint!r} was trained to classify {saved_sections}: "
-              + ("its order is kept." if same else f"its classification layer is trained anew for {sections}."))
-    return saved_sections if same else sections
+              + ("its order is kept." if same else f"a new classification layer is trained for {sections}."))
+    return (saved_sections, False) if same else (sections, True)
 
 
 def accuracy(eval_prediction):
@@ -109,7 +110,9 @@ def main():
             f"Could not load a tokenizer from {script_args.model_name_or_path!r} ({error}). Give a checkpoint saved "
             "with its tokenizer, e.g. the output_dir of examples/pretrain_lm.py."
         ) from None
-    sections = sections_in_checkpoint_order(script_args.model_name_or_path, sections, training_args.process_index == 0)
+    sections, new_classification_layer = sections_of_checkpoint(
+        script_args.model_name_or_path, sections, training_args.process_index == 0
+    )
     try:
         train_examples, eval_examples = section_classification(tokenizer, sections, max_length=script_args.max_length)
     except ValueError as error:  # an unknown section
@@ -124,6 +127,8 @@ def main():
         pad_token_id=tokenizer.pad_token_id,
         ignore_mismatched_sizes=script_args.ignore_mismatched_sizes,
     )
+    if new_classification_layer:  # (its trained rows loaded, as they fit: each stands for another section here)
+        torch.nn.init.normal_(model.score.weight, std=model.config.initializer_range)
     check_before_training(training_args, model.config)  # the checkpoint to resume, or a free output_dir
     trainer = Trainer(
         model=model,

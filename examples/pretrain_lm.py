@@ -65,7 +65,7 @@ def apply_overrides(config, overrides: str):
     set a field that is None by default (head_dim): those take the value as JSON (8, 2.5, true), else as a string."""
     for pair in overrides.split(","):
         name, _, value = pair.partition("=")
-        name = name.strip()
+        name, value = name.strip(), value.strip()  # ("a=1, b=2")
         if name in TOKENIZER_FIELDS:
             raise ValueError(f"{name} comes from the byte tokenizer ({', '.join(TOKENIZER_FIELDS)} are set from "
                              "it), not from --config_overrides.")
@@ -76,7 +76,7 @@ def apply_overrides(config, overrides: str):
                 pass  # a string
             setattr(config, name, value)
         else:
-            config.update_from_string(pair)
+            config.update_from_string(f"{name}={value}")
 
 
 def load_config(preset: str, overrides: str | None, tokenizer):

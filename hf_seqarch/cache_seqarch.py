@@ -260,7 +260,12 @@ class SeqArchCache:
                              "A cache is only valid for the model (configuration) that filled it.")
         if self.layout is None:  # made without a config: it takes the layout of the first model that uses it
             self.layout = state_layout(config)
-            self._refuse_damaged_states()  # (restored without a layout: its states are checked against this one)
+            try:  # (restored without a layout: its states are checked against this one, as from_state_dict does)
+                self._refuse_missing_states()
+                self._refuse_damaged_states()
+            except ValueError:
+                self.layout = None  # (not taken: the next call is checked again)
+                raise
         elif sources != self._checked_sources:  # (not for each decode step of one model)
             _refuse_other_layout(self.layout, config)
         self._checked_sources = sources  # the next call with the same fields skips the comparison

@@ -480,6 +480,7 @@ def _without_other_models_fields(config_dict: dict, source: str, warn) -> dict:
     stray = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if config_dict.get(name) is not None]
     stray += [name for name, fixed in _MAMBA2_CONFIG_FIXED.items()
               if name in config_dict and _as_fixed(config_dict[name]) != fixed]
+    stray += [name for name in ("attention_bias", "mlp_bias") if config_dict.get(name)]
     if not stray:
         return config_dict
     warn(f"{source} holds {', '.join(stray)}, which SeqArchConfig never reads (its layers are mixer_types; see its "

@@ -197,22 +197,23 @@ def test_pretrain_overrides_set_fields_that_default_to_none():
     """transformers' update_from_string types a value by the field's current one: head_dim=8 (None by default) was
     refused as "int, float, bool or string values ..., got 8"."""
     config = tiny_config(["attention", "linear_attention"])
-    load_example(PRETRAIN).apply_overrides(config, "head_dim=8,linear_attention_head_dim=4,hidden_size=64")
+    load_example(PRETRAIN).apply_overrides(config, "head_dim=8, linear_attention_head_dim=4, hidden_size=64")
     assert (config.head_dim, config.linear_attention_head_dim, config.hidden_size) == (8, 4, 64)
 
 
 def test_finetuning_a_classifier_keeps_its_label_order(tmp_path, capsys):
     """Fine-tuning a classifier checkpoint with its sections in another order renamed its trained rows (the row for
-    'a' was read as 'b'): the checkpoint's order is kept; other sections are said to be trained anew."""
-    sections_in_checkpoint_order = load_example(FINETUNE).sections_in_checkpoint_order
+    'a' was read as 'b'): the checkpoint's order is kept. With other sections (even of the same count), the rows would
+    stand for sections they were not trained on: the classification layer starts anew."""
+    sections_of_checkpoint = load_example(FINETUNE).sections_of_checkpoint
     tiny_model(SeqArchForSequenceClassification, ["lstm"], num_labels=3,
                id2label={0: "a", 1: "b", 2: "c"}).save_pretrained(tmp_path)
-    assert sections_in_checkpoint_order(str(tmp_path), ["b", "c", "a"], announce=True) == ["a", "b", "c"]
-    assert sections_in_checkpoint_order(str(tmp_path), ["a", "b", "d"], announce=True) == ["a", "b", "d"]
+    assert sections_of_checkpoint(str(tmp_path), ["b", "c", "a"], announce=True) == (["a", "b", "c"], False)
+    assert sections_of_checkpoint(str(tmp_path), ["b", "a", "d"], announce=True) == (["b", "a", "d"], True)
     printed = capsys.readouterr().out
-    assert "its order is kept" in printed and "trained anew for ['a', 'b', 'd']" in printed
+    assert "its order is kept" in printed and "a new classification layer is trained for ['b', 'a', 'd']" in printed
     tiny_model(SeqArchForCausalLM, ["lstm"]).save_pretrained(tmp_path / "lm")  # a new classification layer: any order
-    assert sections_in_checkpoint_order(str(tmp_path / "lm"), ["b", "a"], announce=True) == ["b", "a"]
+    assert sections_of_checkpoint(str(tmp_path / "lm"), ["b", "a"], announce=True) == (["b", "a"], False)
 
 
 def test_an_fsdp_launch_without_gpus_says_it_trains_as_ddp(monkeypatch, capsys):
