@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from .configuration_seqarch import SeqArchConfig
+from .configuration_seqarch import SeqArchConfig, without_other_models_fields
 
 logger = logging.get_logger(__name__)
 
@@ -145,7 +145,7 @@ def refuse_heads_split_otherwise(model, source, load_kwargs):
     if not saved.get("mixer_types"):
         return
     try:
-        saved_config = type(model.config).from_dict(saved)
+        saved_config = type(model.config).from_dict(without_other_models_fields(saved))  # (its load warned already)
     except Exception:  # noqa: BLE001  (a config.json it cannot read is the load's own error, raised before this)
         return
     if _split_widths(saved_config) != _split_widths(model.config):

@@ -237,12 +237,10 @@ class SeqArchConfig(PretrainedConfig):
             super().__setattr__("num_hidden_layers", len(value))
 
     @classmethod
-    def _dict_from_json_file(cls, json_file):
-        """transformers' reader of a config.json (from_pretrained's and from_json_file's), without the fields of other
-        models that earlier versions kept."""
-        # (warned once per file: several checks of one load read its config.json)
-        saved = super()._dict_from_json_file(json_file)
-        return _without_other_models_fields(saved, str(json_file), logger.warning_once)
+    def from_json_file(cls, json_file):
+        """transformers' reader of one config.json file, through from_dict (it called the constructor, which refuses
+        the other models' fields that earlier versions kept)."""
+        return cls.from_dict(cls._dict_from_json_file(json_file))
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
@@ -253,7 +251,7 @@ class SeqArchConfig(PretrainedConfig):
         _refuse_other_models_options(kwargs)
         _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
         _refuse_other_models_layer_fields(kwargs)
-        config_dict = _without_other_models_fields(config_dict, "This config", logger.warning)
+        config_dict = without_other_models_fields(config_dict, warn=True)
         rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
         # With mixer_types overridden too, num_hidden_layers is checked against the new list, whichever came first.
         layers = kwargs.pop("num_hidden_layers", None) if "mixer_types" in kwargs else None
@@ -422,7 +420,7 @@ def _refuse_misspelt_fields(kwargs):
     for name in kwargs:
         if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS or name in _SEQARCH_FIELDS:
             continue
-        if name in _OTHER_MODELS_NAMES:
+        if name in _OTHER_MODELS_NAMES and kwargs[name] is not None:  # (None: as if not given)
             raise ValueError(f"SeqArchConfig has no field {name!r} (another model's name): {_OTHER_MODELS_NAMES[name]}. "
                              "(An unknown keyword would be kept but never read.)")
         meant = near_miss(name, _SEQARCH_FIELDS)
@@ -474,18 +472,18 @@ _OTHER_MODELS_NAMES = {
 _OTHER_MODELS_LAYER_FIELDS = ("layer_types", "num_layers", "n_layer", "n_layers", "mixers")
 
 
-def _without_other_models_fields(config_dict: dict, source: str, warn) -> dict:
+def without_other_models_fields(config_dict: dict, warn: bool = False) -> dict:
     """A saved config without the fields of other models that earlier versions kept (the model was built from
-    mixer_types and our own fields all the same), with a warning naming `source`."""
-    stray = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if config_dict.get(name) is not None]
+    mixer_types and our own fields all the same), with a warning (warn=True) naming those set; null ones go quietly."""
+    present = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if name in config_dict]
+    stray = [name for name in present if config_dict[name] is not None]
     stray += [name for name, fixed in _MAMBA2_CONFIG_FIXED.items()
               if name in config_dict and _as_fixed(config_dict[name]) != fixed]
     stray += [name for name in ("attention_bias", "mlp_bias") if config_dict.get(name)]
-    if not stray:
-        return config_dict
-    warn(f"{source} holds {', '.join(stray)}, which SeqArchConfig never reads (its layers are mixer_types; see its "
-         "docstring for the mamba2 fields): ignored.")
-    return {name: value for name, value in config_dict.items() if name not in stray}
+    if warn and stray:
+        logger.warning(f"This config holds {', '.join(stray)}: other models' fields, which SeqArchConfig never reads "
+                       "(its layers are mixer_types, its mamba2 sizes the mamba_ fields): ignored.")
+    return {name: value for name, value in config_dict.items() if name not in (*present, *stray)}
 
 
 def _refuse_other_models_layer_fields(kwargs):

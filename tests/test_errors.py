@@ -269,7 +269,7 @@ def test_config_overrides_at_load_time_are_checked(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         config = AutoConfig.from_pretrained(tmp_path)
     assert config.mixer_types == ["attention", "gru"] and not hasattr(config, "layer_types")
-    assert "holds layer_types, which SeqArchConfig never reads" in caplog.text
+    assert "holds layer_types: other models' fields, which SeqArchConfig never reads" in caplog.text
 
 
 def test_an_old_config_json_with_layer_types_loads_through_every_reader(tmp_path, caplog):
@@ -278,13 +278,15 @@ def test_an_old_config_json_with_layer_types_loads_through_every_reader(tmp_path
     tiny_model(SeqArchForCausalLM, ["attention", "gru"]).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "layer_types": ["full_attention"] * 2}))
-    with caplog.at_level("WARNING"):
-        assert SeqArchConfig.from_json_file(tmp_path / "config.json").mixer_types == ["attention", "gru"]
-        SeqArchForCausalLM.from_pretrained(tmp_path)
-    assert caplog.text.count("holds layer_types, which SeqArchConfig never reads") == 1
+    assert SeqArchConfig.from_json_file(tmp_path / "config.json").mixer_types == ["attention", "gru"]
+    for load in (SeqArchForCausalLM.from_pretrained, AutoModelForCausalLM.from_pretrained):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            load(tmp_path)
+        assert caplog.text.count("holds layer_types: other models' fields, which SeqArchConfig never reads") == 1
     # one that holds another model's name for a field of ours (a user passed it, and it was kept unread) loads too
     (tmp_path / "config.json").write_text(json.dumps({**saved, "chunk_size": 8, "time_step_min": 0.01,
-                                                      "attention_bias": True}))
+                                                      "attention_bias": True, "num_heads": None}))
     assert SeqArchForCausalLM.from_pretrained(tmp_path).config.mamba_chunk_size == saved["mamba_chunk_size"]
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..configuration_seqarch import without_other_models_fields
+
 # What a resumable checkpoint needs; each entry lists the names the file may have (plain, sharded, FSDP).
 REQUIRED = {
     "the model config": ("config.json",),
@@ -91,7 +93,7 @@ def check_resume_checkpoint(folder, config=None) -> Path:
 
 def _check_same_model(folder: Path, config):
     saved = json.loads((folder / "config.json").read_text())
-    saved = type(config).from_dict(saved)  # with the class defaults that the file leaves out
+    saved = type(config).from_dict(without_other_models_fields(saved))  # with the class defaults the file leaves out
     differing = [
         f"{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(config, name)!r} in this run"
         for name in MODEL_FIELDS
