@@ -9,7 +9,7 @@ import operator
 import torch
 
 from .configuration_seqarch import near_miss
-from .graph_capture import capturing_graph
+from .graph_capture import capturing_graph, values_readable
 
 
 def refuse_past_mask_disagreeing(past_mask, past_real, length):
@@ -162,7 +162,9 @@ def check_classification_inputs(head, output_layer, input_ids, attention_mask, k
         if kwargs.get(name) is not None:
             raise ValueError(f"{type(head).__name__} runs whole sequences and takes no cache (got {name}=); use "
                              "SeqArchForCausalLM or SeqArchModel to continue from one.")
-    if pools_rows and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not capturing_graph():
+    if pools_rows and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and values_readable(
+        attention_mask
+    ):
         # (B,): rows of 0s, which would pool a pad or zeros. Of a mask of 0s and 1s: the model refuses other values,
         # and an all-zero float mask (additive, without pads), with its own message.
         empty = ~attention_mask.bool().any(1)
@@ -185,7 +187,7 @@ def class_ids(labels, num_classes, name, argument="labels", ignore_index=-100):
     if not is_integer(labels):
         raise ValueError(f"{argument} must be integer ids in {allowed}, got {labels.dtype}.")
     labels = labels.long()
-    if capturing_graph() or not labels.numel():
+    if not values_readable(labels) or not labels.numel():
         return labels  # no reading of values in a recorded graph (graph_capture)
     ignored = labels == ignore_index
     low, high = value_range(labels.masked_fill(ignored, 0))  # ignored ones read as class 0
@@ -217,7 +219,7 @@ def positions_to_keep(logits_to_keep, length, with_labels):
         raise ValueError("logits_to_keep must be an int (the last n positions; 0 keeps all) or a 1-D integer tensor "
                          f"of positions, got {logits_to_keep!r}.")
     keep = logits_to_keep.long()  # (a uint8 tensor would index as a boolean mask)
-    if length is None or capturing_graph():
+    if length is None or not values_readable(keep):
         return keep
     low, high = value_range(keep) if len(keep) else (0, 0)
     if low < -length or high >= length:
@@ -270,7 +272,7 @@ def sequence_labels(labels, batch, config, ignore_index=-100):
         shape = f"({batch},)" if one_each else str((batch, num_labels))
         raise ValueError(f"{problem} with num_labels={num_labels} takes {what}: labels of shape {shape}, got "
                          f"{tuple(labels.shape)} ({labels.dtype}).")
-    if problem == "multi_label_classification" and labels.numel() and not capturing_graph():
+    if problem == "multi_label_classification" and labels.numel() and values_readable(labels):
         low, high = value_range(labels)  # (one device sync, as class ids take)
         if not (0 <= low and high <= 1):  # (NaN fails both)
             raise ValueError(f"multi_label_classification takes targets in [0, 1] (1: the label applies); got values "

@@ -15,6 +15,12 @@ def capturing_graph() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or transforming()
 
 
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read `tensor`'s values: not while a graph is recorded (capturing_graph), nor on the meta
+    device (shape inference, as transformers' own models run there: it holds no values)."""
+    return not capturing_graph() and not tensor.is_meta
+
+
 def recording_one_graph() -> bool:
     """torch.export or torch.jit.trace: unlike torch.compile, one graph is replayed for every input (no guard to
     compile again on when a branch would go the other way) and it holds no hand-written backward."""

@@ -63,7 +63,7 @@ from .checks_loading_seqarch import (
     untie_lm_head_left_out,
 )
 from .configuration_seqarch import TRANSFORMERS_MAJOR, SeqArchConfig
-from .graph_capture import capturing_graph, recording_one_graph
+from .graph_capture import recording_one_graph, values_readable
 from .mixer_attention import AttentionMixer, rotary_cos_sin
 from .mixer_context import MixerContext
 from .mixer_linear_attention import LinearAttentionMixer
@@ -593,7 +593,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             causal=not self.config.bidirectional,
             attentions=[] if output_attentions else None,
         )
-        if positions_given and not capturing_graph():  # (no reading of values in a recorded graph)
+        if positions_given and values_readable(position_ids):  # (no reading of values in a recorded graph)
             if position_ids.is_floating_point() and not bool(torch.isfinite(position_ids).all()):
                 raise ValueError("position_ids hold NaN or infinite values: give each token a finite position.")
             if length > 1:
@@ -636,7 +636,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}.")
         if input_ids.dtype not in (torch.int32, torch.int64):
             input_ids = input_ids.long()
-        if capturing_graph():
+        if not values_readable(input_ids):
             return input_ids  # no reading of values in a recorded graph (graph_capture); the embedding bounds-checks
         if not input_ids.numel():
             return input_ids
@@ -676,7 +676,7 @@ class SeqArchModel(SeqArchPreTrainedModel):
                 f"shape ({batch}, {past_length + length})."
             )
         mask = attention_mask.bool()
-        if not capturing_graph():  # (recorded into a graph: the masked paths, right for any mask)
+        if values_readable(mask):  # (recorded into a graph: the masked paths, right for any mask)
             not_binary = (attention_mask != mask).any() if attention_mask.dtype != torch.bool else mask.new_zeros(())
             # An all-zero float mask is an additive one without pads. (An all-zero integer one is a chunk of pads:
             # chunked prefill of a left-padded batch passes such chunks.)

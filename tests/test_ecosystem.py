@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, pipeline
 
 from hf_seqarch import SeqArchForCausalLM, SeqArchForSequenceClassification, SeqArchForTokenClassification
 from hf_seqarch.modeling_seqarch import CACHE_FIELD
-from tester import STACKS, random_ids, tiny_model
+from tester import STACKS, random_ids, tiny_config, tiny_model
 
 stack_params = pytest.mark.parametrize("stack", list(STACKS), ids=list(STACKS))
 RNN_MIXERS = ("lstm", "gru")
@@ -334,6 +334,18 @@ def test_cached_decode_with_the_first_block_on_another_device():
         step = model(input_ids=ids[:, -1:], **{CACHE_FIELD: cache}).logits
     assert step.device.type == "meta" and step.shape == (2, 1, model.config.vocab_size)
     assert cache.get_seq_length() == 7
+
+
+def test_attention_models_run_on_the_meta_device():
+    """Shape inference on the meta device (transformers' own models run there): the value checks of ids, masks and
+    labels failed copying out of the meta tensors."""
+    for head, labels in ((SeqArchForCausalLM, torch.zeros(2, 5, dtype=torch.long)),
+                         (SeqArchForSequenceClassification, torch.zeros(2, dtype=torch.long))):
+        with torch.device("meta"):
+            model = head(tiny_config(["attention", "sliding_attention"]))
+        ids, mask = torch.zeros(2, 5, dtype=torch.long, device="meta"), torch.ones(2, 5, device="meta")
+        out = model(input_ids=ids, attention_mask=mask, labels=labels.to("meta"))
+        assert out.logits.is_meta and out.logits.shape[0] == 2 and out.loss.is_meta
 
 
 def test_mixer_context_moves_its_tensors_once_per_device():
