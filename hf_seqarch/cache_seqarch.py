@@ -492,6 +492,7 @@ class SeqArchCache:
         window = int(self.layout["sliding_window"]) if "sliding_window" in (self.layout or {}) else None
         batch_sizes = {len(self.real_tokens)} if self.real_tokens is not None else set()
         for index, (state, mixer) in enumerate(zip(self.layers, self._saved_mixers())):
+            shapes = _state_shapes(mixer, self.layout or {})  # after the batch; None: attention's positions
             for name, tensor in (state or {}).items():
                 where = f"This cache state's layers.{index}.{name}"
                 if not tensor.is_floating_point() or tensor.dim() < 2:
@@ -505,7 +506,7 @@ class SeqArchCache:
                     raise ValueError(f"{where} has shape {tuple(tensor.shape)}: after {self.seen_tokens} tokens its "
                                      f"{mixer} layer keeps {positions} positions (batch, heads, {positions}, head "
                                      "dim). Save it again from the cache, whole.")
-                expected = _state_shapes(mixer, self.layout or {}).get(name)  # after the batch; None: positions
+                expected = shapes.get(name)
                 actual = tuple(tensor.shape[1:])
                 if expected is not None and (len(actual) != len(expected) or any(
                         size is not None and size != got for size, got in zip(expected, actual))):

@@ -146,9 +146,8 @@ class SeqArchConfig(PretrainedConfig):
                 f"partial_rotary_factor={kwargs['partial_rotary_factor']!r}: hf_seqarch's attention applies rotary "
                 "embeddings over the whole head (1.0) only."
             )
-        _refuse_other_models_options(kwargs)
+        _refuse_other_models_fields(kwargs)
         _refuse_misspelt_fields(kwargs)
-        _refuse_other_models_layer_fields(kwargs)
         num_hidden_layers = _plain_scalar(num_hidden_layers)
         if num_hidden_layers is not None and not _is_int(num_hidden_layers):
             raise ValueError(f"num_hidden_layers must be an integer (or None: one layer per entry of mixer_types), got "
@@ -248,9 +247,8 @@ class SeqArchConfig(PretrainedConfig):
         It applies an override only where the config has the attribute, and rope_parameters / rope_scaling are never
         stored (see __setattr__): they were dropped (AutoConfig) or passed on to the model's __init__ (a TypeError),
         so they are set here."""
-        _refuse_other_models_options(kwargs)
+        _refuse_other_models_fields(kwargs)
         _refuse_misspelt_fields(kwargs)  # (transformers drops an override the config has no attribute for)
-        _refuse_other_models_layer_fields(kwargs)
         config_dict = without_other_models_fields(config_dict, warn=True)
         rope_overrides = {name: kwargs.pop(name) for name in ("rope_parameters", "rope_scaling") if name in kwargs}
         # With mixer_types overridden too, num_hidden_layers is checked against the new list, whichever came first.
@@ -420,9 +418,6 @@ def _refuse_misspelt_fields(kwargs):
     for name in kwargs:
         if name.endswith("_token_id") or name in _TRANSFORMERS_FIELDS or name in _SEQARCH_FIELDS:
             continue
-        if name in _OTHER_MODELS_NAMES and kwargs[name] is not None:  # (None: as if not given)
-            raise ValueError(f"SeqArchConfig has no field {name!r} (another model's name): {_OTHER_MODELS_NAMES[name]}. "
-                             "(An unknown keyword would be kept but never read.)")
         meant = near_miss(name, _SEQARCH_FIELDS)
         if meant:
             raise ValueError(f"SeqArchConfig has no field {name!r}: did you mean {meant!r}? (An unknown keyword "
@@ -434,25 +429,6 @@ _MAMBA2_CONFIG_FIXED = {
     "use_conv_bias": True, "use_bias": False, "norm_before_gate": False, "rms_norm": True,
     "time_step_limit": (0.0, math.inf), "time_step_min": 0.001, "time_step_max": 0.1, "time_step_floor": 1e-4,
 }
-
-
-def _refuse_other_models_options(kwargs):
-    """Llama's bias switches and Mamba2Config's options set to what our layers do not do: transformers would store
-    them, unused (or, as a load-time override, drop them)."""
-    for name in ("attention_bias", "mlp_bias"):
-        if kwargs.get(name):
-            raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's attention and MLP projections have no bias (as "
-                             "Llama's by default); leave it out or set it False.")
-    for name, fixed in _MAMBA2_CONFIG_FIXED.items():
-        if name in kwargs and _as_fixed(kwargs[name]) != fixed:
-            raise ValueError(f"{name}={kwargs[name]!r}: hf_seqarch's mamba2 layers have {name}={fixed!r} only "
-                             "(transformers' Mamba2Config option); leave it out.")
-
-
-def _as_fixed(value):
-    """A value as _MAMBA2_CONFIG_FIXED holds it: a list (JSON's) as a tuple."""
-    return tuple(value) if isinstance(value, list) else value
-
 
 # transformers' Mamba2Config names (and GPT-2's norm epsilon) for fields of ours: a config ported from there built the
 # default sizes, silently.
@@ -466,31 +442,50 @@ _OTHER_MODELS_NAMES = {
     "layer_norm_epsilon": "the norms take rms_norm_eps",
 }
 
-
 # Other models' names for the layers (transformers' per-layer layer_types, GPT-2's n_layer, ...): kept as attributes
 # and never read, they built a model of other layers than asked.
 _OTHER_MODELS_LAYER_FIELDS = ("layer_types", "num_layers", "n_layer", "n_layers", "mixers")
 
 
+def _other_models_fields(values: dict) -> dict[str, str]:
+    """Of `values` (keyword arguments, or a saved config), the other models' fields set to something SeqArchConfig
+    does not do, which transformers would keep and never read (or, as a load-time override, drop): name -> why."""
+    found = {}
+    for name in _OTHER_MODELS_LAYER_FIELDS:
+        if values.get(name) is not None:
+            found[name] = (f"SeqArchConfig takes its layers as mixer_types (one mixer name per layer, e.g. "
+                           f"['attention', 'lstm']), not {name}={values[name]!r}, which it would never read.")
+    for name, ours in _OTHER_MODELS_NAMES.items():
+        if values.get(name) is not None:
+            found[name] = (f"SeqArchConfig has no field {name!r} (another model's name): {ours}. (An unknown keyword "
+                           "would be kept but never read.)")
+    for name in ("attention_bias", "mlp_bias"):  # Llama's switches
+        if values.get(name):
+            found[name] = (f"{name}={values[name]!r}: hf_seqarch's attention and MLP projections have no bias (as "
+                           "Llama's by default); leave it out or set it False.")
+    for name, fixed in _MAMBA2_CONFIG_FIXED.items():
+        value = values.get(name, fixed)
+        if (tuple(value) if isinstance(value, list) else value) != fixed:  # (JSON's list as the tuple)
+            found[name] = (f"{name}={value!r}: hf_seqarch's mamba2 layers have {name}={fixed!r} only (transformers' "
+                           "Mamba2Config option); leave it out.")
+    return found
+
+
+def _refuse_other_models_fields(kwargs):
+    found = _other_models_fields(kwargs)
+    if found:
+        raise ValueError(next(iter(found.values())))
+
+
 def without_other_models_fields(config_dict: dict, warn: bool = False) -> dict:
     """A saved config without the fields of other models that earlier versions kept (the model was built from
     mixer_types and our own fields all the same), with a warning (warn=True) naming those set; null ones go quietly."""
-    present = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if name in config_dict]
-    stray = [name for name in present if config_dict[name] is not None]
-    stray += [name for name, fixed in _MAMBA2_CONFIG_FIXED.items()
-              if name in config_dict and _as_fixed(config_dict[name]) != fixed]
-    stray += [name for name in ("attention_bias", "mlp_bias") if config_dict.get(name)]
+    stray = list(_other_models_fields(config_dict))
     if warn and stray:
         logger.warning(f"This config holds {', '.join(stray)}: other models' fields, which SeqArchConfig never reads "
                        "(its layers are mixer_types, its mamba2 sizes the mamba_ fields): ignored.")
-    return {name: value for name, value in config_dict.items() if name not in (*present, *stray)}
-
-
-def _refuse_other_models_layer_fields(kwargs):
-    for name in _OTHER_MODELS_LAYER_FIELDS:
-        if kwargs.get(name) is not None:
-            raise ValueError(f"SeqArchConfig takes its layers as mixer_types (one mixer name per layer, e.g. "
-                             f"['attention', 'lstm']), not {name}={kwargs[name]!r}, which it would never read.")
+    null = [name for name in (*_OTHER_MODELS_LAYER_FIELDS, *_OTHER_MODELS_NAMES) if name in config_dict]
+    return {name: value for name, value in config_dict.items() if name not in (*stray, *null)}
 
 
 _TRANSFORMERS_FIELDS = frozenset(PretrainedConfig().to_dict())  # the base config's own fields, never refused
